@@ -1,0 +1,36 @@
+"""parallel_adapters: exact LoRA-family adapters for Megatron-core under TP, PP and DP.
+
+The public API.  Names are imported lazily so that offline tools (export, consolidate) start
+without importing megatron.core.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LoraConfig": "parallel_adapters.config",
+    "EvaConfig": "parallel_adapters.config",
+    "ShardSpec": "parallel_adapters.adapters.sharding",
+    "ShardedTensor": "parallel_adapters.adapters.sharding",
+    "ParallelGroups": "parallel_adapters.distributed.groups",
+    "AdapterModel": "parallel_adapters.adapters.model",
+    "get_adapter_model": "parallel_adapters.adapters.model",
+    "ColumnParallelLoRA": "parallel_adapters.adapters.lora",
+    "RowParallelLoRA": "parallel_adapters.adapters.lora",
+    "ReplicatedLoRA": "parallel_adapters.adapters.lora",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'parallel_adapters' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

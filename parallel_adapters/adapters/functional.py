@@ -1,0 +1,80 @@
+"""Pure LoRA math: initialisation of the full factors, the adapter path, and merging.
+
+Shapes: x [..., I], A [r, I], B [O, r], W [O, I].  Everything here works on whole tensors or on
+one rank's shards alike (the sharding rule is in sharding.py), and never communicates.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def factor_seed(seed: int, *names: str) -> int:
+    """A stable 63-bit seed from a base seed and names (module path, adapter name).
+
+    Python's hash() is salted per process; crc32 is identical on every rank and every run.
+    """
+    value = seed & 0xFFFFFFFF
+    for name in names:
+        value = (value * 1_000_003) ^ zlib.crc32(name.encode())
+    return value & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def init_lora_factors(
+    out_features: int,
+    in_features: int,
+    r: int,
+    init: Union[bool, str],
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (unsharded) A [r, I] and B [O, r], drawn on CPU from `generator` as PEFT would.
+
+    True / "eva": A ~ U(+-1/sqrt(I)) (Kaiming-uniform with a=sqrt(5), nn.Linear's default), B = 0.
+    "gaussian":   A ~ N(0, (1/r)^2), B = 0.
+    False:        A ~ U(+-1/sqrt(I)), B ~ U(+-1/sqrt(r))  (the adapter is not a no-op).
+    Drawing the full matrices and sharding afterwards makes TP=1 and TP=k start identically.
+    """
+    a = torch.empty(r, in_features, dtype=torch.float64)
+    if init == "gaussian":
+        a.normal_(0.0, 1.0 / r, generator=generator)
+    else:
+        bound = 1.0 / math.sqrt(in_features)
+        a.uniform_(-bound, bound, generator=generator)
+    b = torch.zeros(out_features, r, dtype=torch.float64)
+    if init is False:
+        bound = 1.0 / math.sqrt(r)
+        b.uniform_(-bound, bound, generator=generator)
+    return a.to(dtype), b.to(dtype)
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """z = drop(x) A^T: [..., I] -> [..., r]."""
+    return F.linear(dropout(x) if dropout is not None else x, a)
+
+
+def lora_up(z: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s z B^T: [..., r] -> [..., O]."""
+    return F.linear(z, b) * scaling
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The weight update s B A [O, I], computed in float32 or wider."""
+    compute = torch.promote_types(a.dtype, torch.float32)
+    return (b.to(compute) @ a.to(compute)) * scaling
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s B A, accumulated in float32 (or wider) and cast back to W's dtype."""
+    delta = lora_delta(a, b, scaling)
+    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
+def dropout_mask_(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Inverted-dropout of x with a mask drawn from `generator` (so equal seeds give equal masks)."""
+    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    return x * keep / (1.0 - p)

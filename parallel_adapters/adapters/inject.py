@@ -1,0 +1,182 @@
+"""Find the modules a LoraConfig targets, and wrap them in place.
+
+Matching follows PEFT: a list entry matches a module whose name equals it or ends with
+"." + entry; a string is a regex that must match the whole name; "all-linear" takes every
+adaptable linear layer except the output layer.  Layer indices (layers_to_transform) are global
+transformer layer indices, so a pipeline stage filters on the layers it actually holds.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from parallel_adapters.adapters import functional as lf
+from parallel_adapters.adapters.lora import LORA_LAYER_FOR_MODE, LoRALayerBase
+from parallel_adapters.config import LoraConfig, lora_scaling
+from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, parallel_mode_of
+
+_OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    """Module path in this rank's model (local layer index under pipeline parallelism)."""
+    global_name: str
+    """Module path with the global transformer layer index (used for patterns and checkpoints)."""
+    module: nn.Module
+
+
+def global_module_names(model: nn.Module) -> dict[str, str]:
+    """Local module path -> path with global layer indices (Megatron's 1-based `layer_number`)."""
+    offsets: dict[str, str] = {}
+    for name, module in model.named_modules():
+        number = getattr(module, "layer_number", None)
+        match = re.search(r"(^|.*\.)layers\.(\d+)$", name)
+        if match and isinstance(number, int):
+            offsets[name] = f"{match.group(1)}layers.{number - 1}"
+    mapping = {}
+    for name, _ in model.named_modules():
+        mapped = name
+        for local, global_ in offsets.items():
+            if name == local or name.startswith(local + "."):
+                mapped = global_ + name[len(local):]
+                break
+        mapping[name] = mapped
+    return mapping
+
+
+def _matches(name: str, patterns, *, all_linear_ok: bool) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        if patterns == "all-linear":
+            return all_linear_ok
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _layer_index(global_name: str, layers_pattern) -> int | None:
+    if layers_pattern:
+        pats = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        for pat in pats:
+            match = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)(?:\.|$)", global_name)
+            if match:
+                return int(match.group(1))
+        return None
+    match = _LAYER_INDEX.search(global_name)
+    return int(match.group(1)) if match else None
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """Adaptable modules named by `config`, in model order.  ValueError if none match."""
+    names = global_module_names(model)
+    candidates, targets = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALayerBase) and parallel_mode_of(module) is None:
+            continue
+        gname = names[name]
+        candidates.append(gname)
+        is_output = gname.split(".")[-1] in _OUTPUT_LAYER_NAMES
+        if not _matches(gname, config.target_modules, all_linear_ok=not is_output):
+            continue
+        if _matches(gname, config.exclude_modules, all_linear_ok=True):
+            continue
+        if config.layers_to_transform is not None:
+            if _layer_index(gname, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        targets.append(Target(name, gname, module))
+    if not targets:
+        shown = ", ".join(candidates[:40]) + (" ..." if len(candidates) > 40 else "")
+        raise ValueError(
+            f"LoraConfig.target_modules={config.target_modules!r} matches no adaptable module. "
+            f"Candidates: {shown or '(none: no linear layers found)'}"
+        )
+    return targets
+
+
+def _pattern_value(gname: str, pattern: dict, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", gname):
+            return value
+    return default
+
+
+def check_patterns_match(config: LoraConfig, targets: Iterable[Target], *, local_only: bool) -> None:
+    """A rank_pattern / alpha_pattern key that matches no targeted module is a user error.
+
+    Under pipeline parallelism a key may match only another stage's layers: callers pass
+    local_only=True there and check globally instead.
+    """
+    names = [t.global_name for t in targets]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name):
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names) and not local_only:
+                raise ValueError(
+                    f"LoraConfig.{field_name} key {key!r} matches no targeted module; targeted: "
+                    + ", ".join(names[:20])
+                )
+
+
+def _check_geometry(target: Target, geometry: LinearGeometry, r: int) -> None:
+    if geometry.tp_size > 1:
+        sharded = geometry.out_features if geometry.parallel_mode == "column" else geometry.in_features
+        if geometry.parallel_mode in ("column", "row") and sharded % (geometry.tp_size * geometry.chunks):
+            raise ValueError(
+                f"module {target.global_name}: size {sharded} does not divide over "
+                f"{geometry.tp_size} tensor-parallel ranks"
+            )
+    if r > min(geometry.in_features, geometry.out_features):
+        raise ValueError(
+            f"LoraConfig.r (or rank_pattern) = {r} for module {target.global_name} exceeds "
+            f"min(in_features={geometry.in_features}, out_features={geometry.out_features})"
+        )
+
+
+def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, adapter_name: str,
+                 targets: list[Target]) -> list[LoRALayerBase]:
+    """Wrap each target in its LoRA layer (or add `adapter_name` to an existing wrapper)."""
+    layers = []
+    for target in targets:
+        module = target.module
+        if isinstance(module, LoRALayerBase):
+            layer, geometry = module, module.geometry
+        else:
+            geometry = linear_geometry(module, groups)
+            layer = None
+        r = _pattern_value(target.global_name, config.rank_pattern, config.r)
+        alpha = _pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
+        _check_geometry(target, geometry, r)
+        if layer is None:
+            layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name)
+            _replace_module(model, target.name, layer)
+        generator = torch.Generator().manual_seed(lf.factor_seed(config.seed, target.global_name, adapter_name))
+        full_a, full_b = lf.init_lora_factors(
+            geometry.out_features, geometry.in_features, r, config.init_lora_weights, generator, torch.float64
+        )
+        layer.add_adapter(adapter_name, r, alpha, lora_scaling(alpha, r, config.use_rslora),
+                          config.lora_dropout, full_a, full_b, config.seed, groups.dp_rank)
+        layers.append(layer)
+    return layers
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, LoRALayerBase]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayerBase)]
+
+
+def unwrap_all(model: nn.Module) -> None:
+    """Put every base layer back in place of its wrapper (weights as they are now)."""
+    for name, layer in adapted_layers(model):
+        _replace_module(model, name, layer.base_layer)

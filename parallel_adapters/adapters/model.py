@@ -1,0 +1,214 @@
+"""AdapterModel: a Megatron model with named LoRA adapters, managed the way PEFT manages them."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from parallel_adapters.adapters.inject import (
+    adapted_layers,
+    check_patterns_match,
+    find_targets,
+    unwrap_all,
+    wrap_targets,
+)
+from parallel_adapters.adapters.lora import LoRALayerBase
+from parallel_adapters.adapters.sharding import ShardedTensor
+from parallel_adapters.config import LoraConfig
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.groups import ParallelGroups
+
+
+class AdapterModel(nn.Module):
+    """Wraps a Megatron (or plain torch) model whose target layers carry LoRA adapters.
+
+    Calling it calls the wrapped model.  Only adapter factors (and what `bias` /
+    `modules_to_save` name) are trainable.  After each backward pass and before the optimizer
+    step, call `finalize_grads()` to sum TP-replicated factor gradients (one all-reduce).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str, groups: ParallelGroups):
+        super().__init__()
+        self.model = model
+        self.groups = groups
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    # -- named adapters ------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add adapter `adapter_name` to the layers `config` targets; it is not made active."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; use another adapter_name")
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"config must be a parallel_adapters.LoraConfig, got {type(config).__name__}")
+        targets = find_targets(self.model, config)
+        check_patterns_match(config, targets, local_only=self.groups.pp_size > 1)
+        wrap_targets(self.model, config, self.groups, adapter_name, targets)
+        self.peft_config[adapter_name] = config
+        self._set_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._require(adapter_name)
+        for _, layer in adapted_layers(self.model):
+            if layer.merged_adapters:
+                raise ValueError("unmerge the merged adapter(s) before switching the active adapter")
+            layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
+        self.active_adapter = adapter_name
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require(adapter_name)
+        for _, layer in adapted_layers(self.model):
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+            if self.active_adapter is not None:
+                self.set_adapter(self.active_adapter)
+
+    def disable_adapter_layers(self) -> None:
+        for _, layer in adapted_layers(self.model):
+            layer.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in adapted_layers(self.model):
+            layer.disabled = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager running the base model only."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights (each rank its own shard; no communication)."""
+        for name in adapter_names or []:
+            self._require(name)
+        for _, layer in adapted_layers(self.model):
+            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the exact base weights saved at merge time."""
+        for _, layer in adapted_layers(self.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the plain model with the base layers back in place."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for _, layer in adapted_layers(self.model):
+            layer._unmerged_weight = None
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the plain model with base layers (current weights) back in place of wrappers."""
+        unwrap_all(self.model)
+        self.peft_config.clear()
+        return self.model
+
+    # -- training ------------------------------------------------------------------------------
+
+    def finalize_grads(self) -> None:
+        """Sum over TP the gradients that are per-rank partials (replicated factors): one all-reduce."""
+        grads = []
+        for _, layer in adapted_layers(self.model):
+            for param in layer.partial_grad_parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None:
+                    grads.append(grad)
+        C.all_reduce_coalesced_(grads, self.groups.tp_group)
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, ShardedTensor]:
+        """This rank's adapter shards under global Megatron names, with their ShardSpecs."""
+        adapter_name = adapter_name or self.active_adapter
+        self._require(adapter_name)
+        out = {}
+        for _, layer in adapted_layers(self.model):
+            if adapter_name not in layer.lora_A:
+                continue
+            g = layer.geometry
+            shapes = {"lora_A": (layer.r[adapter_name], g.in_features), "lora_B": (g.out_features, layer.r[adapter_name])}
+            for factor, spec in (("lora_A", layer.spec_a), ("lora_B", layer.spec_b)):
+                param = getattr(layer, factor)[adapter_name].weight
+                key = f"{layer.module_name}.{factor}.{adapter_name}.weight"
+                out[key] = ShardedTensor(param.detach(), spec, shapes[factor])
+        return out
+
+    def adapter_layers(self) -> list[tuple[str, LoRALayerBase]]:
+        return adapted_layers(self.model)
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of THIS rank's shards."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f} (this rank's shards)")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(self.peft_config)}")
+
+    def _set_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapter and what its config names."""
+        config = self.peft_config.get(self.active_adapter)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        if config is None:
+            return
+        layers = adapted_layers(self.model)
+        for _, layer in layers:
+            if self.active_adapter in layer.lora_A:
+                layer.lora_A[self.active_adapter].weight.requires_grad_(True)
+                layer.lora_B[self.active_adapter].weight.requires_grad_(True)
+        for param in self._extra_trainable(config, layers):
+            param.requires_grad_(True)
+
+    def _extra_trainable(self, config: LoraConfig, layers) -> Iterator[torch.nn.Parameter]:
+        if config.bias == "all":
+            yield from (p for n, p in self.model.named_parameters() if n.endswith("bias"))
+        elif config.bias == "lora_only":
+            yield from (layer.bias for _, layer in layers if layer.bias is not None)
+        for suffix in config.modules_to_save or []:
+            matched = [m for n, m in self.model.named_modules() if n == suffix or n.endswith("." + suffix)]
+            if not matched:
+                raise ValueError(f"LoraConfig.modules_to_save entry {suffix!r} matches no module")
+            for module in matched:
+                yield from module.parameters()
+
+
+def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                      groups: ParallelGroups | None = None) -> AdapterModel:
+    """Wrap `model`'s target layers with LoRA adapters and freeze everything else.
+
+    `groups` defaults to Megatron's initialised parallel state (ValueError if there is none).
+    """
+    if isinstance(model, AdapterModel):
+        raise ValueError("model already has adapters: use add_adapter() for another adapter name")
+    groups = groups or ParallelGroups.from_megatron()
+    return AdapterModel(model, config, adapter_name, groups)

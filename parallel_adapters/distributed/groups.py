@@ -1,0 +1,40 @@
+"""ParallelGroups: the process groups and coordinates of one rank, passed explicitly everywhere."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Tensor-, pipeline- and data-parallel groups of this rank (None = a group of one)."""
+
+    tp_group: Any = None
+    pp_group: Any = None
+    dp_group: Any = None
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+
+    @classmethod
+    def single(cls) -> "ParallelGroups":
+        """One process, no parallelism (offline tools, unit tests)."""
+        return cls()
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelGroups":
+        """Read Megatron's initialised parallel state; ValueError if it was never initialised."""
+        from parallel_adapters.mcore.compat import megatron_parallel_groups
+
+        return megatron_parallel_groups()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1

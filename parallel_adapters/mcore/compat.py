@@ -1,0 +1,158 @@
+"""The only place that imports megatron.core (and, guarded, transformer_engine).
+
+Everything the rest of the package needs to know about a Megatron layer is returned as plain data
+(`LinearGeometry`), so adapters, EVA and checkpoints never touch Megatron's globals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
+
+from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.distributed.groups import ParallelGroups
+
+try:  # Transformer Engine is optional; a half-installed TE raises more than ImportError.
+    import transformer_engine  # noqa: F401  (megatron's extension module imports even without TE)
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    HAVE_TE = True
+except Exception:  # noqa: BLE001
+    TEColumnParallelLinear = TERowParallelLinear = TELayerNormColumnParallelLinear = ()
+    HAVE_TE = False
+
+
+@dataclass(frozen=True)
+class LinearGeometry:
+    """What an adapter needs to know about the frozen linear layer it wraps."""
+
+    parallel_mode: str
+    """"column", "row" or "replicated" (a plain nn.Linear)."""
+    in_features: int
+    """Global input size."""
+    out_features: int
+    """Global output size."""
+    chunks: int
+    """Megatron's partition_stride of the weight (2 for SwiGLU fc1)."""
+    tp_group: Any
+    tp_size: int
+    tp_rank: int
+    sequence_parallel: bool
+    gather_output: bool
+    input_is_parallel: bool
+    skip_bias_add: bool
+
+
+def is_parallel_state_initialized() -> bool:
+    return parallel_state.model_parallel_is_initialized()
+
+
+def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> ParallelGroups:
+    """(Re)create Megatron's TP/PP/DP groups on an initialised torch.distributed world."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+    return megatron_parallel_groups()
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def megatron_parallel_groups() -> ParallelGroups:
+    if not parallel_state.model_parallel_is_initialized():
+        raise ValueError(
+            "Megatron parallel state is not initialised: call "
+            "megatron.core.parallel_state.initialize_model_parallel(...) (or "
+            "parallel_adapters.mcore.compat.initialize_model_parallel) before building adapters"
+        )
+    ps = parallel_state
+    return ParallelGroups(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def parallel_mode_of(module: torch.nn.Module) -> str | None:
+    """"column" / "row" / "replicated" for a linear layer we can adapt, else None."""
+    if isinstance(module, TELayerNormColumnParallelLinear):
+        return "column_fused_norm"
+    if isinstance(module, (ColumnParallelLinear, TEColumnParallelLinear)):
+        return "column"
+    if isinstance(module, (RowParallelLinear, TERowParallelLinear)):
+        return "row"
+    if isinstance(module, torch.nn.Linear):
+        return "replicated"
+    return None
+
+
+def is_vocab_parallel_embedding(module: torch.nn.Module) -> bool:
+    return isinstance(module, VocabParallelEmbedding)
+
+
+def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGeometry:
+    mode = parallel_mode_of(module)
+    if mode == "replicated":
+        return LinearGeometry("replicated", module.in_features, module.out_features, 1, None, 1, 0,
+                              False, False, True, False)
+    if mode == "column_fused_norm":
+        raise ValueError(
+            f"{type(module).__name__} fuses a norm into the linear layer; adapters need the normed "
+            "input. Build the model with the local (or unfused TE) layer spec."
+        )
+    if mode not in ("column", "row"):
+        raise ValueError(f"{type(module).__name__} is not a linear layer that adapters can wrap")
+    weight = module.weight
+    te = HAVE_TE and isinstance(module, (TEColumnParallelLinear, TERowParallelLinear))
+    return LinearGeometry(
+        parallel_mode=mode,
+        in_features=module.in_features if te else module.input_size,
+        out_features=module.out_features if te else module.output_size,
+        chunks=int(getattr(weight, "partition_stride", 1)),
+        tp_group=groups.tp_group,
+        tp_size=groups.tp_size,
+        tp_rank=groups.tp_rank,
+        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and groups.tp_size > 1,
+        gather_output=bool(getattr(module, "gather_output", False)),
+        input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
+        skip_bias_add=bool(getattr(module, "te_return_bias", False) if te else module.skip_bias_add),
+    )
+
+
+def base_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    """The bias tensor of a Megatron/TE/torch linear layer (TE keeps an empty one when bias=False)."""
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.numel() == 0:
+        return None
+    return bias
+
+
+def set_tensor_parallel_attributes(param: torch.nn.Parameter, spec: ShardSpec) -> None:
+    """Mark a split factor the way Megatron marks its own TP weights (grad-norm clipping and
+    Megatron's checkpointing read these).  Replicated factors stay unmarked, so clipping counts
+    them once."""
+    if spec.dim is not None:
+        set_tensor_model_parallel_attributes(param, True, spec.dim, spec.chunks)
