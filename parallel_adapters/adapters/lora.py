@@ -55,11 +55,12 @@ class LoRALayerBase(nn.Module):
 
     def __init__(self, base: nn.Module, geometry: LinearGeometry, module_name: str):
         super().__init__()
+        self.weight = base.weight
+        self.bias = base_bias(base)
+        # Set after weight/bias: the attribute fallback to the base would shadow them otherwise.
         object.__setattr__(self, "_base", base)  # outside the module tree on purpose (see top)
         self.geometry = geometry
         self.module_name = module_name
-        self.weight = base.weight
-        self.bias = base_bias(base)
         self.spec_a, self.spec_b = lora_factor_specs(geometry.parallel_mode, geometry.chunks)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -181,6 +182,8 @@ class LoRALayerBase(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if "_base" not in self.__dict__:
+                raise
             return getattr(self.__dict__["_base"], name)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,1 @@
+"""EVA statistics (mergeable PCA sketches) and rank allocation."""
