@@ -97,6 +97,25 @@ class LoRALayerBase(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [name]
 
+    def replace_factors(self, name: str, local_a: torch.Tensor, local_b: torch.Tensor,
+                        r: int, alpha: float, scaling: float) -> None:
+        """Swap in new factor SHARDS (possibly of another rank r), e.g. from EVA or a checkpoint."""
+        if name not in self.lora_A:
+            raise ValueError(f"{self.module_name}: no adapter {name!r}")
+        g = self.geometry
+        want_a = self.spec_a.local_shape((r, g.in_features), g.tp_size)
+        want_b = self.spec_b.local_shape((g.out_features, r), g.tp_size)
+        if tuple(local_a.shape) != want_a or tuple(local_b.shape) != want_b:
+            raise ValueError(f"{self.module_name}: factor shards {tuple(local_a.shape)}, {tuple(local_b.shape)} "
+                             f"do not match r={r}: expected {want_a}, {want_b}")
+        trainable = self.lora_A[name].weight.requires_grad
+        for table, tensor, spec in ((self.lora_A, local_a, self.spec_a), (self.lora_B, local_b, self.spec_b)):
+            factor = _Factor(tensor.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone())
+            factor.weight.requires_grad_(trainable)
+            set_tensor_parallel_attributes(factor.weight, spec)
+            table[name] = factor
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"{self.module_name}: unmerge adapter {name!r} before deleting it")
