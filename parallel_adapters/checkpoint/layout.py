@@ -1,0 +1,374 @@
+"""Checkpoint directory layout and index schema (pure: files and JSON only, no torch.distributed).
+
+One directory per save (DESIGN.md section 6)::
+
+    <dir>/adapter_config.json                      the caller's config dict
+    <dir>/index.json                               written LAST: its presence marks a complete save
+    <dir>/shards/tp{ii}-pp{jj}.safetensors         DP rank 0 of each (tp, pp) rank
+    <dir>/train_state/optim-tp{ii}-pp{jj}-dp{kk}.safetensors / .json   optimizer tensors / scalars
+    <dir>/train_state/rng-tp{ii}-pp{jj}-dp{kk}.safetensors             RNG states as uint8 tensors
+    <dir>/train_state/extra_state.json             the caller's JSON dict (world rank 0)
+    <parent>/latest                                the name of the newest complete directory
+
+Everything a loader trusts is checked here before any tensor is allocated: the index structure,
+every relative path (no absolute paths, no `..`, must stay inside the directory), shapes against
+the ShardSpec, dtypes against a fixed table.  Errors are `CheckpointError` naming file and tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from parallel_adapters.adapters.sharding import ShardedTensor, ShardSpec  # noqa: F401  (re-exported)
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+CONFIG_FILE = "adapter_config.json"
+SHARDS_DIR = "shards"
+TRAIN_STATE_DIR = "train_state"
+EXTRA_STATE_FILE = f"{TRAIN_STATE_DIR}/extra_state.json"
+LATEST_FILE = "latest"
+TMP_MARKER = ".tmp-"
+OLD_MARKER = ".old-"
+
+_SHARD_KEY = re.compile(r"^tp(\d+)-pp(\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_INDEX_KEYS = {"format_version", "tp_size", "pp_size", "dp_size", "tensors", "files", "train_state"}
+_TENSOR_KEYS = {"global_shape", "dtype", "shard", "files"}
+
+# Index dtype name <-> torch dtype <-> safetensors header code.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+SAFETENSORS_CODES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, unsafe, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------
+
+def shard_key(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:02d}-pp{pp_rank:02d}"
+
+
+def rank_key(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    return f"tp{tp_rank:02d}-pp{pp_rank:02d}-dp{dp_rank:02d}"
+
+
+def parse_shard_key(key: str) -> tuple[int, int]:
+    m = _SHARD_KEY.match(key) if isinstance(key, str) else None
+    if m is None:
+        raise CheckpointError(f"index.json: bad shard key {key!r} (expected 'tpII-ppJJ')")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_file(tp_rank: int, pp_rank: int) -> str:
+    return f"{SHARDS_DIR}/{shard_key(tp_rank, pp_rank)}.safetensors"
+
+
+def optim_files(tp_rank: int, pp_rank: int, dp_rank: int) -> tuple[str, str]:
+    """(tensors, scalars) relative paths of one rank's optimizer state."""
+    stem = f"{TRAIN_STATE_DIR}/optim-{rank_key(tp_rank, pp_rank, dp_rank)}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    return f"{TRAIN_STATE_DIR}/rng-{rank_key(tp_rank, pp_rank, dp_rank)}.safetensors"
+
+
+def tmp_dir_for(final: Path, token: str | None = None) -> Path:
+    """The hidden sibling a save writes into; never a valid checkpoint (no index until the end)."""
+    return final.parent / f".{final.name}{TMP_MARKER}{token or uuid.uuid4().hex[:12]}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise CheckpointError(f"dtype {dtype} cannot be stored in a checkpoint (supported: {sorted(DTYPES)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Path safety
+# ----------------------------------------------------------------------------------------------
+
+def check_relpath(rel: Any, what: str = "path") -> str:
+    """Refuse anything but a plain relative POSIX path made of normal components."""
+    if not isinstance(rel, str) or not rel:
+        raise CheckpointError(f"index.json: {what} {rel!r} is not a non-empty string")
+    if "\x00" in rel or "\\" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+        raise CheckpointError(f"index.json: {what} {rel!r} is absolute or not a POSIX relative path")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise CheckpointError(f"index.json: {what} {rel!r} contains '.', '..' or empty components")
+    return rel
+
+
+def resolve_inside(directory: Path, rel: str) -> Path:
+    """`directory/rel`, refused unless it resolves (symlinks followed) inside `directory`."""
+    check_relpath(rel)
+    root = Path(directory).resolve()
+    target = (root / rel).resolve()
+    if target != root and root not in target.parents:
+        raise CheckpointError(f"{rel!r} resolves to {target}, outside the checkpoint directory {root}")
+    return target
+
+
+def check_plain_name(name: str, what: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise CheckpointError(f"{what}: {name!r} is not a plain directory name")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: hashing, durable writes
+# ----------------------------------------------------------------------------------------------
+
+def file_record(path: Path) -> dict:
+    """{sha256, bytes} of a file, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or directory's data and metadata to disk (rename durability)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> dict:
+    """Strict JSON (no NaN/inf), serialised before the file is opened; fsync; returns its record."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: value is not strict JSON ({exc})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return file_record(path)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """save_file on CPU-contiguous copies where needed (shared storage is cloned), fsync, record."""
+    seen: set[int] = set()
+    ready: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        dtype_name(t.dtype)
+        ready[name] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(ready, str(path))
+    fsync_path(path)
+    return file_record(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a hidden temp sibling + os.replace: readers see the old or the new text, never half."""
+    tmp = path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what}: {path} is not readable JSON ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Index: one tensor's entry
+# ----------------------------------------------------------------------------------------------
+
+def tensor_entry(t: ShardedTensor, name: str, tp_rank: int, tp_size: int, pp_rank: int) -> dict:
+    """The index entry a writer rank contributes for `name` (its own file only)."""
+    return {
+        "global_shape": [int(s) for s in t.global_shape],
+        "dtype": dtype_name(t.local.dtype),
+        "shard": t.spec.to_json(),
+        "files": {shard_key(tp_rank, pp_rank): shard_file(tp_rank, pp_rank)},
+    }
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A validated index entry: where each checkpoint TP rank's piece of one tensor lives."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    spec: ShardSpec
+    pp_rank: int
+    files: dict[int, str]  # checkpoint tp rank -> relative file
+
+    def local_shape(self, tp_size: int) -> tuple[int, ...]:
+        return self.spec.local_shape(self.global_shape, tp_size)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.global_shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> TensorInfo:
+    """Check one index entry against the schema and the checkpoint's TP/PP sizes."""
+    where = f"index.json: tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
+        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise CheckpointError(f"{where}: entry must have exactly {sorted(_TENSOR_KEYS)}, got {got}")
+    shape = entry["global_shape"]
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise CheckpointError(f"{where}: global_shape {shape!r} is not a list of non-negative ints")
+    if entry["dtype"] not in DTYPES:
+        raise CheckpointError(f"{where}: unsupported dtype {entry['dtype']!r} (supported: {sorted(DTYPES)})")
+    try:
+        spec = ShardSpec.from_json(entry["shard"])
+        if spec.dim is not None and not 0 <= spec.dim < len(shape):
+            raise ValueError(f"split dim {spec.dim} out of range for {len(shape)}-d shape {shape}")
+        spec.local_shape(shape, tp_size)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: bad shard spec {entry['shard']!r} at tp_size {tp_size}: {exc}") from None
+    files = entry["files"]
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{where}: 'files' must be a non-empty mapping of shard key -> file")
+    by_tp: dict[int, str] = {}
+    pp_ranks = set()
+    for key, rel in files.items():
+        tp, pp = parse_shard_key(key)
+        if tp >= tp_size or pp >= pp_size:
+            raise CheckpointError(f"{where}: shard key {key} outside tp_size {tp_size} / pp_size {pp_size}")
+        by_tp[tp] = check_relpath(rel, f"file of tensor {name!r}")
+        pp_ranks.add(pp)
+    if len(pp_ranks) != 1:
+        raise CheckpointError(f"{where}: held by several pipeline stages {sorted(pp_ranks)}")
+    want = {0} if spec.replicated else set(range(tp_size))
+    if set(by_tp) != want:
+        raise CheckpointError(f"{where}: shards for tp ranks {sorted(by_tp)}, expected {sorted(want)}")
+    return TensorInfo(name, tuple(shape), DTYPES[entry["dtype"]], spec, pp_ranks.pop(), by_tp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Index: the whole document
+# ----------------------------------------------------------------------------------------------
+
+def build_index(
+    tp_size: int, pp_size: int, dp_size: int, tensors: Mapping[str, dict],
+    files: Mapping[str, dict], train_state: Mapping[str, Any] | None = None,
+) -> dict:
+    """Assemble and validate the index document (raises CheckpointError if inconsistent)."""
+    index = {
+        "format_version": FORMAT_VERSION,
+        "tp_size": tp_size, "pp_size": pp_size, "dp_size": dp_size,
+        "tensors": {k: tensors[k] for k in sorted(tensors)},
+        "files": {k: files[k] for k in sorted(files)},
+        "train_state": dict(train_state or {"optimizer": {}, "rng": {}, "extra_state": None}),
+    }
+    validate_index(index)
+    return index
+
+
+def _check_size(index: dict, key: str) -> int:
+    value = index.get(key)
+    if type(value) is not int or value < 1:
+        raise CheckpointError(f"index.json: {key} must be a positive int, got {value!r}")
+    return value
+
+
+def _referenced_files(index: dict) -> Iterable[tuple[str, str]]:
+    """(relative path, what refers to it) for every file the index points at."""
+    for name, entry in index["tensors"].items():
+        for rel in entry["files"].values():
+            yield rel, f"tensor {name!r}"
+    state = index["train_state"]
+    for key, rels in state["optimizer"].items():
+        yield rels["tensors"], f"optimizer state {key}"
+        yield rels["scalars"], f"optimizer state {key}"
+    for key, rel in state["rng"].items():
+        yield rel, f"rng state {key}"
+    if state["extra_state"] is not None:
+        yield state["extra_state"], "extra_state"
+
+
+def _validate_train_state(state: Any) -> None:
+    if not isinstance(state, dict) or set(state) != {"optimizer", "rng", "extra_state"}:
+        raise CheckpointError(f"index.json: train_state must have keys optimizer, rng, extra_state; got {state!r}")
+    for key, rels in state["optimizer"].items():
+        if not isinstance(rels, dict) or set(rels) != {"tensors", "scalars"}:
+            raise CheckpointError(f"index.json: optimizer state {key!r} must name 'tensors' and 'scalars'")
+        for rel in rels.values():
+            check_relpath(rel, f"optimizer state file of {key}")
+    for key, rel in state["rng"].items():
+        check_relpath(rel, f"rng state file of {key}")
+    if state["extra_state"] is not None:
+        check_relpath(state["extra_state"], "extra_state file")
+
+
+def validate_index(index: Any) -> dict[str, TensorInfo]:
+    """Check the whole index schema; returns the parsed tensor entries by name."""
+    if not isinstance(index, dict):
+        raise CheckpointError(f"index.json: top level must be an object, got {type(index).__name__}")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"index.json: unsupported format_version {index.get('format_version')!r} (this code reads {FORMAT_VERSION})")
+    if set(index) != _INDEX_KEYS:
+        raise CheckpointError(f"index.json: keys {sorted(index)}, expected {sorted(_INDEX_KEYS)}")
+    tp_size, pp_size = _check_size(index, "tp_size"), _check_size(index, "pp_size")
+    _check_size(index, "dp_size")
+    files, tensors = index["files"], index["tensors"]
+    if not isinstance(files, dict) or not isinstance(tensors, dict):
+        raise CheckpointError("index.json: 'files' and 'tensors' must be objects")
+    for rel, rec in files.items():
+        check_relpath(rel, "file")
+        if (not isinstance(rec, dict) or set(rec) != {"sha256", "bytes"} or not isinstance(rec["sha256"], str)
+                or not _SHA256.match(rec["sha256"]) or type(rec["bytes"]) is not int or rec["bytes"] < 0):
+            raise CheckpointError(f"index.json: record of file {rel!r} must be {{sha256: hex64, bytes: int}}, got {rec!r}")
+    infos = {name: parse_tensor_entry(name, entry, tp_size, pp_size) for name, entry in tensors.items()}
+    _validate_train_state(index["train_state"])
+    for rel, what in _referenced_files(index):
+        if rel not in files:
+            raise CheckpointError(f"index.json: {what} refers to {rel!r}, which has no checksum in 'files'")
+    return infos

@@ -1,0 +1,286 @@
+"""Sharded save/load on every rank, with an atomic publish and exact resume.
+
+Save protocol (every rank calls `save_sharded`; collectives only via distributed/collectives.py):
+
+ 1. local checks + TP-replica check (replicated tensors must be bit-identical over TP);
+ 2. world rank 0 creates the hidden sibling `<parent>/.<name>.tmp-<token>`, everyone learns it;
+ 3. every rank writes its files into it (DP rank 0 of each (tp, pp): the shard file; every rank:
+    optimizer and RNG state; world rank 0: adapter_config.json and extra_state.json);
+ 4. all ranks agree the writes succeeded (else all raise, naming rank and file);
+ 5. world rank 0 gathers every writer's sha256, re-hashes every file, writes index.json LAST,
+    renames the directory into place and only then rewrites `<parent>/latest`.
+
+A crash anywhere before step 5's rename leaves the previous checkpoint and `latest` untouched; the
+temporary directory has no index.json, so no loader ever takes it for a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.checkpoint.layout import (
+    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, ShardedTensor, check_plain_name, dtype_name,
+    rank_key,
+)
+from parallel_adapters.checkpoint.reader import CheckpointReader
+from parallel_adapters.checkpoint.train_state import (  # noqa: F401  (re-exported public API)
+    capture_rng_state, load_train_state, restore_rng_state,
+)
+from parallel_adapters.checkpoint.writer import (
+    assemble_index, make_tmp_dir, publish, write_global_files, write_rank_files,
+)
+from parallel_adapters.distributed.collectives import (
+    all_gather_objects, all_ranks_agree, group_rank, group_size,
+)
+from parallel_adapters.distributed.groups import ParallelGroups
+
+__all__ = ["save_sharded", "load_sharded", "load_train_state", "resolve_latest", "capture_rng_state",
+           "restore_rng_state", "check_tp_replicas", "tensor_digest", "TEST_DELAY_ENV"]
+
+T = TypeVar("T")
+Expected = Mapping[str, tuple[ShardSpec, Sequence[int], torch.dtype]]
+TEST_DELAY_ENV = "PA_CHECKPOINT_TEST_DELAY_S"
+_PROGRESS_MIN_ITEMS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement helpers: a failure on one rank becomes an error on every rank, never a hang
+# ----------------------------------------------------------------------------------------------
+
+def _guard(who: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
+    """Run a local step; return (result, None) or (None, message naming this rank)."""
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - every local failure must reach the agreement step
+        detail = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (CheckpointError, OSError)):
+            detail += "\n" + traceback.format_exc(limit=3)
+        return None, f"{who}: {detail}"
+
+
+def _raise_together(error: str | None, what: str, cleanup: Callable[[], None] | None = None) -> None:
+    """Collective: if any rank has an error, every rank raises one CheckpointError listing them all."""
+    if all_ranks_agree(error is None, None):
+        return
+    errors = list(dict.fromkeys(e for e in all_gather_objects(error, None) if e))  # dedupe, keep order
+    if cleanup is not None:
+        cleanup()
+    raise CheckpointError(f"{what} failed:\n  " + "\n  ".join(errors))
+
+
+def _progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
+    """tqdm only on world rank 0 and only for long loops."""
+    enabled = group_rank(None) == 0 and total >= _PROGRESS_MIN_ITEMS
+    return tqdm(items, total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _test_hook_delay() -> None:
+    """TEST HOOK ONLY: sleep $PA_CHECKPOINT_TEST_DELAY_S after this rank's writes, before publishing,
+    so that a test can SIGKILL a save midway.  Unset (the default) means no delay."""
+    delay = os.environ.get(TEST_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything is written
+# ----------------------------------------------------------------------------------------------
+
+def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) -> None:
+    world = group_size(None)
+    if groups.tp_size * groups.pp_size * groups.dp_size != world:
+        raise CheckpointError(
+            f"tp {groups.tp_size} x pp {groups.pp_size} x dp {groups.dp_size} != world size {world}")
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name or not isinstance(t, ShardedTensor):
+            raise CheckpointError(f"tensor {name!r}: expected a non-empty name -> ShardedTensor")
+        dtype_name(t.local.dtype)
+        try:
+            want = t.spec.local_shape(t.global_shape, groups.tp_size)
+        except ValueError as exc:
+            raise CheckpointError(f"tensor {name!r}: {exc}") from None
+        if tuple(t.local.shape) != want:
+            raise CheckpointError(
+                f"tensor {name!r}: local shape {tuple(t.local.shape)} does not match global shape "
+                f"{tuple(t.global_shape)} split by {t.spec} over {groups.tp_size} TP ranks (expected {want})")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of dtype, shape and bytes: equal digests mean bit-identical tensors."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _compare_replicas(gathered: list[tuple[int, dict | None]]) -> str | None:
+    """Message describing how TP ranks' replicated tensors disagree, or None."""
+    rank0, ref = gathered[0]
+    problems = []
+    for tp, (rank, digests) in enumerate(gathered[1:], start=1):
+        if digests is None or ref is None:
+            continue  # that rank's own error is reported by the agreement step
+        if set(digests) != set(ref):
+            problems.append(f"replicated tensor names differ: tp rank 0 (global rank {rank0}) has "
+                            f"{sorted(set(ref) - set(digests))} only, tp rank {tp} (global rank {rank}) "
+                            f"has {sorted(set(digests) - set(ref))} only")
+        for name in sorted(set(ref) & set(digests)):
+            if ref[name] != digests[name]:
+                problems.append(f"replicated tensor {name!r} differs across TP ranks: tp rank 0 "
+                                f"(global rank {rank0}) != tp rank {tp} (global rank {rank})")
+    return "; ".join(problems) or None
+
+
+def check_tp_replicas(tensors: Mapping[str, ShardedTensor] | None, groups: ParallelGroups, who: str) -> str | None:
+    """Collective over the TP group: error message if a replicated tensor differs between TP ranks.
+
+    A replicated factor that differs is a bug that would export a state no rank's adapter
+    represents (DESIGN.md section 6); every rank gets the same answer, so all raise together.
+    `tensors=None` (this rank already failed) still joins the collective but compares nothing.
+    """
+    digests, err = None, None
+    if tensors is not None:
+        digests, err = _guard(who, lambda: {n: tensor_digest(t.local) for n, t in tensors.items()
+                                            if t.spec.replicated})
+    gathered = all_gather_objects((group_rank(None), digests), groups.tp_group)
+    return err or _compare_replicas(gathered)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def save_sharded(
+    directory: str | Path, tensors: Mapping[str, ShardedTensor], groups: ParallelGroups,
+    config: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Any] | None = None, rng_state: bool = True,
+) -> Path:
+    """Collective save of this rank's adapter shards (+ train state); returns the final directory.
+
+    Must be called on EVERY rank with the same `directory`. Raises CheckpointError on all ranks
+    together if any rank fails; the previous checkpoint and `<parent>/latest` stay untouched then.
+    """
+    final = Path(directory).absolute()
+    rank = group_rank(None)
+    who = f"rank {rank} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
+    _, err = _guard(who, lambda: (check_plain_name(final.name, "checkpoint directory"),
+                                  _check_inputs(tensors, groups)))
+    replica_err = check_tp_replicas(tensors if err is None else None, groups, who)  # always: collective
+    err = err or replica_err
+    _raise_together(err, f"save of {final}")
+
+    tmp_str, err = _guard(who, lambda: str(make_tmp_dir(final))) if rank == 0 else (None, None)
+    tmp_str, err = all_gather_objects((tmp_str, err), None)[0]
+    if err:
+        raise CheckpointError(f"save of {final} failed: {err}")
+    tmp = Path(tmp_str)
+    cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
+
+    def write_local() -> dict:
+        rep = write_rank_files(tmp, tensors, tp_rank=groups.tp_rank, tp_size=groups.tp_size,
+                               pp_rank=groups.pp_rank, dp_rank=groups.dp_rank,
+                               optimizer_state=optimizer_state,
+                               rng_state=capture_rng_state() if rng_state else None)
+        if rank == 0:
+            glob = write_global_files(tmp, config, extra_state)
+            rep["files"].update(glob["files"])
+            rep["extra_state"] = glob["extra_state"]
+        return rep
+
+    report, err = _guard(who, write_local)
+    _test_hook_delay()
+    _raise_together(err, f"save of {final}", cleanup)
+    reports = all_gather_objects(report, None)
+
+    err = None
+    if rank == 0:
+        _, err = _guard(who, lambda: publish(
+            tmp, final, assemble_index(reports, groups.tp_size, groups.pp_size, groups.dp_size)))
+        if err:
+            cleanup()
+    err = all_gather_objects(err, None)[0]
+    if err:
+        raise CheckpointError(f"save of {final} failed while publishing: {err}")
+    return final
+
+
+def resolve_latest(parent_dir: str | Path) -> Path | None:
+    """The checkpoint `<parent>/latest` names, or None if no save has completed yet."""
+    parent = Path(parent_dir)
+    pointer = parent / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = check_plain_name(pointer.read_text(encoding="utf-8").strip(), str(pointer))
+    target = parent / name
+    if not (target / INDEX_FILE).is_file():
+        leftovers = sorted(p.name for p in parent.glob(f".{name}{OLD_MARKER}*"))
+        raise CheckpointError(f"{pointer} names {name!r}, but {target} is not a complete checkpoint"
+                              + (f" (an interrupted replace left {leftovers})" if leftovers else ""))
+    return target
+
+
+def _check_expected(reader: CheckpointReader, expected: Expected, all_names: set[str] | None,
+                    tp_size: int) -> list[str]:
+    """Every mismatch between the checkpoint and the model, found before any tensor is read."""
+    problems = [f"missing tensor {n!r}" for n in sorted(set(expected) - set(reader.tensors))]
+    if all_names is not None:
+        problems += [f"unexpected tensor {n!r} (no rank expects it)" for n in sorted(set(reader.tensors) - all_names)]
+    for name in sorted(set(expected) & set(reader.tensors)):
+        spec, shape, dtype = expected[name]
+        info = reader.tensors[name]
+        if tuple(shape) != info.global_shape:
+            problems.append(f"tensor {name!r}: global shape {info.global_shape} in checkpoint, model has {tuple(shape)}")
+        if dtype != info.dtype:
+            problems.append(f"tensor {name!r}: dtype {dtype_name(info.dtype)} in checkpoint, model has {dtype_name(dtype)}")
+        try:
+            spec.local_shape(tuple(shape), tp_size)
+        except ValueError as exc:
+            problems.append(f"tensor {name!r}: cannot shard over {tp_size} TP ranks: {exc}")
+    return problems
+
+
+def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
+                all_names: set[str] | None) -> dict[str, torch.Tensor]:
+    with CheckpointReader(directory) as reader:
+        problems = _check_expected(reader, expected, all_names, groups.tp_size)
+        if problems:
+            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+            raise CheckpointError(f"{directory} does not match the model:\n    " + "\n    ".join(shown))
+        out = {}
+        for name in _progress(sorted(expected), len(expected), "load checkpoint"):
+            spec = expected[name][0]
+            out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
+        return out
+
+
+def load_sharded(directory: str | Path, groups: ParallelGroups, expected: Expected,
+                 collective: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's LOCAL tensors at the CURRENT TP size, resharding if the checkpoint's differs.
+
+    `expected` maps every tensor this rank holds to (ShardSpec, global shape, dtype).  With
+    `collective=True` (all ranks call it) the ranks' expected names are pooled to find tensors no
+    rank expects, and a failure on any rank raises on all.  Use `collective=False` when only some
+    processes load (offline tools, emulated ranks); then extra tensors are detected only if pp_size 1.
+    """
+    directory = Path(directory)
+    world = group_size(None) if collective else 1
+    if world > 1:
+        all_names: set[str] | None = set().union(*all_gather_objects(sorted(expected), None))
+    else:
+        all_names = set(expected) if groups.pp_size == 1 else None
+    who = f"rank {group_rank(None)} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
+    result, err = _guard(who, lambda: _load_local(directory, groups, expected, all_names))
+    if world > 1:
+        _raise_together(err, f"load of {directory}")
+    elif err:
+        raise CheckpointError(err)
+    return result

@@ -1,0 +1,156 @@
+"""Writing one checkpoint directory: per-rank files, the merged index, the atomic publish.
+
+No torch.distributed here: `sharded.save_sharded` runs these on each rank and moves the reports
+between ranks; the offline tools (`consolidate.reshard`) and the tests that emulate several ranks
+in one process call them directly, so every checkpoint goes through the same code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from parallel_adapters.checkpoint.layout import (
+    CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, OLD_MARKER, SHARDS_DIR, TRAIN_STATE_DIR,
+    CheckpointError, ShardedTensor, build_index, file_record, fsync_path, resolve_inside, shard_file,
+    tensor_entry, tmp_dir_for, write_json, write_safetensors, write_text_atomic,
+)
+from parallel_adapters.checkpoint.train_state import write_optimizer_state, write_rng_state
+
+# ----------------------------------------------------------------------------------------------
+# Writers (also used directly by tests to build emulated multi-rank checkpoints)
+# ----------------------------------------------------------------------------------------------
+
+def write_rank_files(
+    tmp_dir: Path, tensors: Mapping[str, ShardedTensor], *, tp_rank: int, tp_size: int, pp_rank: int,
+    dp_rank: int, optimizer_state: Mapping[str, Any] | None = None,
+    rng_state: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
+    """One rank's files; returns its report (index entries, file records) for world rank 0.
+
+    Only DP rank 0 writes adapter tensors, and a replicated tensor only from TP rank 0.
+    """
+    report: dict[str, Any] = {"tensors": {}, "files": {}, "optimizer": {}, "rng": {}}
+    if dp_rank == 0:
+        own = {n: t for n, t in sorted(tensors.items()) if tp_rank == 0 or not t.spec.replicated}
+        if own:
+            rel = shard_file(tp_rank, pp_rank)
+            report["files"][rel] = write_safetensors(tmp_dir / rel, {n: t.local for n, t in own.items()})
+            report["tensors"] = {n: tensor_entry(t, n, tp_rank, tp_size, pp_rank) for n, t in own.items()}
+    if optimizer_state is not None:
+        entry, files = write_optimizer_state(tmp_dir, tp_rank, pp_rank, dp_rank, optimizer_state)
+        report["optimizer"], report["files"] = entry, {**report["files"], **files}
+    if rng_state is not None:
+        entry, files = write_rng_state(tmp_dir, tp_rank, pp_rank, dp_rank, rng_state)
+        report["rng"], report["files"] = entry, {**report["files"], **files}
+    return report
+
+
+def write_global_files(tmp_dir: Path, config: Mapping[str, Any], extra_state: Mapping | None) -> dict:
+    """World rank 0's files (adapter_config.json, extra_state.json) as a report."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{tmp_dir / CONFIG_FILE}: config must be a dict, got {type(config).__name__}")
+    files = {CONFIG_FILE: write_json(tmp_dir / CONFIG_FILE, dict(config))}
+    if extra_state is not None:
+        if not isinstance(extra_state, Mapping):
+            raise CheckpointError(f"{tmp_dir / EXTRA_STATE_FILE}: extra_state must be a dict")
+        files[EXTRA_STATE_FILE] = write_json(tmp_dir / EXTRA_STATE_FILE, dict(extra_state))
+    return {"files": files, "extra_state": EXTRA_STATE_FILE if extra_state is not None else None}
+
+
+def _merge_tensor(tensors: dict, name: str, entry: dict) -> None:
+    if name not in tensors:
+        tensors[name] = {**entry, "files": dict(entry["files"])}
+        return
+    have = tensors[name]
+    for field in ("global_shape", "dtype", "shard"):
+        if have[field] != entry[field]:
+            raise CheckpointError(f"tensor {name!r}: ranks disagree on {field}: {have[field]} vs {entry[field]}")
+    clash = set(have["files"]) & set(entry["files"])
+    if clash:
+        raise CheckpointError(f"tensor {name!r}: shard {sorted(clash)} written twice")
+    have["files"].update(entry["files"])
+
+
+def assemble_index(reports: Sequence[dict], tp_size: int, pp_size: int, dp_size: int) -> dict:
+    """Merge every rank's report into one validated index document."""
+    tensors: dict[str, dict] = {}
+    files: dict[str, dict] = {}
+    state: dict[str, Any] = {"optimizer": {}, "rng": {}, "extra_state": None}
+    for rep in reports:
+        for rel, rec in rep.get("files", {}).items():
+            if rel in files:
+                raise CheckpointError(f"file {rel!r} reported by two ranks")
+            files[rel] = rec
+        for name, entry in rep.get("tensors", {}).items():
+            _merge_tensor(tensors, name, entry)
+        state["optimizer"].update(rep.get("optimizer", {}))
+        state["rng"].update(rep.get("rng", {}))
+        state["extra_state"] = rep.get("extra_state") or state["extra_state"]
+    world = tp_size * pp_size * dp_size
+    for kind in ("optimizer", "rng"):
+        if state[kind] and len(state[kind]) != world:
+            raise CheckpointError(f"{kind} state given on {len(state[kind])} of {world} ranks: all or none")
+    return build_index(tp_size, pp_size, dp_size, tensors, files, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Publishing (world rank 0)
+# ----------------------------------------------------------------------------------------------
+
+def _verify_written(tmp_dir: Path, index: dict) -> None:
+    """Every indexed file exists with the reported checksum, and nothing else is in the directory."""
+    for rel, rec in index["files"].items():
+        path = resolve_inside(tmp_dir, rel)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: reported as written but missing")
+        actual = file_record(path)
+        if actual != rec:
+            raise CheckpointError(f"{path}: on disk {actual}, writer reported {rec}")
+    on_disk = {p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file()}
+    stray = sorted(on_disk - set(index["files"]))
+    if stray:
+        raise CheckpointError(f"{tmp_dir}: unexpected files {stray}")
+
+
+def _swap_into_place(tmp_dir: Path, final: Path) -> None:
+    """rename tmp -> final; an existing final is moved aside first and deleted only afterwards."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}{OLD_MARKER}{uuid.uuid4().hex[:12]}"
+        os.rename(final, old)
+    try:
+        os.rename(tmp_dir, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(tmp_dir: Path, final: Path, index: dict, update_latest: bool = True) -> None:
+    """Verify, write index.json LAST, rename into place, then (optionally) point `latest` at it."""
+    _verify_written(tmp_dir, index)
+    write_json(tmp_dir / INDEX_FILE, index)
+    for sub in (tmp_dir / SHARDS_DIR, tmp_dir / TRAIN_STATE_DIR, tmp_dir):
+        if sub.is_dir():
+            fsync_path(sub)
+    _swap_into_place(tmp_dir, final)
+    if update_latest:
+        write_text_atomic(final.parent / LATEST_FILE, final.name + "\n")
+
+
+def make_tmp_dir(final: Path) -> Path:
+    """The hidden sibling (with shards/ and train_state/) that a save or reshard writes into."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir_for(final)
+    tmp.mkdir()
+    (tmp / SHARDS_DIR).mkdir()
+    (tmp / TRAIN_STATE_DIR).mkdir()
+    return tmp

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures.
+
+``pool2`` / ``pool4``: session-wide ``tests.harness.pool.WorkerPool`` of 2 / 4 gloo CPU
+ranks, started on first use (a 4-rank pool that imports megatron costs ~12 s on 2 cores,
+so pools live for the whole session) and shut down at session end.  See
+``tests/harness/pool.py`` for how to write a multi-rank test.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from tests.harness.pool import WorkerPool, get_shared_pool, shutdown_shared_pools  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pool2() -> WorkerPool:
+    """2 ranks (gloo, CPU), shared by the whole session."""
+    return get_shared_pool(2)
+
+
+@pytest.fixture(scope="session")
+def pool4() -> WorkerPool:
+    """4 ranks (gloo, CPU), shared by the whole session."""
+    return get_shared_pool(4)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutdown_shared_pools()
