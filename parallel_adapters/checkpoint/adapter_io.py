@@ -1,0 +1,104 @@
+"""save_checkpoint / load_checkpoint: an AdapterModel (+ optimizer, RNG, caller state) <-> a
+sharded checkpoint directory.  Run on every rank.
+
+The optimizer state is flattened under the adapter tensor names (`<name>/exp_avg`, ...), so it is
+tied to parameters by name rather than by position, and checked against the model on load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.checkpoint.layout import CheckpointError, read_json
+from parallel_adapters.checkpoint.reader import CheckpointReader
+from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state, restore_rng_state, save_sharded
+
+_GROUP_KEY = "param_groups/"
+
+
+def checkpoint_config(model: AdapterModel, adapter_name: str | None = None) -> dict:
+    """adapter_config.json: the LoraConfig (PEFT field names) plus the parallel layout."""
+    name = adapter_name or model.active_adapter
+    config = model.peft_config[name].to_dict()
+    config.pop("eva_config", None) if config.get("eva_config") is None else None
+    config.update(adapter_name=name, tp_size=model.groups.tp_size, pp_size=model.groups.pp_size)
+    return config
+
+
+def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                    extra_state: dict | None = None) -> Path:
+    """Save this rank's adapter shards (and optimizer/RNG/extra state) atomically; every rank calls it."""
+    tensors = model.adapter_state_dict()
+    optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
+    return save_sharded(directory, tensors, model.groups, checkpoint_config(model),
+                        optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True)
+
+
+def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict | None:
+    """Restore adapter weights (resharding to this TP size), then the optimizer (same layout
+    only) and the RNG state (when the layout matches).  Returns the saved extra_state."""
+    current = model.adapter_state_dict()
+    expected = {n: (t.spec, t.global_shape, t.local.dtype) for n, t in current.items()}
+    loaded = load_sharded(directory, model.groups, expected)
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            current[name].local.copy_(tensor)
+    with CheckpointReader(directory) as reader:
+        train_state = reader.index["train_state"]
+        same_layout = (reader.tp_size, reader.pp_size, reader.dp_size) == (
+            model.groups.tp_size, model.groups.pp_size, model.groups.dp_size)
+        extra = (read_json(reader.verified_path(train_state["extra_state"]), "extra_state")
+                 if train_state["extra_state"] is not None else None)
+    if optimizer is not None:
+        # Per-rank state: load_train_state refuses (naming both layouts) if TP/PP/DP changed.
+        optim_state, rng_state, _ = load_train_state(directory, model.groups)
+        if optim_state is None:
+            raise CheckpointError(f"{directory}: no optimizer state was saved, but an optimizer was given")
+        _restore_optimizer(model, optimizer, optim_state)
+        if restore_rng and rng_state is not None:
+            restore_rng_state(rng_state)
+    elif restore_rng and same_layout and train_state["rng"]:
+        _, rng_state, _ = load_train_state(directory, model.groups)
+        restore_rng_state(rng_state)
+    return extra
+
+
+def _param_names(model: AdapterModel) -> dict[int, str]:
+    tensors = model.adapter_state_dict()
+    by_ptr = {t.local.data_ptr(): name for name, t in tensors.items()}
+    return {id(p): by_ptr[p.data_ptr()] for p in model.parameters() if p.data_ptr() in by_ptr}
+
+
+def _flatten_optimizer(model: AdapterModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    names = _param_names(model)
+    flat: dict[str, Any] = {}
+    for g_index, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key != "params" and isinstance(value, (int, float, bool, str, type(None))):
+                flat[f"{_GROUP_KEY}{g_index}/{key}"] = value
+        for param in group["params"]:
+            if id(param) not in names:
+                raise CheckpointError("the optimizer holds a parameter that is not an adapter factor; "
+                                      "save_checkpoint saves adapter optimizers only")
+            for key, value in optimizer.state.get(param, {}).items():
+                flat[f"{names[id(param)]}/{key}"] = value.detach().clone() if torch.is_tensor(value) else value
+    return flat
+
+
+def _restore_optimizer(model: AdapterModel, optimizer: torch.optim.Optimizer, flat: dict[str, Any]) -> None:
+    names = _param_names(model)
+    for g_index, group in enumerate(optimizer.param_groups):
+        for key in list(group):
+            saved = flat.get(f"{_GROUP_KEY}{g_index}/{key}")
+            if key != "params" and saved is not None:
+                group[key] = saved
+        for param in group["params"]:
+            prefix = f"{names[id(param)]}/"
+            state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            if not state:
+                continue
+            optimizer.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) else v) for k, v in state.items()}

@@ -1,0 +1,270 @@
+"""A Llama-style megatron GPTModel (RMSNorm, SwiGLU, GQA, RoPE, no bias) with TP/PP-invariant init.
+
+Weights are a function of (settings.seed, global parameter name) only: every parameter's FULL
+tensor is drawn from its own generator and each rank keeps its slice, following megatron's
+`partition_dim` / `partition_stride` (fc1 holds [gate_i; up_i]; qkv splits by query groups).
+So the model built at TP=1, PP=1 and at any TP x PP from the same settings holds the same full
+weights, which makes "same logits as TP=1" a test of the parallel code and nothing else.
+(megatron's own CPU init draws from one shared stream, so a pipeline stage that skips the
+embedding, or a different vocab padding, shifts every later weight.)
+
+Layout: the vocabulary is padded with zero rows to a multiple of `vocab_pad_multiple`
+(GPTModel does not pad; the vocab must split over TP); `gpt_logits` slices the padding off.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from parallel_adapters.adapters.sharding import REPLICATED, ShardSpec
+from parallel_adapters.mcore import compat, cpu
+from parallel_adapters.mcore.norms import SequenceParallelNorm
+
+
+@dataclass(frozen=True)
+class GPTSettings:
+    """Shape and init of a Llama-family GPT; everything else (parallel sizes) comes from Megatron's
+    initialised parallel state."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Key/value heads (GQA); must divide num_attention_heads."""
+    kv_channels: int | None = None
+    """Head dim; None means hidden_size // num_attention_heads.  Attention scale is 1/sqrt(this)."""
+    vocab_size: int = 256
+    """The real vocabulary; the model holds it padded (see vocab_pad_multiple)."""
+    max_position_embeddings: int = 128
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    sequence_parallel: bool = False
+    """Split activations along the sequence between TP ranks; ignored at TP=1 (same math)."""
+    params_dtype: torch.dtype = torch.float32
+    init_method_std: float = 0.02
+    seed: int = 1234
+    """Seeds the weights (with each parameter's global name); not the dropout RNG."""
+    add_bias_linear: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    vocab_pad_multiple: int = 8
+    """The padded vocab is vocab_size rounded up to this; it must divide by every TP size used,
+    so that models at different TP sizes have the same shapes."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"GPTSettings.num_query_groups={self.num_query_groups} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("GPTSettings.hidden_size must divide by num_attention_heads when kv_channels is None")
+        if self.vocab_pad_multiple < 1:
+            raise ValueError(f"GPTSettings.vocab_pad_multiple must be >= 1, got {self.vocab_pad_multiple}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+def padded_vocab_size(settings: GPTSettings, tp_size: int = 1) -> int:
+    """vocab_size rounded up to vocab_pad_multiple; ValueError if that does not split over TP."""
+    multiple = settings.vocab_pad_multiple
+    padded = -(-settings.vocab_size // multiple) * multiple
+    if padded % tp_size:
+        raise ValueError(
+            f"GPTSettings.vocab_pad_multiple={multiple} pads vocab_size={settings.vocab_size} to "
+            f"{padded}, which does not split over tensor_parallel={tp_size}; use a multiple of "
+            f"every TP size you run (e.g. 8 or 128)"
+        )
+    return padded
+
+
+def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
+    """The TransformerConfig for `settings` at the current TP/PP sizes (fusions off: on the CPU
+    they cost a 16-25 s torch.compile)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        num_layers=settings.num_layers,
+        hidden_size=settings.hidden_size,
+        ffn_hidden_size=settings.ffn_hidden_size,
+        num_attention_heads=settings.num_attention_heads,
+        num_query_groups=settings.num_query_groups,
+        kv_channels=settings.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=settings.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=settings.add_bias_linear,
+        attention_dropout=settings.attention_dropout,
+        hidden_dropout=settings.hidden_dropout,
+        init_method_std=settings.init_method_std,
+        params_dtype=settings.params_dtype,
+        pipeline_dtype=settings.params_dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=settings.sequence_parallel and tp > 1,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
+    """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = SequenceParallelNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    num_layers = get_num_layers_to_build(config)  # this pipeline stage's share
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelNorm)
+
+
+def build_gpt(
+    settings: GPTSettings, *, pre_process: bool | None = None, post_process: bool | None = None
+) -> GPTModel:
+    """This rank's GPTModel stage (pre/post_process default to the pipeline stage), with weights
+    from `init_gpt_weights`.  Needs Megatron's parallel state (and, without CUDA, CPU mode)."""
+    if not compat.is_parallel_state_initialized():
+        raise ValueError(
+            "build_gpt: Megatron parallel state is not initialised; call "
+            "parallel_adapters.mcore.compat.initialize_model_parallel(tp, pp) first"
+        )
+    if not torch.cuda.is_available() and not cpu.cpu_mode_enabled():
+        raise RuntimeError("build_gpt without CUDA: call parallel_adapters.mcore.cpu.enable_cpu_mode() first")
+    config = gpt_transformer_config(settings)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(config),
+        vocab_size=padded_vocab_size(settings, tp),
+        max_sequence_length=settings.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=settings.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=settings.rotary_base,
+    )
+    model.unpadded_vocab_size = settings.vocab_size  # read by gpt_logits
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())  # torch norms are built on the CPU, as megatron's get_model does
+    init_gpt_weights(model, settings)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic, parallelism-invariant init
+# ----------------------------------------------------------------------------------------------
+
+def param_shard_spec(param: torch.Tensor) -> ShardSpec:
+    """How megatron split this parameter over TP (from its tensor_model_parallel attributes)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return REPLICATED
+    return ShardSpec(dim=int(param.partition_dim), chunks=int(getattr(param, "partition_stride", 1)))
+
+
+def global_parameter_names(model: GPTModel) -> dict[str, str]:
+    """Local name -> name in the PP=1 model (pipeline stages number their layers from 0)."""
+    layer_prefix = {}
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        for i, layer in enumerate(decoder.layers):
+            layer_prefix[f"decoder.layers.{i}."] = f"decoder.layers.{layer.layer_number - 1}."
+    names = {}
+    for name, _ in model.named_parameters():
+        out = name
+        if name.startswith("decoder.layers."):
+            local = ".".join(name.split(".")[:3]) + "."
+            out = layer_prefix[local] + name[len(local):]
+        names[name] = out
+    return names
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def full_parameter_init(settings: GPTSettings, name: str, full_shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 full (unsharded) tensor of parameter `name` (global name) of shape full_shape.
+
+    Norm weights are 1 + N(0, std) rather than ones, so that a parity test notices a misplaced
+    norm; biases are zero; linear_proj / linear_fc2 use megatron's scaled std/sqrt(2 L)."""
+    std = settings.init_method_std
+    gen = _generator(settings.seed, name)
+    if name.endswith(".bias"):
+        return torch.zeros(full_shape)
+    if "layernorm" in name:
+        return 1.0 + std * torch.randn(full_shape, generator=gen)
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / math.sqrt(2.0 * settings.num_layers)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        rows = settings.vocab_size  # the padding rows stay zero, whatever the padded size
+        real = std * torch.randn((rows, *full_shape[1:]), generator=gen)
+        return torch.cat([real, real.new_zeros((full_shape[0] - rows, *full_shape[1:]))])
+    return std * torch.randn(full_shape, generator=gen)
+
+
+@torch.no_grad()
+def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
+    """Overwrite every parameter with this rank's slice of `full_parameter_init`."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    names = global_parameter_names(model)
+    for local_name, param in model.named_parameters():
+        name = names[local_name]
+        if settings.tie_embeddings and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"  # the last stage's copy of the shared table
+        spec = param_shard_spec(param)
+        full = full_parameter_init(settings, name, spec.global_shape(param.shape, tp))
+        param.copy_(spec.shard(full, tp_rank, tp).to(param.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits
+# ----------------------------------------------------------------------------------------------
+
+def gpt_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits [batch, seq, vocab] (causal mask, RoPE positions), gathered over TP
+    and with the vocab padding sliced off.  With PP > 1 it runs megatron's forward-only schedule
+    (one microbatch) and returns the logits on the last stage, None on the others."""
+    inner = model
+    while hasattr(inner, "module"):  # megatron DDP / Float16Module wrappers
+        inner = inner.module
+    vocab = getattr(inner, "unpadded_vocab_size", inner.vocab_size)
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return model(input_ids, None, None, runtime_gather_output=True)[..., :vocab]
+    outputs = get_forward_backward_func()(
+        forward_step_func=_logits_step,
+        data_iterator=iter([input_ids]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=input_ids.shape[1],
+        micro_batch_size=input_ids.shape[0],
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return outputs[0][..., :vocab]
+
+
+def _logits_step(data_iterator: Iterator[torch.Tensor], model: GPTModel):
+    return model(next(data_iterator), None, None, runtime_gather_output=True), None
