@@ -125,16 +125,32 @@ class AdapterModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def finalize_grads(self) -> None:
-        """Sum over TP the gradients that are per-rank partials (replicated factors): one all-reduce."""
-        grads = []
+    def finalize_grads(self, data_parallel: bool = False) -> None:
+        """Sum over TP the gradients that are per-rank partials (replicated factors): one all-reduce.
+
+        With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper), also average every
+        trainable gradient over the data-parallel group: one more coalesced all-reduce.
+        """
+        C.all_reduce_coalesced_(self._grads(self._partial_grad_params()), self.groups.tp_group)
+        if data_parallel and self.groups.dp_size > 1:
+            grads = self._grads(p for p in self.parameters() if p.requires_grad)
+            C.all_reduce_coalesced_(grads, self.groups.dp_group)
+            for grad in grads:
+                grad.div_(self.groups.dp_size)
+
+    def _partial_grad_params(self):
         for _, layer in adapted_layers(self.model):
-            for param in layer.partial_grad_parameters():
-                grad = getattr(param, "main_grad", None)
-                grad = param.grad if grad is None else grad
-                if grad is not None:
-                    grads.append(grad)
-        C.all_reduce_coalesced_(grads, self.groups.tp_group)
+            yield from layer.partial_grad_parameters()
+
+    @staticmethod
+    def _grads(params) -> list[torch.Tensor]:
+        grads = []
+        for param in params:
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                grads.append(grad)
+        return grads
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, ShardedTensor]:
         """This rank's adapter shards under global Megatron names, with their ShardSpecs."""

@@ -1,0 +1,191 @@
+"""RunConfig: the typed YAML that drives `parallel-adapters train`.
+
+Loading checks every key and type against the dataclasses below and names the dotted key on
+error ("optim.lr: expected a number, got 'fast'"), before any process group starts.
+Overrides use the same dotted keys: `optim.lr=1e-4 parallel.tensor=4`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from parallel_adapters.config import EvaConfig, LoraConfig
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """A Megatron GPT built from these fields, or a Llama-family HF checkpoint imported."""
+
+    hf_checkpoint: Optional[str] = None
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 257
+    max_position_embeddings: int = 256
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    init_seed: int = 1234
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    tensor: int = 1
+    pipeline: int = 1
+    data: Optional[int] = None
+    """None: world size / (tensor x pipeline)."""
+    sequence_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class DataSection:
+    paths: list = field(default_factory=list)
+    """.txt or .jsonl ("text" field) files; empty: the corpus that ships with the package."""
+    seq_len: int = 64
+    tokenizer: str = "auto"
+    """"byte", "hf" (from model.hf_checkpoint), or "auto" (hf when a checkpoint is given)."""
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-3
+    schedule: str = "constant"
+    """"constant", "linear" or "cosine" decay after warmup."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    """Max global grad norm (0 = off)."""
+    micro_batch: int = 4
+    global_batch: Optional[int] = None
+    """None: micro_batch x data-parallel size (no gradient accumulation)."""
+    steps: int = 40
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    directory: Optional[str] = None
+    save_every: int = 0
+    """Save every N steps (0: only at the end, if a directory is set)."""
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    peft_dir: Optional[str] = None
+    """Write a PEFT adapter here when training ends."""
+    verify_with_peft: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    every: int = 1
+    metrics_jsonl: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    adapter: LoraConfig = field(default_factory=LoraConfig)
+    eva: Optional[EvaConfig] = None
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: Optional[str] = None
+    """Path to a DeepSpeed ZeRO JSON, or None for plain torch AdamW."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    seed: int = 0
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read YAML (or start from defaults with path=None), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.split("."), yaml.safe_load(raw))
+    return build(RunConfig, data, "")
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = data.setdefault(key, {})
+        if child is None:
+            child = data[key] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"override {'.'.join(keys)}: {key!r} is not a section")
+        data = child
+    data[keys[-1]] = value
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """Construct dataclass `cls` from a mapping, checking keys and types; errors name the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; allowed: {sorted(fields)}")
+    values = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ValueError(f"{path or 'config'}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {args}")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{path}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{path}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{path}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{path}: expected a string, got {value!r}")
+    if hint in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ValueError(f"{path}: expected a list, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"{path}: expected a mapping, got {value!r}")
+    return value  # Any / free-form
