@@ -8,6 +8,9 @@ so pools live for the whole session) and shut down at session end.  See
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Workers fork from a server that has imported these (after the collective counters), so each
+# job skips the 2-5 s megatron import.
+os.environ.setdefault("PA_HARNESS_PRELOAD", "megatron.core.parallel_state,megatron.core.tensor_parallel")
 
 import pytest  # noqa: E402
 

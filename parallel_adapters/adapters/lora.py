@@ -186,13 +186,6 @@ class LoRALayerBase(nn.Module):
     def base_layer(self) -> nn.Module:
         return self._base
 
-    def get_extra_state(self):
-        return self._base.get_extra_state() if hasattr(self._base, "get_extra_state") else None
-
-    def set_extra_state(self, state) -> None:
-        if hasattr(self._base, "set_extra_state"):
-            self._base.set_extra_state(state)
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Megatron distributed checkpointing: the base's own entries (adapters use our format)."""
         return self._base.sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -211,7 +204,17 @@ class LoRALayerBase(nn.Module):
         return f"{g.parallel_mode}, in={g.in_features}, out={g.out_features}, tp={g.tp_size}, {ranks}"
 
 
-class ColumnParallelLoRA(LoRALayerBase):
+class _MegatronStateMixin:
+    """Megatron's linear layers carry `_extra_state` in their state dict; keep that key."""
+
+    def get_extra_state(self):
+        return self._base.get_extra_state()
+
+    def set_extra_state(self, state) -> None:
+        self._base.set_extra_state(state)
+
+
+class ColumnParallelLoRA(_MegatronStateMixin, LoRALayerBase):
     """LoRA on a column-parallel base.
 
     Shards (rank i of t):  W_i [O/t, I] (frozen)   A [r, I] replicated   B_i [O/t, r]
@@ -254,7 +257,7 @@ class ColumnParallelLoRA(LoRALayerBase):
         return x_full, zs_full
 
 
-class RowParallelLoRA(LoRALayerBase):
+class RowParallelLoRA(_MegatronStateMixin, LoRALayerBase):
     """LoRA on a row-parallel base.
 
     Shards (rank i of t):  W_i [O, I/t] (frozen)   A_i [r, I/t]   B [O, r] replicated
