@@ -1,0 +1,4 @@
+"""python -m parallel_adapters ..."""
+from parallel_adapters.cli import main
+
+main()
