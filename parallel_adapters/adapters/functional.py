@@ -62,6 +62,11 @@ def lora_up(z: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     return F.linear(z, b) * scaling
 
 
+def add_lora_up(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y + s z B^T, with the scale folded into the add (one elementwise pass instead of two)."""
+    return torch.add(y, F.linear(z, b), alpha=scaling)
+
+
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The weight update s B A [O, I], computed in float32 or wider."""
     compute = torch.promote_types(a.dtype, torch.float32)

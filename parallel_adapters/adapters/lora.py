@@ -240,7 +240,7 @@ class ColumnParallelLoRA(_MegatronStateMixin, LoRALayerBase):
             zs = [lf.lora_down(x, self.lora_A[n].weight, self._dropout_fn(n)) for n in names]
         y = F.linear(x, weight, None if g.skip_bias_add else self.bias)
         for name, z in zip(names, zs):
-            y = y + lf.lora_up(z, self.lora_B[name].weight, self.scaling[name])
+            y = lf.add_lora_up(y, z, self.lora_B[name].weight, self.scaling[name])
         gather = g.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             y = C.gather_last_dim(y, g.tp_group)
@@ -275,7 +275,7 @@ class RowParallelLoRA(_MegatronStateMixin, LoRALayerBase):
         partial = F.linear(x, self.weight)
         for name in self._running_adapters():
             z = lf.lora_down(x, self.lora_A[name].weight, self._dropout_fn(name))
-            partial = partial + lf.lora_up(z, self.lora_B[name].weight, self.scaling[name])
+            partial = lf.add_lora_up(partial, z, self.lora_B[name].weight, self.scaling[name])
         if g.sequence_parallel:
             y = C.reduce_scatter_sequence(partial, g.tp_group)
         else:
@@ -295,7 +295,7 @@ class ReplicatedLoRA(LoRALayerBase):
         y = F.linear(x, self.weight, self.bias)
         for name in self._running_adapters():
             z = lf.lora_down(x, self.lora_A[name].weight, self._dropout_fn(name))
-            y = y + lf.lora_up(z, self.lora_B[name].weight, self.scaling[name])
+            y = lf.add_lora_up(y, z, self.lora_B[name].weight, self.scaling[name])
         return y
 
 

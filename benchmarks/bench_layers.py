@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""Adapter-layer benchmark (DESIGN.md section 9): frozen base vs ours vs PEFT's LoraParallelLinear.
+
+One Llama-style Megatron layer (build_gpt, num_layers=1: RMSNorm, GQA, SwiGLU, RoPE) at TP=2 on
+2 gloo CPU ranks (1 thread each), fp32.  Per forward+backward step of one micro-batch (loss =
+cross-entropy of the full-vocabulary logits) it records, for each variant:
+
+- the collectives each rank issues (calls and payload bytes per op, counted exactly by
+  tests/harness/counting, whose wrappers are installed before megatron is imported);
+- the step time: per repeat the slower rank's wall time, median over the timed repeats; the
+  ratio to the frozen base is the median over repeats of variant/frozen within the same
+  round-robin round; and the process CPU time of both ranks (the steadiest figure on a shared
+  machine, where wall time also measures whoever else is running).
+
+Variants (every one keeps the word embedding trainable, so backward runs through every layer):
+
+1. frozen: the base model, everything frozen except the word embedding;
+2. ours:   parallel_adapters LoRA on linear_qkv, linear_proj, linear_fc1, linear_fc2; plus the
+           collectives and time of `finalize_grads()` (once per optimizer step);
+3. peft:   PEFT 0.21.2 LoraParallelLinear on the same linears, with the minimal monkey-patches of
+           benchmarks/_peft_megatron_fixes.py (each one recorded, with the error it fixes).
+
+The variants are built side by side in the same two processes and timed round-robin (the start
+variant rotates every repeat), so machine noise hits all of them alike.  Sizes: hidden 1024, then
+hidden 1024 with sequence parallelism, then hidden 2048 (skipped if the --time-budget would be
+exceeded).  Writes JSON (with metadata) and prints a markdown table for benchmarks/README.md.
+
+    python benchmarks/bench_layers.py --out benchmarks/results/layers.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+VARIANTS = ("frozen", "ours", "peft")
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+VOCAB = 256
+TP = 2
+PEFT_SP_NOTE = (
+    "PEFT's LoraParallelLinear ignores sequence parallelism (DESIGN.md section 2: the replicated "
+    "factor's gradient is never summed over TP), so its sequence-parallel row is timed for "
+    "reference only; its training there is not equivalent to TP=1 (not checked by this benchmark)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side (runs on the 2 gloo ranks of tests.harness.pool.WorkerPool)
+# ------------------------------------------------------------------------------------------------
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gloo.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _settings(shape: dict):
+    from parallel_adapters.mcore.gpt import GPTSettings
+
+    return GPTSettings(
+        num_layers=1, hidden_size=shape["hidden"], ffn_hidden_size=shape["ffn"],
+        num_attention_heads=shape["heads"], num_query_groups=shape["query_groups"],
+        vocab_size=VOCAB, max_position_embeddings=max(shape["seq"], 128),
+        sequence_parallel=shape["sequence_parallel"],
+    )
+
+
+def _setup(shape: dict):
+    import torch
+
+    from parallel_adapters.mcore import cpu
+    from parallel_adapters.mcore.compat import initialize_model_parallel
+
+    torch.set_num_threads(1)
+    _quiet()
+    cpu.enable_cpu_mode()
+    initialize_model_parallel(TP, 1)
+
+
+def _fresh_base(shape: dict):
+    from parallel_adapters.mcore import cpu
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    cpu.model_parallel_seed(1234)
+    return build_gpt(_settings(shape))
+
+
+def _train_embedding(model) -> None:
+    model.embedding.word_embeddings.weight.requires_grad_(True)
+
+
+def _build_frozen(shape: dict):
+    base = _fresh_base(shape)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    _train_embedding(base)
+    return base, None
+
+
+def _build_ours(shape: dict):
+    from parallel_adapters import LoraConfig, get_adapter_model
+
+    adapter = get_adapter_model(_fresh_base(shape), LoraConfig(
+        r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS))
+    _train_embedding(adapter.model)
+    return adapter.model, adapter.finalize_grads
+
+
+def _peft_model(base, r: int):
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    megatron_config = copy.copy(base.config)  # PEFT sets params_dtype on the config it gets
+    config = PeftLoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+                            megatron_config=megatron_config, megatron_core="megatron.core")
+    model = get_peft_model(base, config)
+    _train_embedding(base)
+    return model
+
+
+def _build_peft(shape: dict):
+    from benchmarks import _peft_megatron_fixes as fixes
+
+    fixes.apply_fixes()
+    model = _peft_model(_fresh_base(shape), shape["r"])
+    n_parallel = sum(type(m).__name__ == "LoraParallelLinear" for m in model.modules())
+    if n_parallel != len(TARGETS):
+        raise RuntimeError(f"expected {len(TARGETS)} LoraParallelLinear modules, got {n_parallel}")
+    return model, None
+
+
+def _batch(shape: dict):
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (shape["batch"], shape["seq"] + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _loss(model, input_ids, labels):
+    import torch.nn.functional as F
+
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    logits = gpt_logits(model, input_ids)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def _error_string(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def peft_probe_job() -> dict:
+    """Apply the PEFT fixes one at a time on a tiny TP=2 GPT and record the exact error that each
+    remaining bug raises (so the JSON shows what every fix is for).  Leaves all fixes applied."""
+    import torch
+
+    from benchmarks import _peft_megatron_fixes as fixes
+
+    shape = dict(hidden=64, ffn=128, heads=4, query_groups=2, seq=16, batch=2, r=4, sequence_parallel=False)
+    _setup(shape)
+    input_ids, labels = _batch(shape)
+    steps = []
+    for applied in range(0, 4):
+        if applied:
+            fixes.apply_fix(applied)
+        try:
+            model = _peft_model(_fresh_base(shape), shape["r"])
+            loss = _loss(model, input_ids, labels)
+            loss.backward()
+            result = f"runs (loss {loss.item():.6f})"
+        except Exception as exc:  # noqa: BLE001  - recording the failure is the point
+            result = _error_string(exc)
+        steps.append({"fixes_applied": list(range(1, applied + 1)), "result": result})
+    torch.distributed.barrier()
+    return {"steps": steps}
+
+
+def _zero_grads(model) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _timed_step(model, finalize, input_ids, labels) -> dict:
+    import torch.distributed as dist
+
+    from tests.harness import counting
+
+    _zero_grads(model)
+    dist.barrier()
+    c0, t0 = time.process_time(), time.perf_counter()
+    with counting.counted() as step:
+        _loss(model, input_ids, labels).backward()
+    t1, c1 = time.perf_counter(), time.process_time()
+    out = {"time_s": t1 - t0, "cpu_s": c1 - c0, "calls": dict(step.calls), "bytes": dict(step.bytes)}
+    if finalize is not None:
+        with counting.counted() as fin:
+            finalize()
+        out["finalize_time_s"] = time.perf_counter() - t1
+        out["finalize_calls"], out["finalize_bytes"] = dict(fin.calls), dict(fin.bytes)
+    return out
+
+
+def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
+    """Build the three variants, check one step of each, then time them round-robin."""
+    import torch
+
+    _setup(shape)
+    input_ids, labels = _batch(shape)
+    builders = {"frozen": _build_frozen, "ours": _build_ours, "peft": _build_peft}
+    models, errors, trainable, losses = {}, {}, {}, {}
+    for name in VARIANTS:
+        try:
+            model, finalize = builders[name](shape)
+            # One untimed step: a variant that does not run fails here, on every rank alike.
+            _zero_grads(model)
+            loss = _loss(model, input_ids, labels)
+            loss.backward()
+            losses[name] = loss.item()
+            models[name] = (model, finalize)
+            trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = _error_string(exc)
+    names = [n for n in VARIANTS if n in models]
+    records = {n: [] for n in names}
+    gc.collect()
+    gc.disable()  # no collector pauses inside timed steps
+    try:
+        for rep in range(warmup + repeats):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                model, finalize = models[name]
+                rec = _timed_step(model, finalize, input_ids, labels)
+                rec["warmup"] = rep < warmup
+                records[name].append(rec)
+    finally:
+        gc.enable()
+    torch.distributed.barrier()
+    return {"records": records, "errors": errors, "trainable_params": trainable, "losses": losses}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side
+# ------------------------------------------------------------------------------------------------
+
+def _ffn_default(hidden: int) -> int:
+    # Llama's 8/3 * hidden rounded like 2816 for 1024 (2.75 x hidden), to a multiple of 64.
+    return -(-int(2.75 * hidden) // 64) * 64
+
+
+def _summarise(rank_results: list[dict], shape: dict) -> dict:
+    rank0 = rank_results[0]
+    variants = {}
+    for name in VARIANTS:
+        if name in rank0["errors"]:
+            variants[name] = {"runs": False, "error": rank0["errors"][name]}
+            continue
+        per_rank = [r["records"][name] for r in rank_results]
+        timed = [i for i, rec in enumerate(per_rank[0]) if not rec["warmup"]]
+        step_ms = [1e3 * max(recs[i]["time_s"] for recs in per_rank) for i in timed]
+        cpu_ms = [1e3 * sum(recs[i]["cpu_s"] for recs in per_rank) for i in timed]
+        first = per_rank[0][timed[0]]
+        # Counts are exact: every step and every rank must issue the same collectives.
+        for recs in per_rank:
+            for rec in recs:
+                if rec["calls"] != first["calls"] or rec["bytes"] != first["bytes"]:
+                    raise RuntimeError(f"{name}: collectives differ between steps or ranks")
+        ops = {op: {"calls": first["calls"][op], "bytes": first["bytes"].get(op, 0)} for op in sorted(first["calls"])}
+        entry = {
+            "runs": True,
+            "collectives_per_step": ops,
+            "total_calls": sum(first["calls"].values()),
+            "total_bytes": sum(first["bytes"].values()),
+            "step_time_ms_median": statistics.median(step_ms),
+            "step_time_ms_min": min(step_ms),
+            "step_times_ms": [round(t, 3) for t in step_ms],
+            "cpu_time_ms_median": statistics.median(cpu_ms),
+            "cpu_times_ms": [round(t, 3) for t in cpu_ms],
+            "trainable_params_per_rank": rank0["trainable_params"][name],
+            "first_loss": rank0["losses"][name],
+        }
+        if "finalize_calls" in first:
+            fin_ms = [1e3 * max(recs[i]["finalize_time_s"] for recs in per_rank) for i in timed]
+            with_fin = [1e3 * max(recs[i]["time_s"] + recs[i]["finalize_time_s"] for recs in per_rank) for i in timed]
+            entry["finalize_grads"] = {
+                "collectives": {op: {"calls": first["finalize_calls"][op], "bytes": first["finalize_bytes"].get(op, 0)}
+                                for op in sorted(first["finalize_calls"])},
+                "time_ms_median": statistics.median(fin_ms),
+            }
+            entry["step_plus_finalize_time_ms_median"] = statistics.median(with_fin)
+            entry["finalize_grads"]["is_one_all_reduce"] = first["finalize_calls"] == {"all_reduce": 1}
+        variants[name] = entry
+    return {"shape": shape, "variants": variants, "ratios": _ratios(variants)}
+
+
+def _paired(v: dict, frozen: dict, key: str) -> float:
+    """Median over repeats of (variant / frozen) within the same round-robin round."""
+    return statistics.median(a / b for a, b in zip(v[key], frozen[key]))
+
+
+def _ratios(variants: dict) -> dict:
+    frozen = variants["frozen"]
+    out = {}
+    if not frozen.get("runs"):
+        return out
+    for name in ("ours", "peft"):
+        v = variants[name]
+        if not v.get("runs"):
+            out[f"{name}_vs_frozen"] = None
+            continue
+        r = {
+            "time": _paired(v, frozen, "step_times_ms"),
+            "time_wall_ratio_of_medians": v["step_time_ms_median"] / frozen["step_time_ms_median"],
+            "time_wall_ratio_of_minimums": v["step_time_ms_min"] / frozen["step_time_ms_min"],
+            "cpu_time": v["cpu_time_ms_median"] / frozen["cpu_time_ms_median"],
+            "cpu_time_paired_median": _paired(v, frozen, "cpu_times_ms"),
+            "calls": v["total_calls"] / frozen["total_calls"],
+            "bytes": v["total_bytes"] / frozen["total_bytes"],
+            "extra_calls": v["total_calls"] - frozen["total_calls"],
+            "extra_bytes": v["total_bytes"] - frozen["total_bytes"],
+        }
+        if "step_plus_finalize_time_ms_median" in v:
+            r["time_wall_incl_finalize_ratio_of_medians"] = (
+                v["step_plus_finalize_time_ms_median"] / frozen["step_time_ms_median"])
+        out[f"{name}_vs_frozen"] = r
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """shape | variant | collectives/step | MB/step | step time ms (median wall) | time vs frozen
+    (median over rounds of variant/frozen wall time within one round-robin round) | CPU time vs
+    frozen (ratio of the median CPU times, both ranks summed: the steadiest figure on a shared
+    machine, where wall time also measures who else is running)."""
+    rows = ["| shape | variant | collectives/step | MB/step | step time ms | time vs frozen "
+            "| CPU time vs frozen |",
+            "|---|---|---|---|---|---|---|"]
+    for size in result["sizes"]:
+        s = size["shape"]
+        label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
+        frozen = size["variants"]["frozen"]
+        for name in VARIANTS:
+            v = size["variants"][name]
+            if not v.get("runs"):
+                rows.append(f"| {label} | {name} | does not run: {v['error'][:80]} | | | | |")
+                continue
+            calls = str(v["total_calls"])
+            if "finalize_grads" in v:
+                fin = sum(c["calls"] for c in v["finalize_grads"]["collectives"].values())
+                calls += f" (+{fin} per optimizer step)"
+            paired = _paired(v, frozen, "step_times_ms")
+            cpu = v["cpu_time_ms_median"] / frozen["cpu_time_ms_median"]
+            rows.append(f"| {label} | {name} | {calls} | {v['total_bytes'] / 2**20:.3f} | "
+                        f"{v['step_time_ms_median']:.1f} | {paired:.3f} | {cpu:.3f} |")
+    return "\n".join(rows)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    out = {}
+    for pkg in ("torch", "megatron-core", "peft", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001
+            out[pkg] = None
+    return out
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "layers.json"))
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048],
+                        help="hidden sizes, run in order; a later size is skipped when the time budget would be exceeded")
+    parser.add_argument("--ffn", type=int, default=None, help="FFN size (default 2.75 x hidden, 2816 at 1024)")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--query-groups", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=16, help="timed repeats per variant (>= 6)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sp-hidden", type=int, nargs="*", default=[1024],
+                        help="hidden sizes also measured with sequence parallelism (run after the first "
+                             "--hidden size; none: --sp-hidden with no value)")
+    parser.add_argument("--time-budget", type=float, default=240.0,
+                        help="seconds; a further size is skipped if its estimated time would exceed it")
+    args = parser.parse_args(argv)
+    if args.repeats < 6:
+        parser.error("--repeats must be >= 6")
+    return args
+
+
+def _new_result(args: argparse.Namespace) -> dict:
+    from benchmarks._peft_megatron_fixes import CONFIG_NOTES, FIXES
+
+    return {
+        "benchmark": "adapter layers: frozen base vs parallel_adapters LoRA vs PEFT LoraParallelLinear",
+        "metadata": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
+            "versions": _versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "ranks": TP, "tensor_parallel": TP, "backend": "gloo", "threads_per_rank": 1,
+            "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
+            "timing": "step time = per repeat the slower rank's forward+backward wall time (barrier "
+                      "before each step), median over the timed repeats; variants interleaved "
+                      "round-robin with the start variant rotating; gc disabled while timing. "
+                      "ratios.*.time = median over rounds of variant/frozen wall time within the same "
+                      "round (paired); cpu_time = ratio of median process CPU times summed over both "
+                      "ranks (steadiest on a shared machine); *_ratio_of_medians/_minimums as named",
+            "loss": "cross-entropy (fp32) of gpt_logits (full vocab, gathered over TP)",
+            "bytes": "payload bytes this rank passes to each collective (tests/harness/counting); "
+                     "identical on both ranks and on every step (checked)",
+            "targets": TARGETS,
+        },
+        "peft_fixes": list(FIXES),
+        "peft_config_notes": list(CONFIG_NOTES),
+        "sizes": [],
+        "skipped": [],
+    }
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[int, bool]]:
+    """(hidden, sequence_parallel) in run order: first size, its SP twins, then the larger sizes."""
+    return ([(h, False) for h in args.hidden[:1]] + [(h, True) for h in args.sp_hidden]
+            + [(h, False) for h in args.hidden[1:]])
+
+
+def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> None:
+    result["peft_unpatched_errors"] = pool.run(peft_probe_job, timeout=300)[0]["steps"]
+    configs = _configs(args)
+    steps = len(VARIANTS) * (args.warmup + args.repeats + 1)
+    per_step_s = None
+    for hidden, sp in configs:
+        label = f"hidden {hidden}" + (" with sequence parallelism" if sp else "")
+        elapsed = time.monotonic() - started
+        if per_step_s is not None:
+            estimate = per_step_s * (hidden / configs[0][0]) ** 2 * steps * 1.3 + 10  # + build time
+            if elapsed + estimate > args.time_budget:
+                note = (f"{label} skipped: estimated {estimate:.0f} s on top of {elapsed:.0f} s "
+                        f"exceeds --time-budget {args.time_budget:.0f} s")
+                result["skipped"].append(note)
+                print(note, flush=True)
+                continue
+        shape = dict(hidden=hidden, ffn=args.ffn or _ffn_default(hidden), heads=args.heads,
+                     query_groups=args.query_groups, seq=args.seq, batch=args.batch, r=args.r,
+                     sequence_parallel=sp, vocab=VOCAB, num_layers=1, tp=TP)
+        print(f"{label}: building and timing {len(VARIANTS)} variants ...", flush=True)
+        t0 = time.monotonic()
+        size = _summarise(pool.run(bench_job, shape, args.warmup, args.repeats, timeout=1800), shape)
+        size["wall_s"] = round(time.monotonic() - t0, 1)
+        if sp:
+            size["note"] = PEFT_SP_NOTE
+        result["sizes"].append(size)
+        if per_step_s is None:
+            per_step_s = size["wall_s"] / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from tests.harness.pool import WorkerPool
+
+    # Workers inherit this at start: hide megatron's "TE and Apex are not installed" import notices.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:Transformer Engine and Apex are not installed")
+    started = time.monotonic()
+    result = _new_result(args)
+    with WorkerPool(2) as pool:
+        _run_all(pool, args, result, started)
+    result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
+    result["markdown_table"] = table = markdown_table(result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(table)
+    for size in result["sizes"]:
+        shape = size["shape"]
+        print(f"hidden {shape['hidden']} sp={shape['sequence_parallel']}: ratios {json.dumps(size['ratios'])}")
+    print(f"wrote {args.out} in {result['metadata']['runtime_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
