@@ -21,6 +21,14 @@ _EXPORTS = {
     "ColumnParallelLoRA": "parallel_adapters.adapters.lora",
     "RowParallelLoRA": "parallel_adapters.adapters.lora",
     "ReplicatedLoRA": "parallel_adapters.adapters.lora",
+    "save_checkpoint": "parallel_adapters.checkpoint.adapter_io",
+    "load_checkpoint": "parallel_adapters.checkpoint.adapter_io",
+    "export_peft": "parallel_adapters.checkpoint.export",
+    "export_peft_from_checkpoint": "parallel_adapters.checkpoint.export",
+    "merge_into_hf": "parallel_adapters.checkpoint.merge",
+    "gpt_settings_from_hf": "parallel_adapters.mcore.hf_bridge",
+    "import_hf_checkpoint": "parallel_adapters.mcore.hf_bridge",
+    "export_hf_checkpoint": "parallel_adapters.mcore.hf_bridge",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

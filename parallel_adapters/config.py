@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -130,6 +131,19 @@ class LoraConfig:
         if isinstance(data.get("eva_config"), dict):
             data["eva_config"] = EvaConfig(**data["eva_config"])
         return cls(**data)
+
+
+def pattern_key_matches(key: str, module_name: str) -> bool:
+    """PEFT's rank_pattern / alpha_pattern rule: `key` is a regex matching a '.'-suffix of the name."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def pattern_value(module_name: str, pattern: dict, default: Any) -> Any:
+    """The value of the first `pattern` key matching `module_name`, else `default`."""
+    for key, value in pattern.items():
+        if pattern_key_matches(key, module_name):
+            return value
+    return default
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:

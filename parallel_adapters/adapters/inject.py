@@ -16,7 +16,7 @@ from torch import nn
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.lora import LORA_LAYER_FOR_MODE, LoRALayerBase
-from parallel_adapters.config import LoraConfig, lora_scaling
+from parallel_adapters.config import LoraConfig, lora_scaling, pattern_key_matches, pattern_value
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, parallel_mode_of
 
@@ -101,13 +101,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return targets
 
 
-def _pattern_value(gname: str, pattern: dict, default):
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", gname):
-            return value
-    return default
-
-
 def check_patterns_match(config: LoraConfig, targets: Iterable[Target], *, local_only: bool) -> None:
     """A rank_pattern / alpha_pattern key that matches no targeted module is a user error.
 
@@ -117,7 +110,7 @@ def check_patterns_match(config: LoraConfig, targets: Iterable[Target], *, local
     names = [t.global_name for t in targets]
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name):
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names) and not local_only:
+            if not any(pattern_key_matches(key, n) for n in names) and not local_only:
                 raise ValueError(
                     f"LoraConfig.{field_name} key {key!r} matches no targeted module; targeted: "
                     + ", ".join(names[:20])
@@ -150,8 +143,8 @@ def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, a
         else:
             geometry = linear_geometry(module, groups)
             layer = None
-        r = _pattern_value(target.global_name, config.rank_pattern, config.r)
-        alpha = _pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
+        r = pattern_value(target.global_name, config.rank_pattern, config.r)
+        alpha = pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
         _check_geometry(target, geometry, r)
         if layer is None:
             layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name)

@@ -103,6 +103,10 @@ def layer_parity_job(mode, tp, sp, gather_output=False, skip_bias_add=False):
         model.finalize_grads()
 
     bias_spec = ShardSpec(dim=0) if mode == "column" else ShardSpec()
+    split, replicated = ((layer.lora_B, layer.lora_A) if mode == "column" else (layer.lora_A, layer.lora_B))
+    split_w, replicated_w = split["default"].weight, replicated["default"].weight
+    assert split_w.tensor_model_parallel and split_w.partition_dim == (0 if mode == "column" else 1)
+    assert not getattr(replicated_w, "tensor_model_parallel", False)  # clipping counts it once
     errors = {
         "y": (y.detach() - local_out(y_ref)).abs().max().item(),
         "dx": (x_in.grad - dx_expect).abs().max().item(),

@@ -188,3 +188,12 @@ def test_megatron_model_without_parallel_state_is_refused():
     destroy_model_parallel()
     with pytest.raises(ValueError, match="parallel state is not initialised"):
         get_adapter_model(_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_module_size_that_tp_does_not_divide_is_named():
+    from parallel_adapters.adapters.inject import Target, _check_geometry
+    from parallel_adapters.mcore.compat import LinearGeometry
+
+    geometry = LinearGeometry("column", 16, 30, 1, None, 4, 0, False, False, True, False)
+    with pytest.raises(ValueError, match=r"module decoder\.layers\.0\.mlp\.linear_fc1: size 30 does not divide over 4"):
+        _check_geometry(Target("x", "decoder.layers.0.mlp.linear_fc1", nn.Identity()), geometry, 2)

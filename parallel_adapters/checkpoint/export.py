@@ -1,0 +1,195 @@
+"""Export adapters as a Hugging Face PEFT adapter: `adapter_model.safetensors` + `adapter_config.json`.
+
+Offline and single-process (no megatron, no torch.distributed).  From full (consolidated)
+factors under Megatron names, per adapted Megatron module (A [r, in], B [out, r]):
+
+    linear_qkv  -> q_proj, k_proj, v_proj   A copied three times (real copies: safetensors refuses
+                                            shared memory), B split per query group [q_g; k_g; v_g]
+    linear_fc1  -> gate_proj, up_proj       A copied twice, B split into the [gate; up] halves
+    linear_proj -> o_proj                   as is
+    linear_fc2  -> down_proj                as is
+
+Keys are `base_model.model.<HF module>.lora_A.weight` (PEFT inserts the adapter name itself; any
+other prefix only warns "missing adapter keys" and leaves B at zero).  Per-module ranks and alphas
+that differ from the most common ones go into `rank_pattern` / `alpha_pattern` keyed by full HF
+module paths.  The same per-HF-module factors and scalings drive the offline merge (merge.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from parallel_adapters.config import lora_scaling, pattern_value
+from parallel_adapters.mcore.hf_layout import (
+    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
+)
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_IN_FEATURES = {"linear_qkv": "hidden", "linear_fc1": "hidden", "linear_proj": "attn", "linear_fc2": "ffn"}
+
+
+@dataclass(frozen=True)
+class HFLoraFactor:
+    """One HF module's adapter: W += scaling * B @ A."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    r: int
+    alpha: float
+    scaling: float
+
+
+def group_factors(tensors: Mapping[str, torch.Tensor], adapter_name: str | None = None
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Megatron module -> (full A, full B) of one adapter; ValueError on anything else."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    adapters = set()
+    for key, tensor in tensors.items():
+        m = _FACTOR_KEY.match(key)
+        if m is None:
+            raise ValueError(f"cannot export {key!r} to PEFT format: only lora_A / lora_B factors are supported")
+        adapter = m.group("adapter") or "default"
+        adapters.add(adapter)
+        if adapter_name is None or adapter == adapter_name:
+            found.setdefault(m.group("module"), {})[m.group("factor")] = tensor
+    if adapter_name is None and len(adapters) > 1:
+        raise ValueError(f"the tensors hold adapters {sorted(adapters)}: pass adapter_name")
+    if not found:
+        raise ValueError(f"no factors of adapter {adapter_name!r} (have {sorted(adapters)})")
+    out = {}
+    for module, pair in sorted(found.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{module}: lora_{'B' if 'A' in pair else 'A'} is missing")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not [r, in] and [out, r]")
+        out[module] = (a, b)
+    return out
+
+
+def _expected_in(kind: str, shape: LlamaShape) -> int:
+    return {"hidden": shape.hidden_size, "attn": shape.num_heads * shape.head_dim,
+            "ffn": shape.intermediate_size}[kind]
+
+
+def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
+                    hf_config: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, HFLoraFactor]:
+    """HF module path -> its factors and scaling, from full factors under Megatron names.
+
+    `adapter_config` is the checkpoint's config (LoraConfig fields: lora_alpha, alpha_pattern,
+    use_rslora); r is each module's A rows (EVA may have changed it)."""
+    shape = LlamaShape.from_config(hf_config, "hf_config")
+    alpha0 = adapter_config.get("lora_alpha", 8)
+    alpha_pattern = adapter_config.get("alpha_pattern") or {}
+    rslora = bool(adapter_config.get("use_rslora", False))
+    out: dict[str, HFLoraFactor] = {}
+    for module, (a, b) in group_factors(tensors, adapter_name).items():
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf not in HF_LINEAR_NAMES:
+            raise ValueError(f"cannot export the adapter on {module!r}: PEFT export supports "
+                             f"{sorted(HF_LINEAR_NAMES)} only")
+        if a.shape[1] != _expected_in(_IN_FEATURES[leaf], shape):
+            raise ValueError(f"{module}: lora_A has {a.shape[1]} input features, the HF config implies "
+                             f"{_expected_in(_IN_FEATURES[leaf], shape)}")
+        r = int(a.shape[0])
+        alpha = pattern_value(module, alpha_pattern, alpha0)
+        scaling = lora_scaling(alpha, r, rslora)
+        b_parts = split_rows(row_segments(module, shape, b.shape[0], ""), b)
+        for hf_module in hf_modules(module, shape):
+            out[hf_module] = HFLoraFactor(a.detach().contiguous().clone(), b_parts[hf_module], r, alpha, scaling)
+    return out
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def peft_adapter_config(factors: Mapping[str, HFLoraFactor], adapter_config: Mapping[str, Any],
+                        hf_config: Mapping[str, Any], base_model_name_or_path: str | None = None) -> dict:
+    """adapter_config.json for PEFT: global r / lora_alpha plus patterns for the exceptions."""
+    shape = LlamaShape.from_config(hf_config, "hf_config")
+    r0 = _most_common([f.r for f in factors.values()])
+    alpha0 = _most_common([f.alpha for f in factors.values()])
+    types = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    complete = all(f"model.layers.{n}.{'self_attn' if t in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{t}"
+                   in factors for n in range(shape.num_layers) for t in types)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or adapter_config.get("base_model_name_or_path"),
+        "r": r0, "lora_alpha": alpha0,
+        "target_modules": types if complete else sorted(factors),
+        "rank_pattern": {m: f.r for m, f in sorted(factors.items()) if f.r != r0},
+        "alpha_pattern": {m: f.alpha for m, f in sorted(factors.items()) if f.alpha != alpha0},
+        "use_rslora": bool(adapter_config.get("use_rslora", False)),
+        "lora_dropout": float(adapter_config.get("lora_dropout", 0.0)),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "use_dora": False, "revision": None,
+    }
+
+
+def peft_tensors(factors: Mapping[str, HFLoraFactor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapter_model.safetensors dict (every tensor its own contiguous storage)."""
+    out = {}
+    for module, f in sorted(factors.items()):
+        for factor, t in (("lora_A", f.lora_A), ("lora_B", f.lora_B)):
+            out[f"{PEFT_PREFIX}{module}.{factor}.weight"] = t.to(dtype or t.dtype).contiguous().clone()
+    return out
+
+
+def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | Path,
+                hf_config: str | Path | Mapping[str, Any], adapter_config: Mapping[str, Any] | None = None, *,
+                adapter_name: str | None = None, base_model_name_or_path: str | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write a PEFT adapter directory.
+
+    `source`: a sharded checkpoint directory (consolidated here; its adapter_config.json is used
+    unless `adapter_config` is given) or full factors under Megatron names (then `adapter_config`,
+    the adapter's LoraConfig fields as a dict or LoraConfig, is required).
+    `hf_config`: the base model's config.json (dict, file or model directory; a directory also
+    becomes base_model_name_or_path unless one is given)."""
+    if isinstance(source, (str, Path)):
+        source, stored = load_checkpoint_factors(source)
+        adapter_config = stored if adapter_config is None else adapter_config
+    if adapter_config is None:
+        raise ValueError("export_peft: adapter_config is required when source is a tensor dict")
+    if hasattr(adapter_config, "to_dict"):
+        adapter_config = adapter_config.to_dict()
+    hf_cfg = read_hf_config(hf_config)
+    if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
+        base_model_name_or_path = str(hf_config)
+    factors = hf_lora_factors(source, adapter_config, hf_cfg, adapter_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(peft_tensors(factors, dtype), str(out / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    config = peft_adapter_config(factors, adapter_config, hf_cfg, base_model_name_or_path)
+    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full factors under Megatron names, the checkpoint's adapter config), verified by the reader."""
+    from parallel_adapters.checkpoint.consolidate import consolidate
+    from parallel_adapters.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(ckpt_dir) as reader:
+        config = reader.config()
+    return consolidate(ckpt_dir), config
+
+
+def export_peft_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path,
+                                hf_config: str | Path | Mapping[str, Any], *, adapter_name: str | None = None,
+                                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """consolidate() a sharded checkpoint (any TP/PP) and export it with `export_peft`."""
+    return export_peft(ckpt_dir, out_dir, hf_config, adapter_name=adapter_name,
+                       base_model_name_or_path=base_model_name_or_path, dtype=dtype)

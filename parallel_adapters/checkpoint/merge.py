@@ -1,0 +1,142 @@
+"""Offline merge: fold LoRA adapters into a Hugging Face base checkpoint, streaming.
+
+    W_merged = W + scaling * B @ A      (float32 or wider accumulate, cast back to W's dtype)
+
+per HF module, with the HF-named factors of the PEFT export (`export.hf_lora_factors`: q/k/v and
+gate/up deltas come from the same row split as the exported adapter), or read back from an
+exported PEFT adapter directory.  The base is opened lazily and read one tensor at a time; output
+shards are planned up front and written as we go, so memory stays at about one tensor.  The result
+is written into a hidden sibling directory and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from parallel_adapters.adapters.functional import merged_weight
+from parallel_adapters.checkpoint.export import (
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, HFLoraFactor, hf_lora_factors, load_checkpoint_factors,
+)
+from parallel_adapters.checkpoint.hf_files import (
+    DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, ShardedSafetensorsWriter, copy_side_files, plan_shards,
+    shard_file_names, tensor_nbytes, write_weight_index,
+)
+from parallel_adapters.checkpoint.layout import CheckpointError
+from parallel_adapters.config import lora_scaling
+from parallel_adapters.mcore.hf_layout import read_hf_config
+
+_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+_PEFT_KEY = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def _peft_pattern(module: str, pattern: Mapping[str, Any], default: Any) -> Any:
+    """PEFT's get_pattern_key rule: the first key matching a '.'-suffix of the module path."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def peft_factors(peft_dir: str | Path) -> dict[str, HFLoraFactor]:
+    """HF module -> factors and scaling, read from a PEFT adapter directory (LoRA, no DoRA)."""
+    peft_dir = Path(peft_dir)
+    config = json.loads((peft_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise CheckpointError(f"{peft_dir}: only plain LoRA adapters can be merged (peft_type "
+                              f"{config.get('peft_type')!r}, use_dora {config.get('use_dora')!r})")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(peft_dir / ADAPTER_WEIGHTS_FILE), framework="pt") as fh:
+        for key in fh.keys():
+            m = _PEFT_KEY.match(key)
+            if m is None:
+                raise CheckpointError(f"{peft_dir / ADAPTER_WEIGHTS_FILE}: unsupported tensor {key!r}")
+            pairs.setdefault(m.group("module"), {})[m.group("factor")] = fh.get_tensor(key)
+    out = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"{peft_dir}: {module} lacks lora_A or lora_B")
+        r = _peft_pattern(module, config.get("rank_pattern") or {}, config["r"])
+        alpha = _peft_pattern(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
+        if pair["A"].shape[0] != r:
+            raise CheckpointError(f"{peft_dir}: {module} lora_A has {pair['A'].shape[0]} rows, config says r={r}")
+        scaling = lora_scaling(alpha, r, bool(config.get("use_rslora")))
+        out[module] = HFLoraFactor(pair["A"], pair["B"], r, alpha, scaling)
+    return out
+
+
+def merge_into_hf(source: str | Path, base_hf_dir: str | Path, out_dir: str | Path,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, adapter_name: str | None = None,
+                  progress: bool = True) -> Path:
+    """Write `base_hf_dir` with the adapter folded in to `out_dir` (must not exist or be empty).
+
+    `source`: a sharded adapter checkpoint directory (index.json) or an exported PEFT adapter
+    directory (adapter_model.safetensors).  Output: `model.safetensors`, or shards of at most
+    `max_shard_bytes` + `model.safetensors.index.json`; config, generation config and tokenizer
+    files are copied unchanged."""
+    source = Path(source)
+    if (source / ADAPTER_WEIGHTS_FILE).is_file():
+        factors = peft_factors(source)
+    else:
+        tensors, config = load_checkpoint_factors(source)
+        factors = hf_lora_factors(tensors, config, read_hf_config(base_hf_dir), adapter_name)
+    return merge_factors_into_hf(factors, base_hf_dir, out_dir, max_shard_bytes, progress)
+
+
+def _check_targets(base: HFCheckpoint, factors: Mapping[str, HFLoraFactor]) -> None:
+    problems = []
+    for module, f in factors.items():
+        name = module + ".weight"
+        if name not in base.weight_map:
+            problems.append(f"{name}: not in the base checkpoint")
+            continue
+        want = (f.lora_B.shape[0], f.lora_A.shape[1])
+        if base.shape(name) != want:
+            problems.append(f"{name}: base shape {base.shape(name)}, adapter delta {want}")
+    if problems:
+        raise CheckpointError(f"the adapter does not fit {base.directory}:\n    " + "\n    ".join(problems))
+
+
+def merge_factors_into_hf(factors: Mapping[str, HFLoraFactor], base_hf_dir: str | Path, out_dir: str | Path,
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+    """Stream every base tensor to `out_dir`, adding scaling * B @ A where an adapter targets it."""
+    base = HFCheckpoint(base_hf_dir)
+    _check_targets(base, factors)
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"merge output {out} exists and is not an empty directory")
+    names = sorted(base.names(), key=lambda n: (base.weight_map[n], n))  # file by file: sequential reads
+    layout = [(n, _CODES[base.dtype_code(n)], base.shape(n)) for n in names]
+    shards = plan_shards(layout, max_shard_bytes)
+    files = shard_file_names(len(shards))
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, layout, shards, files)
+        for name in tqdm(names, desc="merge", disable=not progress, leave=False):
+            weight = base.read(name)
+            f = factors.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+            if f is not None:
+                weight = merged_weight(weight, f.lora_A, f.lora_B, f.scaling)
+            writer.write(name, weight)
+        writer.close()
+        if len(files) > 1:
+            write_weight_index(tmp, writer.weight_map, sum(tensor_nbytes(d, s) for _, d, s in layout))
+        copy_side_files(base_hf_dir, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,134 @@
+"""Llama-family Hugging Face config.json: read, validate, and reduce to the numbers the layout needs.
+
+Pure (no megatron, no transformers).  Whatever GPTSettings cannot express (biases, scaled or
+partial RoPE, sliding-window attention, other activations, quantization) is refused with a
+ValueError naming the config.json field, rather than silently approximated.  transformers 5
+keeps the RoPE theta under `rope_parameters.rope_theta`; older files under `rope_theta`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The architecture numbers of a Llama-family config.json that the mapping depends on."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float
+    attention_dropout: float = 0.0
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], where: str = "config.json") -> "LlamaShape":
+        """Validate a config.json dict; ValueError naming the field for anything unsupported."""
+        _check_supported(cfg, where)
+        heads = _int_field(cfg, "num_attention_heads", where)
+        kv = cfg.get("num_key_value_heads") or heads
+        hidden = _int_field(cfg, "hidden_size", where)
+        head_dim = cfg.get("head_dim") or hidden // heads
+        if not isinstance(kv, int) or heads % kv:
+            raise ValueError(f"{where}: num_key_value_heads={kv!r} must divide num_attention_heads={heads}")
+        if not cfg.get("head_dim") and hidden % heads:
+            raise ValueError(f"{where}: hidden_size={hidden} does not divide by num_attention_heads={heads} "
+                             "and no head_dim is given")
+        return cls(
+            num_layers=_int_field(cfg, "num_hidden_layers", where), hidden_size=hidden,
+            intermediate_size=_int_field(cfg, "intermediate_size", where), num_heads=heads,
+            num_kv_heads=kv, head_dim=int(head_dim), vocab_size=_int_field(cfg, "vocab_size", where),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=_int_field(cfg, "max_position_embeddings", where),
+            rope_theta=_rope_theta(cfg, where), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+        )
+
+
+def read_hf_config(source: str | Path | Mapping[str, Any]) -> dict:
+    """config.json as a dict, from a dict, a config.json path or a model directory."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level is not a JSON object")
+    return data
+
+
+def _int_field(cfg: Mapping[str, Any], name: str, where: str) -> int:
+    value = cfg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: field {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _rope_theta(cfg: Mapping[str, Any], where: str) -> float:
+    """transformers 5 keeps the theta in rope_parameters.rope_theta; older files in rope_theta."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, Mapping) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    if params is not None and not isinstance(params, Mapping):
+        raise ValueError(f"{where}: field 'rope_parameters' must be an object, got {params!r}")
+    if isinstance(params, Mapping) and params and "rope_type" not in params:
+        raise ValueError(f"{where}: field 'rope_parameters' has no rope_theta (per-layer-type RoPE is not supported)")
+    return float(cfg.get("rope_theta", 10000.0))
+
+
+def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
+    """What GPTSettings cannot express is refused, not silently approximated."""
+    model_type = cfg.get("model_type")
+    if model_type == "qwen2":
+        raise ValueError(f"{where}: model_type 'qwen2' adds biases to q/k/v, which this bridge does not "
+                         "support (GPTSettings.add_bias_linear applies to every linear layer)")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}: field 'model_type'={model_type!r} is not supported; "
+                         f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ValueError(f"{where}: field {flag!r}=true is not supported (no biases in the Megatron model)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: field 'hidden_act'={act!r} is not supported (SwiGLU needs 'silu')")
+    for field_name in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(field_name) or {}
+        kind = params.get("rope_type", params.get("type")) if isinstance(params, Mapping) else params
+        if kind not in (None, "default"):
+            raise ValueError(f"{where}: field {field_name!r} has rope type {kind!r}; only unscaled "
+                             "('default') RoPE is supported")
+    factor = cfg.get("partial_rotary_factor", 1.0)
+    if factor not in (None, 1, 1.0):
+        raise ValueError(f"{where}: field 'partial_rotary_factor'={factor!r} is not supported (must be 1.0)")
+    window = cfg.get("sliding_window")
+    if window is not None and cfg.get("use_sliding_window", True) and window < cfg.get("max_position_embeddings", 0):
+        raise ValueError(f"{where}: field 'sliding_window'={window} is not supported (full causal attention only)")
+    if cfg.get("quantization_config"):
+        raise ValueError(f"{where}: field 'quantization_config' is set; quantized checkpoints are not supported")

@@ -1,0 +1,290 @@
+"""Llama-family Hugging Face <-> Megatron names and layouts, as pure functions (torch only).
+
+No megatron import here, so the offline tools (PEFT export, merge) use exactly the mapping the
+in-cluster import uses.  `hf_bridge.py` builds on it with Megatron's parameter attributes.
+
+Every Megatron tensor that maps onto Hugging Face tensors is described by its ROW SEGMENTS along
+dim 0: runs of rows that come from one HF tensor (or are vocabulary padding, zeros).  One
+description serves base weights and LoRA B factors alike (B has the same output rows as W):
+
+    linear_qkv  per query group g: [q heads of g (nq/ng heads); k head g; v head g]
+    linear_fc1  [gate; up]   (the TP split's stride-2 chunking is the ShardSpec's business)
+    word_embeddings / output_layer   [vocab rows; zero padding rows]
+    everything else                  one segment, the HF tensor itself
+
+Name table (N = global layer index; tensors end in ".weight"):
+
+    embedding.word_embeddings            model.embed_tokens
+    decoder.layers.N.input_layernorm     model.layers.N.input_layernorm
+    decoder.layers.N.self_attention.linear_qkv   model.layers.N.self_attn.{q,k,v}_proj
+    decoder.layers.N.self_attention.linear_proj  model.layers.N.self_attn.o_proj
+    decoder.layers.N.pre_mlp_layernorm   model.layers.N.post_attention_layernorm
+    decoder.layers.N.mlp.linear_fc1      model.layers.N.mlp.{gate,up}_proj
+    decoder.layers.N.mlp.linear_fc2      model.layers.N.mlp.down_proj
+    decoder.final_layernorm              model.norm
+    output_layer                         lm_head (model.embed_tokens when tied; absent from HF file)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.mcore.hf_config import LlamaShape, read_hf_config  # noqa: F401  (re-exported)
+
+HF_LINEAR_NAMES: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LAYER_MODULES = {
+    "input_layernorm": ("input_layernorm",),
+    "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attention.linear_proj": ("self_attn.o_proj",),
+    "pre_mlp_layernorm": ("post_attention_layernorm",),
+    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.linear_fc2": ("mlp.down_proj",),
+}
+
+RowRanges = Sequence[tuple[int, int]]
+Reader = Callable[[str, int, int, "RowRanges | None"], torch.Tensor]
+"""read(hf_name, row_start, row_stop, col_ranges) -> rows [start, stop) of that HF tensor,
+restricted to the column ranges (None = all columns; ignored for 1-D tensors)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of a Megatron tensor come from rows [src_start, ...) of HF tensor
+    `hf_name` (None: vocabulary padding, zero rows)."""
+
+    start: int
+    stop: int
+    hf_name: str | None
+    src_start: int = 0
+
+
+def hf_modules(megatron_module: str, shape: LlamaShape) -> tuple[str, ...]:
+    """HF module path(s) of a Megatron module path (global layer index); ValueError if unknown."""
+    if megatron_module == "embedding.word_embeddings":
+        return ("model.embed_tokens",)
+    if megatron_module == "output_layer":
+        return ("model.embed_tokens",) if shape.tie_word_embeddings else ("lm_head",)
+    if megatron_module == "decoder.final_layernorm":
+        return ("model.norm",)
+    match = _LAYER.match(megatron_module)
+    if match and match.group(2) in _LAYER_MODULES and int(match.group(1)) < shape.num_layers:
+        return tuple(f"model.layers.{match.group(1)}.{m}" for m in _LAYER_MODULES[match.group(2)])
+    raise ValueError(f"no Hugging Face counterpart for Megatron module {megatron_module!r} "
+                     f"(a Llama model with {shape.num_layers} layers)")
+
+
+def split_parameter_name(name: str) -> tuple[str, str]:
+    """'decoder.layers.0.mlp.linear_fc1.weight' -> ('decoder.layers.0.mlp.linear_fc1', 'weight')."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def megatron_parameter_names(shape: LlamaShape) -> list[str]:
+    """Every parameter name (global, PP=1) of the Megatron model for `shape`."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(shape.num_layers):
+        names += [f"decoder.layers.{i}.{m}.weight" for m in _LAYER_MODULES]
+    names.append("decoder.final_layernorm.weight")
+    if not shape.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF checkpoint for `shape`, with its shape."""
+    h, i, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h)}
+    for n in range(shape.num_layers):
+        p = f"model.layers.{n}."
+        out.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (shape.num_heads * hd, h),
+            p + "self_attn.k_proj.weight": (shape.num_kv_heads * hd, h),
+            p + "self_attn.v_proj.weight": (shape.num_kv_heads * hd, h),
+            p + "self_attn.o_proj.weight": (h, shape.num_heads * hd),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+    out["model.norm.weight"] = (h,)
+    if not shape.tie_word_embeddings:
+        out["lm_head.weight"] = (shape.vocab_size, h)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Row segments
+# ----------------------------------------------------------------------------------------------
+
+def row_segments(megatron_module: str, shape: LlamaShape, rows: int, suffix: str = ".weight") -> list[Segment]:
+    """The row layout of a Megatron tensor with `rows` output rows; HF names get `suffix`.
+
+    ValueError if `rows` does not fit the module (a model built from other settings)."""
+    names = [m + suffix for m in hf_modules(megatron_module, shape)]
+    leaf = megatron_module.rsplit(".", 1)[-1]
+    if leaf == "linear_qkv":
+        return _qkv_segments(names, shape, rows, megatron_module)
+    if leaf == "linear_fc1":
+        half = shape.intermediate_size
+        _check_rows(megatron_module, rows, 2 * half)
+        return [Segment(0, half, names[0]), Segment(half, 2 * half, names[1])]
+    if megatron_module in ("embedding.word_embeddings", "output_layer"):
+        if rows < shape.vocab_size:
+            raise ValueError(f"{megatron_module}: {rows} rows cannot hold vocab_size={shape.vocab_size}")
+        pad = [Segment(shape.vocab_size, rows, None)] if rows > shape.vocab_size else []
+        return [Segment(0, shape.vocab_size, names[0])] + pad
+    expected = expected_hf_shapes(shape)[names[0].removesuffix(suffix) + ".weight"][0]
+    _check_rows(megatron_module, rows, expected)
+    return [Segment(0, rows, names[0])]
+
+
+def _qkv_segments(names: list[str], shape: LlamaShape, rows: int, module: str) -> list[Segment]:
+    _check_rows(module, rows, shape.qkv_rows)
+    hd, qpg = shape.head_dim, shape.heads_per_group
+    q_rows = qpg * hd
+    segments, start = [], 0
+    for g in range(shape.num_kv_heads):
+        for name, length, src in ((names[0], q_rows, g * q_rows), (names[1], hd, g * hd), (names[2], hd, g * hd)):
+            segments.append(Segment(start, start + length, name, src))
+            start += length
+    return segments
+
+
+def _check_rows(module: str, rows: int, expected: int) -> None:
+    if rows != expected:
+        raise ValueError(f"{module}: {rows} rows, the Hugging Face config implies {expected}")
+
+
+def read_rows(segments: Sequence[Segment], read: Reader, row_ranges: RowRanges,
+              col_ranges: RowRanges | None, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `row_ranges` (Megatron coordinates) of the tensor that `segments` describe, reading
+    only what is needed from the HF tensors; padding rows are zeros shaped like a real piece."""
+    pieces: list[torch.Tensor | tuple[int, None]] = []
+    for lo, hi in row_ranges:
+        for seg in segments:
+            a, b = max(lo, seg.start), min(hi, seg.stop)
+            if a >= b:
+                continue
+            if seg.hf_name is None:
+                pieces.append((b - a, None))
+            else:
+                off = seg.src_start - seg.start
+                pieces.append(read(seg.hf_name, a + off, b + off, col_ranges))
+    real = next((p for p in pieces if isinstance(p, torch.Tensor)), like)
+    if real is None:
+        raise ValueError("read_rows: only padding rows requested and no template tensor given")
+    out = [p if isinstance(p, torch.Tensor) else real.new_zeros((p[0], *real.shape[1:])) for p in pieces]
+    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
+
+
+def split_rows(segments: Sequence[Segment], full: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inverse of `read_rows` over all rows: HF name -> its tensor (contiguous copies; padding dropped)."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for seg in segments:
+        if seg.hf_name is not None:
+            parts.setdefault(seg.hf_name, []).append((seg.src_start, full[seg.start:seg.stop]))
+    out = {}
+    for name, pieces in parts.items():
+        pieces.sort(key=lambda p: p[0])
+        expect = 0
+        for start, piece in pieces:
+            if start != expect:
+                raise ValueError(f"split_rows: rows of {name} are not contiguous at {start}")
+            expect += piece.shape[0]
+        out[name] = torch.cat([p for _, p in pieces], dim=0).contiguous().clone()
+    return out
+
+
+def local_ranges(spec: ShardSpec, global_shape: Sequence[int], tp_rank: int, tp_size: int
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]] | None]:
+    """(row ranges, column ranges or None) of a rank's piece, in the order `spec.shard` stacks them."""
+    rows = [(0, global_shape[0])] if global_shape else [(0, 0)]
+    if spec.dim is None:
+        return rows, None
+    size = global_shape[spec.dim]
+    spec.local_shape(global_shape, tp_size)  # divisibility check
+    block = size // spec.chunks
+    width = block // tp_size
+    ranges = [(c * block + tp_rank * width, c * block + (tp_rank + 1) * width) for c in range(spec.chunks)]
+    if spec.dim == 0:
+        return ranges, None
+    if spec.dim == 1:
+        return rows, ranges
+    raise ValueError(f"ShardSpec dim {spec.dim} is not supported by the Hugging Face bridge")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-tensor conversions (tests, offline tools)
+# ----------------------------------------------------------------------------------------------
+
+def dict_reader(tensors: Mapping[str, torch.Tensor]) -> Reader:
+    """A `Reader` over in-memory HF tensors."""
+    def read(name: str, start: int, stop: int, cols: RowRanges | None) -> torch.Tensor:
+        if name not in tensors:
+            raise ValueError(f"Hugging Face tensor {name!r} is missing")
+        rows = tensors[name][start:stop]
+        if cols is None or rows.dim() == 1:
+            return rows
+        return torch.cat([rows[:, a:b] for a, b in cols], dim=1)
+    return read
+
+
+def hf_to_megatron_tensor(name: str, read: Reader, shape: LlamaShape, rows: int,
+                          row_ranges: RowRanges | None = None, col_ranges: RowRanges | None = None) -> torch.Tensor:
+    """Megatron parameter `name` (global, full `rows`), or the part given by the ranges."""
+    module, leaf = split_parameter_name(name)
+    segments = row_segments(module, shape, rows, "." + leaf)
+    return read_rows(segments, read, row_ranges or [(0, rows)], col_ranges)
+
+
+def megatron_to_hf_tensors(name: str, full: torch.Tensor, shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """HF tensors of one full Megatron parameter; {} for a tied output layer (HF stores none)."""
+    module, leaf = split_parameter_name(name)
+    if module == "output_layer" and shape.tie_word_embeddings:
+        return {}
+    return split_rows(row_segments(module, shape, full.shape[0], "." + leaf), full)
+
+
+def hf_to_megatron_state_dict(hf: Mapping[str, torch.Tensor], shape: LlamaShape,
+                              padded_vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """Full Megatron tensors (PP=1 names) from a full HF state dict; vocab padded with zero rows."""
+    read = dict_reader(hf)
+    out = {}
+    for name in megatron_parameter_names(shape):
+        module, _ = split_parameter_name(name)
+        rows = expected_rows(module, shape, padded_vocab)
+        out[name] = hf_to_megatron_tensor(name, read, shape, rows)
+    return out
+
+
+def megatron_to_hf_state_dict(megatron: Mapping[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """Full HF tensors from full Megatron tensors (vocab padding sliced off; tied lm_head omitted)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, full in megatron.items():
+        out.update(megatron_to_hf_tensors(name, full, shape))
+    return out
+
+
+def expected_rows(megatron_module: str, shape: LlamaShape, padded_vocab: int | None = None) -> int:
+    """Dim-0 size of a Megatron module's weight (vocab modules: `padded_vocab` or the real vocab)."""
+    if megatron_module in ("embedding.word_embeddings", "output_layer"):
+        return padded_vocab or shape.vocab_size
+    leaf = megatron_module.rsplit(".", 1)[-1]
+    if leaf == "linear_qkv":
+        return shape.qkv_rows
+    if leaf == "linear_fc1":
+        return 2 * shape.intermediate_size
+    return expected_hf_shapes(shape)[hf_modules(megatron_module, shape)[0] + ".weight"][0]

@@ -1,0 +1,48 @@
+"""A tiny Hugging Face Llama with an awkward shape, saved locally (no download).
+
+Awkward on purpose, so that a wrong layout cannot pass by symmetry: grouped-query attention
+(4 heads, 2 KV heads, head_dim 12 -> hidden 48, not a power of two), vocab 101 (no TP size
+divides it, so Megatron pads), intermediate 80, perturbed (not all-ones) norm weights, non-default
+RoPE theta and RMS eps.  Weights are drawn larger than Llama's default init so that every layer
+moves the logits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rms_norm_eps=3e-6, rope_theta=5e4, max_position_embeddings=64,
+            initializer_range=0.08)
+
+
+def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """Create, perturb and save_pretrained (safetensors, float32) a tiny LlamaForCausalLM;
+    `max_shard_size` (e.g. "40KB") saves it as shards + model.safetensors.index.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(tie_word_embeddings=tie, **TINY)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return out
+
+
+def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits of the saved model (eval mode, causal, no attention mask)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits.float()
+
+
+def sample_ids(batch: int = 2, seq: int = 12, vocab: int = 101, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
