@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m parallel_adapters train configs/tiny.yaml optim.lr=1e-3
     parallel-adapters inspect runs/tiny/ckpt/step-40
     parallel-adapters consolidate runs/tiny/ckpt/step-40 --out full/ [--tp 4]
-    parallel-adapters export runs/tiny/ckpt/step-40 --format peft --out peft_adapter/ [--hf-config DIR]
+    parallel-adapters export runs/tiny/ckpt/step-40 --format peft --out peft_adapter/ --hf-config HF_DIR
     parallel-adapters merge runs/tiny/ckpt/step-40 --base HF_DIR --out merged/
     torchrun ... -m parallel_adapters evaluate configs/tiny.yaml --checkpoint CKPT --tokens ids.txt --out logits.safetensors
 
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--format", default="peft", choices=["peft"])
     p.add_argument("--out", required=True)
-    p.add_argument("--hf-config", default=None, help="the base model's HF directory or config.json")
+    p.add_argument("--hf-config", required=True,
+                   help="the base model's HF directory or config.json (names and q/k/v split come from it)")
 
     p = command("merge", _merge, "fold the adapter into a Hugging Face base model (streamed)")
     p.add_argument("checkpoint")
