@@ -21,6 +21,8 @@ _EXPORTS = {
     "ColumnParallelLoRA": "parallel_adapters.adapters.lora",
     "RowParallelLoRA": "parallel_adapters.adapters.lora",
     "ReplicatedLoRA": "parallel_adapters.adapters.lora",
+    "get_eva_state_dict": "parallel_adapters.eva.initialize",
+    "initialize_eva_weights": "parallel_adapters.eva.initialize",
     "save_checkpoint": "parallel_adapters.checkpoint.adapter_io",
     "load_checkpoint": "parallel_adapters.checkpoint.adapter_io",
     "export_peft": "parallel_adapters.checkpoint.export",

@@ -4,8 +4,9 @@ Three layers, as in Megatron's mappings: raw collectives (with a bypass for grou
 autograd conjugate pairs that say exactly what moves in forward and in backward, then one-line
 public wrappers.  Reading a layer's forward then tells you every byte it puts on the wire.
 
-Every function takes its process group explicitly; `group=None` with `size == 1` never touches
-torch.distributed, so single-process code runs without an initialised default group.
+Every function takes its process group explicitly.  `group=None` means the whole world (as in
+torch.distributed); `GROUP_OF_ONE` (ParallelGroups.single()) never communicates, and neither does
+any group of size 1, so single-process code runs without an initialised default group.
 
 Shape legend: S sequence, B batch, H hidden (any trailing dims), t = group size.
 """
@@ -17,14 +18,27 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from parallel_adapters.distributed.groups import GROUP_OF_ONE
+
 
 def group_size(group: Any) -> int:
+    if group is GROUP_OF_ONE:
+        return 1
     if group is None:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return dist.get_world_size(group)
 
 
+def _device_for(group: Any) -> torch.device:
+    """Where a small bookkeeping tensor must live for this group's backend (NCCL: the GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def group_rank(group: Any) -> int:
+    if group is GROUP_OF_ONE:
+        return 0
     if group is None:
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return dist.get_rank(group)
@@ -255,7 +269,7 @@ def all_ranks_agree(flag: bool, group: Any) -> bool:
     """True only if `flag` is True on every rank of `group` (a collective decision)."""
     if group_size(group) == 1:
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device_for(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
@@ -263,3 +277,16 @@ def all_ranks_agree(flag: bool, group: Any) -> bool:
 def barrier(group: Any = None) -> None:
     if dist.is_available() and dist.is_initialized() and group_size(group) > 1:
         dist.barrier(group=group)
+
+
+# -- EVA --
+
+def all_reduce_max_(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """In place element-wise MAX over `group`; returns it.
+
+    EVA encodes its per-step decisions (explained-variance ratios, convergence flags as -flag)
+    in one vector and MAX-reduces it, so every rank derives its choices from bit-identical inputs.
+    """
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x

@@ -5,13 +5,24 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class _GroupOfOne:
+    """This rank alone.  Distinct from None, which torch.distributed (and collectives.py) read as
+    the whole world: ParallelGroups.single() inside a multi-rank job must not talk to anyone."""
+
+    def __repr__(self) -> str:
+        return "GROUP_OF_ONE"
+
+
+GROUP_OF_ONE = _GroupOfOne()
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
-    """Tensor-, pipeline- and data-parallel groups of this rank (None = a group of one)."""
+    """Tensor-, pipeline- and data-parallel groups of this rank (GROUP_OF_ONE: no parallelism)."""
 
-    tp_group: Any = None
-    pp_group: Any = None
-    dp_group: Any = None
+    tp_group: Any = GROUP_OF_ONE
+    pp_group: Any = GROUP_OF_ONE
+    dp_group: Any = GROUP_OF_ONE
     tp_size: int = 1
     tp_rank: int = 0
     pp_size: int = 1

@@ -1,0 +1,153 @@
+"""Capture the inputs of EVA's target layers: token masks, layouts, structural input sharing.
+
+Why hooks on the *wrapped* layers: the wrapper sees exactly what its frozen base sees (for a
+column layer the TP-replicated `[S, B, I]`, or this rank's sequence chunk `[S/t, B, I]` under
+sequence parallelism; for a row layer this rank's feature shard `[S, B, I/t]`), so the
+statistics are computed on the very tensors the adapter will multiply.
+
+Shared inputs are found from the model's *structure*: two layers share one decomposition when
+they receive the same tensor object (same version) in one forward pass (q/k/v or gate/up of a
+Hugging Face block), never by hashing activations.  Megatron already fuses q/k/v (`linear_qkv`)
+and gate/up (`linear_fc1`), so there nothing is shared.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.config import EvaConfig
+
+LayerInputsFn = Callable[[Any, Any, str], torch.Tensor]
+Sink = Callable[[str, torch.Tensor], None]
+
+
+def token_mask(batch: Mapping[str, torch.Tensor], eva_config: EvaConfig) -> torch.Tensor:
+    """[B, S] bool: tokens that enter the statistics (PEFT's language-modeling rule).
+
+    attention_mask (1 = keep; all ones when absent) AND, with use_label_mask, labels !=
+    label_mask_value, so padding and prompt tokens do not shape the components.
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError("EVA batches must be dicts with 'input_ids' [B, S] (and optional attention_mask, labels)")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    labels = batch.get("labels")
+    if eva_config.use_label_mask and labels is not None:
+        mask = mask & (labels != eva_config.label_mask_value)
+    return mask
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor, layout: str, seq_chunk: tuple[int, int] | None,
+                name: str) -> torch.Tensor:
+    """Rows [n, I] of the kept tokens of a layer input.
+
+    layout "sbh": Megatron's [S, B, I] (seq_chunk = (rank, size) when the layer sees only its
+    sequence-parallel chunk); "bsh": a Hugging Face style [B, S, I].  2-d inputs are taken as
+    already flattened in that layout's token order.
+    """
+    m = mask.T if layout == "sbh" else mask
+    if seq_chunk is not None:
+        rank, size = seq_chunk
+        if m.shape[0] % size:
+            raise ValueError(f"EVA layer {name}: sequence length {m.shape[0]} does not split over {size} TP ranks")
+        m = m.chunk(size, dim=0)[rank]
+    m = m.to(x.device)
+    if x.ndim == 2:
+        m = m.reshape(-1)
+    if tuple(x.shape[: m.ndim]) != tuple(m.shape):
+        raise ValueError(
+            f"EVA layer {name}: input of shape {tuple(x.shape)} does not match the token mask {tuple(m.shape)} "
+            f"({layout} layout); pass prepare_layer_inputs_fn to say how to select this layer's rows")
+    return x[m]
+
+
+class InputCapture:
+    """Forward pre-hooks on the target layers.
+
+    `enabled` names the layers whose inputs go to `sink` in this forward.  While `probing`, every
+    hooked layer's input object is remembered for the duration of one forward, and a layer whose
+    input `is` an earlier layer's (same `_version`) is recorded in `shared` as that layer's member
+    and not captured again.
+    """
+
+    def __init__(self, layers: Mapping[str, torch.nn.Module], sink: Sink,
+                 prepare_layer_inputs_fn: LayerInputsFn | Mapping[str, LayerInputsFn] | None,
+                 tp_rank: int, tp_size: int):
+        self.layers = dict(layers)
+        self.sink = sink
+        self.enabled: set[str] = set()
+        self.model_input: Any = None
+        self.probing = False
+        self.shared: dict[str, str] = {}
+        self._seen: list[tuple[torch.Tensor, int, str]] = []
+        self._handles = []
+        self._fns = {n: self._layer_fn(n, layer, prepare_layer_inputs_fn, tp_rank, tp_size)
+                     for n, layer in self.layers.items()}
+
+    @staticmethod
+    def _layer_fn(name: str, layer: torch.nn.Module, custom, tp_rank: int, tp_size: int) -> LayerInputsFn:
+        if isinstance(custom, Mapping):
+            custom = custom.get(name)
+        if custom is not None:  # PEFT's signature: (the layer's positional inputs, model_input, name)
+            return lambda x, model_input, n, args=None: custom(args if args else (x,), model_input, n)
+        g = layer.geometry
+        layout = "sbh" if g.parallel_mode in ("column", "row") else "bsh"
+        chunk = (tp_rank, tp_size) if (g.parallel_mode == "column" and g.sequence_parallel) else None
+        if g.parallel_mode == "row" and not g.input_is_parallel:  # the layer splits x itself
+            split = ShardSpec(dim=-1, chunks=layer.spec_a.chunks)
+            return lambda x, mask, n, args=None: masked_rows(split.shard(x, tp_rank, tp_size), mask, layout, chunk, n)
+        return lambda x, mask, n, args=None: masked_rows(x, mask, layout, chunk, n)
+
+    def attach(self) -> "InputCapture":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._seen = []
+
+    def end_probe(self) -> dict[str, str]:
+        """Stop probing; {member: owner} for layers that received an owner's input object."""
+        self.probing = False
+        self._seen = []
+        return dict(self.shared)
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs, name)
+            if self.probing:
+                version = _version(x)
+                owner = next((n for t, v, n in self._seen if t is x and v == version), None)
+                if owner is not None:
+                    self.shared[name] = owner
+                    return None
+                self._seen.append((x, version, name))
+            if name in self.enabled:
+                with torch.no_grad():
+                    rows = self._fns[name](x, self.model_input, name, args)
+                if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
+                    raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
+                self.sink(name, rows.detach())
+            return None
+        return hook
+
+
+def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"EVA layer {name}: no tensor input found in the forward call")
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place edits between two layers make "the same object" a different input."""
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be edited in place)
+        return -1

@@ -1,0 +1,396 @@
+"""EVA's public entries: `get_eva_state_dict` and `initialize_eva_weights` (PEFT's names and flow).
+
+The algorithm is PEFT's (`peft/tuners/lora/eva.py`): per step, an incremental PCA of every
+target layer's input; a layer converges when the |cosine| of each of its first `rank` components
+between steps is >= tau (PEFT compares signed cosines; a pure sign flip is not a change of
+subspace here); ranks are redistributed over all layers by explained-variance ratio with cap
+round(r * rho) and budget sum(r); A = top components (whitened if asked), B = 0; alpha is adjusted.
+What is new is that it runs on an AdapterModel under TP, PP and DP without moving activations
+(see `eva/distributed.py` for the wire), and that every decision is collective.
+
+Data contract: every TP and PP rank of one data-parallel replica sees the same batches; each DP
+replica sees its own slice of the global batch.  Batches are dicts with input_ids [B, S] and
+optional attention_mask [B, S] (1 = keep) and labels [B, S].
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from tqdm import tqdm
+
+from parallel_adapters.adapters import functional as lf
+from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.config import EvaConfig, LoraConfig, lora_scaling
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.eva import allocation as A
+from parallel_adapters.eva import distributed as D
+from parallel_adapters.eva import tp_svd as T
+from parallel_adapters.eva.hooks import InputCapture, token_mask
+from parallel_adapters.eva.statistics import whiten
+
+ForwardFn = Callable[[torch.nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class EvaLayerState:
+    """EVA's result for one layer, as held by this rank.
+
+    components: this rank's A shard [rank, I] (column / plain layers, TP-replicated) or
+    [rank, I/t] (row layers, `spec` = ShardSpec(dim=1)); whitened if EvaConfig.whiten.
+    """
+
+    components: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    alpha: float
+    spec: ShardSpec
+    in_features: int
+    r_initial: int
+    converged: bool
+
+
+EvaStateDict = dict[str, EvaLayerState]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Global view of the target layers (all pipeline stages), identical on every rank."""
+
+    names: list[str]
+    r: dict[str, int]
+    alpha: dict[str, float]
+    shared: dict[str, str]
+    caps: dict[str, int]
+    owners: list[str]
+
+    @property
+    def budget(self) -> int:
+        return A.rank_budget(self.r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def get_eva_state_dict(
+    model: AdapterModel,
+    dataloader: Iterable,
+    forward_fn: ForwardFn | None = None,
+    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = None,
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
+    adapter_name: str = "default",
+    show_progress_bar: bool = True,
+) -> EvaStateDict:
+    """EVA components of this rank's target layers, {global module name: EvaLayerState}.
+
+    Collective: call on every rank.  forward_fn(model, batch) defaults to megatron's forward
+    (forward-only schedule under PP) for a Megatron model and to model(**batch without labels)
+    otherwise; prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
+    prepare_layer_inputs_fn(layer_inputs, model_input, name) -> [n, I_local] (PEFT's signature;
+    one callable or a dict by module name) defaults to masked rows in the layer's layout.
+    """
+    _check_model(model, adapter_name)
+    config = model.peft_config[adapter_name]
+    eva = config.eva_config or EvaConfig()
+    run = _EvaRun(model, adapter_name, config, eva, prepare_layer_inputs_fn)
+    batches = _cycle(dataloader, model.groups, next(model.parameters()).device)
+    forward_fn = forward_fn or default_forward_fn(model)
+    prepare = prepare_model_inputs_fn or (lambda batch, cfg: token_mask(batch, eva))
+    training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            return run.execute(batches, forward_fn, lambda b: prepare(b, config), show_progress_bar)
+    finally:
+        run.capture.detach()
+        model.train(training)
+
+
+@torch.no_grad()
+def initialize_eva_weights(
+    model: AdapterModel,
+    dataloader: Iterable | None = None,
+    eva_state_dict: Mapping[str, EvaLayerState | torch.Tensor] | None = None,
+    forward_fn: ForwardFn | None = None,
+    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = None,
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
+    adapter_name: str = "default",
+    show_progress_bar: bool = True,
+) -> AdapterModel:
+    """Set A to the EVA components (new rank r_l), B to 0, alpha as adjusted; drop rank-0 adapters;
+    record the ranks and alphas in `model.peft_config[adapter_name]` (rank_pattern / alpha_pattern).
+
+    Collective.  eva_state_dict: as returned by get_eva_state_dict / persist.load_eva_state, or
+    PEFT-style {name: full components [rank, I]}; computed from `dataloader` when None.
+    """
+    _check_model(model, adapter_name)
+    if model.peft_config[adapter_name].init_lora_weights != "eva":
+        raise ValueError("initialize_eva_weights needs LoraConfig.init_lora_weights='eva'")
+    if eva_state_dict is None:
+        if dataloader is None:
+            raise ValueError("initialize_eva_weights: pass a dataloader or an eva_state_dict")
+        eva_state_dict = get_eva_state_dict(model, dataloader, forward_fn, prepare_model_inputs_fn,
+                                            prepare_layer_inputs_fn, adapter_name, show_progress_bar)
+    _load_into_model(model, eva_state_dict, adapter_name)
+    return model
+
+
+def default_forward_fn(model: AdapterModel) -> ForwardFn:
+    """Megatron model (its adapted layers are column/row parallel): model(input_ids, None, None),
+    under PP megatron's forward-only schedule; else model(**batch minus labels), so a Hugging Face
+    model does not compute a loss it does not need."""
+    modes = {layer.geometry.parallel_mode for _, layer in model.adapter_layers()}
+    if not modes & {"column", "row"}:
+        return lambda m, batch: m(**{k: v for k, v in batch.items() if k != "labels"})
+    if model.groups.pp_size == 1:
+        return lambda m, batch: m.model(batch["input_ids"], None, None)
+    from parallel_adapters.mcore.schedule import pipeline_forward_backward
+
+    def pipeline_forward(m: AdapterModel, batch: Mapping[str, torch.Tensor]) -> None:
+        pipeline_forward_backward(m.model, [{"input_ids": batch["input_ids"]}], _no_loss, forward_only=True)
+
+    return pipeline_forward
+
+
+def _no_loss(batch: Mapping, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    return logits.new_zeros(()), {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+class _EvaRun:
+    """One EVA computation: hooks, per-layer statistics, the collective loop."""
+
+    def __init__(self, model: AdapterModel, adapter_name: str, config: LoraConfig, eva: EvaConfig,
+                 prepare_layer_inputs_fn):
+        self.model, self.config, self.eva, self.groups = model, config, eva, model.groups
+        self.layers = {l.module_name: l for _, l in model.adapter_layers() if adapter_name in l.lora_A}
+        self.r = {n: l.r[adapter_name] for n, l in self.layers.items()}
+        self.alpha = {n: float(l.lora_alpha[adapter_name]) for n, l in self.layers.items()}
+        self.step = 0
+        self.stats = {n: self._new_stats(n, l) for n, l in self.layers.items()}
+        self._provisional_caps()
+        g = self.groups
+        self.capture = InputCapture(self.layers, self._sink, prepare_layer_inputs_fn, g.tp_rank, g.tp_size)
+
+    def _new_stats(self, name: str, layer) -> D.LayerStats:
+        g, geo = self.groups, layer.geometry
+        sharded = geo.parallel_mode == "row"
+        spec = layer.spec_a
+        width = spec.local_shape((1, geo.in_features), g.tp_size)[1]
+        shard_cols = (lambda full: spec.shard(full, g.tp_rank, g.tp_size)) if sharded else (lambda full: full)
+        index = spec.shard(torch.arange(geo.in_features)[None], g.tp_rank, g.tp_size)[0] if sharded else \
+            torch.arange(geo.in_features)
+        seq_split = geo.parallel_mode == "column" and geo.sequence_parallel
+        return D.LayerStats(name, sharded, seq_split, width, geo.in_features, g, self._seed, shard_cols, index,
+                            device=layer.weight.device)
+
+    def _provisional_caps(self) -> None:
+        """Before the first forward the shared-input groups (whose largest cap the owner keeps) are
+        unknown: keep as many components as any layer of this stage could need, shrink later."""
+        for s in self.stats.values():
+            cap = s.in_features
+            if self.eva.rho <= A.RHO_THRESHOLD:  # above it PEFT's cap depends on every stage's shapes
+                cap = min(cap, max(A.max_rank(r, self.eva.rho) for r in self.r.values()))
+            s.configure(cap, min(math.ceil(self.eva.sketch_multiple * cap), s.in_features))
+
+    def _sink(self, name: str, rows: torch.Tensor) -> None:
+        self.stats[name].add_rows(rows)
+
+    def _seed(self, name: str, tag: str) -> int:
+        return lf.factor_seed(self.config.seed, "eva", name, tag, str(self.step))
+
+    def execute(self, batches: Iterator, forward_fn: ForwardFn, prepare: Callable, show: bool) -> EvaStateDict:
+        self.capture.attach()
+        capped = False
+        layout: _Layout | None = None
+        flags: dict[str, torch.Tensor] = {}
+        rank_dist: dict[str, int] = {}
+        bar = tqdm(total=self.eva.max_steps, disable=not (show and C.group_rank(None) == 0), leave=False)
+        while True:
+            if layout is not None:
+                conv = {o: bool(flags[o][: rank_dist[o]].all()) for o in layout.owners}
+                done = [n for n in layout.names if conv[layout.shared.get(n, n)]]
+                bar.set_description(f"EVA: {len(done)}/{len(layout.names)} layers have converged")
+                if all(conv.values()):
+                    break
+                if self.step >= self.eva.max_steps:
+                    capped = True
+                    break
+                self.capture.enabled = {o for o in self.stats if not conv[o]}
+            else:
+                self.capture.enabled, self.capture.probing = set(self.stats), True
+            batch = next(batches)
+            self.capture.model_input = prepare(batch)
+            forward_fn(self.model, batch)
+            if layout is None:
+                layout = self._setup(self.capture.end_probe())
+                rank_dist = dict(layout.caps)
+            active = [self.stats[o] for o in self.stats if o in self.capture.enabled]
+            D.process_step(active, self.groups, self.eva.tau)
+            ratios, flags, has_state = D.decide(self.stats, layout.owners, layout.caps, self.groups,
+                                                self._device())
+            if all(has_state.values()):
+                rank_dist = A.allocate_ranks(ratios, {o: layout.caps[o] for o in layout.owners},
+                                             layout.budget, layout.shared)
+            self.step += 1
+            bar.update(1)
+        bar.close()
+        self.capture.detach()
+        return self._finish(layout, rank_dist, flags, has_state, capped)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _setup(self, local_shared: dict[str, str]) -> _Layout:
+        """After the first forward: the global layer table (one metadata all-gather over PP)."""
+        local = {"names": list(self.layers), "r": self.r, "alpha": self.alpha, "shared": local_shared,
+                 "max_dim": _max_param_dim(self.model, self.groups),
+                 "in": {n: l.geometry.in_features for n, l in self.layers.items()}}
+        stages = [local] if self.groups.pp_size == 1 else C.all_gather_objects(local, self.groups.pp_group)
+        names = [n for st in stages for n in st["names"]]
+        r = {k: v for st in stages for k, v in st["r"].items()}
+        shared = {k: v for st in stages for k, v in st["shared"].items()}
+        rho = A.effective_rho(self.eva.rho, self.config.r, max(st["max_dim"] for st in stages))
+        caps = A.group_max_ranks({n: A.max_rank(r[n], rho) for n in names}, shared)
+        alpha = {k: v for st in stages for k, v in st["alpha"].items()}
+        in_features = {k: v for st in stages for k, v in st["in"].items()}
+        too_big = {n: (caps[n], in_features[n]) for n in names if caps[n] > in_features[n]}
+        if too_big:  # every rank sees the same global table: all raise together
+            raise ValueError(f"EVA: round(r*rho) exceeds the input features of {too_big} (cap, in_features); "
+                             "lower EvaConfig.rho or r")
+        for name in local_shared:
+            del self.stats[name]
+        for name, s in self.stats.items():
+            s.configure(caps[name], min(math.ceil(self.eva.sketch_multiple * caps[name]), s.in_features))
+        return _Layout(names, r, alpha, shared, caps, [n for n in names if n not in shared])
+
+    def _finish(self, layout: _Layout, rank_dist, flags, has_state, capped: bool) -> EvaStateDict:
+        missing = [o for o in layout.owners if not has_state[o]]
+        if missing:
+            raise ValueError(f"EVA: layers {missing} never saw enough tokens (>= round(r*rho) per step); "
+                             "use longer or less masked batches")
+        conv = {n: bool(flags[layout.shared.get(n, n)][: rank_dist[n]].all()) for n in layout.names}
+        if capped:
+            warnings.warn(f"EVA stopped at EvaConfig.max_steps={self.eva.max_steps} before these layers converged "
+                          f"(tau={self.eva.tau}): {[n for n in layout.names if not conv[n]]}", stacklevel=3)
+        comps = self._final_components()
+        out: EvaStateDict = {}
+        for name, layer in self.layers.items():
+            owner = self.stats[layout.shared.get(name, name)]
+            k = rank_dist[name]
+            sv = owner.state.singular_values[:k].clone()
+            a = (whiten(comps[owner.name], owner.state.singular_values.clamp_min(1e-300), k) if self.eva.whiten
+                 else comps[owner.name][:k])
+            alpha = A.adjusted_alpha(self.alpha[name], self.r[name], k, self.eva.adjust_scaling_factors)
+            out[name] = EvaLayerState(a.contiguous(), sv, k, float(alpha), layer.spec_a,
+                                      layer.geometry.in_features, self.r[name], conv[name])
+        T.sync_replicas_([t for s in out.values() for t in (s.components, s.singular_values)],
+                         [rep for s in out.values() for rep in (s.spec.replicated, True)], self.groups)
+        return out
+
+    def _final_components(self) -> dict[str, torch.Tensor]:
+        """Owner components with PEFT's sign convention (row shards: one TP all-gather)."""
+        comps = {}
+        for sharded in (False, True):
+            stats = [s for s in self.stats.values() if s.sharded == sharded]
+            group, size = (self.groups.tp_group, self.groups.tp_size) if sharded else (None, 1)
+            fixed = T.sign_fix_sharded([s.state.components for s in stats], [s.global_index for s in stats], group, size)
+            comps.update({s.name: c for s, c in zip(stats, fixed)})
+        return comps
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def _check_model(model: Any, adapter_name: str) -> None:
+    if not isinstance(model, AdapterModel):
+        raise ValueError(f"EVA needs an AdapterModel (get_adapter_model(...)), got {type(model).__name__}")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(model.peft_config)}")
+
+
+def _cycle(dataloader: Iterable, groups: ParallelGroups, device: torch.device) -> Iterator:
+    """PEFT's itertools.cycle, after a collective check that no rank's loader is empty."""
+    it = iter(dataloader)
+    first = next(it, None)
+    empty = D.agree_max_(torch.tensor([float(first is None)], dtype=torch.float64, device=device), groups)
+    if float(empty[0]) > 0:
+        raise ValueError("EVA: the dataloader is empty on at least one rank")
+    return itertools.cycle(itertools.chain([first], it))
+
+
+def _max_param_dim(model: AdapterModel, groups: ParallelGroups) -> int:
+    """Largest global parameter dimension (PEFT's limit for rho > 1000)."""
+    best = 0
+    for p in model.model.parameters():
+        shape = list(p.shape)
+        if getattr(p, "tensor_model_parallel", False):
+            shape[int(p.partition_dim)] *= groups.tp_size
+        best = max([best, *shape])
+    return best
+
+
+def _load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name: str) -> None:
+    """PEFT's _load_eva_state_dict for sharded layers; then the config's patterns (all stages)."""
+    config = model.peft_config[adapter_name]
+    eva = config.eva_config or EvaConfig()
+    result: dict[str, tuple[int, float]] = {}
+    missing = []
+    for _, layer in model.adapter_layers():
+        if adapter_name not in layer.lora_A:
+            continue
+        name, r0, alpha0 = layer.module_name, layer.r[adapter_name], float(layer.lora_alpha[adapter_name])
+        entry = state.get(name)
+        if entry is None:
+            missing.append(name)
+            result[name] = (r0, alpha0)
+            continue
+        local_a, k, alpha = _entry_factors(entry, layer, r0, alpha0, eva)
+        result[name] = (k, alpha)
+        if k == 0:
+            layer.delete_adapter(adapter_name)
+            continue
+        g = layer.geometry
+        local_b = torch.zeros(layer.spec_b.local_shape((g.out_features, k), g.tp_size))
+        layer.replace_factors(adapter_name, local_a, local_b, k, alpha, lora_scaling(alpha, k, config.use_rslora))
+    groups = model.groups
+    stages = [result] if groups.pp_size == 1 else C.all_gather_objects(result, groups.pp_group)
+    merged = {k: v for st in stages for k, v in st.items()}
+    kept = [n for n, (k, _) in merged.items() if k > 0]
+    model.peft_config[adapter_name] = config.replace(
+        rank_pattern={n: k for n, (k, _) in merged.items() if k > 0 and k != config.r},
+        alpha_pattern={n: a for n, (k, a) in merged.items() if k > 0 and a != config.lora_alpha},
+        target_modules=config.target_modules if len(kept) == len(merged) else tuple(kept),
+    )
+    if missing:
+        warnings.warn(f"EVA: no components for {missing}; their adapters keep the default initialisation")
+
+
+def _entry_factors(entry, layer, r0: int, alpha0: float, eva: EvaConfig) -> tuple[torch.Tensor, int, float]:
+    """(this rank's A shard, rank, alpha) from an EvaLayerState or a PEFT-style full tensor."""
+    g = layer.geometry
+    if isinstance(entry, EvaLayerState):
+        local, k, alpha = entry.components, entry.rank, entry.alpha
+    elif isinstance(entry, torch.Tensor):
+        k = int(entry.shape[0])
+        local = layer.spec_a.shard(entry, g.tp_rank, g.tp_size)
+        alpha = A.adjusted_alpha(alpha0, r0, k, eva.adjust_scaling_factors)
+    else:
+        raise ValueError(f"EVA state for {layer.module_name}: expected EvaLayerState or a tensor, got {type(entry).__name__}")
+    want = layer.spec_a.local_shape((k, g.in_features), g.tp_size)
+    if tuple(local.shape) != want:
+        raise ValueError(f"EVA state for {layer.module_name}: components of shape {tuple(local.shape)}, "
+                         f"this rank's A shard needs {want}")
+    return local, k, alpha
