@@ -64,11 +64,9 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from parallel_adapters.train.run_config import load_run_config
-    from parallel_adapters.train.runner import run_training
+    from parallel_adapters.train.runner import main as train_main
 
-    config = load_run_config(args.config, args.overrides)  # errors before any process group
-    run_training(config, resume=args.resume)
+    train_main(["--config", args.config, *args.rest])
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -96,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", _train, "train adapters (run under torchrun)")
     p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="resume from <checkpoint.directory>/latest")
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="dotted key=value overrides, and --resume / --resume-from DIR / --no-resume / --stop-at N")
 
     p = command("evaluate", _evaluate, "write the adapted model's logits and perplexity for given token ids")
     p.add_argument("config")

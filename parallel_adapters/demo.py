@@ -1,76 +1,76 @@
-"""CPU demo: a tiny Llama-style Megatron GPT at TP=2, LoRA on all four linears, a short fine-tune.
+"""The whole pipeline on a CPU, on two local ranks at TP=2 (the README's first command):
 
-    torchrun --standalone --nproc_per_node 2 -m parallel_adapters.demo [--steps N]
+    torchrun --standalone --nproc_per_node 2 -m parallel_adapters.demo [key=value ...]
 
-(`bash scripts/demo.sh` runs exactly this inside the project's environment.)
+1. write a tiny Llama-style Hugging Face checkpoint (random weights, no download);
+2. import it into Megatron at TP=2 with sequence parallelism, initialise LoRA with EVA;
+3. fine-tune on the corpus that ships with the package, saving sharded checkpoints;
+4. export the adapter in PEFT format and check that PEFT + transformers reproduce the logits.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
-from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from parallel_adapters import LoraConfig, get_adapter_model
 from parallel_adapters.mcore import cpu
 from parallel_adapters.mcore.compat import destroy_model_parallel, initialize_model_parallel
-from parallel_adapters.mcore.gpt import GPTSettings, build_gpt, gpt_logits
-from parallel_adapters.train.data import ByteTokenizer, DataParallelBatches, default_corpus_path, load_texts, pack
+from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
+from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
+from parallel_adapters.train.data import ByteTokenizer
+from parallel_adapters.train.run_config import load_run_config
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, init_distributed, run_training
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+BASE = GPTSettings(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4, num_query_groups=2,
+                   vocab_size=ByteTokenizer.vocab_size, max_position_embeddings=128, seed=1234)
 
 
-def _parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = _parse(argv)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    cpu.enable_cpu_mode()
-    groups = initialize_model_parallel(tensor_parallel=dist.get_world_size(), pipeline_parallel=1)
-    cpu.model_parallel_seed(1234)
-    rank0 = dist.get_rank() == 0
-    tokenizer = ByteTokenizer()
-    settings = GPTSettings(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
-                           num_query_groups=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=args.seq_len)
-    model = get_adapter_model(build_gpt(settings), LoraConfig(r=16, lora_alpha=32))
-    if rank0:
-        print(f"TP={groups.tp_size} tiny Llama-style GPT, LoRA r=16 on linear_qkv/proj/fc1/fc2")
-        model.print_trainable_parameters()
-    samples = pack([tokenizer.encode(t) for t in load_texts([default_corpus_path()])], args.seq_len, tokenizer.eos_id)
-    batches = DataParallelBatches(samples, args.micro_batch, groups.dp_rank, groups.dp_size, seed=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(args.steps), disable=not rank0, desc="fine-tune", unit="step")
-    for _ in bar:
-        batch = batches.next_batch()
-        logits = gpt_logits(model.model, batch["input_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        model.finalize_grads()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    elapsed = time.perf_counter() - start
-    if rank0:
-        tokens = args.steps * args.micro_batch * groups.dp_size * args.seq_len
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps "
-              f"({tokens / elapsed:,.0f} tokens/s on {dist.get_world_size()} CPU ranks)")
+def write_base_checkpoint(out_dir: Path) -> Path:
+    """A random Llama-style model written as HF safetensors + config.json (collective)."""
+    if not torch.cuda.is_available():
+        cpu.enable_cpu_mode()
+    groups = initialize_model_parallel(dist.get_world_size(), 1)
+    export_hf_checkpoint(build_gpt(BASE), out_dir, groups)
     destroy_model_parallel()
+    return out_dir
+
+
+def summary(result: TrainResult, base_dir: Path, seconds: float) -> str:
+    first, last = result.losses[0], result.losses[-1]
+    rows = [
+        ("base model (HF safetensors)", str(base_dir)),
+        ("loss, first -> last step", f"{first:.3f} -> {last:.3f} ({100 * (first - last) / first:.1f}% lower)"),
+        ("steps, throughput", f"{result.final_step}, {result.tokens_per_s:,.0f} tokens/s"),
+        ("sharded checkpoint", str(result.last_checkpoint)),
+        ("PEFT adapter", str(Path(result.export_dir).absolute())),
+        ("PEFT + transformers vs Megatron", f"max |logit diff| = {result.peft_max_logit_diff:.1e} (limit 1e-4)"),
+        ("wall time", f"{seconds:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "demo summary", "-" * 60] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    init_distributed(DEFAULT_TIMEOUT_S)
+    base_dir = Path("runs/demo/hf-base").absolute()
+    write_base_checkpoint(base_dir)
+    overrides = [f"model.hf_checkpoint={base_dir}", *(argv if argv is not None else sys.argv[1:])]
+    result = run_training(load_run_config(CONFIG, overrides), resume=False)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(summary(result, base_dir, time.perf_counter() - start))
     dist.destroy_process_group()
-    if losses[-1] >= losses[0]:
-        raise SystemExit("demo: the loss did not fall")
+    if result.peft_max_logit_diff is None or result.peft_max_logit_diff > 1e-4:
+        raise SystemExit("demo: PEFT did not reproduce the Megatron logits")
+    if result.losses[-1] > 0.9 * result.losses[0]:
+        raise SystemExit("demo: the loss did not drop clearly")
 
 
 if __name__ == "__main__":

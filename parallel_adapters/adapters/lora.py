@@ -135,6 +135,15 @@ class LoRALayerBase(nn.Module):
             return []
         return [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
 
+    def dropout_calls(self) -> dict[str, int]:
+        """Masks drawn so far per adapter: with the seed, this fixes every future mask (for resume)."""
+        return {name: d.calls for name, d in self._dropout.items() if d is not None}
+
+    def set_dropout_calls(self, calls: dict[str, int]) -> None:
+        for name, count in calls.items():
+            if self._dropout.get(name) is not None:
+                self._dropout[name].calls = int(count)
+
     def _dropout_fn(self, name: str):
         dropout = self._dropout[name]
         return dropout if (dropout is not None and self.training) else None

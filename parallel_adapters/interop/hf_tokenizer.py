@@ -1,0 +1,19 @@
+"""A Hugging Face tokenizer as the training data pipeline needs it (transformers stays in interop/)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def load_hf_tokenizer(directory: str | Path) -> tuple[Callable[[str], list[int]], int, int]:
+    """(encode without special tokens, eos id, vocabulary size incl. added tokens) of the tokenizer
+    saved in `directory` (a model directory); ValueError naming it when there is none or no eos."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data.tokenizer='hf': no usable tokenizer in {directory} ({exc})") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"data.tokenizer='hf': the tokenizer in {directory} has no eos token")
+    return (lambda text: tok.encode(text, add_special_tokens=False)), tok.eos_token_id, len(tok)

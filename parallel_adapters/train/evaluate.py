@@ -1,0 +1,91 @@
+"""`parallel-adapters evaluate`: the adapted model's logits and perplexity for given token ids.
+
+    torchrun --nproc_per_node 2 -m parallel_adapters evaluate configs/tiny.yaml \
+        --checkpoint runs/tiny/checkpoints/step-000040 --tokens ids.txt --out logits.safetensors
+
+The token file holds one sequence per line, as whitespace-separated ids.  The output holds
+`logits.<i>` [len_i, vocab] (fp32) for sequence i and `perplexity` (a scalar tensor, also in the
+file's metadata): exp of the mean next-token cross entropy over all sequences.  Any TP/PP layout
+can read any checkpoint (adapters are resharded on load).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from parallel_adapters.train.run_config import RunConfig
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model, init_distributed
+from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
+
+
+def read_token_file(path: str | Path) -> list[torch.Tensor]:
+    """One LongTensor per non-empty line; ValueError naming the file and line on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--tokens file {str(path)!r} does not exist")
+    sequences = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids = [int(tok) for tok in line.split()]
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: token ids must be integers") from None
+        if len(ids) < 2:
+            raise ValueError(f"{path}:{line_no}: a sequence needs at least 2 tokens for a perplexity")
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+    if not sequences:
+        raise ValueError(f"{path}: no token sequences")
+    return sequences
+
+
+def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path, out: str | Path) -> float | None:
+    """Collective over the torchrun world; returns the perplexity on the rank that writes `out`."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
+    from parallel_adapters.mcore import compat, cpu, schedule
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    validate_run_config(config)
+    sequences = read_token_file(tokens)  # before any process group: a typo fails fast
+    checkpoint = Path(checkpoint)
+    created = init_distributed(DEFAULT_TIMEOUT_S)
+    try:
+        layout = check_parallel_layout(dist.get_world_size(), config)
+        if not torch.cuda.is_available():
+            cpu.enable_cpu_mode()
+        groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline)
+        schedule.seed_model_parallel_rngs(config.seed)
+        model, settings = build_model(config, groups, adapter_config(config, checkpoint), dist.get_rank() == 0)
+        load_checkpoint(model, checkpoint, restore_rng=False)
+        model.eval()
+        too_big = [int(s.max()) for s in sequences if int(s.max()) >= settings.vocab_size]
+        if too_big:
+            raise ValueError(f"{tokens}: token id {max(too_big)} is outside the vocabulary ({settings.vocab_size})")
+        with torch.no_grad():
+            logits = [gpt_logits(model.model, seq.unsqueeze(0)) for seq in sequences]
+        writer = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0
+        return _write(logits, sequences, out) if writer else None
+    finally:
+        compat.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
+
+
+def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str | Path) -> float:
+    total, count, tensors = 0.0, 0, {}
+    for i, (lg, seq) in enumerate(zip(logits, sequences)):
+        lg = lg[0].float()
+        total += F.cross_entropy(lg[:-1].double(), seq[1:], reduction="sum").item()
+        count += len(seq) - 1
+        tensors[f"logits.{i}"] = lg.contiguous()
+    perplexity = math.exp(total / count)
+    tensors["perplexity"] = torch.tensor(perplexity, dtype=torch.float64)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"perplexity": repr(perplexity), "sequences": str(len(sequences))})
+    print(f"perplexity {perplexity:.4f} over {count} predicted tokens; logits written to {out}")
+    return perplexity

@@ -1,0 +1,306 @@
+"""The training loop: global-batch sampling, one optimizer step, logging, periodic checkpoints,
+and what follows the last step (PEFT export and its check).
+
+Per step (collectives in brackets; the engine docstring has the gradient ones):
+
+    [count: 1 scalar all-reduce over the world, only with DP > 1]  global valid tokens N
+    forward/backward of the micro-batches with loss scale dp / N      (train/schedule.py)
+    engine.reduce_grads()                                             [TP sum (+ DP mean)]
+    [stats: 1 all-reduce of 2 float64 over the world]  loss sum (last stage, TP rank 0) and
+                                                       the grad-norm share (engine.grad_sumsq)
+    engine.step(lr_at(step), grad_norm)
+
+Exact resume needs: the adapter weights and optimizer state (adapter_io or DeepSpeed's own
+files), the step (the LR schedule is a pure function of it), the sampler position, the RNG
+states (captured by save_checkpoint) and the LoRA dropout call counters (extra_state).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.checkpoint.adapter_io import save_checkpoint
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.train.data import DataParallelBatches, DataPosition
+from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.schedule import forward_backward, valid_tokens
+
+CHECKPOINT_NAME = "step-{step:06d}"
+_CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+NATIVE_STATE_DIR = "engine_state"
+"""<checkpoint parent>/engine_state/<name>/: engine state adapter_io does not hold (DeepSpeed)."""
+
+
+class GlobalBatchSampler:
+    """This rank's micro-batches of each global batch: `accumulation` micro-batches of
+    `micro_batch` samples per step, drawn as if from dp_size x accumulation "virtual" DP ranks.
+
+    So the SET of samples in a global batch depends only on (seed, position, global batch size),
+    not on how it is split between DP ranks and accumulation: any layout sees the TP=1, DP=1 batch.
+    """
+
+    def __init__(self, samples: torch.Tensor, micro_batch: int, dp_rank: int, dp_size: int,
+                 accumulation: int, seed: int, position: DataPosition | None = None):
+        virtual = dp_size * accumulation
+        self._parts = [DataParallelBatches(samples, micro_batch, dp_rank * accumulation + j, virtual, seed,
+                                           DataPosition(**vars(position)) if position else None)
+                       for j in range(accumulation)]
+
+    @property
+    def position(self) -> DataPosition:
+        return DataPosition(**vars(self._parts[0].position))
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        return [part.next_batch() for part in self._parts]
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs beyond the model and engine (derived from RunConfig by the runner)."""
+
+    steps: int
+    schedule: LRSchedule
+    vocab_size: int
+    log_every: int = 1
+    metrics_path: Path | None = None
+    checkpoint_dir: Path | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    show_progress: bool = True
+    extra_state: dict = field(default_factory=dict)
+    """Merged into every checkpoint's extra_state (e.g. the engine name)."""
+    stop_step: int | None = None
+    """Stop (and checkpoint) after this step although the schedule runs to `steps`: a job with a
+    wall-clock limit, resumed later by a fresh launch."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class LoopResult:
+    stats: list[StepStats] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+def compute_device() -> torch.device:
+    """Where batches and the step's scalars live: this rank's GPU (NCCL reduces only GPU tensors)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_step(model: AdapterModel, engine: Any, microbatches: list[dict], lr: float,
+               vocab_size: int) -> tuple[float, float | None, int]:
+    """One optimizer step; returns (global mean loss, global grad norm or None, global tokens).
+    Same values on every rank."""
+    g = model.groups
+    device = compute_device()
+    microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in microbatches]
+    count = torch.tensor([valid_tokens(microbatches) if g.tp_rank == 0 and g.pp_rank == 0 else 0],
+                         dtype=torch.float64, device=device)
+    if g.dp_size > 1:
+        C.all_reduce_(count, None)
+    else:
+        count[0] = valid_tokens(microbatches)
+    tokens = int(count.item())
+    if tokens == 0:
+        raise ValueError("a global batch has no label to predict (every label is masked)")
+    engine.zero_grad()
+    with engine.accumulate():
+        ce_sum = forward_backward(engine, microbatches, g.dp_size / tokens, vocab_size, g.pp_size)
+        engine.reduce_grads()
+    owns_loss = g.tp_rank == 0 and g.is_last_stage
+    stats = torch.stack([ce_sum if owns_loss else torch.zeros_like(ce_sum),
+                         engine.grad_sumsq().to(device=device, dtype=torch.float64)])
+    C.all_reduce_(stats, None)
+    grad_norm = math.sqrt(stats[1].item()) if engine.computes_grad_norm else None
+    engine.step(lr, grad_norm)
+    if not engine.computes_grad_norm:
+        grad_norm = engine.global_grad_norm()
+    return stats[0].item() / tokens, grad_norm, tokens
+
+
+def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, settings: LoopSettings,
+               start_step: int = 0) -> LoopResult:
+    """Steps start_step .. settings.steps-1, with logging and periodic checkpoints."""
+    result = LoopResult()
+    rank0 = C.group_rank(None) == 0
+    bar = tqdm(total=settings.steps, initial=start_step, desc="train", unit="step",
+               disable=not (rank0 and settings.show_progress), dynamic_ncols=True)
+    metrics = _MetricsWriter(settings.metrics_path if rank0 else None)
+    end = settings.steps if settings.stop_step is None else min(settings.steps, settings.stop_step)
+    try:
+        for step in range(start_step, end):
+            began = time.perf_counter()
+            lr = settings.schedule(step)
+            loss, grad_norm, tokens = train_step(model, engine, sampler.next_step(), lr, settings.vocab_size)
+            stats = StepStats(step + 1, loss, lr, grad_norm, tokens, time.perf_counter() - began)
+            result.stats.append(stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(stats.seconds, 1e-9):,.0f}")
+            if (step + 1) % settings.log_every == 0 or step + 1 == end:
+                metrics.write(stats)
+            if _should_save(settings, step + 1, end):
+                result.last_checkpoint = save_training_checkpoint(model, engine, sampler, settings, step + 1)
+    finally:
+        bar.close()
+    return result
+
+
+def _should_save(settings: LoopSettings, step: int, end: int) -> bool:
+    if settings.checkpoint_dir is None:
+        return False
+    return step == end or (settings.save_every > 0 and step % settings.save_every == 0)
+
+
+class _MetricsWriter:
+    """One JSON object per logged step, appended (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, stats: StepStats) -> None:
+        if self.path is None:
+            return
+        record = {"step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                  "tokens": stats.tokens, "step_time_s": stats.seconds,
+                  "tokens_per_s": stats.tokens / max(stats.seconds, 1e-9), "time": time.time()}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler,
+                             settings: LoopSettings, step: int) -> Path:
+    """Collective: `<dir>/step-NNNNNN` (adapters, optimizer, RNG, extra state), then prune to
+    keep_last.  Engine-native state (DeepSpeed) is written first, into engine_state/, so that
+    `latest` (published last by save_checkpoint) never names a checkpoint whose state is missing."""
+    parent = settings.checkpoint_dir
+    name = CHECKPOINT_NAME.format(step=step)
+    engine.save_native_state(parent / NATIVE_STATE_DIR / name)
+    extra = dict(settings.extra_state, step=step, data_position=vars(sampler.position),
+                 lora_dropout_calls=dropout_counters(model))
+    with engine.gathered_params():
+        path = save_checkpoint(model, parent / name, engine.checkpoint_optimizer(), extra_state=extra)
+    if C.group_rank(None) == 0:
+        prune_checkpoints(parent, settings.keep_last)
+    return path
+
+
+def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the step-NNNNNN checkpoints under `parent`, oldest first."""
+    found = []
+    for child in Path(parent).iterdir() if Path(parent).is_dir() else []:
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def prune_checkpoints(parent: Path, keep_last: int, protect: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (and their engine state); never the
+    one `latest` names.  World rank 0 only: it is the only writer of `latest`."""
+    latest = (parent / "latest").read_text().strip() if (parent / "latest").is_file() else None
+    removed = []
+    for _, path in list_checkpoints(parent)[:-keep_last] if keep_last > 0 else []:
+        if path.name == latest or (protect is not None and protect(path)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(parent / NATIVE_STATE_DIR / path.name, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def dropout_counters(model: AdapterModel) -> dict[str, dict[str, int]]:
+    """LoRA dropout masks are drawn from (seed, call count): save the counts for exact resume."""
+    return {name: calls for name, layer in model.adapter_layers() if (calls := layer.dropout_calls())}
+
+
+def restore_dropout_counters(model: AdapterModel, saved: dict[str, dict[str, int]] | None) -> None:
+    for name, layer in model.adapter_layers():
+        layer.set_dropout_calls((saved or {}).get(name, {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# After training: export and check
+# ----------------------------------------------------------------------------------------------
+
+def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, hf_dir: str | None) -> str:
+    """World rank 0 writes the PEFT adapter from the final checkpoint (an offline, single-process
+    step); the others wait, so the run ends only when the export exists.  The HF config is the
+    checkpoint's, or one derived from the Megatron model.
+    INTEGRATION POINT: parallel_adapters.checkpoint.export.export_peft_from_checkpoint."""
+    from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
+    from parallel_adapters.mcore.hf_bridge import hf_config_from_model
+
+    def export() -> str:
+        if checkpoint is None:
+            raise ValueError("export.peft_dir: no checkpoint was written by this run")
+        hf_config = hf_dir or hf_config_from_model(model.model)
+        return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config))
+
+    return _on_rank0(export, f"export to {peft_dir}")
+
+
+def verify_with_peft(model: AdapterModel, engine: Any, input_ids: torch.Tensor, peft_dir: str,
+                     hf_dir: str | None, vocab_size: int) -> float:
+    """export.verify_with_peft: PEFT (the exported adapter on the Hugging Face base) must reproduce
+    the Megatron logits on `input_ids`; returns the max difference.  Without a HF checkpoint the
+    base is first written as one next to the adapter (`<peft_dir>-hf-base`).  Collective.
+    INTEGRATION POINT: parallel_adapters.interop.peft_check.verify_peft_reproduces."""
+    from parallel_adapters.interop.peft_check import verify_peft_reproduces
+    from parallel_adapters.mcore.gpt import gpt_logits
+    from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
+
+    g = model.groups
+    if hf_dir is None:
+        if getattr(engine, "stage", 0) == 3:
+            raise ValueError("export.verify_with_peft under ZeRO-3 needs model.hf_checkpoint (the base "
+                             "weights are partitioned and cannot be exported from the run)")
+        hf_dir = export_hf_checkpoint(model.model, Path(peft_dir).with_name(Path(peft_dir).name + "-hf-base"), g)
+    device_ids, was_training = input_ids.to(compute_device()), model.training
+    model.eval()
+    with torch.no_grad():
+        if g.pp_size == 1:  # through the engine: ZeRO-3 gathers its partitioned weights in forward
+            logits = engine.forward_module(device_ids, None, None, runtime_gather_output=True)[..., :vocab_size]
+        else:
+            logits = gpt_logits(model.model, device_ids)
+    model.train(was_training)
+    mine = logits.cpu() if (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0) else None
+    megatron = next(x for x in C.all_gather_objects(mine, None) if x is not None)
+    return _on_rank0(lambda: verify_peft_reproduces(hf_dir, peft_dir, input_ids, megatron), "verify_with_peft")
+
+
+def _on_rank0(fn: Callable[[], Any], what: str) -> Any:
+    """fn() on world rank 0; its result (or its error, raised on every rank) reaches all ranks."""
+    out, error = None, None
+    if C.group_rank(None) == 0:
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    out, error = C.all_gather_objects((out, error), None)[0]
+    if error:
+        raise RuntimeError(f"{what} failed on rank 0: {error}")
+    return out

@@ -1,0 +1,372 @@
+"""`run_training(config)`: a whole LoRA fine-tune inside an already-launched torchrun process.
+
+    torchrun --standalone --nproc_per_node 2 -m parallel_adapters.train.runner \\
+        --config configs/tiny.yaml [optim.steps=20 ...] [--resume | --resume-from DIR | --no-resume]
+
+Order, and why: validate the config (no process group needed), start the process group, check the
+layout against its world size, all BEFORE Megatron is imported or anything is built (a bad key or
+an impossible TP x PP fails in seconds, naming the field, not after a model load); then build the
+base model (GPT settings, or a Hugging Face import), the adapters (from the checkpoint's adapter
+config when resuming, so EVA-chosen ranks come back), EVA if asked and not resuming, the data, the
+engine; restore the checkpoint; train; save; export.  Without a flag, a run whose
+checkpoint.directory has a `latest` resumes from it (a relaunched job continues by itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel_adapters.config import LoraConfig
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_corpus_path, load_texts, pack
+from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class TrainResult:
+    """What a run did, on this rank (the loss values are global, identical on every rank)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    start_step: int = 0
+    final_step: int = 0
+    tokens_per_s: float = 0.0
+    resumed_from: str | None = None
+    last_checkpoint: str | None = None
+    export_dir: str | None = None
+    metrics_path: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+    peft_max_logit_diff: float | None = None
+    """export.verify_with_peft: max |PEFT logits - Megatron logits| (checked against 1e-4)."""
+    adapter_shards: dict[str, Any] | None = None
+    """With return_adapter_shards=True: this rank's adapter tensors (ShardedTensor) after training."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+def init_distributed(timeout_s: float) -> bool:
+    """Join (or create) the default process group; True if this call created it.  Without torchrun
+    variables a single-process group is made, so `run_training` also runs as a plain script."""
+    if dist.is_initialized():
+        return False
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, timeout=timeout, **_elastic_attempt_store(timeout))
+    return True
+
+
+def _elastic_attempt_store(timeout: timedelta) -> dict:
+    """Under torchrun the workers share the agent's store across restarts, and torch keys process
+    groups by name only: after `--max-restarts` the new attempt's groups would meet the killed
+    attempt's keys and wait forever.  One key prefix per attempt keeps them apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"parallel_adapters/attempt_{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+
+
+def _tokenizer(config: RunConfig) -> tuple[Any, int, int]:
+    """(encode function, eos id, vocab size) of data.tokenizer."""
+    kind = config.data.tokenizer
+    if kind == "auto":
+        kind = "hf" if config.model.hf_checkpoint else "byte"
+    if kind == "byte":
+        tok = ByteTokenizer()
+        return tok.encode, tok.eos_id, tok.vocab_size
+    from parallel_adapters.interop.hf_tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer(config.model.hf_checkpoint)
+
+
+def build_samples(config: RunConfig) -> tuple[torch.Tensor, int]:
+    """Packed [N, seq_len + 1] samples and the tokenizer's vocabulary size."""
+    encode, eos_id, vocab = _tokenizer(config)
+    texts = load_texts(config.data.paths or [default_corpus_path()])
+    return pack([encode(t) for t in texts], config.data.seq_len, eos_id), vocab
+
+
+def gpt_settings(config: RunConfig, tp: int) -> Any:
+    """GPTSettings from config.model (or the HF checkpoint's config.json)."""
+    from parallel_adapters.mcore.gpt import GPTSettings
+
+    m, sp = config.model, config.parallel.sequence_parallel
+    pad = math.lcm(8, tp)  # zero rows, sliced off the logits: any multiple of TP is the same model
+    if m.hf_checkpoint is not None:
+        from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
+
+        return gpt_settings_from_hf(m.hf_checkpoint, sequence_parallel=sp, vocab_pad_multiple=pad)
+    return GPTSettings(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+                       num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+                       vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
+                       rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
+                       sequence_parallel=sp, vocab_pad_multiple=pad)
+
+
+def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
+    """The run's LoraConfig; when resuming, the checkpoint's (EVA may have changed the ranks)."""
+    if resume_from is not None:
+        saved = json.loads((resume_from / "adapter_config.json").read_text())
+        saved = {k: v for k, v in saved.items() if k not in ("adapter_name", "tp_size", "pp_size")}
+        saved.update(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
+        return LoraConfig.from_dict(saved)
+    if config.eva is not None and config.adapter.init_lora_weights != "eva":
+        return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
+    return config.adapter
+
+
+def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -> tuple[Any, Any]:
+    """(AdapterModel, GPTSettings): the base GPT (HF weights imported when configured) + adapters."""
+    from parallel_adapters.adapters.model import get_adapter_model
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    settings = gpt_settings(config, groups.tp_size)
+    base = build_gpt(settings)
+    if config.model.hf_checkpoint is not None:
+        from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+
+        import_hf_checkpoint(base, config.model.hf_checkpoint, groups, progress=rank0)
+    return get_adapter_model(base, lora, groups=groups), settings
+
+
+class _EvaBatches:
+    """EVA's data: the training samples under another seed (the training order stays untouched).
+    Re-iterable, as EVA may cycle through it."""
+
+    def __init__(self, samples: torch.Tensor, micro_batch: int, groups: Any, seed: int):
+        self.args = (samples, micro_batch, groups.dp_rank, groups.dp_size, seed)
+
+    def __iter__(self):
+        from parallel_adapters.train.data import DataParallelBatches
+        from parallel_adapters.train.loop import compute_device
+
+        batches, device = DataParallelBatches(*self.args), compute_device()
+        for _ in range(batches.steps_per_epoch):
+            yield {k: v.to(device) for k, v in batches.next_batch().items()}
+
+
+def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -> None:
+    """EVA initialisation of the A factors (collective).  INTEGRATION POINT: parallel_adapters.eva.
+    initialize.initialize_eva_weights(model, dataloader, show_progress_bar=...) with its default
+    Megatron forward (PP through mcore.schedule.forward_only)."""
+    try:
+        from parallel_adapters.eva.initialize import initialize_eva_weights
+    except ImportError as exc:
+        raise ValueError(f"eva: EVA initialisation is not available in this build ({exc})") from None
+    batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
+    initialize_eva_weights(model, batches, show_progress_bar=rank0)
+
+
+def resolve_resume(config: RunConfig, resume: bool | str | Path | None) -> Path | None:
+    """None: resume from checkpoint.directory's `latest` if there is one; True: must resume;
+    False: never; a path: that checkpoint (or that parent's latest).  Collective: every rank
+    takes world rank 0's answer."""
+    from parallel_adapters.checkpoint.sharded import resolve_latest
+
+    found: Path | None = None
+    if isinstance(resume, (str, Path)):
+        path = Path(resume)
+        found = path if (path / "index.json").is_file() else resolve_latest(path)
+        if found is None:
+            raise ValueError(f"resume: {str(path)!r} is neither a checkpoint nor a directory with a `latest`")
+    elif resume is not False:
+        directory = config.checkpoint.directory
+        if directory is None and resume is True:
+            raise ValueError("resume requested, but checkpoint.directory is not set")
+        found = resolve_latest(directory) if directory is not None else None
+        if found is None and resume is True:
+            raise ValueError(f"resume requested, but {directory} has no `latest` checkpoint")
+    agreed = C.all_gather_objects(None if found is None else str(found.absolute()), None)[0]
+    return None if agreed is None else Path(agreed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def run_training(config: RunConfig, *, resume: bool | str | Path | None = None, show_progress: bool = True,
+                 return_adapter_shards: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tp_sum: str = "auto", stop_at: int | None = None) -> TrainResult:
+    """Train as `config` says, on every rank of the (torchrun-launched) world; see the module doc.
+
+    resume: None resumes from checkpoint.directory's `latest` when there is one, True requires it,
+    False never resumes, a path names the checkpoint.  tp_sum: DeepSpeed's TP-sum mechanism
+    ("auto", "coalesce", "hooks"; see train/engine.py).  stop_at: end (with a checkpoint) after
+    this global step although the LR schedule runs to optim.steps (a time-limited job)."""
+    validate_run_config(config)
+    created = init_distributed(timeout_s)
+    try:
+        layout = check_parallel_layout(dist.get_world_size(), config)
+        options = _Options(resume, show_progress, return_adapter_shards, tp_sum, stop_at)
+        return _run(config, layout, options)
+    finally:
+        from parallel_adapters.mcore.compat import destroy_model_parallel
+
+        destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class _Options:
+    resume: bool | str | Path | None
+    show_progress: bool
+    return_shards: bool
+    tp_sum: str
+    stop_at: int | None
+
+
+def _run(config: RunConfig, layout: Layout, opts: _Options) -> TrainResult:
+    from parallel_adapters.mcore import compat, cpu, schedule
+
+    if not torch.cuda.is_available():
+        cpu.enable_cpu_mode()
+    groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline)
+    schedule.seed_model_parallel_rngs(config.seed)
+    rank0 = dist.get_rank() == 0
+    resume_from = resolve_resume(config, opts.resume)
+    samples, vocab = build_samples(config)
+    model, settings = build_model(config, groups, adapter_config(config, resume_from), rank0)
+    if vocab > settings.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} ids but the model's vocabulary is {settings.vocab_size}")
+    if resume_from is None and model.peft_config[model.active_adapter].init_lora_weights == "eva":
+        run_eva(model, samples, config, rank0)
+    engine, extra = _engine_and_state(config, model, layout, resume_from, opts.tp_sum)
+    return _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)
+
+
+def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from: Path | None,
+                      tp_sum: str) -> tuple[Any, dict]:
+    """The engine with the checkpoint restored into model and optimizer; the saved extra_state.
+
+    DeepSpeed: the adapter weights are loaded BEFORE deepspeed.initialize (ZeRO-3 partitions them
+    there), its optimizer state after, from DeepSpeed's own files."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
+    from parallel_adapters.checkpoint.sharded import load_train_state, restore_rng_state
+    from parallel_adapters.train.engine import build_engine
+    from parallel_adapters.train.loop import NATIVE_STATE_DIR, restore_dropout_counters
+
+    o = config.optim
+    extra: dict = {}
+    if resume_from is not None and config.deepspeed is not None:
+        extra = load_checkpoint(model, resume_from, None, restore_rng=False) or {}
+    engine = build_engine(model, o.lr, o.weight_decay, o.grad_clip, config.deepspeed,
+                          layout.micro_batch * layout.accumulation, tp_sum=tp_sum)
+    if resume_from is None:
+        return engine, extra
+    if config.deepspeed is None:
+        extra = load_checkpoint(model, resume_from, engine.checkpoint_optimizer()) or {}
+    else:
+        engine.load_native_state(resume_from.parent / NATIVE_STATE_DIR / resume_from.name)
+        _, rng, _ = load_train_state(resume_from, model.groups)
+        if rng is not None:
+            restore_rng_state(rng)
+    if extra.get("engine") != engine.name:
+        raise ValueError(f"resume: {resume_from} was written by the {extra.get('engine')!r} engine, "
+                         f"this run uses {engine.name!r} (deepspeed: {config.deepspeed})")
+    _check_same_data(extra, layout, config, resume_from)
+    restore_dropout_counters(model, extra.get("lora_dropout_calls"))
+    return engine, extra
+
+
+def _check_same_data(extra: dict, layout: Layout, config: RunConfig, resume_from: Path) -> None:
+    """The saved data position counts global batches of one size and sequence length."""
+    for key, now in (("optim.global_batch", layout.global_batch), ("data.seq_len", config.data.seq_len)):
+        saved = extra.get(key)
+        if saved is not None and saved != now:
+            raise ValueError(f"resume: {resume_from} was trained with {key}={saved}, this run has {key}={now}; "
+                             "the data position would not continue the same sample order")
+
+
+def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: torch.Tensor, settings: Any,
+           extra: dict, resume_from: Path | None, opts: _Options) -> TrainResult:
+    from parallel_adapters.train.loop import (
+        GlobalBatchSampler, LoopSettings, export_adapter, train_loop, verify_with_peft,
+    )
+
+    o, c = config.optim, config.checkpoint
+    g = model.groups
+    position = DataPosition(**extra["data_position"]) if "data_position" in extra else None
+    sampler = GlobalBatchSampler(samples, layout.micro_batch, g.dp_rank, g.dp_size, layout.accumulation,
+                                 config.seed, position)
+    metrics = Path(config.logging.metrics_jsonl) if config.logging.metrics_jsonl else None
+    loop = LoopSettings(
+        steps=o.steps, schedule=LRSchedule(o.lr, o.steps, o.schedule, o.warmup_steps),
+        vocab_size=settings.vocab_size, log_every=config.logging.every, metrics_path=metrics,
+        checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
+        keep_last=c.keep_last, show_progress=opts.show_progress, extra_state={
+            "engine": engine.name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
+        stop_step=opts.stop_at)
+    start = int(extra.get("step", 0))
+    out = train_loop(model, engine, sampler, loop, start_step=start)
+    seconds = sum(s.seconds for s in out.stats)
+    result = TrainResult(
+        losses=[s.loss for s in out.stats], grad_norms=[s.grad_norm for s in out.stats],
+        lrs=[s.lr for s in out.stats], start_step=start, final_step=start + len(out.stats),
+        tokens_per_s=sum(s.tokens for s in out.stats) / seconds if seconds else 0.0,
+        resumed_from=str(resume_from) if resume_from else None,
+        last_checkpoint=str(out.last_checkpoint) if out.last_checkpoint else None,
+        metrics_path=str(metrics) if metrics else None,
+        ranks={"rank": dist.get_rank(), "tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank})
+    if opts.return_shards:
+        with engine.gathered_params():
+            result.adapter_shards = {n: replace(t, local=t.local.detach().clone())
+                                     for n, t in model.adapter_state_dict().items()}
+    peft_dir, hf_dir = config.export.peft_dir, config.model.hf_checkpoint
+    if peft_dir is not None:
+        result.export_dir = export_adapter(model, out.last_checkpoint or resume_from, peft_dir, hf_dir)
+        if config.export.verify_with_peft:
+            result.peft_max_logit_diff = verify_with_peft(model, engine, samples[:2, :-1], peft_dir, hf_dir,
+                                                          settings.vocab_size)
+    return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    parser = argparse.ArgumentParser(description="LoRA fine-tuning of a Megatron model (run under torchrun).")
+    parser.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_const", const=True, default=None,
+                       help="resume from checkpoint.directory's latest (an error if there is none)")
+    group.add_argument("--resume-from", dest="resume", metavar="DIR",
+                       help="resume from this checkpoint (or this directory's latest)")
+    group.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="start fresh even if a checkpoint exists")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="end (with a checkpoint) after this global step; resume later with the same config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    result = run_training(load_run_config(args.config, args.overrides), resume=args.resume, stop_at=args.stop_at)
+    if result.ranks.get("rank") == 0 and result.losses:
+        print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps {result.start_step + 1}.."
+              f"{result.final_step} ({result.tokens_per_s:,.0f} tokens/s); checkpoint: {result.last_checkpoint}; "
+              f"PEFT adapter: {result.export_dir}"
+              + (f" (PEFT reproduces the logits to {result.peft_max_logit_diff:.1e})"
+                 if result.peft_max_logit_diff is not None else ""))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

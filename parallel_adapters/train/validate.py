@@ -1,0 +1,119 @@
+"""Run-config checks that need no process group: values, files, and the parallel layout.
+
+`validate_run_config(config)` and `check_parallel_layout(world_size, config)` run before anything
+is built, so a bad value, a missing file or an impossible TP x PP fails in a second with the
+dotted key's name, instead of after a model load or inside a collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from parallel_adapters.train.data import ByteTokenizer
+from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
+from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.run_config import RunConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout and batch split of a run (a pure function of world size and config)."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    micro_batch: int
+    accumulation: int
+    """Micro-batches per optimizer step on each DP rank."""
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.data
+
+
+# ----------------------------------------------------------------------------------------------
+
+def check_parallel_layout(world_size: int, config: RunConfig) -> Layout:
+    """ValueError naming parallel.tensor / parallel.pipeline / parallel.data when the layout cannot
+    run on `world_size` ranks, or optim.global_batch when it does not split."""
+    p, m, o = config.parallel, config.model, config.optim
+    for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ValueError(f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {model_parallel} "
+                         f"does not divide the world size {world_size}")
+    data = world_size // model_parallel
+    if p.data is not None and p.data != data:
+        raise ValueError(f"parallel.data={p.data}: parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} "
+                         f"x parallel.data={p.data} = {model_parallel * p.data} != world size {world_size}")
+    if m.hf_checkpoint is None:
+        if m.num_layers % p.pipeline:
+            raise ValueError(f"model.num_layers={m.num_layers} does not divide by parallel.pipeline={p.pipeline}")
+        for key, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.num_query_groups),
+                           ("ffn_hidden_size", m.ffn_hidden_size)):
+            if value % p.tensor:
+                raise ValueError(f"model.{key}={value} does not divide by parallel.tensor={p.tensor}")
+    if p.sequence_parallel and config.data.seq_len % p.tensor:
+        raise ValueError(f"data.seq_len={config.data.seq_len} must divide by parallel.tensor={p.tensor} "
+                         "with parallel.sequence_parallel")
+    if config.deepspeed is not None:
+        check_deepspeed_layout(p.pipeline)
+    per_step = o.micro_batch * data
+    global_batch = o.global_batch if o.global_batch is not None else per_step
+    if global_batch % per_step:
+        raise ValueError(f"optim.global_batch={global_batch} must be a multiple of optim.micro_batch="
+                         f"{o.micro_batch} x data-parallel size {data}")
+    return Layout(world_size, p.tensor, p.pipeline, data, o.micro_batch, global_batch // per_step)
+
+
+def validate_run_config(config: RunConfig) -> None:
+    """Value checks load_run_config cannot do by type alone; ValueError names the dotted key."""
+    o, d, m, c = config.optim, config.data, config.model, config.checkpoint
+    LRSchedule(o.lr, o.steps, o.schedule, o.warmup_steps)  # optim.lr / steps / schedule / warmup_steps
+    _positive({"optim.micro_batch": o.micro_batch, "data.seq_len": d.seq_len, "logging.every": config.logging.every,
+               "checkpoint.keep_last": c.keep_last, "model.num_layers": m.num_layers,
+               "model.hidden_size": m.hidden_size, "model.vocab_size": m.vocab_size,
+               "model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups})
+    if o.global_batch is not None and o.global_batch < 1:
+        raise ValueError(f"optim.global_batch must be >= 1, got {o.global_batch}")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("checkpoint.save_every", c.save_every)):
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    if d.tokenizer not in ("auto", "byte", "hf"):
+        raise ValueError(f"data.tokenizer must be 'auto', 'byte' or 'hf', got {d.tokenizer!r}")
+    for i, path in enumerate(d.paths):
+        if not Path(path).is_file():
+            raise ValueError(f"data.paths[{i}]: {str(path)!r} does not exist or is not a file")
+    if m.hf_checkpoint is not None and not Path(m.hf_checkpoint, "config.json").is_file():
+        raise ValueError(f"model.hf_checkpoint: {m.hf_checkpoint!r} is not a directory with a config.json")
+    if m.hf_checkpoint is None:
+        if d.tokenizer == "hf":
+            raise ValueError("data.tokenizer='hf' needs model.hf_checkpoint (the tokenizer's directory)")
+        if m.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
+                             f"{ByteTokenizer.vocab_size} ids")
+        if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_query_groups:
+            raise ValueError(f"model.hidden_size={m.hidden_size} must divide by model.num_attention_heads="
+                             f"{m.num_attention_heads}, which must divide by model.num_query_groups="
+                             f"{m.num_query_groups}")
+        if d.seq_len > m.max_position_embeddings:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
+                             f"{m.max_position_embeddings}")
+    if config.deepspeed is not None:
+        load_deepspeed_json(config.deepspeed)
+    if c.save_every > 0 and c.directory is None:
+        raise ValueError("checkpoint.save_every needs checkpoint.directory")
+    if config.export.verify_with_peft and config.export.peft_dir is None:
+        raise ValueError("export.verify_with_peft needs export.peft_dir")
+    if config.export.peft_dir is not None and c.directory is None:
+        raise ValueError("export.peft_dir needs checkpoint.directory (the export reads the final checkpoint)")
+
+
+def _positive(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")

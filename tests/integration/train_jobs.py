@@ -1,0 +1,87 @@
+"""Jobs for tests/integration/test_training.py: `run_training` on the pool's gloo ranks (no
+torchrun), plus the world-size-1 reference run as a subprocess entry point:
+
+    python -m tests.integration.train_jobs reference '<json list of overrides>' out.pt
+
+Every job returns plain data: the global losses and grad norms, and this rank's adapter shards
+(local tensor, ShardSpec, global shape) with its (tp, pp, dp) coordinates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"zero{stage}.json") for stage in (1, 2, 3)}
+
+# The tiny model and run every parity test shares: 2 layers, hidden 64, seq 32, global batch 4
+# (2 micro-batches of 2: DP=1 layouts accumulate, DP=2 layouts do not), both LoRA factors random
+# at init (so every factor has a gradient from step 1) and clipping active (norm > 0.5).
+BASE = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.max_position_embeddings=64", "data.seq_len=32",
+    "optim.micro_batch=2", "optim.global_batch=4", "optim.steps=5", "optim.lr=0.01", "optim.grad_clip=0.5",
+    "optim.schedule=linear", "optim.warmup_steps=1", "adapter.r=4", "adapter.lora_alpha=8",
+    "adapter.init_lora_weights=false", "seed=3", "logging.every=1",
+]
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: int | None = None) -> dict:
+    """run_training(BASE + overrides) on every rank; the result as plain data."""
+    _quiet()
+    from parallel_adapters.train.run_config import load_run_config
+    from parallel_adapters.train.runner import run_training
+
+    config = load_run_config(None, BASE + list(overrides))
+    result = run_training(config, resume=resume, show_progress=False, return_adapter_shards=True,
+                          tp_sum=tp_sum, stop_at=stop_at)
+    return {
+        "losses": result.losses,
+        "grad_norms": result.grad_norms,
+        "lrs": result.lrs,
+        "start_step": result.start_step,
+        "last_checkpoint": result.last_checkpoint,
+        "export_dir": result.export_dir,
+        "peft_max_logit_diff": result.peft_max_logit_diff,
+        "resumed_from": result.resumed_from,
+        "ranks": result.ranks,
+        "shards": {n: (t.local, t.spec, tuple(t.global_shape)) for n, t in result.adapter_shards.items()},
+        "tp_size": config.parallel.tensor,
+    }
+
+
+def full_tensors(rank_results: list[dict]) -> dict[str, torch.Tensor]:
+    """Unshard every adapter tensor from the per-rank results (DP rank 0 of each (tp, pp))."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    specs = {}
+    for res in rank_results:
+        if res["ranks"]["dp"] != 0:
+            continue
+        for name, (local, spec, _) in res["shards"].items():
+            pieces.setdefault(name, {})[res["ranks"]["tp"]] = local
+            specs[name] = spec
+    return {n: specs[n].unshard([p[i] for i in sorted(p)]) for n, p in pieces.items()}
+
+
+def reference_main(overrides_json: str, out: str) -> None:
+    """World size 1 (TP=1, PP=1, DP=1): the oracle every layout must reproduce."""
+    _quiet()
+    result = train_job(json.loads(overrides_json))
+    full = {n: local for n, (local, _, _) in result["shards"].items()}
+    torch.save({"losses": result["losses"], "grad_norms": result["grad_norms"], "full": full}, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "reference":
+        raise SystemExit(__doc__)
+    reference_main(sys.argv[2], sys.argv[3])
