@@ -29,6 +29,7 @@ _EXPORTS = {
     "export_peft_from_checkpoint": "parallel_adapters.checkpoint.export",
     "merge_into_hf": "parallel_adapters.checkpoint.merge",
     "gpt_settings_from_hf": "parallel_adapters.mcore.hf_bridge",
+    "gpt_config_from_hf": "parallel_adapters.mcore.hf_bridge",
     "import_hf_checkpoint": "parallel_adapters.mcore.hf_bridge",
     "export_hf_checkpoint": "parallel_adapters.mcore.hf_bridge",
 }

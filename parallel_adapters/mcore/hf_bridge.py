@@ -37,7 +37,7 @@ from parallel_adapters.mcore.hf_layout import (  # noqa: F401  (re-exported: the
     row_segments, split_parameter_name,
 )
 
-__all__ = ["gpt_settings_from_hf", "import_hf_checkpoint", "export_hf_checkpoint", "hf_config_from_model",
+__all__ = ["gpt_settings_from_hf", "gpt_config_from_hf", "import_hf_checkpoint", "export_hf_checkpoint", "hf_config_from_model",
            "local_ranges", "LlamaShape", "hf_to_megatron_state_dict", "megatron_to_hf_state_dict"]
 
 _IGNORED_HF = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
@@ -57,6 +57,10 @@ def gpt_settings_from_hf(hf_dir: str | Path | Mapping[str, Any], **overrides: An
         attention_dropout=shape.attention_dropout,
     )
     return replace(settings, **overrides)
+
+
+gpt_config_from_hf = gpt_settings_from_hf
+"""Alias of gpt_settings_from_hf (the GPT configuration read from an HF config.json)."""
 
 
 def _where(source: Any) -> str:
