@@ -16,20 +16,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from parallel_adapters.adapters.sharding import REPLICATED, ShardSpec
 from parallel_adapters.mcore import compat, cpu
 from parallel_adapters.mcore.norms import SequenceParallelNorm
+from parallel_adapters.mcore.schedule import forward_only
 
 
 @dataclass(frozen=True)
@@ -250,21 +249,6 @@ def gpt_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor 
     while hasattr(inner, "module"):  # megatron DDP / Float16Module wrappers
         inner = inner.module
     vocab = getattr(inner, "unpadded_vocab_size", inner.vocab_size)
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return model(input_ids, None, None, runtime_gather_output=True)[..., :vocab]
-    outputs = get_forward_backward_func()(
-        forward_step_func=_logits_step,
-        data_iterator=iter([input_ids]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=input_ids.shape[1],
-        micro_batch_size=input_ids.shape[0],
-        forward_only=True,
-    )
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return outputs[0][..., :vocab]
-
-
-def _logits_step(data_iterator: Iterator[torch.Tensor], model: GPTModel):
-    return model(next(data_iterator), None, None, runtime_gather_output=True), None
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    logits = forward_only(model, input_ids, pp_size, runtime_gather_output=True)
+    return None if logits is None else logits[..., :vocab]

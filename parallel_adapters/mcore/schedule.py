@@ -58,14 +58,15 @@ def is_megatron_module(module: torch.nn.Module) -> bool:
     return isinstance(module, MegatronModule)
 
 
-def forward_only(model: torch.nn.Module, input_ids: torch.Tensor, pp_size: int) -> torch.Tensor | None:
-    """One forward pass without gradients' bookkeeping of a schedule (EVA's statistics pass):
-    `model(input_ids, None, None)` at PP=1, Megatron's forward-only schedule (one micro-batch)
-    otherwise.  Returns this rank's (TP-local) output on the last stage, None on the others."""
+def forward_only(model: torch.nn.Module, input_ids: torch.Tensor, pp_size: int,
+                 **forward_kwargs: Any) -> torch.Tensor | None:
+    """One forward pass without a schedule's gradient bookkeeping (EVA's statistics pass, logits):
+    `model(input_ids, None, None, **forward_kwargs)` at PP=1, Megatron's forward-only schedule
+    (one micro-batch) otherwise.  Returns the last stage's output, None on the other stages."""
     if pp_size == 1:
-        return model(input_ids, None, None)
+        return model(input_ids, None, None, **forward_kwargs)
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_only_step,
+        forward_step_func=partial(_forward_only_step, forward_kwargs),
         data_iterator=iter([input_ids]),
         model=[model],
         num_microbatches=1,
@@ -76,8 +77,9 @@ def forward_only(model: torch.nn.Module, input_ids: torch.Tensor, pp_size: int) 
     return outputs[0] if parallel_state.is_pipeline_last_stage() else None
 
 
-def _forward_only_step(data_iterator: Iterator[torch.Tensor], model: torch.nn.Module) -> tuple[Any, None]:
-    return model(next(data_iterator), None, None), None
+def _forward_only_step(forward_kwargs: dict, data_iterator: Iterator[torch.Tensor],
+                       model: torch.nn.Module) -> tuple[Any, None]:
+    return model(next(data_iterator), None, None, **forward_kwargs), None
 
 
 def seed_model_parallel_rngs(seed: int) -> None:
