@@ -138,12 +138,6 @@ class TorchEngine:
         """The optimizer whose state adapter_io saves and restores (keyed by tensor names)."""
         return self.optimizer
 
-    def save_native_state(self, directory: Path) -> None:
-        """Engine state that adapter_io does not hold: none for the torch engine."""
-
-    def load_native_state(self, directory: Path) -> None:
-        """Inverse of save_native_state."""
-
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed
@@ -367,20 +361,23 @@ class DeepSpeedEngine:
             yield
 
     def checkpoint_optimizer(self) -> None:
-        """ZeRO's optimizer state is partitioned and flattened: saved by save_native_state."""
+        """None: ZeRO's state is partitioned and flattened, not keyed by adapter tensor names; it is
+        saved pickle-free by train/zero_state.py (`capture` / `restore`) instead."""
         return None
 
-    def save_native_state(self, directory: Path) -> None:
-        """DeepSpeed's own checkpoint (ZeRO optimizer partitions, adapter weights only); every
-        rank calls it.  DeepSpeed writes it with torch.save: it is read back only by this run's
-        resume (`load_native_state`), never by the offline tools."""
-        self.engine.save_checkpoint(str(directory), tag="state", save_latest=False, exclude_frozen_parameters=True)
 
-    def load_native_state(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
-        if path is None:
-            raise ValueError(f"resume: no DeepSpeed state under {directory}")
+def deepspeed_classes() -> tuple[dict[str, type], tuple[type, ...]]:
+    """For train/zero_state.py (which imports no deepspeed): the classes a ZeRO state_dict holds
+    that it may rebuild (qualified name -> class), and the ZeRO optimizer classes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3  # noqa: PLC0415
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    known = (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
+    zero = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)
+    return {f"{c.__module__}.{c.__qualname__}": c for c in known}, zero
 
 
 def build_engine(model: AdapterModel, lr: float, weight_decay: float, grad_clip: float,

@@ -10,9 +10,11 @@ Per step (collectives in brackets; the engine docstring has the gradient ones):
                                                        the grad-norm share (engine.grad_sumsq)
     engine.step(lr_at(step), grad_norm)
 
-Exact resume needs: the adapter weights and optimizer state (adapter_io or DeepSpeed's own
-files), the step (the LR schedule is a pure function of it), the sampler position, the RNG
-states (captured by save_checkpoint) and the LoRA dropout call counters (extra_state).
+Exact resume needs: the adapter weights and optimizer state (torch engine: adapter_io, keyed by
+adapter tensor names; DeepSpeed: ZeRO's per-rank state, flattened by the engine into the same
+per-rank safetensors + JSON; no pickle is written or read), the step (the LR schedule is a pure
+function of it), the sampler position, the RNG states (captured by save_sharded) and the LoRA
+dropout call counters (extra_state).
 """
 from __future__ import annotations
 
@@ -29,16 +31,16 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.checkpoint.adapter_io import save_checkpoint
+from parallel_adapters.checkpoint.adapter_io import checkpoint_config, save_checkpoint
+from parallel_adapters.checkpoint.sharded import save_sharded
 from parallel_adapters.distributed import collectives as C
+from parallel_adapters.train import zero_state
 from parallel_adapters.train.data import DataParallelBatches, DataPosition
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.schedule import forward_backward, valid_tokens
 
 CHECKPOINT_NAME = "step-{step:06d}"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
-NATIVE_STATE_DIR = "engine_state"
-"""<checkpoint parent>/engine_state/<name>/: engine state adapter_io does not hold (DeepSpeed)."""
 
 
 class GlobalBatchSampler:
@@ -194,18 +196,39 @@ class _MetricsWriter:
 def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler,
                              settings: LoopSettings, step: int) -> Path:
     """Collective: `<dir>/step-NNNNNN` (adapters, optimizer, RNG, extra state), then prune to
-    keep_last.  Engine-native state (DeepSpeed) is written first, into engine_state/, so that
-    `latest` (published last by save_checkpoint) never names a checkpoint whose state is missing."""
+    keep_last.  Everything is in that one directory, as safetensors + JSON (DESIGN.md section 6):
+    the torch engine's AdamW state through adapter_io, DeepSpeed's ZeRO state flattened by
+    train/zero_state.py into the same per-rank optimizer state."""
     parent = settings.checkpoint_dir
     name = CHECKPOINT_NAME.format(step=step)
-    engine.save_native_state(parent / NATIVE_STATE_DIR / name)
     extra = dict(settings.extra_state, step=step, data_position=vars(sampler.position),
                  lora_dropout_calls=dropout_counters(model))
-    with engine.gathered_params():
-        path = save_checkpoint(model, parent / name, engine.checkpoint_optimizer(), extra_state=extra)
+    optimizer = engine.checkpoint_optimizer()
+    if optimizer is not None:
+        with engine.gathered_params():
+            path = save_checkpoint(model, parent / name, optimizer, extra_state=extra)
+    else:
+        state = agreed(lambda: zero_state.capture(engine), "saving the DeepSpeed state")  # before ZeRO-3 gathers
+        with engine.gathered_params():
+            path = save_sharded(parent / name, model.adapter_state_dict(), model.groups, checkpoint_config(model),
+                                optimizer_state=state, extra_state=extra, rng_state=True)
     if C.group_rank(None) == 0:
         prune_checkpoints(parent, settings.keep_last)
     return path
+
+
+def agreed(fn: Callable[[], Any], what: str) -> Any:
+    """fn() on every rank; if it fails on any rank, every rank raises (never one rank raising
+    while the others wait in the save's collectives)."""
+    out, error = None, None
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        error = f"rank {C.group_rank(None)}: {type(exc).__name__}: {exc}"
+    if not C.all_ranks_agree(error is None, None):
+        errors = list(dict.fromkeys(e for e in C.all_gather_objects(error, None) if e))
+        raise RuntimeError(f"{what} failed:\n  " + "\n  ".join(errors))
+    return out
 
 
 def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
@@ -219,15 +242,14 @@ def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(parent: Path, keep_last: int, protect: Callable[[Path], bool] | None = None) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (and their engine state); never the
-    one `latest` names.  World rank 0 only: it is the only writer of `latest`."""
+    """Delete all but the newest `keep_last` checkpoints; never the one `latest` names.
+    World rank 0 only: it is the only writer of `latest`."""
     latest = (parent / "latest").read_text().strip() if (parent / "latest").is_file() else None
     removed = []
     for _, path in list_checkpoints(parent)[:-keep_last] if keep_last > 0 else []:
         if path.name == latest or (protect is not None and protect(path)):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(parent / NATIVE_STATE_DIR / path.name, ignore_errors=True)
         removed.append(path)
     return removed
 

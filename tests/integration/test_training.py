@@ -7,7 +7,9 @@ grad-norm clipping active (fp32: rel/abs 1e-5), and every rank's adapter shards 
 reference's full tensors sliced by the shard's ShardSpec (this catches DeepSpeed overwriting TP
 shards with rank 0's, and a missing or misplaced TP sum of replicated factors: without the TP sum
 under ZeRO-2 the loss is off by 2.6e-2 and the weights by 5e-2).  Resume: 20 steps in one go ==
-10 steps, checkpoint, a new run resuming from `latest`, 10 more: bit-identical losses and weights.
+10 steps, checkpoint, a new run resuming from `latest`, 10 more: bit-identical losses and weights,
+for the torch engine and ZeRO 1, 2 and 3, whose checkpoints hold only safetensors + JSON (no
+DeepSpeed pickles: torch.save/torch.load raise during those runs).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,25 +75,98 @@ def test_layout_matches_world_size_one(request, reference, name):
                                        msg=f"{name}: rank {res['ranks']} {tensor_name}")
 
 
-RESUME_RUN = ["parallel.tensor=2", "optim.steps=20", "optim.schedule=cosine", "optim.warmup_steps=3",
-              "adapter.lora_dropout=0.1"]
+RESUME_RUN = ["optim.steps=20", "optim.schedule=cosine", "optim.warmup_steps=3", "adapter.lora_dropout=0.1"]
+RESUME_VARIANTS = {  # name: (pool fixture, overrides); ZeRO with DP=2 so that its state is partitioned
+    "torch": ("pool2", ["parallel.tensor=2"]),
+    "zero1_tp2_dp2": ("pool4", ["parallel.tensor=2", f"deepspeed={ZERO[1]}"]),
+    "zero2_dp2": ("pool2", [f"deepspeed={ZERO[2]}"]),
+    "zero3_tp2": ("pool2", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
+    "zero3_dp2": ("pool2", [f"deepspeed={ZERO[3]}"]),
+}
 
 
-@pytest.mark.parametrize("engine", ["torch", "zero3"])
-def test_resume_is_bit_exact(pool2, tmp_path, engine):
-    run = RESUME_RUN + ([f"deepspeed={ZERO[3]}"] if engine == "zero3" else [])
+@pytest.mark.parametrize("name", list(RESUME_VARIANTS))
+def test_resume_is_bit_exact(request, tmp_path, name):
+    """20 steps in one go == 10 steps + checkpoint + a new run resuming from `latest` + 10 more.
+    DeepSpeed: its state goes through the checkpoint's safetensors + JSON only (torch.save and
+    torch.load raise during the checkpointed runs; nothing else is on disk)."""
+    pool_name, overrides = RESUME_VARIANTS[name]
+    pool = request.getfixturevalue(pool_name)
+    run = RESUME_RUN + overrides
     saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=4", "checkpoint.keep_last=2",
               f"logging.metrics_jsonl={tmp_path}/metrics.jsonl"]
-    straight = pool2.run(train_job, run)
-    first = pool2.run(train_job, run + saving, None, "auto", 10)  # stops after step 10, saves
-    second = pool2.run(train_job, run + saving)  # a new run: resumes from `latest` by itself
+    no_pickle = name != "torch"
+    straight = pool.run(train_job, run)
+    first = pool.run(train_job, run + saving, None, "auto", 10, no_pickle)  # stops after step 10, saves
+    second = pool.run(train_job, run + saving, None, "auto", None, no_pickle)  # resumes from `latest` itself
     assert second[0]["start_step"] == 10 and second[0]["resumed_from"] == str(tmp_path / "ck" / "step-000010")
     for a, b, c in zip(straight, first, second):
         assert b["losses"] + c["losses"] == a["losses"]  # bit-exact, fp32 on the CPU
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
         assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])
     assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == ["step-000016", "step-000020"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
+    _assert_only_safetensors_and_json(tmp_path / "ck")
+
+
+def _assert_only_safetensors_and_json(parent) -> None:
+    """Under a run's checkpoint directory: only `latest` (the pointer) and step directories holding
+    valid .safetensors and .json files (no DeepSpeed engine_state/, no .pt, no pickle)."""
+    from safetensors import safe_open
+
+    top = sorted(p.name for p in parent.iterdir())
+    assert top == ["latest", "step-000016", "step-000020"], top
+    files = [p for p in parent.rglob("*") if p.is_file() and p != parent / "latest"]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), sorted(map(str, files))
+    for path in files:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            with safe_open(str(path), "pt") as fh:
+                assert list(fh.keys()), path
+
+
+def test_deepspeed_checkpoint_holds_zero_state_per_rank(pool2, tmp_path):
+    """ZeRO-2 at DP=2: each rank's optimizer state holds its own half of the fp32 partition and
+    of the AdamW moments, DeepSpeed's scalars, and the layout that rebuilds its state_dict.
+    Resuming it under another ZeRO stage, or checkpointing a setup whose state cannot be stored
+    without DeepSpeed's pickles (elastic_checkpoint), is refused on every rank."""
+    from safetensors import safe_open
+
+    pool2.run(train_job, [f"deepspeed={ZERO[2]}", "optim.steps=2", f"checkpoint.directory={tmp_path}/ck"],
+              None, "auto", None, True)
+    ck = tmp_path / "ck" / "step-000002"
+    ranks = json.loads((ck / "index.json").read_text())["train_state"]["optimizer"]
+    assert len(ranks) == 2
+    partitions = []
+    for rels in ranks.values():
+        scalars = json.loads((ck / rels["scalars"]).read_text())
+        assert scalars["deepspeed/zero_stage"] == 2
+        assert scalars["deepspeed/optimizer_class"] == "DeepSpeedZeroOptimizer"
+        assert scalars["deepspeed/engine/global_steps"] == 2
+        assert scalars["deepspeed/optimizer/clip_grad"] == CLIP
+        assert scalars["deepspeed/optimizer/loss_scaler/cur_scale"] == 1.0
+        layout = json.loads(scalars["deepspeed/optimizer/__layout__"])
+        entries = dict(layout["dict"])
+        assert entries["zero_stage"] == {"enum": "deepspeed.runtime.zero.config.ZeroStageEnum", "value": 2}
+        assert entries["loss_scaler"]["object"] == "deepspeed.runtime.fp16.loss_scaler.LossScaler"
+        with safe_open(str(ck / rels["tensors"]), "pt") as fh:
+            part = fh.get_tensor("deepspeed/optimizer/single_partition_of_fp32_groups/0")
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert fh.get_tensor(f"deepspeed/optimizer/base_optimizer_state/state/0/{moment}").shape == part.shape
+            assert fh.get_tensor("deepspeed/optimizer/base_optimizer_state/state/0/step").item() == 2
+        partitions.append(part)
+    # 2 layers x (proj 256+256, qkv 256+512, fc1 256+1024, fc2 512+256) = 6656 fp32, halved over DP
+    assert [p.numel() for p in partitions] == [3328, 3328] and not torch.equal(*partitions)
+
+    with pytest.raises(JobFailed, match=r"saved with ZeRO stage 2 \(DeepSpeedZeroOptimizer\); this run uses ZeRO st"):
+        pool2.run(train_job, [f"deepspeed={ZERO[3]}", "optim.steps=4", f"checkpoint.directory={tmp_path}/ck"])
+    elastic = json.loads(Path(ZERO[2]).read_text())
+    elastic["zero_optimization"]["elastic_checkpoint"] = True
+    (tmp_path / "elastic.json").write_text(json.dumps(elastic))
+    with pytest.raises(JobFailed, match=r"elastic_checkpoint=true is not supported by checkpoints"):
+        pool2.run(train_job, [f"deepspeed={tmp_path}/elastic.json", f"checkpoint.directory={tmp_path}/ck2"])
 
 
 def test_impossible_layout_is_refused_on_every_rank(pool2):

@@ -8,6 +8,7 @@ Every job returns plain data: the global losses and grad norms, and this rank's 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -36,15 +37,18 @@ def _quiet() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: int | None = None) -> dict:
-    """run_training(BASE + overrides) on every rank; the result as plain data."""
+def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: int | None = None,
+              forbid_torch_files: bool = False) -> dict:
+    """run_training(BASE + overrides) on every rank; the result as plain data.  forbid_torch_files:
+    torch.save / torch.load (pickle files, e.g. DeepSpeed's own checkpoints) raise during the run."""
     _quiet()
     from parallel_adapters.train.run_config import load_run_config
     from parallel_adapters.train.runner import run_training
 
     config = load_run_config(None, BASE + list(overrides))
-    result = run_training(config, resume=resume, show_progress=False, return_adapter_shards=True,
-                          tp_sum=tp_sum, stop_at=stop_at)
+    with _no_torch_files(forbid_torch_files):
+        result = run_training(config, resume=resume, show_progress=False, return_adapter_shards=True,
+                              tp_sum=tp_sum, stop_at=stop_at)
     return {
         "losses": result.losses,
         "grad_norms": result.grad_norms,
@@ -58,6 +62,31 @@ def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: 
         "shards": {n: (t.local, t.spec, tuple(t.global_shape)) for n, t in result.adapter_shards.items()},
         "tp_size": config.parallel.tensor,
     }
+
+
+@contextlib.contextmanager
+def _no_torch_files(active: bool):
+    """torch.save/torch.load (both spellings) raise while active; restored afterwards (the pool's
+    workers are reused)."""
+    if not active:
+        yield
+        return
+    import torch.serialization as ts
+
+    def refuse(name: str):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} was called during a run that must not write or read pickle files")
+        return call
+
+    saved = [(torch, "save"), (torch, "load"), (ts, "save"), (ts, "load")]
+    originals = [getattr(mod, attr) for mod, attr in saved]
+    for mod, attr in saved:
+        setattr(mod, attr, refuse(f"torch.{attr}"))
+    try:
+        yield
+    finally:
+        for (mod, attr), fn in zip(saved, originals):
+            setattr(mod, attr, fn)
 
 
 def full_tensors(rank_results: list[dict]) -> dict[str, torch.Tensor]:
