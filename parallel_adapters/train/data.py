@@ -1,7 +1,8 @@
 """Tokenised, packed training data with deterministic data-parallel sampling.
 
-Shapes: a packed sample is [seq_len + 1] token ids; a micro-batch gives input_ids [B, S] and
-labels [B, S] (inputs shifted by one), with label_mask_value where a label must not count.
+Shapes: packed samples are [N, 2, S]: row 0 the input ids, row 1 the labels (the inputs shifted
+by one, with LABEL_MASK_VALUE where a label must not count); a micro-batch gives input_ids [B, S]
+and labels [B, S].
 """
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def load_texts(paths: Sequence[str | Path]) -> list[str]:
 
 
 def pack(documents: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> torch.Tensor:
-    """Concatenate documents (eos between them) and cut into [N, seq_len + 1] samples.
+    """Concatenate documents (eos after each) and cut into [N, 2, seq_len] (inputs, labels).
 
-    Samples overlap by one token so that every token is predicted exactly once.
+    Consecutive samples overlap by one token so that every token is a label exactly once.  The
+    label after an eos (the next document's first token) is masked: nothing in the sequence
+    predicts it.
     """
     stream: list[int] = []
     for doc in documents:
@@ -66,7 +69,9 @@ def pack(documents: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> torch
     if count < 1:
         raise ValueError(f"the data holds {len(stream)} tokens: too few for one sequence of {seq_len}")
     flat = torch.tensor(stream[: count * seq_len + 1], dtype=torch.long)
-    return torch.stack([flat[i * seq_len: (i + 1) * seq_len + 1] for i in range(count)])
+    inputs, labels = flat[:-1].clone(), flat[1:].clone()
+    labels[inputs == eos_id] = LABEL_MASK_VALUE
+    return torch.stack([inputs.view(count, seq_len), labels.view(count, seq_len)], dim=1)
 
 
 @dataclass
@@ -102,4 +107,4 @@ class DataParallelBatches:
         start = (self.position.step * self.dp_size + self.dp_rank) * self.micro_batch
         chunk = self.samples[order[start: start + self.micro_batch]]
         self.position = DataPosition(self.position.epoch, self.position.step + 1)
-        return {"input_ids": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous()}
+        return {"input_ids": chunk[:, 0].contiguous(), "labels": chunk[:, 1].contiguous()}

@@ -102,7 +102,7 @@ def _tokenizer(config: RunConfig) -> tuple[Any, int, int]:
 
 
 def build_samples(config: RunConfig) -> tuple[torch.Tensor, int]:
-    """Packed [N, seq_len + 1] samples and the tokenizer's vocabulary size."""
+    """Packed [N, 2, seq_len] samples (inputs, labels) and the tokenizer's vocabulary size."""
     encode, eos_id, vocab = _tokenizer(config)
     texts = load_texts(config.data.paths or [default_corpus_path()])
     return pack([encode(t) for t in texts], config.data.seq_len, eos_id), vocab
@@ -350,7 +350,7 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
     if peft_dir is not None:
         result.export_dir = export_adapter(model, out.last_checkpoint or resume_from, peft_dir, hf_dir)
         if config.export.verify_with_peft:
-            result.peft_max_logit_diff = verify_with_peft(model, engine, samples[:2, :-1], peft_dir, hf_dir,
+            result.peft_max_logit_diff = verify_with_peft(model, engine, samples[:2, 0], peft_dir, hf_dir,
                                                           settings.vocab_size)
     return result
 
