@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.checkpoint.layout import CheckpointError, read_json
+from parallel_adapters.checkpoint.layout import CheckpointError
+from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state, restore_rng_state, save_sharded
 

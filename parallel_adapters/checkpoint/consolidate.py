@@ -2,15 +2,13 @@
 
 Streaming: tensors are processed one at a time, and `reshard` writes its output files with a
 header computed up front from the index, appending each tensor's bytes as it goes, so memory stays
-at one tensor's shards however large the checkpoint is.
+at one tensor's shards however large the checkpoint is.  Checksums: every input file is verified
+(on worker threads, while it is read, before anything is returned or published), and every output
+file's record is hashed from the bytes written, never read back.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,64 +16,43 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.checkpoint.layout import (
-    CONFIG_FILE, SAFETENSORS_CODES, CheckpointError, TensorInfo, dtype_name, file_record, fsync_path,
-    build_index, shard_file, shard_key, write_json,
+    CONFIG_FILE, CheckpointError, TensorInfo, build_index, dtype_name, shard_file, shard_key
 )
+from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.writer import make_tmp_dir, publish
 
+# A safetensors file written tensor by tensor (header fixed up front), hashed as it is written.
+StreamingSafetensorsWriter = SafetensorsWriter
+
+
+def _tensor_files(reader: CheckpointReader) -> list[str]:
+    return sorted({rel for info in reader.tensors.values() for rel in info.files.values()})
+
 
 def iter_full_tensors(directory: str | Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Megatron name, full tensor) pairs, one at a time, in name order."""
+    """(Megatron name, full tensor) pairs, one at a time, in name order.  Each tensor is yielded
+    only after the files it comes from are verified (all files are hashed in parallel up front)."""
     with CheckpointReader(directory) as reader:
+        reader.verify_in_background(_tensor_files(reader))
         names = sorted(reader.tensors)
         for name in tqdm(names, desc="consolidate", disable=not progress, leave=False):
             yield name, reader.read_full(name)
 
 
+def consolidate_from(reader: CheckpointReader, progress: bool = False) -> dict[str, torch.Tensor]:
+    """`consolidate` with an open reader (reads while the files are hashed; returns once verified)."""
+    names = sorted(reader.tensors)
+    with reader.deferred_verification():
+        out = {name: reader.read_full(name)
+               for name in tqdm(names, desc="consolidate", disable=not progress, leave=False)}
+    return out
+
+
 def consolidate(directory: str | Path, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every adapter tensor, unsharded, keyed by its Megatron module path."""
-    return dict(iter_full_tensors(directory, progress))
-
-
-class StreamingSafetensorsWriter:
-    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is
-    fixed at creation, then `write` must be called for each tensor in header order."""
-
-    def __init__(self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
-        self.path = path
-        self._order = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
-        header: dict[str, dict] = {}
-        offset = 0
-        for name, dtype, shape in self._order:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_CODES[dtype_name(dtype)], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-        self._fh = open(path, "wb")
-        self._fh.write(struct.pack("<Q", len(blob)))
-        self._fh.write(blob)
-        self._next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        want = self._order[self._next] if self._next < len(self._order) else None
-        got = (name, tensor.dtype, tuple(tensor.shape))
-        if want != got:
-            raise CheckpointError(f"{self.path}: writing {got}, header expects {want}")
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._fh.closed:
-            return
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        if self._next != len(self._order):
-            raise CheckpointError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+    with CheckpointReader(directory) as reader:
+        return consolidate_from(reader, progress)
 
 
 def _plan(infos: Sequence[TensorInfo], tp_size: int) -> dict[str, list]:
@@ -97,25 +74,29 @@ def _index_entry(info: TensorInfo, tp_size: int) -> dict:
 
 
 def _write_shards(reader: CheckpointReader, tmp: Path, tp_size: int, progress: bool) -> dict[str, dict]:
+    """Write every output shard file; their records, from the bytes written."""
     infos = [reader.tensors[n] for n in sorted(reader.tensors)]
     for info in infos:
         try:
             info.local_shape(tp_size)
         except ValueError as exc:
             raise CheckpointError(f"tensor {info.name!r} cannot be split over {tp_size} TP ranks: {exc}") from None
-    writers = {rel: StreamingSafetensorsWriter(tmp / rel, layout) for rel, layout in _plan(infos, tp_size).items()}
+    writers = {rel: SafetensorsWriter(tmp / rel, layout) for rel, layout in _plan(infos, tp_size).items()}
     try:
-        for info in tqdm(infos, desc=f"reshard to tp {tp_size}", disable=not progress, leave=False):
-            full = reader.read_full(info.name)
-            ranks = [0] if info.spec.replicated else range(tp_size)
-            for r in ranks:
-                writers[shard_file(r, info.pp_rank)].write(info.name, info.spec.shard(full, r, tp_size))
-    finally:
+        with reader.deferred_verification():  # nothing is published before the inputs are verified
+            for info in tqdm(infos, desc=f"reshard to tp {tp_size}", disable=not progress, leave=False):
+                full = reader.read_full(info.name)
+                if tp_size == 1:
+                    writers[shard_file(0, info.pp_rank)].write(info.name, full)
+                    continue
+                ranks = [0] if info.spec.replicated else range(tp_size)
+                for r in ranks:
+                    writers[shard_file(r, info.pp_rank)].write(info.name, info.spec.shard(full, r, tp_size))
+    except BaseException:
         for w in writers.values():
-            w.close()
-    for rel in writers:
-        fsync_path(tmp / rel)
-    return {rel: file_record(tmp / rel) for rel in writers}
+            w.discard()
+        raise
+    return {rel: w.close() for rel, w in writers.items()}
 
 
 def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, progress: bool = True) -> Path:

@@ -3,11 +3,16 @@
 Offline and single-process (no megatron, no torch.distributed).  From full (consolidated)
 factors under Megatron names, per adapted Megatron module (A [r, in], B [out, r]):
 
-    linear_qkv  -> q_proj, k_proj, v_proj   A copied three times (real copies: safetensors refuses
-                                            shared memory), B split per query group [q_g; k_g; v_g]
-    linear_fc1  -> gate_proj, up_proj       A copied twice, B split into the [gate; up] halves
+    linear_qkv  -> q_proj, k_proj, v_proj   the same A for all three, B split per query group
+                                            [q_g; k_g; v_g] (gathered rows: one copy)
+    linear_fc1  -> gate_proj, up_proj       the same A for both, B split into the [gate; up] halves
+                                            (row views, no copy)
     linear_proj -> o_proj                   as is
     linear_fc2  -> down_proj                as is
+
+The factors are not copied where they need not be (they may share memory with the input tensors
+and with each other); `peft_tensors` copies A for k/v/up only, because safetensors refuses
+overlapping tensors in one file.
 
 Keys are `base_model.model.<HF module>.lora_A.weight` (PEFT inserts the adapter name itself; any
 other prefix only warns "missing adapter keys" and leaves B at zero).  Per-module ranks and alphas
@@ -17,7 +22,9 @@ module paths.  The same per-HF-module factors and scalings drive the offline mer
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,7 @@ from safetensors.torch import save_file
 
 from parallel_adapters.config import lora_scaling, pattern_value
 from parallel_adapters.mcore.hf_layout import (
-    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
+    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments,
 )
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -104,9 +111,28 @@ def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping
         r = int(a.shape[0])
         alpha = pattern_value(module, alpha_pattern, alpha0)
         scaling = lora_scaling(alpha, r, rslora)
-        b_parts = split_rows(row_segments(module, shape, b.shape[0], ""), b)
+        b_parts = _split_b(row_segments(module, shape, b.shape[0], ""), b.detach())
         for hf_module in hf_modules(module, shape):
-            out[hf_module] = HFLoraFactor(a.detach().contiguous().clone(), b_parts[hf_module], r, alpha, scaling)
+            out[hf_module] = HFLoraFactor(a.detach(), b_parts[hf_module], r, alpha, scaling)
+    return out
+
+
+def _split_b(segments: list, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HF module -> its rows of B: a view where they are one contiguous range, else one gathered
+    copy (q/k/v rows interleave per query group).  Padding rows are dropped."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for seg in segments:
+        if seg.hf_name is not None:
+            parts.setdefault(seg.hf_name, []).append((seg.src_start, b[seg.start:seg.stop]))
+    out = {}
+    for name, pieces in parts.items():
+        pieces.sort(key=lambda p: p[0])
+        expect = 0
+        for start, piece in pieces:
+            if start != expect:
+                raise ValueError(f"rows of {name} are not contiguous at {start}")
+            expect += piece.shape[0]
+        out[name] = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=0)
     return out
 
 
@@ -139,11 +165,24 @@ def peft_adapter_config(factors: Mapping[str, HFLoraFactor], adapter_config: Map
 
 
 def peft_tensors(factors: Mapping[str, HFLoraFactor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapter_model.safetensors dict (every tensor its own contiguous storage)."""
+    """The adapter_model.safetensors dict: the factors as they are (cast to `dtype`, made
+    contiguous), copied only where a tensor overlaps the memory of one already in the dict (A
+    shared by q/k/v or gate/up), which safetensors refuses.  No two values overlap in memory."""
     out = {}
+    spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges already used
     for module, f in sorted(factors.items()):
         for factor, t in (("lora_A", f.lora_A), ("lora_B", f.lora_B)):
-            out[f"{PEFT_PREFIX}{module}.{factor}.weight"] = t.to(dtype or t.dtype).contiguous().clone()
+            t = t.detach().to(dtype or t.dtype).contiguous()
+            lo = t.data_ptr()
+            hi = lo + t.numel() * t.element_size()
+            used = spans.setdefault(t.untyped_storage().data_ptr(), [])
+            if lo == hi or any(lo < b and a < hi for a, b in used):
+                t = t.clone()
+                lo = t.data_ptr()
+                hi = lo + t.numel() * t.element_size()
+                used = spans.setdefault(t.untyped_storage().data_ptr(), [])
+            used.append((lo, hi))
+            out[f"{PEFT_PREFIX}{module}.{factor}.weight"] = t
     return out
 
 
@@ -157,34 +196,69 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     unless `adapter_config` is given) or full factors under Megatron names (then `adapter_config`,
     the adapter's LoraConfig fields as a dict or LoraConfig, is required).
     `hf_config`: the base model's config.json (dict, file or model directory; a directory also
-    becomes base_model_name_or_path unless one is given)."""
-    if isinstance(source, (str, Path)):
-        source, stored = load_checkpoint_factors(source)
-        adapter_config = stored if adapter_config is None else adapter_config
-    if adapter_config is None:
+    becomes base_model_name_or_path unless one is given).
+
+    The weights go to a hidden temporary file renamed into place at the end, so a failed export
+    never leaves a partial adapter_model.safetensors.  From a checkpoint, that file is written
+    while the shard files' checksums are still being computed, and renamed only once they pass."""
+    from_checkpoint = isinstance(source, (str, Path))
+    if adapter_config is None and not from_checkpoint:
         raise ValueError("export_peft: adapter_config is required when source is a tensor dict")
-    if hasattr(adapter_config, "to_dict"):
-        adapter_config = adapter_config.to_dict()
     hf_cfg = read_hf_config(hf_config)
     if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         base_model_name_or_path = str(hf_config)
-    factors = hf_lora_factors(source, adapter_config, hf_cfg, adapter_name)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(peft_tensors(factors, dtype), str(out / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    stage = lambda tensors, cfg: _stage_export(tensors, cfg, hf_cfg, out, adapter_name,  # noqa: E731
+                                               base_model_name_or_path, dtype)
+    if not from_checkpoint:
+        return _commit_export(*stage(source, adapter_config))
+    from parallel_adapters.checkpoint.reader import CheckpointReader
+
+    staged = None
+    try:
+        with CheckpointReader(source) as reader:
+            stored = reader.config()
+            with reader.deferred_verification():
+                tensors = {name: reader.read_full(name) for name in sorted(reader.tensors)}
+                staged = stage(tensors, stored if adapter_config is None else adapter_config)
+        return _commit_export(*staged)  # every shard file verified
+    except BaseException:
+        if staged is not None:
+            staged[0].unlink(missing_ok=True)
+        raise
+
+
+def _stage_export(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any] | None,
+                  hf_cfg: Mapping[str, Any], out: Path, adapter_name: str | None,
+                  base_model_name_or_path: str | None, dtype: torch.dtype | None) -> tuple[Path, Path, dict]:
+    """Write the weights to a hidden temporary file in `out`; (that file, out, adapter_config.json)."""
+    if hasattr(adapter_config, "to_dict"):
+        adapter_config = adapter_config.to_dict()
+    factors = hf_lora_factors(tensors, adapter_config, hf_cfg, adapter_name)
     config = peft_adapter_config(factors, adapter_config, hf_cfg, base_model_name_or_path)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{ADAPTER_WEIGHTS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        save_file(peft_tensors(factors, dtype), str(tmp), metadata={"format": "pt"})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, out, config
+
+
+def _commit_export(tmp: Path, out: Path, config: dict) -> Path:
+    os.replace(tmp, out / ADAPTER_WEIGHTS_FILE)
     (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
 
 def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(full factors under Megatron names, the checkpoint's adapter config), verified by the reader."""
-    from parallel_adapters.checkpoint.consolidate import consolidate
+    from parallel_adapters.checkpoint.consolidate import consolidate_from
     from parallel_adapters.checkpoint.reader import CheckpointReader
 
     with CheckpointReader(ckpt_dir) as reader:
-        config = reader.config()
-    return consolidate(ckpt_dir), config
+        return consolidate_from(reader), reader.config()
 
 
 def export_peft_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path,

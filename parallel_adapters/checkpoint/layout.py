@@ -16,10 +16,7 @@ the ShardSpec, dtypes against a fixed table.  Errors are `CheckpointError` namin
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -27,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from parallel_adapters.adapters.sharding import ShardedTensor, ShardSpec  # noqa: F401  (re-exported)
 
@@ -74,10 +70,17 @@ def rank_key(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
     return f"tp{tp_rank:02d}-pp{pp_rank:02d}-dp{dp_rank:02d}"
 
 
+_parsed_shard_keys: dict[str, tuple[int, int]] = {}  # an index repeats a few keys many times
+
+
 def parse_shard_key(key: str) -> tuple[int, int]:
+    if type(key) is str and key in _parsed_shard_keys:
+        return _parsed_shard_keys[key]
     m = _SHARD_KEY.match(key) if isinstance(key, str) else None
     if m is None:
         raise CheckpointError(f"index.json: bad shard key {key!r} (expected 'tpII-ppJJ')")
+    if len(_parsed_shard_keys) < 4096:
+        _parsed_shard_keys[key] = (int(m.group(1)), int(m.group(2)))
     return int(m.group(1)), int(m.group(2))
 
 
@@ -111,14 +114,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 # Path safety
 # ----------------------------------------------------------------------------------------------
 
+_good_relpaths: set[str] = set()  # paths already accepted (an index repeats a few paths many times)
+
+
 def check_relpath(rel: Any, what: str = "path") -> str:
     """Refuse anything but a plain relative POSIX path made of normal components."""
+    if type(rel) is str and rel in _good_relpaths:
+        return rel
     if not isinstance(rel, str) or not rel:
         raise CheckpointError(f"index.json: {what} {rel!r} is not a non-empty string")
     if "\x00" in rel or "\\" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
         raise CheckpointError(f"index.json: {what} {rel!r} is absolute or not a POSIX relative path")
     if any(part in ("", ".", "..") for part in rel.split("/")):
         raise CheckpointError(f"index.json: {what} {rel!r} contains '.', '..' or empty components")
+    if type(rel) is str and len(_good_relpaths) < 4096:
+        _good_relpaths.add(rel)
     return rel
 
 
@@ -136,89 +146,6 @@ def check_plain_name(name: str, what: str) -> str:
     if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
         raise CheckpointError(f"{what}: {name!r} is not a plain directory name")
     return name
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: hashing, durable writes
-# ----------------------------------------------------------------------------------------------
-
-def file_record(path: Path) -> dict:
-    """{sha256, bytes} of a file, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return {"sha256": digest.hexdigest(), "bytes": size}
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or directory's data and metadata to disk (rename durability)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: Any) -> dict:
-    """Strict JSON (no NaN/inf), serialised before the file is opened; fsync; returns its record."""
-    try:
-        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: value is not strict JSON ({exc})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return file_record(path)
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """save_file on CPU-contiguous copies where needed (shared storage is cloned), fsync, record."""
-    seen: set[int] = set()
-    ready: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel():
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        dtype_name(t.dtype)
-        ready[name] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(ready, str(path))
-    fsync_path(path)
-    return file_record(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a hidden temp sibling + os.replace: readers see the old or the new text, never half."""
-    tmp = path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_path(path.parent)
-
-
-def read_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what}: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{what}: {path} is not readable JSON ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

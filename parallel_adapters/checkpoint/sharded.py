@@ -2,13 +2,19 @@
 
 Save protocol (every rank calls `save_sharded`; collectives only via distributed/collectives.py):
 
- 1. local checks + TP-replica check (replicated tensors must be bit-identical over TP);
+ 1. local checks; all ranks agree they passed (else all raise, naming rank and tensor);
  2. world rank 0 creates the hidden sibling `<parent>/.<name>.tmp-<token>`, everyone learns it;
  3. every rank writes its files into it (DP rank 0 of each (tp, pp): the shard file; every rank:
-    optimizer and RNG state; world rank 0: adapter_config.json and extra_state.json);
- 4. all ranks agree the writes succeeded (else all raise, naming rank and file);
- 5. world rank 0 gathers every writer's sha256, re-hashes every file, writes index.json LAST,
-    renames the directory into place and only then rewrites `<parent>/latest`.
+    optimizer and RNG state; world rank 0: adapter_config.json and extra_state.json), hashing
+    each file from the bytes it writes (no read-back), ranks in parallel; each rank also reports
+    the digest of its TP-replicated tensors (TP rank 0 of DP rank 0 takes it from its shard-file
+    pass, see `writer.replica_digest`);
+ 4. all ranks agree the writes succeeded (else all raise, naming rank and file), then gather the
+    reports; replicated tensors must be bit-identical over TP: if any TP group's digests differ,
+    the per-tensor comparison (`check_tp_replicas`) names the tensors and every rank raises;
+ 5. world rank 0 checks every reported file exists with the reported size (the loader verifies
+    the sha256), writes index.json LAST, renames the directory into place and only then rewrites
+    `<parent>/latest`.
 
 A crash anywhere before step 5's rename leaves the previous checkpoint and `latest` untouched; the
 temporary directory has no index.json, so no loader ever takes it for a checkpoint.
@@ -29,8 +35,9 @@ from tqdm import tqdm
 from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.layout import (
     INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, ShardedTensor, check_plain_name, dtype_name,
-    rank_key,
+    rank_key
 )
+from parallel_adapters.checkpoint.files import fsync_together
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.train_state import (  # noqa: F401  (re-exported public API)
     capture_rng_state, load_train_state, restore_rng_state,
@@ -146,6 +153,8 @@ def check_tp_replicas(tensors: Mapping[str, ShardedTensor] | None, groups: Paral
     A replicated factor that differs is a bug that would export a state no rank's adapter
     represents (DESIGN.md section 6); every rank gets the same answer, so all raise together.
     `tensors=None` (this rank already failed) still joins the collective but compares nothing.
+    `save_sharded` compares one digest per rank taken while writing (`writer.replica_digest`) and
+    calls this per-tensor comparison only when those differ, to name the tensors.
     """
     digests, err = None, None
     if tensors is not None:
@@ -174,8 +183,6 @@ def save_sharded(
     who = f"rank {rank} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
     _, err = _guard(who, lambda: (check_plain_name(final.name, "checkpoint directory"),
                                   _check_inputs(tensors, groups)))
-    replica_err = check_tp_replicas(tensors if err is None else None, groups, who)  # always: collective
-    err = err or replica_err
     _raise_together(err, f"save of {final}")
 
     tmp_str, err = _guard(who, lambda: str(make_tmp_dir(final))) if rank == 0 else (None, None)
@@ -184,12 +191,18 @@ def save_sharded(
         raise CheckpointError(f"save of {final} failed: {err}")
     tmp = Path(tmp_str)
     cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
+    check_replicas = groups.tp_size > 1
 
     def write_local() -> dict:
+        with fsync_together():  # this rank's files are flushed concurrently, all done on return
+            return _write_local()
+
+    def _write_local() -> dict:
         rep = write_rank_files(tmp, tensors, tp_rank=groups.tp_rank, tp_size=groups.tp_size,
                                pp_rank=groups.pp_rank, dp_rank=groups.dp_rank,
                                optimizer_state=optimizer_state,
-                               rng_state=capture_rng_state() if rng_state else None)
+                               rng_state=capture_rng_state() if rng_state else None,
+                               with_replica_digest=check_replicas)
         if rank == 0:
             glob = write_global_files(tmp, config, extra_state)
             rep["files"].update(glob["files"])
@@ -199,7 +212,11 @@ def save_sharded(
     report, err = _guard(who, write_local)
     _test_hook_delay()
     _raise_together(err, f"save of {final}", cleanup)
-    reports = all_gather_objects(report, None)
+    place = (groups.pp_rank, groups.dp_rank, groups.tp_rank)
+    gathered = all_gather_objects((place, report.pop("replica_digest", None), report), None)
+    if _replica_digests_differ([(p, d) for p, d, _ in gathered]):  # same answer on every rank
+        _raise_together(check_tp_replicas(tensors, groups, who), f"save of {final}", cleanup)
+    reports = [r for _, _, r in gathered]
 
     err = None
     if rank == 0:
@@ -211,6 +228,14 @@ def save_sharded(
     if err:
         raise CheckpointError(f"save of {final} failed while publishing: {err}")
     return final
+
+
+def _replica_digests_differ(gathered: Sequence[tuple[tuple[int, int, int], str | None]]) -> bool:
+    """Whether any TP group's ranks reported different replica digests ((pp, dp, tp), digest)."""
+    by_group: dict[tuple[int, int], set] = {}
+    for (pp, dp, _), digest in gathered:
+        by_group.setdefault((pp, dp), set()).add(digest)
+    return any(len(d) > 1 for d in by_group.values())
 
 
 def resolve_latest(parent_dir: str | Path) -> Path | None:
@@ -256,9 +281,10 @@ def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise CheckpointError(f"{directory} does not match the model:\n    " + "\n    ".join(shown))
         out = {}
-        for name in _progress(sorted(expected), len(expected), "load checkpoint"):
-            spec = expected[name][0]
-            out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
+        with reader.deferred_verification():  # files hashed while read; returned only once verified
+            for name in _progress(sorted(expected), len(expected), "load checkpoint"):
+                spec = expected[name][0]
+                out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
         return out
 
 

@@ -13,9 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
-from parallel_adapters.checkpoint.layout import (
-    CheckpointError, optim_files, rank_key, read_json, rng_file, write_json, write_safetensors,
-)
+from parallel_adapters.checkpoint.layout import CheckpointError, optim_files, rank_key, rng_file
+from parallel_adapters.checkpoint.files import read_json, write_json, write_safetensors
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.distributed.groups import ParallelGroups
 

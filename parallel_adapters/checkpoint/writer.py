@@ -6,6 +6,7 @@ in one process call them directly, so every checkpoint goes through the same cod
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -16,8 +17,11 @@ import torch
 
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, OLD_MARKER, SHARDS_DIR, TRAIN_STATE_DIR,
-    CheckpointError, ShardedTensor, build_index, file_record, fsync_path, resolve_inside, shard_file,
-    tensor_entry, tmp_dir_for, write_json, write_safetensors, write_text_atomic,
+    CheckpointError, ShardedTensor, build_index, resolve_inside, shard_file, tensor_entry, tmp_dir_for
+)
+from parallel_adapters.checkpoint.files import (
+    fsync_dirs, fsync_path, fsync_together, safetensors_header, tensor_bytes, write_json, write_tensor_file,
+    write_text_atomic
 )
 from parallel_adapters.checkpoint.train_state import write_optimizer_state, write_rng_state
 
@@ -25,22 +29,70 @@ from parallel_adapters.checkpoint.train_state import write_optimizer_state, writ
 # Writers (also used directly by tests to build emulated multi-rank checkpoints)
 # ----------------------------------------------------------------------------------------------
 
+def shard_file_order(tensors: Mapping[str, ShardedTensor], tp_rank: int) -> list[tuple[str, ShardedTensor]]:
+    """What TP rank `tp_rank`'s shard file holds, in file order: the replicated tensors (TP rank 0
+    only) by name, then the split ones by name.  Replicated first, so that the file's sha256
+    after them is also the digest the TP-replica check compares (`replica_digest`)."""
+    rep = [(n, t) for n, t in sorted(tensors.items()) if t.spec.replicated and tp_rank == 0]
+    split = [(n, t) for n, t in sorted(tensors.items()) if not t.spec.replicated]
+    return rep + split
+
+
+def _shard_layout(order: Sequence[tuple[str, ShardedTensor]]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return [(n, t.local.dtype, tuple(t.local.shape)) for n, t in order]
+
+
+def replica_digest(tensors: Mapping[str, ShardedTensor]) -> str:
+    """sha256 of the prefix of TP rank 0's shard file up to the end of its replicated tensors
+    (header + replicated bytes), computed from this rank's tensors.  Equal digests on all TP ranks
+    mean bit-identical replicas (the header names every tensor with its dtype, shape and offsets);
+    TP rank 0 of DP rank 0 gets it for free while writing its shard file."""
+    order = shard_file_order(tensors, 0)
+    digest = hashlib.sha256(safetensors_header(_shard_layout(order)))
+    for _, t in order:
+        if not t.spec.replicated:
+            break
+        digest.update(tensor_bytes(t.local))
+    return digest.hexdigest()
+
+
+def write_shard_file(path: Path, order: Sequence[tuple[str, ShardedTensor]]) -> tuple[dict, str]:
+    """Write one shard file (fsync); (its record, sha256 of the prefix ending after the last
+    replicated tensor) - both from the bytes written, nothing is read back."""
+    replicated = sum(1 for _, t in order if t.spec.replicated)
+    return write_tensor_file(path, {n: t.local for n, t in order}, prefix_names=replicated)
+
+
 def write_rank_files(
     tmp_dir: Path, tensors: Mapping[str, ShardedTensor], *, tp_rank: int, tp_size: int, pp_rank: int,
     dp_rank: int, optimizer_state: Mapping[str, Any] | None = None,
-    rng_state: Mapping[str, torch.Tensor] | None = None,
+    rng_state: Mapping[str, torch.Tensor] | None = None, with_replica_digest: bool = False,
 ) -> dict:
     """One rank's files; returns its report (index entries, file records) for world rank 0.
 
-    Only DP rank 0 writes adapter tensors, and a replicated tensor only from TP rank 0.
+    Only DP rank 0 writes adapter tensors, and a replicated tensor only from TP rank 0.  Every
+    file's record comes from the bytes this rank wrote.  `with_replica_digest`: also report
+    "replica_digest" (see `replica_digest`) for the TP-replica check.
     """
+    with fsync_together():  # every file's fsync overlaps the hashing and writing that follow
+        return _write_rank_files(tmp_dir, tensors, tp_rank, tp_size, pp_rank, dp_rank, optimizer_state,
+                                 rng_state, with_replica_digest)
+
+
+def _write_rank_files(tmp_dir: Path, tensors: Mapping[str, ShardedTensor], tp_rank: int, tp_size: int,
+                      pp_rank: int, dp_rank: int, optimizer_state: Mapping[str, Any] | None,
+                      rng_state: Mapping[str, torch.Tensor] | None, with_replica_digest: bool) -> dict:
     report: dict[str, Any] = {"tensors": {}, "files": {}, "optimizer": {}, "rng": {}}
+    digest = None
     if dp_rank == 0:
-        own = {n: t for n, t in sorted(tensors.items()) if tp_rank == 0 or not t.spec.replicated}
-        if own:
+        order = shard_file_order(tensors, tp_rank)
+        if order:
             rel = shard_file(tp_rank, pp_rank)
-            report["files"][rel] = write_safetensors(tmp_dir / rel, {n: t.local for n, t in own.items()})
-            report["tensors"] = {n: tensor_entry(t, n, tp_rank, tp_size, pp_rank) for n, t in own.items()}
+            report["files"][rel], prefix = write_shard_file(tmp_dir / rel, order)
+            report["tensors"] = {n: tensor_entry(t, n, tp_rank, tp_size, pp_rank) for n, t in order}
+            digest = prefix if tp_rank == 0 else None
+    if with_replica_digest:
+        report["replica_digest"] = digest or replica_digest(tensors)
     if optimizer_state is not None:
         entry, files = write_optimizer_state(tmp_dir, tp_rank, pp_rank, dp_rank, optimizer_state)
         report["optimizer"], report["files"] = entry, {**report["files"], **files}
@@ -103,14 +155,18 @@ def assemble_index(reports: Sequence[dict], tp_size: int, pp_size: int, dp_size:
 # ----------------------------------------------------------------------------------------------
 
 def _verify_written(tmp_dir: Path, index: dict) -> None:
-    """Every indexed file exists with the reported checksum, and nothing else is in the directory."""
+    """Every indexed file exists with the size its writer reported, and nothing else is in the
+    directory.  No re-hash: each writer hashed the bytes it wrote, and loaders verify the sha256."""
     for rel, rec in index["files"].items():
         path = resolve_inside(tmp_dir, rel)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: reported as written but missing") from None
         if not path.is_file():
-            raise CheckpointError(f"{path}: reported as written but missing")
-        actual = file_record(path)
-        if actual != rec:
-            raise CheckpointError(f"{path}: on disk {actual}, writer reported {rec}")
+            raise CheckpointError(f"{path}: reported as written but not a regular file")
+        if size != rec["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes on disk, writer reported {rec['bytes']}")
     on_disk = {p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file()}
     stray = sorted(on_disk - set(index["files"]))
     if stray:
@@ -137,10 +193,9 @@ def _swap_into_place(tmp_dir: Path, final: Path) -> None:
 def publish(tmp_dir: Path, final: Path, index: dict, update_latest: bool = True) -> None:
     """Verify, write index.json LAST, rename into place, then (optionally) point `latest` at it."""
     _verify_written(tmp_dir, index)
-    write_json(tmp_dir / INDEX_FILE, index)
-    for sub in (tmp_dir / SHARDS_DIR, tmp_dir / TRAIN_STATE_DIR, tmp_dir):
-        if sub.is_dir():
-            fsync_path(sub)
+    with fsync_together():  # index.json and the directory entries, flushed together before the rename
+        write_json(tmp_dir / INDEX_FILE, index, compact=True)
+        fsync_dirs(sub for sub in (tmp_dir / SHARDS_DIR, tmp_dir / TRAIN_STATE_DIR, tmp_dir) if sub.is_dir())
     _swap_into_place(tmp_dir, final)
     if update_latest:
         write_text_atomic(final.parent / LATEST_FILE, final.name + "\n")

@@ -67,7 +67,7 @@ def test_differing_replicas_raise_on_every_rank(pool2, tmp_path):
         assert msg is not None
         assert f"replicated tensor '{jobs.REPLICATED_NAME}' differs across TP ranks" in msg
         assert "tp rank 0 (global rank 0) != tp rank 1 (global rank 1)" in msg
-    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    assert list(tmp_path.iterdir()) == []  # refused, and the written temporary directory removed
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(pool2, tmp_path):

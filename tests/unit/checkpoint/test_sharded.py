@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from parallel_adapters.adapters.sharding import ShardSpec
-from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor, file_record
+from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor
+from parallel_adapters.checkpoint.files import file_record
 from parallel_adapters.checkpoint.sharded import (
     TEST_DELAY_ENV, capture_rng_state, load_sharded, load_train_state, resolve_latest,
     restore_rng_state, save_sharded,
