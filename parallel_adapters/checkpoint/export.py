@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from parallel_adapters.config import lora_scaling, pattern_value
 from parallel_adapters.mcore.hf_layout import (
-    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments,
+    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
 )
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -111,28 +111,9 @@ def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping
         r = int(a.shape[0])
         alpha = pattern_value(module, alpha_pattern, alpha0)
         scaling = lora_scaling(alpha, r, rslora)
-        b_parts = _split_b(row_segments(module, shape, b.shape[0], ""), b.detach())
+        b_parts = split_rows(row_segments(module, shape, b.shape[0], ""), b.detach(), copy=False)
         for hf_module in hf_modules(module, shape):
             out[hf_module] = HFLoraFactor(a.detach(), b_parts[hf_module], r, alpha, scaling)
-    return out
-
-
-def _split_b(segments: list, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """HF module -> its rows of B: a view where they are one contiguous range, else one gathered
-    copy (q/k/v rows interleave per query group).  Padding rows are dropped."""
-    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for seg in segments:
-        if seg.hf_name is not None:
-            parts.setdefault(seg.hf_name, []).append((seg.src_start, b[seg.start:seg.stop]))
-    out = {}
-    for name, pieces in parts.items():
-        pieces.sort(key=lambda p: p[0])
-        expect = 0
-        for start, piece in pieces:
-            if start != expect:
-                raise ValueError(f"rows of {name} are not contiguous at {start}")
-            expect += piece.shape[0]
-        out[name] = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=0)
     return out
 
 

@@ -190,8 +190,11 @@ def read_rows(segments: Sequence[Segment], read: Reader, row_ranges: RowRanges,
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
 
-def split_rows(segments: Sequence[Segment], full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse of `read_rows` over all rows: HF name -> its tensor (contiguous copies; padding dropped)."""
+def split_rows(segments: Sequence[Segment], full: torch.Tensor, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Inverse of `read_rows` over all rows: HF name -> its rows (padding dropped).
+
+    copy=False returns a view where a name's rows are one contiguous range (q/k/v rows interleave
+    per query group, so those are gathered into one new tensor either way)."""
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for seg in segments:
         if seg.hf_name is not None:
@@ -204,7 +207,8 @@ def split_rows(segments: Sequence[Segment], full: torch.Tensor) -> dict[str, tor
             if start != expect:
                 raise ValueError(f"split_rows: rows of {name} are not contiguous at {start}")
             expect += piece.shape[0]
-        out[name] = torch.cat([p for _, p in pieces], dim=0).contiguous().clone()
+        # torch.cat always returns a new contiguous tensor
+        out[name] = pieces[0][1] if len(pieces) == 1 and not copy else torch.cat([p for _, p in pieces], dim=0)
     return out
 
 
