@@ -49,6 +49,8 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from parallel_adapters.checkpoint.files import fsync_path  # noqa: E402
+
 TP = 2
 MB = 1e6  # MB = 10^6 bytes throughout
 SHAPE = dict(layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8, head_dim=128, r=16, vocab=128256)
@@ -238,14 +240,6 @@ def rank_save_job(directory: str, profile: bool = False) -> dict:
 # Driver side
 # ------------------------------------------------------------------------------------------------
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dir_files(path: str) -> tuple[int, int]:
     count = size = 0
     for root, _, files in os.walk(path):
@@ -291,7 +285,7 @@ class Runner:
             wall = self._local(step, lambda: save_file(self.full, path))
         elif step == "raw save_file + fsync":
             path = self._fresh("rawsync") + ".safetensors"
-            wall = self._local(step, lambda: (save_file(self.full, path), _fsync(path)))
+            wall = self._local(step, lambda: (save_file(self.full, path), fsync_path(path)))
         elif step == "sharded save":
             path = self._fresh(os.path.join("saves", "step"))
             results = self.pool.run(rank_save_job, path)

@@ -166,7 +166,7 @@ class MegatronMpu:
     get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_global_rank(self.groups.tp_group, 0) if self.groups.tp_group is not None else 0
+        return dist.get_global_rank(self.groups.tp_group, 0) if self.groups.tp_size > 1 else dist.get_rank()
 
     def get_data_parallel_rank(self) -> int:
         return self.groups.dp_rank

@@ -63,6 +63,13 @@ def sharded(full: dict[str, torch.Tensor], tp_rank: int, tp_size: int, pp_rank: 
             for n, t in full.items() if stage_of(n, pp_size) == pp_rank}
 
 
+def corrupt_last_byte(path: Path) -> None:
+    """Flip the last byte of a file in place (a checksum must catch it)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def write_emulated_checkpoint(directory: Path, full: dict[str, torch.Tensor], tp_size: int,
                               pp_size: int = 1, dp_size: int = 1, optimizer: bool = False,
                               extra_state: dict | None = None) -> Path:

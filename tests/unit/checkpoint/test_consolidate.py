@@ -15,6 +15,7 @@ from parallel_adapters.checkpoint.layout import CheckpointError, validate_index
 from parallel_adapters.checkpoint.sharded import load_sharded
 from parallel_adapters.distributed.groups import ParallelGroups
 from tests.distributed.checkpoint_jobs import (
+    corrupt_last_byte,
     CONFIG, LAYOUT, REPLICATED_NAME, expected, full_tensors, sharded, write_emulated_checkpoint,
 )
 
@@ -91,9 +92,7 @@ def test_reshard_refuses_bad_arguments(tmp_path, full):
 def test_consolidate_verifies_checksums(tmp_path, full):
     src = write_emulated_checkpoint(tmp_path / "src", full, 2)
     path = src / "shards" / "tp00-pp00.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    corrupt_last_byte(path)
     with pytest.raises(CheckpointError, match=r"tp00-pp00\.safetensors: sha256"):
         consolidate(src)
 

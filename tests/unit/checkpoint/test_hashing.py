@@ -30,6 +30,7 @@ from parallel_adapters.checkpoint.writer import (
 )
 from parallel_adapters.distributed.groups import ParallelGroups
 from tests.distributed.checkpoint_jobs import (
+    corrupt_last_byte,
     CONFIG, REPLICATED_NAME, SPLIT_NAME, expected, full_tensors, sharded, write_emulated_checkpoint,
 )
 
@@ -265,9 +266,7 @@ def test_checksum_error_wins_over_the_read_error_it_causes(tmp_path, full, how):
 def test_iter_full_tensors_yields_nothing_unverified(tmp_path, full):
     ckpt = write_emulated_checkpoint(tmp_path / "c", full, 2)
     path = ckpt / "shards" / "tp01-pp00.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    corrupt_last_byte(path)
     it = iter_full_tensors(ckpt)
     with pytest.raises(CheckpointError, match=r"tp01-pp00\.safetensors: sha256"):
         next(it)
@@ -356,9 +355,7 @@ def test_export_from_checkpoint_matches_export_from_tensors(tmp_path):
 def test_export_of_a_corrupt_checkpoint_leaves_no_weights(tmp_path):
     ckpt, hf = _tiny_llama_checkpoint(tmp_path)
     path = ckpt / "shards" / "tp00-pp00.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    corrupt_last_byte(path)
     with pytest.raises(CheckpointError, match=r"tp00-pp00\.safetensors: sha256 .* corrupt"):
         export_peft_from_checkpoint(ckpt, tmp_path / "out", hf)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
