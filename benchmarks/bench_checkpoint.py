@@ -17,8 +17,12 @@ noise hits every step alike; the figure reported is the median:
                   of the collective call (barrier before);
 - consolidate:    `consolidate(ckpt)`, one process: every full tensor in memory (verified reads);
 - export:         `export_peft_from_checkpoint(ckpt, out, hf_config)`, one process;
-- reference rows (not targets): raw save_file + fsync (what a durable raw write costs) and the
-  CLI's `consolidate --tp 1` (`reshard`, which also writes a new checkpoint).
+- reference rows (not targets): raw save_file + fsync (what a durable raw write costs), the
+  CLI's `consolidate --tp 1` (`reshard`, which also writes a new checkpoint), and two floors: the
+  least work any sharded save or verifying export must do here, timed the same way --
+  save floor: each rank writes its shard file's bytes and sha256s them (no fsync, no collectives,
+  no index); export floor: the shard files' sha256 on two threads while the main thread writes
+  the PEFT file's bytes from memory (no reading or splitting of factors, no fsync).
 
 Throughput = adapter bytes (the full fp32 factors, the same number for every step) / seconds;
 "vs raw" = step throughput / raw save_file throughput of the same run.  After the timed rounds
@@ -59,7 +63,10 @@ LORA_CONFIG = {"peft_type": "LORA", "r": SHAPE["r"], "lora_alpha": 2 * SHAPE["r"
                "use_rslora": False, "adapter_name": "default", "tp_size": TP, "pp_size": 1}
 TARGET_RATIO = 0.5
 STEPS = ("raw save_file", "sharded save", "consolidate", "export")
-REFERENCE_STEPS = ("raw save_file + fsync", "consolidate --tp 1 (CLI, writes)")
+SAVE_FLOOR = "save floor: each rank writes + sha256s its shard, no fsync/collectives"
+EXPORT_FLOOR = "export floor: sha256 of the shards while writing the PEFT bytes, no read/fsync"
+REFERENCE_STEPS = ("raw save_file + fsync", "consolidate --tp 1 (CLI, writes)", SAVE_FLOOR, EXPORT_FLOOR)
+PROFILED_STEPS = STEPS + ("consolidate --tp 1 (CLI, writes)",)
 
 
 def hf_config(shape: dict = SHAPE) -> dict:
@@ -112,38 +119,36 @@ def full_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 # label -> (file name suffix, function name); cumulative seconds (nested calls are not subtracted).
 PROFILE_POINTS = {
-    "sha256 of files (layout.file_record)": ("checkpoint/layout.py", "file_record"),
-    "sha256 of replicated tensors (sharded.tensor_digest)": ("checkpoint/sharded.py", "tensor_digest"),
-    "fsync (layout.fsync_path)": ("checkpoint/layout.py", "fsync_path"),
+    "sha256 of files (files.file_record)": ("checkpoint/files.py", "file_record"),
+    "CRC-32 of replicated tensors (writer.tensor_digest)": ("checkpoint/writer.py", "tensor_digest"),
+    "fsync (files.fsync_path)": ("checkpoint/files.py", "fsync_path"),
     "safetensors save_file": ("safetensors/torch.py", "save_file"),
-    "write_safetensors (copy check + save_file + fsync + sha256)": ("checkpoint/layout.py", "write_safetensors"),
+    "write_safetensors (write from memory + writeback + fsync + sha256)": ("checkpoint/files.py", "write_safetensors"),
     "write_rank_files": ("checkpoint/writer.py", "write_rank_files"),
-    "publish (verify sha256 of every file, index, fsync, rename)": ("checkpoint/writer.py", "publish"),
-    "_verify_written (re-hash every file)": ("checkpoint/writer.py", "_verify_written"),
-    "check_tp_replicas (digest + all_gather)": ("checkpoint/sharded.py", "check_tp_replicas"),
+    "publish (sizes, index, fsync, rename)": ("checkpoint/writer.py", "publish"),
+    "_verify_written (sizes only)": ("checkpoint/writer.py", "_verify_written"),
     "make_tmp_dir": ("checkpoint/writer.py", "make_tmp_dir"),
     "write_rng_state": ("checkpoint/train_state.py", "write_rng_state"),
-    "write_json (config/index, fsync + sha256)": ("checkpoint/layout.py", "write_json"),
+    "write_json (config/index, fsync + sha256)": ("checkpoint/files.py", "write_json"),
     "_swap_into_place (rename + dir fsync)": ("checkpoint/writer.py", "_swap_into_place"),
-    "write_text_atomic (latest)": ("checkpoint/layout.py", "write_text_atomic"),
+    "write_text_atomic (latest, adapter_config.json)": ("checkpoint/files.py", "write_text_atomic"),
     "all_gather_object (collectives, incl. waiting)": ("distributed/distributed_c10d.py", "all_gather_object"),
     "all_reduce (collectives, incl. waiting)": ("distributed/distributed_c10d.py", "all_reduce"),
-    "CheckpointReader.verified_path (sha256 before read)": ("checkpoint/reader.py", "verified_path"),
+    "CheckpointReader.verified_path (wait for sha256)": ("checkpoint/reader.py", "verified_path"),
     "CheckpointReader.read_piece (read + clone)": ("checkpoint/reader.py", "read_piece"),
-    "ShardSpec.unshard (torch.cat)": ("adapters/sharding.py", "unshard"),
     "read_full (read pieces + unshard + contiguous)": ("checkpoint/reader.py", "read_full"),
     "consolidate": ("checkpoint/consolidate.py", "consolidate"),
     "reshard: _write_shards (read, stream-write, fsync, sha256 of output)":
         ("checkpoint/consolidate.py", "_write_shards"),
-    "StreamingSafetensorsWriter.write": ("checkpoint/consolidate.py", "write"),
-    "hf_lora_factors (split qkv/fc1, clone A copies)": ("checkpoint/export.py", "hf_lora_factors"),
-    "peft_tensors (.contiguous().clone() of every tensor)": ("checkpoint/export.py", "peft_tensors"),
+    "hf_lora_factors (split qkv/fc1 B)": ("checkpoint/export.py", "hf_lora_factors"),
+    "peft_tensors (dtype cast only)": ("checkpoint/export.py", "peft_tensors"),
     "tqdm": ("tqdm/std.py", "__iter__"),
     "torch clone": ("~", "<method 'clone' of 'torch._C.TensorBase' objects>"),
     "torch contiguous": ("~", "<method 'contiguous' of 'torch._C.TensorBase' objects>"),
     "torch cat": ("~", "<built-in method cat of type object at"),
     "hashlib update (all sha256)": ("~", "<method 'update' of '_hashlib.HASH' objects>"),
-    "file read (all)": ("~", "<method 'read' of '_io.BufferedReader' objects>"),
+    "file write (all, main thread)": ("~", "<method 'write' of '_io.BufferedWriter' objects>"),
+    "os.fsync (main thread)": ("~", "<built-in method posix.fsync>"),
 }
 PROFILE_REPEATS = 3
 
@@ -206,14 +211,38 @@ def rank_setup_job(seed: int) -> dict:
 
     torch.set_num_threads(1)
     tp_rank = dist.get_rank() % TP
+    from parallel_adapters.checkpoint.writer import shard_file_order
+
     tensors = {}
     for i, (name, shape, spec) in enumerate(adapter_layout()):
         tensors[name] = ShardedTensor(spec.shard(full_tensor(i, shape, seed), tp_rank, TP).clone(), spec, shape)
     _RANK_STATE["tensors"] = tensors
+    _RANK_STATE["file_order"] = [t.local for _, t in shard_file_order(tensors, tp_rank, TP)]
     held = sum(t.local.numel() * t.local.element_size() for t in tensors.values())
-    owned = sum(t.local.numel() * t.local.element_size() for t in tensors.values()
-                if tp_rank == 0 or not t.spec.replicated)
+    owned = sum(t.numel() * t.element_size() for t in _RANK_STATE["file_order"])
     return {"rank": dist.get_rank(), "bytes_held": held, "bytes_written": owned}
+
+
+def rank_save_floor_job(path: str) -> dict:
+    """The save floor on one rank: its shard file's bytes written from memory, then sha256'd."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from parallel_adapters.checkpoint.files import tensor_bytes
+
+    views = [tensor_bytes(t) for t in _RANK_STATE["file_order"]]
+    gc.collect()
+    dist.barrier()
+    t0 = time.perf_counter()
+    with open(f"{path}.{dist.get_rank()}", "wb") as fh:
+        for v in views:
+            fh.write(v)
+    digest = hashlib.sha256()
+    for v in views:
+        digest.update(v)
+    digest.hexdigest()
+    return {"rank": dist.get_rank(), "wall_s": time.perf_counter() - t0}
 
 
 def rank_save_job(directory: str, profile: bool = False) -> dict:
@@ -253,7 +282,12 @@ class Runner:
     """Each step: a callable timed in this process (or on the pool), plus its output's files."""
 
     def __init__(self, pool, work: str, full: dict, ckpt: str) -> None:
+        from parallel_adapters.checkpoint.export import hf_lora_factors, peft_tensors
+        from parallel_adapters.checkpoint.files import tensor_bytes
+
         self.pool, self.work, self.full, self.ckpt = pool, work, full, ckpt
+        peft = peft_tensors(hf_lora_factors(full, LORA_CONFIG, hf_config()))
+        self.peft_views = [tensor_bytes(t) for t in peft.values()]  # what the export writes, in memory
         self.counter = 0
         self.files: dict[str, dict] = {}
         self.cpu: dict[str, list[float]] = {s: [] for s in STEPS + REFERENCE_STEPS}
@@ -303,11 +337,32 @@ class Runner:
         elif step == "consolidate --tp 1 (CLI, writes)":
             path = self._fresh("tp1")
             wall = self._local(step, lambda: reshard(self.ckpt, path, 1, progress=False))
+        elif step == SAVE_FLOOR:
+            path = self._fresh("savefloor")
+            os.makedirs(path)
+            wall = max(r["wall_s"] for r in self.pool.run(rank_save_floor_job, os.path.join(path, "shard")))
+        elif step == EXPORT_FLOOR:
+            path = self._fresh("exportfloor")
+            wall = self._local(step, lambda: self._export_floor(path))
         else:
             raise ValueError(step)
         self._record(step, path)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         return wall
+
+    def _export_floor(self, path: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from parallel_adapters.checkpoint.files import file_record
+
+        shards = sorted(os.path.join(self.ckpt, "shards", f) for f in os.listdir(os.path.join(self.ckpt, "shards")))
+        with ThreadPoolExecutor(len(shards)) as hashers:
+            digests = [hashers.submit(file_record, f) for f in shards]
+            with open(path, "wb") as fh:
+                for v in self.peft_views:
+                    fh.write(v)
+            for d in digests:
+                d.result()
 
     def profile(self, step: str, repeats: int = PROFILE_REPEATS) -> dict:
         """Median over `repeats` cProfile runs (one run is too noisy on a shared machine)."""
@@ -393,24 +448,26 @@ def byte_accounting(full: dict, setup: list[dict]) -> dict:
     replicated = sum(t.numel() * t.element_size() for n, t in full.items() if layout[n].replicated)
     total = sum(t.numel() * t.element_size() for t in full.values())
     rank_files = [r["bytes_written"] for r in sorted(setup, key=lambda r: r["rank"])]
+
     def a_bytes(module: str) -> int:
         return sum(full[n].numel() * full[n].element_size() for n in full if "lora_A" in n and module in n)
     return {
         "adapter_bytes": total, "replicated_bytes": replicated, "shard_file_bytes_per_rank": rank_files,
         "sharded_save": {
-            "sha256_bytes_rank0": replicated + rank_files[0] + total,
-            "sha256_bytes_rank1": replicated + rank_files[1],
-            "explanation": ("check_tp_replicas: tensor_digest of every replicated tensor on both ranks; "
-                            "write_safetensors: file_record (sha256) of the rank's own shard file after save_file + "
-                            "fsync; publish/_verify_written on world rank 0: sha256 of EVERY file again (rank 1 waits "
-                            "in the final all_gather)"),
+            "sha256_bytes_per_rank": rank_files, "crc32_bytes_per_rank": replicated,
+            "explanation": ("each replicated tensor is written by one TP rank (layout.replica_owners, by size); "
+                            "each rank writes its shard file from memory, starting the disk writeback every "
+                            "16 MiB, sha256s the same bytes while fsync runs, and CRC-32s every replicated "
+                            "tensor it holds for the TP-replica check; rank 0 checks sizes, writes the index "
+                            "and renames"),
         },
-        "consolidate": {"sha256_bytes": total, "copies": "read_piece clones every piece; unshard cats split tensors"},
+        "consolidate": {"sha256_bytes": total, "copies": "one per byte: pieces cat'ed (or cloned) out of the mmap"},
         "export": {
             "sha256_bytes": total,
             "tensor_bytes_written": total + 2 * a_bytes("linear_qkv") + a_bytes("linear_fc1"),  # A: qkv x3, fc1 x2
-            "copies": ("consolidate (clone + cat), hf_lora_factors clones A once per HF module and splits B, "
-                       "peft_tensors .contiguous().clone() of every tensor again, then save_file"),
+            "copies": ("consolidate (one per byte), q/k/v B gathered per query group; the file is written "
+                       "from those tensors' memory (A written 3 times for q/k/v, twice for gate/up, never "
+                       "copied), with writeback started as it goes, then fsync"),
         },
     }
 
@@ -528,11 +585,12 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             summary = summarise(times, adapter_bytes)
             for step, s in summary.items():
-                s["cpu_seconds_median"] = round(statistics.median(runner.cpu[step][-args.repeats:]), 4)
+                cpu = runner.cpu[step][-args.repeats:]
+                s["cpu_seconds_median"] = round(statistics.median(cpu), 4) if cpu else None
                 s.update(runner.files.get(step, {}))
             result["steps"] = summary
             if not args.no_profile:
-                result["profile"] = {s: runner.profile(s) for s in STEPS + REFERENCE_STEPS[1:]}
+                result["profile"] = {s: runner.profile(s) for s in PROFILED_STEPS}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["below_target"] = [s for s in STEPS[1:] if not result["steps"][s]["meets_target"]]

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.checkpoint.layout import (
-    CONFIG_FILE, CheckpointError, TensorInfo, build_index, dtype_name, shard_file, shard_key
+    CONFIG_FILE, CheckpointError, TensorInfo, build_index, dtype_name, replica_owners, shard_file, shard_key
 )
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
@@ -55,48 +55,52 @@ def consolidate(directory: str | Path, progress: bool = False) -> dict[str, torc
         return consolidate_from(reader, progress)
 
 
-def _plan(infos: Sequence[TensorInfo], tp_size: int) -> dict[str, list]:
-    """Output file -> [(name, dtype, local shape)] in name order; replicated tensors only at TP 0."""
+def _holders(infos: Sequence[TensorInfo], tp_size: int) -> dict[str, list[int]]:
+    """name -> the output TP ranks whose files hold it: all of them for a split tensor, one
+    (`replica_owners`, as a save would pick) for a replicated one."""
+    owners = replica_owners({i.name: i.nbytes for i in infos if i.spec.replicated}, tp_size)
+    return {i.name: [owners[i.name]] if i.spec.replicated else list(range(tp_size)) for i in infos}
+
+
+def _plan(infos: Sequence[TensorInfo], holders: dict[str, list[int]], tp_size: int) -> dict[str, list]:
+    """Output file -> [(name, dtype, local shape)] in name order."""
     plan: dict[str, list] = {}
     for info in infos:
-        ranks = [0] if info.spec.replicated else range(tp_size)
-        for r in ranks:
+        for r in holders[info.name]:
             plan.setdefault(shard_file(r, info.pp_rank), []).append(
                 (info.name, info.dtype, info.local_shape(tp_size)))
     return plan
 
 
-def _index_entry(info: TensorInfo, tp_size: int) -> dict:
-    ranks = [0] if info.spec.replicated else range(tp_size)
+def _index_entry(info: TensorInfo, ranks: list[int]) -> dict:
     return {"global_shape": list(info.global_shape), "dtype": dtype_name(info.dtype),
             "shard": info.spec.to_json(),
             "files": {shard_key(r, info.pp_rank): shard_file(r, info.pp_rank) for r in ranks}}
 
 
-def _write_shards(reader: CheckpointReader, tmp: Path, tp_size: int, progress: bool) -> dict[str, dict]:
-    """Write every output shard file; their records, from the bytes written."""
+def _write_shards(reader: CheckpointReader, tmp: Path, tp_size: int, progress: bool
+                  ) -> tuple[dict[str, dict], dict[str, list[int]]]:
+    """Write every output shard file; (their records, from the bytes written; `_holders`)."""
     infos = [reader.tensors[n] for n in sorted(reader.tensors)]
     for info in infos:
         try:
             info.local_shape(tp_size)
         except ValueError as exc:
             raise CheckpointError(f"tensor {info.name!r} cannot be split over {tp_size} TP ranks: {exc}") from None
-    writers = {rel: SafetensorsWriter(tmp / rel, layout) for rel, layout in _plan(infos, tp_size).items()}
+    holders = _holders(infos, tp_size)
+    writers = {rel: SafetensorsWriter(tmp / rel, layout) for rel, layout in _plan(infos, holders, tp_size).items()}
     try:
         with reader.deferred_verification():  # nothing is published before the inputs are verified
             for info in tqdm(infos, desc=f"reshard to tp {tp_size}", disable=not progress, leave=False):
                 full = reader.read_full(info.name)
-                if tp_size == 1:
-                    writers[shard_file(0, info.pp_rank)].write(info.name, full)
-                    continue
-                ranks = [0] if info.spec.replicated else range(tp_size)
-                for r in ranks:
-                    writers[shard_file(r, info.pp_rank)].write(info.name, info.spec.shard(full, r, tp_size))
+                for r in holders[info.name]:
+                    piece = full if tp_size == 1 or info.spec.replicated else info.spec.shard(full, r, tp_size)
+                    writers[shard_file(r, info.pp_rank)].write(info.name, piece)
     except BaseException:
         for w in writers.values():
             w.discard()
         raise
-    return {rel: w.close() for rel, w in writers.items()}
+    return {rel: w.close() for rel, w in writers.items()}, holders
 
 
 def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, progress: bool = True) -> Path:
@@ -114,9 +118,9 @@ def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, prog
     with CheckpointReader(directory) as reader:
         tmp = make_tmp_dir(out)
         try:
-            files = _write_shards(reader, tmp, tp_size, progress)
+            files, holders = _write_shards(reader, tmp, tp_size, progress)
             files[CONFIG_FILE] = write_json(tmp / CONFIG_FILE, reader.config())
-            tensors = {n: _index_entry(info, tp_size) for n, info in reader.tensors.items()}
+            tensors = {n: _index_entry(info, holders[n]) for n, info in reader.tensors.items()}
             index = build_index(tp_size, reader.pp_size, 1, tensors, files)
             publish(tmp, out, index, update_latest=False)
         finally:

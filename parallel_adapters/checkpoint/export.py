@@ -11,8 +11,7 @@ factors under Megatron names, per adapted Megatron module (A [r, in], B [out, r]
     linear_fc2  -> down_proj                as is
 
 The factors are not copied where they need not be (they may share memory with the input tensors
-and with each other); `peft_tensors` copies A for k/v/up only, because safetensors refuses
-overlapping tensors in one file.
+and with each other): the file is written straight from their memory, one A three times for q/k/v.
 
 Keys are `base_model.model.<HF module>.lora_A.weight` (PEFT inserts the adapter name itself; any
 other prefix only warns "missing adapter keys" and leaves B at zero).  Per-module ranks and alphas
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save_file
 
+from parallel_adapters.checkpoint.files import write_safetensors, write_text_atomic
 from parallel_adapters.config import lora_scaling, pattern_value
 from parallel_adapters.mcore.hf_layout import (
     HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
@@ -146,24 +145,13 @@ def peft_adapter_config(factors: Mapping[str, HFLoraFactor], adapter_config: Map
 
 
 def peft_tensors(factors: Mapping[str, HFLoraFactor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapter_model.safetensors dict: the factors as they are (cast to `dtype`, made
-    contiguous), copied only where a tensor overlaps the memory of one already in the dict (A
-    shared by q/k/v or gate/up), which safetensors refuses.  No two values overlap in memory."""
+    """The adapter_model.safetensors dict: the factors as they are, cast to `dtype`.  Values may
+    share memory (q/k/v hold one A); `write_safetensors` writes each value's own bytes, so nothing
+    is copied for that (safetensors' own save_file would refuse them)."""
     out = {}
-    spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges already used
     for module, f in sorted(factors.items()):
-        for factor, t in (("lora_A", f.lora_A), ("lora_B", f.lora_B)):
-            t = t.detach().to(dtype or t.dtype).contiguous()
-            lo = t.data_ptr()
-            hi = lo + t.numel() * t.element_size()
-            used = spans.setdefault(t.untyped_storage().data_ptr(), [])
-            if lo == hi or any(lo < b and a < hi for a, b in used):
-                t = t.clone()
-                lo = t.data_ptr()
-                hi = lo + t.numel() * t.element_size()
-                used = spans.setdefault(t.untyped_storage().data_ptr(), [])
-            used.append((lo, hi))
-            out[f"{PEFT_PREFIX}{module}.{factor}.weight"] = t
+        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.lora_A.detach().to(dtype or f.lora_A.dtype)
+        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.lora_B.detach().to(dtype or f.lora_B.dtype)
     return out
 
 
@@ -220,7 +208,7 @@ def _stage_export(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ADAPTER_WEIGHTS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        save_file(peft_tensors(factors, dtype), str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, peft_tensors(factors, dtype), metadata={"format": "pt"}, checksum=False)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -229,7 +217,7 @@ def _stage_export(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[s
 
 def _commit_export(tmp: Path, out: Path, config: dict) -> Path:
     os.replace(tmp, out / ADAPTER_WEIGHTS_FILE)
-    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomic(out / ADAPTER_CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -7,12 +7,14 @@ together and all finish before the step that depends on them (publication by ren
 from __future__ import annotations
 
 import contextvars
+import ctypes
 import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 import threading
 import uuid
 from contextlib import contextmanager
@@ -24,6 +26,69 @@ import torch
 from parallel_adapters.checkpoint.layout import SAFETENSORS_CODES, TMP_MARKER, CheckpointError, dtype_name
 
 _HASH_BLOCK = 8 << 20
+_WRITEBACK_BLOCK = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Any:
+    """libc's sync_file_range on Linux, else None (then only the final fsync flushes)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class WritebackFile:
+    """A binary file written in blocks, each block's disk writeback started as soon as it is in
+    the page cache (sync_file_range, which does not wait), so that the disk works while the rest
+    is written and hashed: the closing fsync then waits for the last block only, not the file.
+    Advisory: fsync stays the guarantee, and the kick is skipped where the call is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "wb")
+        self.size = 0
+        self._kicked = 0
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _WRITEBACK_BLOCK):
+            self._fh.write(view[start:start + _WRITEBACK_BLOCK])
+            self.size += min(_WRITEBACK_BLOCK, len(view) - start)
+            if self.size - self._kicked >= _WRITEBACK_BLOCK:
+                self._kick()
+
+    def _kick(self) -> None:
+        self._fh.flush()
+        if _sync_file_range is not None:
+            _sync_file_range(self._fh.fileno(), self._kicked, self.size - self._kicked, _SYNC_FILE_RANGE_WRITE)
+        self._kicked = self.size
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "WritebackFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def file_record(path: Path) -> dict:
@@ -108,7 +173,7 @@ class SafetensorsWriter:
         self._order = [(name, dtype, tuple(int(s) for s in shape)) for name, dtype, shape in layout]
         head = safetensors_header(self._order, metadata)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "wb")
+        self._fh = WritebackFile(self.path)
         self._fh.write(head)
         self._hash = hashlib.sha256(head)
         self._size = len(head)
@@ -237,39 +302,32 @@ def fsync_dirs(paths: Iterable[Path]) -> None:
                 os.close(fd)
 
 
-def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor],
-                      prefix_names: int = 0) -> tuple[dict, str]:
-    """Tensors (in the given order) to a safetensors file, durably; (its record, sha256 of the
-    file's prefix up to the end of the first `prefix_names` tensors).
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      *, checksum: bool = True) -> dict:
+    """Tensors (in the given order) to a safetensors file, durably; returns the file's record
+    {sha256, bytes} (just {bytes} with `checksum=False`).
 
     The bytes are written straight from the tensors' memory (no serialised copy); then, while
     fsync waits for the disk on a worker thread, the same bytes are hashed from memory, so the
-    record describes exactly what was written and nothing is read back.  Views sharing storage
-    are fine: every tensor's own bytes are written."""
+    record describes exactly what was written and nothing is read back.  Tensors may share memory
+    (a PEFT export writes one A for q/k/v): every tensor's own bytes are written."""
     layout = _checked_layout(path, tensors)
-    head = safetensors_header(layout)
+    head = safetensors_header(layout, metadata)
     views = [tensor_bytes(t) for t in tensors.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with fsync_together(), open(path, "wb") as fh:
+    with fsync_together(), WritebackFile(path) as fh:
         fh.write(head)
         for data in views:
             fh.write(data)
         fh.flush()
         _fsync_fd(fh.fileno())  # on a worker thread: the hashing below overlaps the disk flush
-        digest = hashlib.sha256(head)
-        prefix = digest.hexdigest() if prefix_names == 0 else None
-        for i, data in enumerate(views, start=1):
-            digest.update(data)
-            if i == prefix_names:
-                prefix = digest.copy().hexdigest()
-        record = {"sha256": digest.hexdigest(), "bytes": len(head) + sum(v.nbytes for v in views)}
-    return record, prefix
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Tensors (in the given order) to a safetensors file, fsync; returns the record of the bytes
-    written (see `write_tensor_file`)."""
-    return write_tensor_file(path, tensors)[0]
+        record: dict[str, Any] = {"bytes": len(head) + sum(v.nbytes for v in views)}
+        if checksum:
+            digest = hashlib.sha256(head)
+            for data in views:
+                digest.update(data)
+            record = {"sha256": digest.hexdigest(), **record}
+    return record
 
 
 def write_text_atomic(path: Path, text: str) -> None:

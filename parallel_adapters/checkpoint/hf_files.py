@@ -15,24 +15,19 @@ import json
 import math
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
 
+from parallel_adapters.checkpoint.files import WritebackFile, safetensors_header
 from parallel_adapters.checkpoint.layout import CheckpointError, resolve_inside
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # save_pretrained's "5GB"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 Layout = Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
@@ -202,17 +197,9 @@ class ShardedSafetensorsWriter:
 
     def _start_file(self, shard: int) -> None:
         self._close_file()
-        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for i in self._shards[shard]:
-            name, dtype, shape = self.layout[i]
-            nbytes = tensor_nbytes(dtype, shape)
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-        self._fh = open(self.directory / self._names[shard], "wb")
-        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        head = safetensors_header([self.layout[i] for i in self._shards[shard]], {"format": "pt"})
+        self._fh = WritebackFile(self.directory / self._names[shard])
+        self._fh.write(head)
         self._open_file = shard
 
     def _close_file(self) -> None:

@@ -27,7 +27,9 @@ import torch
 
 from parallel_adapters.adapters.sharding import ShardedTensor, ShardSpec  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+# 2: a TP-replicated tensor may live in any one TP rank's file (1: always TP rank 0's).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 CONFIG_FILE = "adapter_config.json"
 SHARDS_DIR = "shards"
@@ -180,6 +182,24 @@ class TensorInfo:
     def nbytes(self) -> int:
         return math.prod(self.global_shape) * torch.empty((), dtype=self.dtype).element_size()
 
+    @property
+    def replica_rank(self) -> int:
+        """The checkpoint TP rank whose file holds this replicated tensor (its only entry)."""
+        return next(iter(self.files))
+
+
+def replica_owners(sizes: Mapping[str, int], tp_size: int) -> dict[str, int]:
+    """Which TP rank's shard file holds each TP-replicated tensor (name -> bytes): largest first,
+    each to the least-loaded rank (ties: the lower rank), so the writers share the bytes evenly.
+    Deterministic in the names and sizes alone, so every TP rank computes the same answer."""
+    load = [0] * tp_size
+    owners = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(tp_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
+
 
 def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> TensorInfo:
     """Check one index entry against the schema and the checkpoint's TP/PP sizes."""
@@ -212,9 +232,10 @@ def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> Ten
         pp_ranks.add(pp)
     if len(pp_ranks) != 1:
         raise CheckpointError(f"{where}: held by several pipeline stages {sorted(pp_ranks)}")
-    want = {0} if spec.replicated else set(range(tp_size))
-    if set(by_tp) != want:
-        raise CheckpointError(f"{where}: shards for tp ranks {sorted(by_tp)}, expected {sorted(want)}")
+    if spec.replicated and len(by_tp) != 1:
+        raise CheckpointError(f"{where}: a replicated tensor is stored once, found it for tp ranks {sorted(by_tp)}")
+    if not spec.replicated and set(by_tp) != set(range(tp_size)):
+        raise CheckpointError(f"{where}: shards for tp ranks {sorted(by_tp)}, expected {list(range(tp_size))}")
     return TensorInfo(name, tuple(shape), DTYPES[entry["dtype"]], spec, pp_ranks.pop(), by_tp)
 
 
@@ -278,9 +299,9 @@ def validate_index(index: Any) -> dict[str, TensorInfo]:
     """Check the whole index schema; returns the parsed tensor entries by name."""
     if not isinstance(index, dict):
         raise CheckpointError(f"index.json: top level must be an object, got {type(index).__name__}")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"index.json: unsupported format_version {index.get('format_version')!r} (this code reads {FORMAT_VERSION})")
+    if index.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"index.json: unsupported format_version {index.get('format_version')!r} "
+                              f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     if set(index) != _INDEX_KEYS:
         raise CheckpointError(f"index.json: keys {sorted(index)}, expected {sorted(_INDEX_KEYS)}")
     tp_size, pp_size = _check_size(index, "tp_size"), _check_size(index, "pp_size")

@@ -224,7 +224,9 @@ class CheckpointReader:
         """The whole tensor, unsharded via its ShardSpec (one tensor's pieces in memory at a time).
         The pieces are mmap views concatenated straight into the result: one copy per byte."""
         info = self.info(name)
-        if info.spec.replicated or self.tp_size == 1:
+        if info.spec.replicated:
+            return self.read_piece(info, info.replica_rank)
+        if self.tp_size == 1:
             return self.read_piece(info, 0)
         pieces = [self._mapped_piece(info, r) for r in range(self.tp_size)]
         dim, chunks = info.spec.dim, info.spec.chunks

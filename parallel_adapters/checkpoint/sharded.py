@@ -6,12 +6,12 @@ Save protocol (every rank calls `save_sharded`; collectives only via distributed
  2. world rank 0 creates the hidden sibling `<parent>/.<name>.tmp-<token>`, everyone learns it;
  3. every rank writes its files into it (DP rank 0 of each (tp, pp): the shard file; every rank:
     optimizer and RNG state; world rank 0: adapter_config.json and extra_state.json), hashing
-    each file from the bytes it writes (no read-back), ranks in parallel; each rank also reports
-    the digest of its TP-replicated tensors (TP rank 0 of DP rank 0 takes it from its shard-file
-    pass, see `writer.replica_digest`);
+    each file from the bytes it writes (no read-back), ranks in parallel.  Each TP-replicated
+    tensor is written by one TP rank (`layout.replica_owners` spreads them by size), and every
+    rank reports a CRC-32 per replicated tensor it holds (`writer.tensor_digest`);
  4. all ranks agree the writes succeeded (else all raise, naming rank and file), then gather the
-    reports; replicated tensors must be bit-identical over TP: if any TP group's digests differ,
-    the per-tensor comparison (`check_tp_replicas`) names the tensors and every rank raises;
+    reports; replicated tensors must be bit-identical over TP: every rank compares the gathered
+    digests of each TP group the same way, so if any differ all raise, naming the tensors;
  5. world rank 0 checks every reported file exists with the reported size (the loader verifies
     the sha256), writes index.json LAST, renames the directory into place and only then rewrites
     `<parent>/latest`.
@@ -21,7 +21,6 @@ temporary directory has no index.json, so no loader ever takes it for a checkpoi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -42,8 +41,8 @@ from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.train_state import (  # noqa: F401  (re-exported public API)
     capture_rng_state, load_train_state, restore_rng_state,
 )
-from parallel_adapters.checkpoint.writer import (
-    assemble_index, make_tmp_dir, publish, write_global_files, write_rank_files,
+from parallel_adapters.checkpoint.writer import (  # noqa: F401  (tensor_digest: re-exported)
+    assemble_index, make_tmp_dir, publish, replica_digests, tensor_digest, write_global_files, write_rank_files,
 )
 from parallel_adapters.distributed.collectives import (
     all_gather_objects, all_ranks_agree, group_rank, group_size,
@@ -121,16 +120,9 @@ def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) 
                 f"{tuple(t.global_shape)} split by {t.spec} over {groups.tp_size} TP ranks (expected {want})")
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of dtype, shape and bytes: equal digests mean bit-identical tensors."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def _compare_replicas(gathered: list[tuple[int, dict | None]]) -> str | None:
-    """Message describing how TP ranks' replicated tensors disagree, or None."""
+    """Message describing how one TP group's replicated tensors disagree, or None.
+    `gathered`: (global rank, name -> digest or None if that rank failed) in TP rank order."""
     rank0, ref = gathered[0]
     problems = []
     for tp, (rank, digests) in enumerate(gathered[1:], start=1):
@@ -153,15 +145,23 @@ def check_tp_replicas(tensors: Mapping[str, ShardedTensor] | None, groups: Paral
     A replicated factor that differs is a bug that would export a state no rank's adapter
     represents (DESIGN.md section 6); every rank gets the same answer, so all raise together.
     `tensors=None` (this rank already failed) still joins the collective but compares nothing.
-    `save_sharded` compares one digest per rank taken while writing (`writer.replica_digest`) and
-    calls this per-tensor comparison only when those differ, to name the tensors.
+    (`save_sharded` does the same comparison on the digests it gathers with the write reports.)
     """
     digests, err = None, None
     if tensors is not None:
-        digests, err = _guard(who, lambda: {n: tensor_digest(t.local) for n, t in tensors.items()
-                                            if t.spec.replicated})
+        digests, err = _guard(who, lambda: replica_digests(tensors))
     gathered = all_gather_objects((group_rank(None), digests), groups.tp_group)
     return err or _compare_replicas(gathered)
+
+
+def _replica_problems(gathered: Sequence[tuple[tuple[int, int, int], int, dict | None]]) -> str | None:
+    """The TP-replica check over every TP group, from ((pp, dp, tp), global rank, digests) of all
+    ranks: the same message (or None) on every rank that computes it."""
+    groups: dict[tuple[int, int], list] = {}
+    for (pp, dp, tp), rank, digests in sorted(gathered, key=lambda g: (g[0][0], g[0][1], g[0][2])):
+        groups.setdefault((pp, dp), []).append((rank, digests))
+    problems = [p for members in groups.values() if (p := _compare_replicas(members))]
+    return "; ".join(problems) or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def save_sharded(
                                pp_rank=groups.pp_rank, dp_rank=groups.dp_rank,
                                optimizer_state=optimizer_state,
                                rng_state=capture_rng_state() if rng_state else None,
-                               with_replica_digest=check_replicas)
+                               with_replica_digests=check_replicas)
         if rank == 0:
             glob = write_global_files(tmp, config, extra_state)
             rep["files"].update(glob["files"])
@@ -213,10 +213,13 @@ def save_sharded(
     _test_hook_delay()
     _raise_together(err, f"save of {final}", cleanup)
     place = (groups.pp_rank, groups.dp_rank, groups.tp_rank)
-    gathered = all_gather_objects((place, report.pop("replica_digest", None), report), None)
-    if _replica_digests_differ([(p, d) for p, d, _ in gathered]):  # same answer on every rank
-        _raise_together(check_tp_replicas(tensors, groups, who), f"save of {final}", cleanup)
-    reports = [r for _, _, r in gathered]
+    gathered = all_gather_objects((place, rank, report.pop("replica_digests", None), report), None)
+    problems = _replica_problems([g[:3] for g in gathered]) if check_replicas else None
+    if problems:  # every rank computed the same message from the same gathered digests
+        if cleanup is not None:
+            cleanup()
+        raise CheckpointError(f"save of {final} failed:\n  {problems}")
+    reports = [g[3] for g in gathered]
 
     err = None
     if rank == 0:
@@ -228,14 +231,6 @@ def save_sharded(
     if err:
         raise CheckpointError(f"save of {final} failed while publishing: {err}")
     return final
-
-
-def _replica_digests_differ(gathered: Sequence[tuple[tuple[int, int, int], str | None]]) -> bool:
-    """Whether any TP group's ranks reported different replica digests ((pp, dp, tp), digest)."""
-    by_group: dict[tuple[int, int], set] = {}
-    for (pp, dp, _), digest in gathered:
-        by_group.setdefault((pp, dp), set()).add(digest)
-    return any(len(d) > 1 for d in by_group.values())
 
 
 def resolve_latest(parent_dir: str | Path) -> Path | None:

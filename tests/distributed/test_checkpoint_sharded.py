@@ -38,7 +38,9 @@ def test_tp2_save_load_consolidate_reshard(pool2, tmp_path):
     assert resolve_latest(tmp_path) == ckpt
     index = json.loads((ckpt / "index.json").read_text())
     assert (index["tp_size"], index["pp_size"], index["dp_size"]) == (2, 1, 1)
-    assert index["tensors"][jobs.REPLICATED_NAME]["files"] == {"tp00-pp00": "shards/tp00-pp00.safetensors"}
+    replicated = [n for n, (_, spec, _) in jobs.LAYOUT.items() if spec.replicated]
+    held_by = {n: list(index["tensors"][n]["files"]) for n in replicated}
+    assert sorted(k for keys in held_by.values() for k in keys) == ["tp00-pp00", "tp01-pp00"], held_by  # once each
     assert set(index["train_state"]["optimizer"]) == {"tp00-pp00-dp00", "tp01-pp00-dp00"}
     full = jobs.full_tensors()
     _assert_equal(consolidate(ckpt), full)

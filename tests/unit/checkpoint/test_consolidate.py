@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from parallel_adapters.checkpoint.consolidate import (
     StreamingSafetensorsWriter, consolidate, iter_full_tensors, reshard,
 )
-from parallel_adapters.checkpoint.layout import CheckpointError, validate_index
+from parallel_adapters.checkpoint.layout import CheckpointError, replica_owners, validate_index
 from parallel_adapters.checkpoint.sharded import load_sharded
 from parallel_adapters.distributed.groups import ParallelGroups
 from tests.distributed.checkpoint_jobs import (
@@ -56,7 +56,12 @@ def test_reshard_tp2_then_load(tmp_path, full, new_tp):
     validate_index(index)
     assert index["tp_size"] == new_tp
     assert sorted((out / "shards").iterdir()) == [out / "shards" / f"tp{r:02d}-pp00.safetensors" for r in range(new_tp)]
-    assert index["tensors"][REPLICATED_NAME]["files"] == {"tp00-pp00": "shards/tp00-pp00.safetensors"}
+    replicated = [n for n, (_, spec, _) in LAYOUT.items() if spec.replicated]
+    owners = replica_owners({n: full[n].numel() * full[n].element_size() for n in replicated}, new_tp)
+    for name in replicated:  # stored once, where a save at new_tp would put it
+        assert index["tensors"][name]["files"] == {f"tp{owners[name]:02d}-pp00": f"shards/tp{owners[name]:02d}-pp00.safetensors"}
+    if new_tp > 1:
+        assert len(set(owners.values())) == len(replicated) == 2  # spread over the writers
     assert json.loads((out / "adapter_config.json").read_text()) == CONFIG
     for rank in range(new_tp):
         got = load_sharded(out, ParallelGroups(tp_size=new_tp, tp_rank=rank), expected(full), collective=False)

@@ -3,7 +3,6 @@ once, while reading it; durability (fsync) is kept.  One process; multi-rank fil
 with the same writer functions one fake rank at a time (tests.distributed.checkpoint_jobs)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,13 +18,13 @@ from parallel_adapters.checkpoint.consolidate import consolidate, iter_full_tens
 from parallel_adapters.checkpoint.export import (
     ADAPTER_WEIGHTS_FILE, export_peft, export_peft_from_checkpoint, hf_lora_factors, peft_tensors,
 )
-from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor
+from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor, replica_owners
 from parallel_adapters.checkpoint.files import (
-    SafetensorsWriter, file_record, fsync_together, write_json, write_safetensors, write_tensor_file
+    SafetensorsWriter, file_record, fsync_together, write_json, write_safetensors
 )
 from parallel_adapters.checkpoint.sharded import load_sharded, save_sharded
 from parallel_adapters.checkpoint.writer import (
-    assemble_index, make_tmp_dir, publish, replica_digest, shard_file_order, write_global_files,
+    assemble_index, make_tmp_dir, publish, replica_digests, shard_file_order, tensor_digest, write_global_files,
     write_rank_files,
 )
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -85,16 +84,14 @@ def test_write_safetensors_refuses_non_tensors_naming_file(tmp_path):
         write_safetensors(tmp_path / "y.safetensors", {"a": [1]})
 
 
-def test_prefix_digest_is_the_sha256_of_the_file_prefix(tmp_path):
-    tensors = {"a": torch.randn(4, 3), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2)}
-    for k in range(4):
-        path = tmp_path / f"p{k}.safetensors"
-        rec, prefix = write_tensor_file(path, tensors, prefix_names=k)
-        data = path.read_bytes()
-        header = 8 + int.from_bytes(data[:8], "little")
-        cut = header + sum(t.numel() * t.element_size() for t in list(tensors.values())[:k])
-        assert prefix == hashlib.sha256(data[:cut]).hexdigest()
-        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+def test_write_safetensors_without_checksum_writes_shared_memory_once_per_tensor(tmp_path):
+    a = torch.randn(4, 3)
+    tensors = {"q": a, "k": a, "v": a[1:], "b": torch.arange(5, dtype=torch.int64)}
+    rec = write_safetensors(tmp_path / "p.safetensors", tensors, metadata={"format": "pt"}, checksum=False)
+    assert rec == {"bytes": (tmp_path / "p.safetensors").stat().st_size}
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+        assert all(torch.equal(fh.get_tensor(n), t) for n, t in tensors.items())
 
 
 def test_streaming_writer_record_and_json_record(tmp_path):
@@ -109,36 +106,58 @@ def test_streaming_writer_record_and_json_record(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text()) == {"a": "x", "b": [1, 2]}
 
 
-# ---- the TP-replica check comes from the shard file's own hash -------------------------------
+# ---- replicated tensors: stored once, spread over the TP ranks; compared by CRC ---------------
 
-def test_replica_digest_is_the_prefix_of_tp0_shard_file(tmp_path, full):
+def test_replica_owners_balance_bytes_deterministically():
+    sizes = {"a": 10, "b": 10, "c": 30, "d": 5, "e": 5}
+    owners = replica_owners(sizes, 2)
+    assert owners == {"c": 0, "a": 1, "b": 1, "d": 1, "e": 1}  # largest first, ties to the lower rank
+    assert replica_owners(dict(reversed(sizes.items())), 2) == owners  # insertion order is irrelevant
+    assert set(replica_owners(sizes, 1).values()) == {0}
+    loads = [sum(s for n, s in sizes.items() if replica_owners(sizes, 3)[n] == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(sizes.values())
+
+
+def test_each_replicated_tensor_is_written_by_one_tp_rank(tmp_path, full):
     tmp = make_tmp_dir(tmp_path / "ck")
     reps = [write_rank_files(tmp, sharded(full, r, 2), tp_rank=r, tp_size=2, pp_rank=0, dp_rank=0,
-                             with_replica_digest=True) for r in range(2)]
-    assert reps[0]["replica_digest"] == reps[1]["replica_digest"] == replica_digest(sharded(full, 1, 2))
-    data = (tmp / "shards" / "tp00-pp00.safetensors").read_bytes()
-    order = shard_file_order(sharded(full, 0, 2), 0)
-    replicated = [t for _, t in order if t.spec.replicated]
-    assert replicated and all(t.spec.replicated for _, t in order[:len(replicated)])  # replicated first
-    cut = 8 + int.from_bytes(data[:8], "little") + sum(t.local.numel() * t.local.element_size() for t in replicated)
-    assert reps[0]["replica_digest"] == hashlib.sha256(data[:cut]).hexdigest()
-    # The files are complete and correct whatever the order: load them back.
+                             with_replica_digests=True) for r in range(2)]
+    replicated = sorted(n for n, t in sharded(full, 0, 2).items() if t.spec.replicated)
+    assert len(replicated) == 2
+    in_files = [{n for n, _ in shard_file_order(sharded(full, r, 2), r, 2)} for r in range(2)]
+    assert all(len([f for f in in_files if n in f]) == 1 for n in replicated)  # once each...
+    assert all(any(n in f for n in replicated) for f in in_files)  # ...and both ranks write one
+    assert reps[0]["replica_digests"] == reps[1]["replica_digests"] == replica_digests(sharded(full, 1, 2))
+    assert sorted(reps[0]["replica_digests"]) == replicated
     reps.append(write_global_files(tmp, CONFIG, None))
-    publish(tmp, tmp_path / "ck", assemble_index([{k: v for k, v in r.items() if k != "replica_digest"}
+    publish(tmp, tmp_path / "ck", assemble_index([{k: v for k, v in r.items() if k != "replica_digests"}
                                                   for r in reps], 2, 1, 1))
-    assert torch.equal(consolidate(tmp_path / "ck")[REPLICATED_NAME], full[REPLICATED_NAME])
+    got = consolidate(tmp_path / "ck")
+    assert all(torch.equal(got[n], full[n]) for n in full)
 
 
-def test_replica_digest_sees_replicas_only(full):
-    ref = replica_digest(sharded(full, 1, 2))
+def test_tensor_digest_sees_any_one_element_dtype_and_shape():
+    t = torch.randn(64, 16, dtype=torch.float64)
+    ref = tensor_digest(t)
+    for i in (0, 17, t.numel() - 1):
+        bad = t.clone()
+        bad.view(-1)[i] += 1e-12
+        assert tensor_digest(bad) != ref, i
+    assert tensor_digest(t.reshape(16, 64)) != ref
+    assert tensor_digest(t.view(torch.int64)) != ref
+    assert tensor_digest(t.clone()) == ref and tensor_digest(t.t().contiguous().t()) == ref
+
+
+def test_replica_digests_see_replicas_only(full):
+    ref = replica_digests(sharded(full, 1, 2))
     bad = sharded(full, 1, 2)
     t = bad[REPLICATED_NAME].local.clone()
     t.view(-1)[-1] += 1e-12
     bad[REPLICATED_NAME] = ShardedTensor(t, ShardSpec(), bad[REPLICATED_NAME].global_shape)
-    assert replica_digest(bad) != ref
+    assert replica_digests(bad)[REPLICATED_NAME] != ref[REPLICATED_NAME]
     other = sharded(full, 1, 2)  # a different split piece: not part of the replica check
     other[SPLIT_NAME] = ShardedTensor(torch.zeros_like(other[SPLIT_NAME].local), ShardSpec(dim=0), (24, 4))
-    assert replica_digest(other) == ref
+    assert replica_digests(other) == ref
 
 
 # ---- publish checks sizes, never re-hashes ----------------------------------------------------
@@ -312,32 +331,26 @@ def _tiny_llama_checkpoint(tmp_path: Path) -> tuple[Path, dict]:
     return tmp_path / "llama", HF_CONFIG
 
 
-def _overlapping(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n)
-                   for n, t in tensors.items() if t.numel())
-    return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
-
-
-def test_peft_tensors_copy_only_shared_a(tmp_path):
+def test_peft_tensors_copy_nothing_and_the_file_holds_every_tensor(tmp_path):
     full = _tiny_llama_factors()
     factors = hf_lora_factors(full, LORA, HF_CONFIG)
     layer = "model.layers.0"
     a_qkv = full["decoder.layers.0.self_attention.linear_qkv.lora_A.default.weight"]
     out = peft_tensors(factors)
-    assert not _overlapping(out)
     key = "base_model.model.{}.{}.weight"
-    # One of q/k/v writes the input A itself, the other two copies; o_proj's factors are not copied.
-    ptrs = [out[key.format(f"{layer}.self_attn.{p}_proj", "lora_A")].data_ptr() for p in "qkv"]
-    assert ptrs.count(a_qkv.data_ptr()) == 1 and len(set(ptrs)) == 3
+    # q/k/v share the input A itself (written three times), o_proj's factors are the inputs.
+    assert {out[key.format(f"{layer}.self_attn.{p}_proj", "lora_A")].data_ptr() for p in "qkv"} == {a_qkv.data_ptr()}
     assert out[key.format(f"{layer}.self_attn.o_proj", "lora_B")].data_ptr() == \
         full["decoder.layers.0.self_attention.linear_proj.lora_B.default.weight"].data_ptr()
     fc1_b = full["decoder.layers.0.mlp.linear_fc1.lora_B.default.weight"]
     assert torch.equal(out[key.format(f"{layer}.mlp.gate_proj", "lora_B")], fc1_b[:24])
     assert torch.equal(out[key.format(f"{layer}.mlp.up_proj", "lora_B")], fc1_b[24:])
-    for p in "qkv":
-        assert torch.equal(out[key.format(f"{layer}.self_attn.{p}_proj", "lora_A")], a_qkv)
+    write_safetensors(tmp_path / "a.safetensors", out, checksum=False)
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert sorted(back) == sorted(out) and all(torch.equal(back[k], out[k]) for k in out)
     half = peft_tensors(factors, torch.float16)
-    assert all(t.dtype == torch.float16 for t in half.values()) and not _overlapping(half)
+    assert all(t.dtype == torch.float16 for t in half.values())
+    assert all(torch.equal(half[k], out[k].half()) for k in out)
 
 
 def test_export_from_checkpoint_matches_export_from_tensors(tmp_path):

@@ -97,7 +97,14 @@ def test_valid_index_parses():
     assert infos[NAME].files == {0: "shards/tp00-pp00.safetensors", 1: "shards/tp01-pp00.safetensors"}
     assert infos[NAME].local_shape(2) == (4, 4)
     assert infos["rep"].dtype == torch.bfloat16 and infos["rep"].spec.replicated
-    assert _index()["format_version"] == FORMAT_VERSION == 1
+    assert _index()["format_version"] == FORMAT_VERSION == 2
+    assert validate_index({**_index(), "format_version": 1})[NAME].files == infos[NAME].files  # v1 still reads
+
+
+def test_replicated_tensor_may_live_in_any_one_tp_file():
+    index = _corrupt(lambda i: i["tensors"]["rep"].update(files={"tp01-pp00": "shards/tp01-pp00.safetensors"}))
+    assert validate_index(index)["rep"].replica_rank == 1
+    assert validate_index(_index())["rep"].replica_rank == 0
 
 
 def _corrupt(mutate):
@@ -107,7 +114,7 @@ def _corrupt(mutate):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda i: i.update(format_version=2), "unsupported format_version 2"),
+    (lambda i: i.update(format_version=3), "unsupported format_version 3"),
     (lambda i: i.pop("format_version"), "unsupported format_version None"),
     (lambda i: i.update(tp_size=0), "tp_size must be a positive int"),
     (lambda i: i.update(extra=1), "keys"),
@@ -118,7 +125,7 @@ def _corrupt(mutate):
     (lambda i: i["tensors"][NAME].update(shard={"dim": 2, "chunks": 1}), "out of range"),
     (lambda i: i["tensors"][NAME].update(shard={"dim": 0, "stride": 2}), "unknown fields"),
     (lambda i: i["tensors"][NAME]["files"].pop("tp01-pp00"), "expected \\[0, 1\\]"),
-    (lambda i: i["tensors"]["rep"]["files"].update({"tp01-pp00": "shards/tp01-pp00.safetensors"}), "expected \\[0\\]"),
+    (lambda i: i["tensors"]["rep"]["files"].update({"tp01-pp00": "shards/tp01-pp00.safetensors"}), "stored once"),
     (lambda i: i["tensors"][NAME]["files"].update({"tp02-pp00": "shards/tp00-pp00.safetensors"}), "outside tp_size"),
     (lambda i: i["tensors"][NAME]["files"].update({"tp01-pp00": "../x.safetensors"}), "'\\.\\./x.safetensors'"),
     (lambda i: i["tensors"][NAME]["files"].update({"tp01-pp00": "shards/other.safetensors"}), "no checksum"),

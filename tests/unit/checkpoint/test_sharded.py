@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor
@@ -101,7 +101,10 @@ def test_views_sharing_storage_are_saved(tmp_path, full):
 
 def test_replicated_tensors_are_stored_once(tp2):
     index = json.loads((tp2 / "index.json").read_text())
-    assert index["tensors"][REPLICATED_NAME]["files"] == {"tp00-pp00": "shards/tp00-pp00.safetensors"}
+    replicated = [n for n, (_, spec, _) in LAYOUT.items() if spec.replicated]
+    holders = [list(index["tensors"][n]["files"]) for n in replicated]
+    assert all(len(h) == 1 for h in holders)
+    assert sorted(h[0] for h in holders) == ["tp00-pp00", "tp01-pp00"]  # one on each writer
     assert index["tensors"][SPLIT_NAME]["files"] == {"tp00-pp00": "shards/tp00-pp00.safetensors",
                                                      "tp01-pp00": "shards/tp01-pp00.safetensors"}
 
@@ -159,7 +162,7 @@ def test_truncated_file_with_matching_index_is_wrapped(tp2, full):
 
 def test_file_header_disagreeing_with_index_is_refused_before_reading(tp2, full):
     path = tp2 / "shards" / "tp01-pp00.safetensors"
-    tensors = {n: t.local for n, t in sharded(full, 1, 2).items() if not t.spec.replicated}
+    tensors = load_file(str(path))
     tensors[SPLIT_NAME] = torch.zeros(6, 4, dtype=torch.float64)  # index says [12, 4]
     save_file(tensors, str(path))
     _edit_index(tp2, lambda i: i["files"].update({"shards/tp01-pp00.safetensors": file_record(path)}))
@@ -170,8 +173,7 @@ def test_file_header_disagreeing_with_index_is_refused_before_reading(tp2, full)
 
 def test_tensor_in_file_but_not_in_index(tp2, full):
     path = tp2 / "shards" / "tp01-pp00.safetensors"
-    tensors = {n: t.local for n, t in sharded(full, 1, 2).items() if not t.spec.replicated}
-    save_file({**tensors, "smuggled": torch.zeros(1)}, str(path))
+    save_file({**load_file(str(path)), "smuggled": torch.zeros(1)}, str(path))
     _edit_index(tp2, lambda i: i["files"].update({"shards/tp01-pp00.safetensors": file_record(path)}))
     with pytest.raises(CheckpointError, match=r"tp01-pp00\.safetensors: tensors not in index.json \['smuggled'\]"):
         load_sharded(tp2, SINGLE, expected(full))
