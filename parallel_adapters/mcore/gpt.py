@@ -114,6 +114,9 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
         init_method_std=settings.init_method_std,
         params_dtype=settings.params_dtype,
         pipeline_dtype=settings.params_dtype,
+        # These tell megatron the activations are half precision, so attention's softmax runs in fp32.
+        fp16=settings.params_dtype == torch.float16,
+        bf16=settings.params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=settings.sequence_parallel and tp > 1,

@@ -57,6 +57,23 @@ def logits_job(tp: int, sequence_parallel: bool, input_ids: torch.Tensor, **sett
     }
 
 
+def half_precision_job(dtype: torch.dtype, input_ids: torch.Tensor) -> dict:
+    """A TP=1 GPT in `dtype`: megatron's half-precision flags, and its logits next to fp32's."""
+    from parallel_adapters.mcore.gpt import GPTSettings, build_gpt, gpt_logits
+
+    _setup(1, 1)
+    out = {}
+    for name, params_dtype in (("half", dtype), ("fp32", torch.float32)):
+        model = build_gpt(GPTSettings(params_dtype=params_dtype))
+        model.eval()
+        with torch.no_grad():
+            out[name] = gpt_logits(model, input_ids).float()
+        if name == "half":
+            softmax = model.decoder.layers[0].self_attention.core_attention.scale_mask_softmax
+            out["flags"] = (model.config.fp16, model.config.bf16, softmax.input_in_float16, softmax.softmax_in_fp32)
+    return out
+
+
 def _lm_step(data_iterator, model):
     ids, labels = next(data_iterator)
     return model(ids, None, None, labels=labels), partial(_mean_loss)

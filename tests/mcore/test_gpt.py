@@ -144,3 +144,12 @@ def test_pp2_gpt_logits_match_pp1(pool2, tie):
     first, last = pool2.run(jobs.pipeline_logits_job, 2, _ids(2), tie_embeddings=tie)
     assert first is None
     torch.testing.assert_close(last, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gpt_runs_attention_softmax_in_fp32(pool2, dtype):
+    for out in pool2.run(jobs.half_precision_job, dtype, _ids(2)):
+        fp16, bf16 = dtype == torch.float16, dtype == torch.bfloat16
+        assert out["flags"] == (fp16, bf16, True, True)
+        err = (out["half"] - out["fp32"]).abs().max().item()
+        assert err < 0.1 * out["fp32"].abs().max().item(), err
