@@ -83,6 +83,14 @@ def _raise_together(error: str | None, what: str, cleanup: Callable[[], None] | 
     raise CheckpointError(f"{what} failed:\n  " + "\n  ".join(errors))
 
 
+def _raise_listed(errors: Sequence[str | None], what: str) -> None:
+    """Raise one CheckpointError listing the (deduplicated) errors, if any; called by every rank
+    with the same gathered list, so all raise together."""
+    errors = list(dict.fromkeys(e for e in errors if e))
+    if errors:
+        raise CheckpointError(f"{what} failed:\n  " + "\n  ".join(errors))
+
+
 def _progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     """tqdm only on world rank 0 and only for long loops."""
     enabled = group_rank(None) == 0 and total >= _PROGRESS_MIN_ITEMS
@@ -181,15 +189,18 @@ def save_sharded(
     final = Path(directory).absolute()
     rank = group_rank(None)
     who = f"rank {rank} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
-    _, err = _guard(who, lambda: (check_plain_name(final.name, "checkpoint directory"),
-                                  _check_inputs(tensors, groups)))
-    _raise_together(err, f"save of {final}")
 
-    tmp_str, err = _guard(who, lambda: str(make_tmp_dir(final))) if rank == 0 else (None, None)
-    tmp_str, err = all_gather_objects((tmp_str, err), None)[0]
-    if err:
-        raise CheckpointError(f"save of {final} failed: {err}")
-    tmp = Path(tmp_str)
+    def prepare() -> str | None:
+        check_plain_name(final.name, "checkpoint directory")
+        _check_inputs(tensors, groups)
+        return str(make_tmp_dir(final)) if rank == 0 else None
+
+    tmp_str, err = _guard(who, prepare)
+    prepared = all_gather_objects((tmp_str, err), None)  # one collective: the checks and the temp name
+    if tmp_str is not None and any(e for _, e in prepared):
+        shutil.rmtree(tmp_str, ignore_errors=True)
+    _raise_listed([e for _, e in prepared], f"save of {final}")
+    tmp = Path(prepared[0][0])
     cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
     check_replicas = groups.tp_size > 1
 
@@ -211,15 +222,17 @@ def save_sharded(
 
     report, err = _guard(who, write_local)
     _test_hook_delay()
-    _raise_together(err, f"save of {final}", cleanup)
     place = (groups.pp_rank, groups.dp_rank, groups.tp_rank)
-    gathered = all_gather_objects((place, rank, report.pop("replica_digests", None), report), None)
-    problems = _replica_problems([g[:3] for g in gathered]) if check_replicas else None
-    if problems:  # every rank computed the same message from the same gathered digests
-        if cleanup is not None:
-            cleanup()
-        raise CheckpointError(f"save of {final} failed:\n  {problems}")
-    reports = [g[3] for g in gathered]
+    digests = report.pop("replica_digests", None) if report is not None else None
+    # One collective: every rank's error, replica digests and report; all ranks decide alike.
+    gathered = all_gather_objects((err, place, rank, digests, report), None)
+    errors = [g[0] for g in gathered]
+    if not any(errors) and check_replicas:
+        errors = [_replica_problems([g[1:4] for g in gathered])]
+    if any(errors) and cleanup is not None:
+        cleanup()
+    _raise_listed(errors, f"save of {final}")
+    reports = [g[4] for g in gathered]
 
     err = None
     if rank == 0:
