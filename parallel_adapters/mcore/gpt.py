@@ -140,10 +140,16 @@ def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
 
 
 def build_gpt(
-    settings: GPTSettings, *, pre_process: bool | None = None, post_process: bool | None = None
+    settings: GPTSettings, *, pre_process: bool | None = None, post_process: bool | None = None,
+    init_weights: bool = True,
 ) -> GPTModel:
     """This rank's GPTModel stage (pre/post_process default to the pipeline stage), with weights
-    from `init_gpt_weights`.  Needs Megatron's parallel state (and, without CUDA, CPU mode)."""
+    from `init_gpt_weights`.  Needs Megatron's parallel state (and, without CUDA, CPU mode).
+
+    `init_weights=False` skips our init, for a caller that loads every weight next, as
+    `import_hf_checkpoint` does: it draws each full tensor on every rank (what makes any TP/PP
+    start identical), which for an 8B-70B base is minutes of wasted work.  Megatron's own init
+    still runs: it is what marks the TP-split parameters (perform_initialization=False would not)."""
     if not compat.is_parallel_state_initialized():
         raise ValueError(
             "build_gpt: Megatron parallel state is not initialised; call "
@@ -168,7 +174,8 @@ def build_gpt(
     model.unpadded_vocab_size = settings.vocab_size  # read by gpt_logits
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # torch norms are built on the CPU, as megatron's get_model does
-    init_gpt_weights(model, settings)
+    if init_weights:
+        init_gpt_weights(model, settings)
     return model
 
 

@@ -143,7 +143,7 @@ def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -
     from parallel_adapters.mcore.gpt import build_gpt
 
     settings = gpt_settings(config, groups.tp_size)
-    base = build_gpt(settings)
+    base = build_gpt(settings, init_weights=config.model.hf_checkpoint is None)  # an import sets every weight
     if config.model.hf_checkpoint is not None:
         from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
 

@@ -21,14 +21,14 @@ def _setup(tp: int, pp: int):
     return groups
 
 
-def _imported_model(hf_dir: str, groups):
+def _imported_model(hf_dir: str, groups, init_weights: bool = True):
     """build_gpt(gpt_settings_from_hf) + import_hf_checkpoint, counting the elements read."""
     from parallel_adapters.checkpoint.hf_files import HFCheckpoint
     from parallel_adapters.mcore.gpt import build_gpt
     from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf, import_hf_checkpoint
 
     settings = gpt_settings_from_hf(hf_dir)
-    model = build_gpt(settings)
+    model = build_gpt(settings, init_weights=init_weights)
     original, counted = HFCheckpoint.read, [0]
 
     def counting_read(self, *args, **kwargs):
@@ -46,14 +46,14 @@ def _imported_model(hf_dir: str, groups):
 
 
 def import_job(hf_dir: str, tp: int, pp: int, input_ids: torch.Tensor, export_dir: str | None = None,
-               export_config: bool = True, max_shard_bytes: int = 5 * 10**9) -> dict:
+               export_config: bool = True, max_shard_bytes: int = 5 * 10**9, init_weights: bool = True) -> dict:
     """Logits of the imported model (None off the last stage), elements read vs held, and an
     optional export_hf_checkpoint round trip."""
     from parallel_adapters.mcore.gpt import gpt_logits
     from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint, hf_config_from_model
 
     groups = _setup(tp, pp)
-    model, settings, read = _imported_model(hf_dir, groups)
+    model, settings, read = _imported_model(hf_dir, groups, init_weights)
     with torch.no_grad():
         logits = gpt_logits(model, input_ids)
     if export_dir is not None:
@@ -64,6 +64,7 @@ def import_job(hf_dir: str, tp: int, pp: int, input_ids: torch.Tensor, export_di
         "settings": dataclasses.asdict(settings),
         "elements_read": read,
         "elements_held": sum(p.numel() for p in model.parameters()),
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "hidden": settings.hidden_size,
         "tp_rank": groups.tp_rank,
         "derived_config": hf_config_from_model(model),

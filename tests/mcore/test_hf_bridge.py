@@ -162,6 +162,17 @@ def test_imported_gpt_matches_transformers_logits(pool2, tiny, tmp_path, tp):
         assert L.read_hf_config(export) == L.read_hf_config(tiny)
 
 
+def test_import_needs_no_init_and_sets_every_weight(pool2, tiny):
+    """build_gpt(init_weights=False) skips both inits; the import alone must give the same model."""
+    inited = pool2.run(hf_jobs.import_job, str(tiny), 2, 1, IDS)
+    bare = pool2.run(hf_jobs.import_job, str(tiny), 2, 1, IDS, init_weights=False)
+    for a, b in zip(inited, bare):
+        assert a["params"].keys() == b["params"].keys()
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+        assert torch.equal(a["logits"], b["logits"])
+
+
 def test_tied_embeddings_from_sharded_checkpoint_at_tp2(pool2, tiny_tied_sharded):
     assert (tiny_tied_sharded / "model.safetensors.index.json").is_file()
     assert "lm_head.weight" not in HFCheckpoint(tiny_tied_sharded).names()
