@@ -52,19 +52,32 @@ def init_lora_factors(
     return a.to(dtype), b.to(dtype)
 
 
+# The factors may be kept wider than the activations (float32 factors on a bfloat16 base): they
+# are cast to the activations' dtype where they are used, so the matmuls, the collectives and the
+# output keep the base's dtype while the optimizer updates float32 weights (the cast is a no-op
+# when the dtypes agree; its backward casts the gradient back up).
+
 def lora_down(x: torch.Tensor, a: torch.Tensor, dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """z = drop(x) A^T: [..., I] -> [..., r]."""
-    return F.linear(dropout(x) if dropout is not None else x, a)
+    return F.linear(dropout(x) if dropout is not None else x, a.to(x.dtype))
 
 
 def lora_up(z: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """s z B^T: [..., r] -> [..., O]."""
-    return F.linear(z, b) * scaling
+    return F.linear(z, b.to(z.dtype)) * scaling
 
 
 def add_lora_up(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """y + s z B^T, with the scale folded into the add (one elementwise pass instead of two)."""
-    return torch.add(y, F.linear(z, b), alpha=scaling)
+    return torch.add(y, F.linear(z, b.to(z.dtype)), alpha=scaling)
+
+
+def factor_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The adapter factors' dtype: float32 on a float16/bfloat16 base when autocasting (as PEFT's
+    `autocast_adapter_dtype=True`: half-precision optimizer updates lose small steps), else the base's."""
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -133,7 +133,7 @@ def _check_geometry(target: Target, geometry: LinearGeometry, r: int) -> None:
 
 
 def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, adapter_name: str,
-                 targets: list[Target]) -> list[LoRALayerBase]:
+                 targets: list[Target], autocast_adapter_dtype: bool = True) -> list[LoRALayerBase]:
     """Wrap each target in its LoRA layer (or add `adapter_name` to an existing wrapper)."""
     layers = []
     for target in targets:
@@ -147,7 +147,8 @@ def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, a
         alpha = pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
         _check_geometry(target, geometry, r)
         if layer is None:
-            layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name)
+            layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name,
+                                                                 autocast_adapter_dtype)
             _replace_module(model, target.name, layer)
         generator = torch.Generator().manual_seed(lf.factor_seed(config.seed, target.global_name, adapter_name))
         full_a, full_b = lf.init_lora_factors(

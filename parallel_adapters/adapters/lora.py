@@ -53,9 +53,11 @@ class _SeededDropout:
 class LoRALayerBase(nn.Module):
     """Bookkeeping shared by all LoRA wrappers: named adapters, scaling, merge state."""
 
-    def __init__(self, base: nn.Module, geometry: LinearGeometry, module_name: str):
+    def __init__(self, base: nn.Module, geometry: LinearGeometry, module_name: str,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         self.weight = base.weight
+        self.factor_dtype = lf.factor_dtype(base.weight.dtype, autocast_adapter_dtype)
         self.bias = base_bias(base)
         # Set after weight/bias: the attribute fallback to the base would shadow them otherwise.
         object.__setattr__(self, "_base", base)  # outside the module tree on purpose (see top)
@@ -83,7 +85,7 @@ class LoRALayerBase(nn.Module):
         g = self.geometry
         a = self.spec_a.shard(full_a, g.tp_rank, g.tp_size).clone()
         b = self.spec_b.shard(full_b, g.tp_rank, g.tp_size).clone()
-        dtype, device = self.weight.dtype, self.weight.device
+        dtype, device = self.factor_dtype, self.weight.device
         self.lora_A[name] = _Factor(a.to(device=device, dtype=dtype))
         self.lora_B[name] = _Factor(b.to(device=device, dtype=dtype))
         set_tensor_parallel_attributes(self.lora_A[name].weight, self.spec_a)
@@ -110,7 +112,7 @@ class LoRALayerBase(nn.Module):
                              f"do not match r={r}: expected {want_a}, {want_b}")
         trainable = self.lora_A[name].weight.requires_grad
         for table, tensor, spec in ((self.lora_A, local_a, self.spec_a), (self.lora_B, local_b, self.spec_b)):
-            factor = _Factor(tensor.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone())
+            factor = _Factor(tensor.detach().to(device=self.weight.device, dtype=self.factor_dtype).clone())
             factor.weight.requires_grad_(trainable)
             set_tensor_parallel_attributes(factor.weight, spec)
             table[name] = factor

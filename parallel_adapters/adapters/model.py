@@ -29,10 +29,12 @@ class AdapterModel(nn.Module):
     step, call `finalize_grads()` to sum TP-replicated factor gradients (one all-reduce).
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str, groups: ParallelGroups):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str, groups: ParallelGroups,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         self.model = model
         self.groups = groups
+        self.autocast_adapter_dtype = autocast_adapter_dtype
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
@@ -54,7 +56,7 @@ class AdapterModel(nn.Module):
             raise ValueError(f"config must be a parallel_adapters.LoraConfig, got {type(config).__name__}")
         targets = find_targets(self.model, config)
         check_patterns_match(config, targets, local_only=self.groups.pp_size > 1)
-        wrap_targets(self.model, config, self.groups, adapter_name, targets)
+        wrap_targets(self.model, config, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         self._set_trainable()
 
@@ -219,12 +221,14 @@ class AdapterModel(nn.Module):
 
 
 def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                      groups: ParallelGroups | None = None) -> AdapterModel:
+                      groups: ParallelGroups | None = None, autocast_adapter_dtype: bool = True) -> AdapterModel:
     """Wrap `model`'s target layers with LoRA adapters and freeze everything else.
 
     `groups` defaults to Megatron's initialised parallel state (ValueError if there is none).
+    `autocast_adapter_dtype` (PEFT's argument): on a float16/bfloat16 base, keep the factors in
+    float32; they are cast to the activations' dtype where used.  False: the base's dtype.
     """
     if isinstance(model, AdapterModel):
         raise ValueError("model already has adapters: use add_adapter() for another adapter name")
     groups = groups or ParallelGroups.from_megatron()
-    return AdapterModel(model, config, adapter_name, groups)
+    return AdapterModel(model, config, adapter_name, groups, autocast_adapter_dtype)

@@ -17,6 +17,9 @@ import yaml
 from parallel_adapters.config import EvaConfig, LoraConfig
 
 
+MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: names of torch dtypes
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """A Megatron GPT built from these fields, or a Llama-family HF checkpoint imported."""
@@ -32,6 +35,8 @@ class ModelSection:
     rotary_base: float = 10000.0
     tie_embeddings: bool = False
     init_seed: int = 1234
+    dtype: str = "float32"
+    """The base weights' dtype: "float32" or "bfloat16" (the adapters stay float32 either way)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.train.run_config import RunConfig
+from parallel_adapters.train.run_config import MODEL_DTYPES, RunConfig
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ def validate_run_config(config: RunConfig) -> None:
                        ("checkpoint.save_every", c.save_every)):
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
+    if m.dtype not in MODEL_DTYPES:
+        hint = " (float16 needs loss scaling, which this trainer does not do)" if m.dtype == "float16" else ""
+        raise ValueError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}{hint}")
     if d.tokenizer not in ("auto", "byte", "hf"):
         raise ValueError(f"data.tokenizer must be 'auto', 'byte' or 'hf', got {d.tokenizer!r}")
     for i, path in enumerate(d.paths):

@@ -75,6 +75,21 @@ def test_layout_matches_world_size_one(request, reference, name):
                                        msg=f"{name}: rank {res['ranks']} {tensor_name}")
 
 
+def test_bfloat16_base_at_tp2_trains_float32_adapters_close_to_the_float32_reference(pool2, reference):
+    """model.dtype=bfloat16: the base and activations in bf16 (TP=2, sequence parallel), the
+    adapters float32.  Same data and init as the fp32 world-1 reference: the losses agree to bf16
+    precision and the run trains."""
+    overrides = ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.dtype=bfloat16"]
+    for res in pool2.run(train_job, overrides):
+        assert res["losses"] == pytest.approx(reference["losses"], rel=3e-2)
+        assert max(abs(a - b) for a, b in zip(res["losses"], reference["losses"])) > 1e-4  # bf16 did run
+        assert res["losses"][-1] < res["losses"][0] - 1e-2
+        assert {local.dtype for local, _, _ in res["shards"].values()} == {torch.float32}
+        for tensor_name, (local, spec, _) in res["shards"].items():
+            want = spec.shard(reference["full"][tensor_name], res["ranks"]["tp"], res["tp_size"])
+            assert (local - want).norm() < 0.05 * want.norm(), tensor_name  # Adam: elementwise outliers
+
+
 RESUME_RUN = ["optim.steps=20", "optim.schedule=cosine", "optim.warmup_steps=3", "adapter.lora_dropout=0.1"]
 RESUME_VARIANTS = {  # name: (pool fixture, overrides); ZeRO with DP=2 so that its state is partitioned
     "torch": ("pool2", ["parallel.tensor=2"]),
@@ -175,12 +190,14 @@ def test_impossible_layout_is_refused_on_every_rank(pool2):
         pool2.run(train_job, ["parallel.tensor=3"])
 
 
-def test_export_and_peft_reproduces_the_trained_model(pool2, tmp_path):
+@pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_export_and_peft_reproduces_the_trained_model(pool2, tmp_path, dtype, limit):
     """The run's final export, loaded by PEFT onto the HF form of the base, gives the Megatron
-    logits (export.verify_with_peft; TP=2 with sequence parallelism)."""
-    results = pool2.run(train_job, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+    logits (export.verify_with_peft; TP=2 with sequence parallelism).  On a bfloat16 base, PEFT
+    still runs in float32, so the two agree only to bf16 precision."""
+    results = pool2.run(train_job, ["parallel.tensor=2", "parallel.sequence_parallel=true", f"model.dtype={dtype}",
                                     f"checkpoint.directory={tmp_path}/ck", f"export.peft_dir={tmp_path}/peft",
                                     "export.verify_with_peft=true"])
     assert {r["export_dir"] for r in results} == {str(tmp_path / "peft")}
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
-    assert all(r["peft_max_logit_diff"] < 1e-4 for r in results)
+    assert all(r["peft_max_logit_diff"] < limit for r in results), [r["peft_max_logit_diff"] for r in results]

@@ -197,3 +197,27 @@ def test_module_size_that_tp_does_not_divide_is_named():
     geometry = LinearGeometry("column", 16, 30, 1, None, 4, 0, False, False, True, False)
     with pytest.raises(ValueError, match=r"module decoder\.layers\.0\.mlp\.linear_fc1: size 30 does not divide over 4"):
         _check_geometry(Target("x", "decoder.layers.0.mlp.linear_fc1", nn.Identity()), geometry, 2)
+
+
+def test_half_precision_base_keeps_float32_factors_and_trains_them():
+    """PEFT's autocast_adapter_dtype: bf16 base, float32 factors, bf16 compute and output."""
+    base = _model().to(torch.bfloat16)
+    model = get_adapter_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False), groups=SINGLE)
+    layer = model.model.layers[0].q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == b.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(4, 8, dtype=torch.float64)
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    w, bias = layer.weight.double(), layer.bias.double()
+    expected = x.to(torch.bfloat16).double() @ w.T + bias + 2.0 * (x @ a.double().T) @ b.double().T
+    torch.testing.assert_close(y.double(), expected, atol=5e-2, rtol=2e-2)
+    model(torch.randn(3, 8).to(torch.bfloat16)).float().pow(2).sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+    assert layer.weight.grad is None  # the base stays frozen
+    merged = model.merge_and_unload()
+    assert merged.layers[0].q_proj.weight.dtype == torch.bfloat16
+    plain = get_adapter_model(_model().to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"]),
+                              groups=SINGLE, autocast_adapter_dtype=False)
+    assert plain.model.layers[0].q_proj.lora_A["default"].weight.dtype == torch.bfloat16

@@ -47,11 +47,17 @@ def test_bad_type_is_named(override, key):
     ("data.seq_len=4096", "data.seq_len"), ("model.vocab_size=100", "model.vocab_size"),
     ("export.peft_dir=out", "export.peft_dir"), ("checkpoint.save_every=5", "checkpoint.save_every"),
     ("deepspeed=/no/such/zero.json", "deepspeed"), ("model.hf_checkpoint=/no/such/model", "model.hf_checkpoint"),
+    ("model.dtype=float64", "model.dtype"),
 ])
 def test_bad_value_is_named(override, key):
     config = _config(override)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate_run_config(config)
+
+
+def test_float16_base_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"model\.dtype .*\(float16 needs loss scaling"):
+        validate_run_config(_config("model.dtype=float16"))
 
 
 def test_missing_data_path_is_named(tmp_path):
