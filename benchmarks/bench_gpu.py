@@ -48,10 +48,11 @@ TIMING_NOTES = [
     "every variant keeps the word embedding trainable, so backward runs through the whole layer",
     "step = forward + fp32 cross-entropy of the full logits + backward (no optimizer), CUDA events",
     "megatron: local spec (unfused attention; fusions off as gpt_transformer_config sets them), softmax "
-    "flipped to fp32 (softmax_in_fp32); transformers: attention per --hf-attn",
+    "in fp32 (bf16=True from params_dtype); transformers: attention per --hf-attn",
     "PEFT adapts q/k/v and gate/up separately (one A each); ours the fused linear_qkv / linear_fc1 (one A): "
     "PEFT trains more parameters at the same r",
-    "hf_peft_lora = PEFT defaults (autocast_adapter_dtype=True: fp32 factors); *_bf16_factors: bf16 like ours"]
+    "ours and hf_peft_lora: the defaults (autocast_adapter_dtype=True: fp32 factors, cast to bf16 where used); "
+    "*_bf16_factors: autocast_adapter_dtype=False"]
 _T0 = time.monotonic()
 
 
@@ -297,18 +298,16 @@ def check_gpt(rep: Report, entry: dict) -> None:
     rep.check(entry, "no_wrappers_left", float(any(isinstance(m, LoRALayerBase) for m in plain.modules())), 0.0, "==")
 
 
-def softmax_in_fp32(model: torch.nn.Module) -> int:
-    """What TransformerConfig(bf16=True) would give.  gpt_transformer_config never sets bf16, so
-    megatron's FusedScaleMaskSoftmax would run the softmax in bf16; HF eager runs it in fp32."""
+def softmax_in_fp32(model: torch.nn.Module) -> bool:
+    """Whether megatron's attention softmax upcasts bf16 scores to fp32 (gpt_transformer_config
+    sets bf16=True from params_dtype; HF eager runs its softmax in fp32 too)."""
     from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 
     mods = [m for m in model.modules() if isinstance(m, FusedScaleMaskSoftmax)]
-    for m in mods:
-        m.input_in_bf16 = m.input_in_float16 = True
-    return len(mods)
+    return bool(mods) and all(m.input_in_float16 and m.softmax_in_fp32 for m in mods)
 
 
-def build_mcore(shape: dict, lora: bool) -> tuple[torch.nn.Module, Any, dict]:
+def build_mcore(shape: dict, lora: bool, fp32_factors: bool = True) -> tuple[torch.nn.Module, Any, dict]:
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
 
@@ -317,10 +316,11 @@ def build_mcore(shape: dict, lora: bool) -> tuple[torch.nn.Module, Any, dict]:
                                   num_attention_heads=shape["heads"], num_query_groups=shape["groups"],
                                   vocab_size=shape["vocab"], max_position_embeddings=shape["seq"],
                                   params_dtype=torch.bfloat16))
-    info = {"params_dtype": "bfloat16 via GPTSettings.params_dtype", "softmax_fp32_patched": softmax_in_fp32(model)}
+    info = {"params_dtype": "bfloat16 via GPTSettings.params_dtype", "softmax_in_fp32": softmax_in_fp32(model)}
     adapter = None
     if lora:
-        adapter = get_adapter_model(model, LoraConfig(r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS))
+        adapter = get_adapter_model(model, LoraConfig(r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS),
+                                    autocast_adapter_dtype=fp32_factors)
         model = adapter.model
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
@@ -417,6 +417,7 @@ def timing(rep: Report, entry: dict, shape: dict, args: argparse.Namespace) -> N
         return lambda: F.cross_entropy(run().float().flatten(0, 1), labels.flatten())
 
     builders = {"mcore_frozen": lambda: build_mcore(shape, False), "mcore_ours_lora": lambda: build_mcore(shape, True),
+                "mcore_ours_lora_bf16_factors": lambda: build_mcore(shape, True, fp32_factors=False),
                 "hf_frozen": lambda: build_hf(shape, None, args.hf_attn),
                 "hf_peft_lora": lambda: build_hf(shape, "fp32", args.hf_attn),
                 "hf_peft_lora_bf16_factors": lambda: build_hf(shape, "bf16", args.hf_attn)}
