@@ -19,6 +19,7 @@ from parallel_adapters.adapters.sharding import ShardedTensor
 from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.mcore.compat import recomputes_layers
 
 
 class AdapterModel(nn.Module):
@@ -38,6 +39,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
+        self._input_grad_hook = _require_input_grads(model) if recomputes_layers(model) else None
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -123,6 +125,9 @@ class AdapterModel(nn.Module):
         """Return the plain model with base layers (current weights) back in place of wrappers."""
         unwrap_all(self.model)
         self.peft_config.clear()
+        if self._input_grad_hook is not None:
+            self._input_grad_hook.remove()
+            self._input_grad_hook = None
         return self.model
 
     # -- training ------------------------------------------------------------------------------
@@ -218,6 +223,22 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"LoraConfig.modules_to_save entry {suffix!r} matches no module")
             for module in matched:
                 yield from module.parameters()
+
+
+def _require_input_grads(model: nn.Module):
+    """Under activation recompute, make the (frozen) embedding's output require grad: Megatron's
+    reentrant checkpoints give no gradient to parameters inside a recomputed layer whose input
+    does not require one, so with a frozen base no adapter would train (PEFT's
+    enable_input_require_grads, for the same reason).  Later pipeline stages receive inputs that
+    already require grad.  Returns the hook handle, or None without an embedding."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is None:
+        return None
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+    return embedding.register_forward_hook(hook)
 
 
 def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",

@@ -142,6 +142,28 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
     )
 
 
+_RECOMPUTE_SAFE_MODULES = {"core_attn", "layernorm", "moe_act"}  # selective parts without a linear layer
+
+
+def linear_recompute(module: torch.nn.Module) -> str | None:
+    """The Megatron activation-recompute setting under which this linear layer's forward runs
+    twice (once more in backward), or None.  Read from the layer's TransformerConfig."""
+    config = getattr(module, "config", None)
+    granularity = getattr(config, "recompute_granularity", None)
+    if granularity == "full":
+        return "recompute_granularity='full'"
+    if granularity == "selective":
+        recomputed = set(getattr(config, "recompute_modules", None) or ["core_attn"]) - _RECOMPUTE_SAFE_MODULES
+        if recomputed:
+            return f"recompute_granularity='selective' with recompute_modules {sorted(recomputed)}"
+    return None
+
+
+def recomputes_layers(model: torch.nn.Module) -> bool:
+    """Whether a Megatron model recomputes activations (any recompute_granularity)."""
+    return getattr(getattr(model, "config", None), "recompute_granularity", None) is not None
+
+
 def base_bias(module: torch.nn.Module) -> torch.Tensor | None:
     """The bias tensor of a Megatron/TE/torch linear layer (TE keeps an empty one when bias=False)."""
     bias = getattr(module, "bias", None)

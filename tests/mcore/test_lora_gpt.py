@@ -161,3 +161,32 @@ def test_adapters_add_no_collective(pool2, sp):
     for op, n in ours_calls.items():
         assert n <= base_calls.get(op, 0), f"{op}: adapted {n} > frozen base {base_calls.get(op, 0)}"
     assert finalize_calls == {"all_reduce": 1}
+
+
+def recompute_job(dropout: float):
+    """Full activation recompute at TP=2 + SP: adapter gradients equal the plain run's (the
+    adapters hold no state the replay could change), or, with LoRA dropout, a refusal."""
+    base, config, groups, get_adapter_model = _setup(2, True)
+    base.config.recompute_granularity, base.config.recompute_method = "full", "uniform"
+    base.config.recompute_num_layers = 1
+    try:
+        adapter = get_adapter_model(base, config.replace(lora_dropout=dropout))
+    except ValueError as exc:
+        return str(exc)
+    input_ids, labels = _batch()
+    grads = []
+    for granularity in ("full", None):
+        base.config.recompute_granularity = granularity
+        adapter.zero_grad()
+        _loss(adapter.model, input_ids, labels).backward()
+        adapter.finalize_grads()
+        grads.append(_consolidated_grads(adapter, groups))
+    return max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
+
+
+def test_activation_recompute_keeps_gradients_and_refuses_lora_dropout(pool2):
+    for err in pool2.run(recompute_job, 0.0):
+        assert err < 1e-6
+    for message in pool2.run(recompute_job, 0.1):
+        assert "lora_dropout=0.1" in message and "recompute_granularity='full'" in message
+        assert "on decoder.layers.0.self_attention.linear_" in message
