@@ -92,7 +92,8 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalin
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
 
-def dropout_mask_(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Inverted-dropout of x with a mask drawn from `generator` (so equal seeds give equal masks)."""
+def dropout_mask_(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted-dropout of x with a mask drawn from `generator` (so equal seeds give equal masks;
+    None: the default generator of x's device)."""
     keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=generator)
     return x * keep / (1.0 - p)

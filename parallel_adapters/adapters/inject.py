@@ -18,7 +18,7 @@ from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.lora import LORA_LAYER_FOR_MODE, LoRALayerBase
 from parallel_adapters.config import LoraConfig, lora_scaling, pattern_key_matches, pattern_value
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, linear_recompute, parallel_mode_of
+from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, parallel_mode_of
 
 _OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -132,17 +132,6 @@ def _check_geometry(target: Target, geometry: LinearGeometry, r: int) -> None:
         )
 
 
-def _check_dropout_replays(target: Target, config: LoraConfig) -> None:
-    """LoRA dropout masks come from a counter per call, which activation recompute would advance
-    a second time: the recomputed forward would use another mask and the gradients would be wrong."""
-    module = target.module.base_layer if isinstance(target.module, LoRALayerBase) else target.module
-    recompute = linear_recompute(module) if config.lora_dropout > 0 else None
-    if recompute:
-        raise ValueError(f"LoraConfig.lora_dropout={config.lora_dropout} on {target.global_name}, whose forward "
-                         f"is recomputed in backward ({recompute}): the recomputed dropout mask would differ. "
-                         "Use lora_dropout=0 or build the model without recomputing the adapted linears")
-
-
 def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, adapter_name: str,
                  targets: list[Target], autocast_adapter_dtype: bool = True) -> list[LoRALayerBase]:
     """Wrap each target in its LoRA layer (or add `adapter_name` to an existing wrapper)."""
@@ -157,7 +146,6 @@ def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, a
         r = pattern_value(target.global_name, config.rank_pattern, config.r)
         alpha = pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
         _check_geometry(target, geometry, r)
-        _check_dropout_replays(target, config)
         if layer is None:
             layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name,
                                                                  autocast_adapter_dtype)
@@ -167,7 +155,7 @@ def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, a
             geometry.out_features, geometry.in_features, r, config.init_lora_weights, generator, torch.float64
         )
         layer.add_adapter(adapter_name, r, alpha, lora_scaling(alpha, r, config.use_rslora),
-                          config.lora_dropout, full_a, full_b, config.seed, groups.dp_rank)
+                          config.lora_dropout, full_a, full_b, config.seed, groups.dp_rank, groups.pp_rank)
         layers.append(layer)
     return layers
 

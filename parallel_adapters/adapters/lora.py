@@ -22,7 +22,11 @@ from torch import nn
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.sharding import ShardSpec, lora_factor_specs
 from parallel_adapters.distributed import collectives as C
-from parallel_adapters.mcore.compat import LinearGeometry, base_bias, set_tensor_parallel_attributes
+from parallel_adapters.mcore.compat import (
+    LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
+)
+
+DROPOUT_STREAM_PREFIX = "lora-dropout/"  # RNG-tracker state names (and keys in checkpoints' rng state)
 
 
 class _Factor(nn.Module):
@@ -69,7 +73,7 @@ class LoRALayerBase(nn.Module):
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self._dropout: dict[str, _SeededDropout | None] = {}
+        self._dropout: dict[str, _SeededDropout | TrackerDropout | None] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None
@@ -78,7 +82,8 @@ class LoRALayerBase(nn.Module):
     # -- adapters ----------------------------------------------------------------------------
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
-                    full_a: torch.Tensor, full_b: torch.Tensor, seed: int, dp_rank: int = 0) -> None:
+                    full_a: torch.Tensor, full_b: torch.Tensor, seed: int, dp_rank: int = 0,
+                    pp_rank: int = 0) -> None:
         """Register adapter `name` from its FULL factors; this rank keeps its shard."""
         if name in self.lora_A:
             raise ValueError(f"{self.module_name}: adapter {name!r} is already applied to this module")
@@ -91,11 +96,7 @@ class LoRALayerBase(nn.Module):
         set_tensor_parallel_attributes(self.lora_A[name].weight, self.spec_a)
         set_tensor_parallel_attributes(self.lora_B[name].weight, self.spec_b)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
-        input_rank = 0 if self.input_is_tp_replicated else g.tp_rank
-        self._dropout[name] = (
-            _SeededDropout(dropout, lf.factor_seed(seed, self.module_name, name, f"dp{dp_rank}", f"tp{input_rank}"))
-            if dropout > 0 else None
-        )
+        self._dropout[name] = self._make_dropout(dropout, seed, name, dp_rank, pp_rank) if dropout > 0 else None
         if not self.active_adapters:
             self.active_adapters = [name]
 
@@ -132,18 +133,36 @@ class LoRALayerBase(nn.Module):
         g = self.geometry
         return g.parallel_mode == "column" and not g.sequence_parallel
 
+    def _make_dropout(self, p: float, seed: int, name: str, dp_rank: int, pp_rank: int):
+        """Megatron layers: a stream of Megatron's RNG tracker (replayed by activation recompute),
+        one per adapter for TP-replicated inputs (the same masks on every TP rank, no
+        communication) and one per adapter and TP rank for sharded inputs.  nn.Linear: a private
+        generator per module and call."""
+        g = self.geometry
+        if g.parallel_mode == "replicated":
+            return _SeededDropout(p, lf.factor_seed(seed, self.module_name, name, f"dp{dp_rank}", "tp0"))
+        shared = self.input_is_tp_replicated
+        stream = f"{DROPOUT_STREAM_PREFIX}{name}/{'tp-shared' if shared else 'tp-rank'}"
+        rank_key = "tp-shared" if shared else f"tp{g.tp_rank}"
+        return TrackerDropout(p, stream, lf.factor_seed(seed, stream, f"dp{dp_rank}", f"pp{pp_rank}", rank_key))
+
+    def dropout_streams(self) -> set[str]:
+        """Names of the RNG-tracker streams this layer's dropout draws from."""
+        return {d.name for d in self._dropout.values() if isinstance(d, TrackerDropout)}
+
     def _running_adapters(self) -> list[str]:
         if self.disabled:
             return []
         return [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
 
     def dropout_calls(self) -> dict[str, int]:
-        """Masks drawn so far per adapter: with the seed, this fixes every future mask (for resume)."""
-        return {name: d.calls for name, d in self._dropout.items() if d is not None}
+        """Masks drawn so far per adapter on an nn.Linear (for resume; Megatron layers' streams are
+        RNG-tracker states, see `dropout_streams`)."""
+        return {name: d.calls for name, d in self._dropout.items() if isinstance(d, _SeededDropout)}
 
     def set_dropout_calls(self, calls: dict[str, int]) -> None:
         for name, count in calls.items():
-            if self._dropout.get(name) is not None:
+            if isinstance(self._dropout.get(name), _SeededDropout):
                 self._dropout[name].calls = int(count)
 
     def _dropout_fn(self, name: str):

@@ -19,7 +19,7 @@ from parallel_adapters.adapters.sharding import ShardedTensor
 from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.mcore.compat import recomputes_layers
+from parallel_adapters.mcore.compat import recomputes_layers, set_tracker_states, tracker_states
 
 
 class AdapterModel(nn.Module):
@@ -174,6 +174,19 @@ class AdapterModel(nn.Module):
                 key = f"{layer.module_name}.{factor}.{adapter_name}.weight"
                 out[key] = ShardedTensor(param.detach(), spec, shapes[factor])
         return out
+
+    def dropout_rng_states(self) -> dict[str, torch.Tensor]:
+        """This rank's LoRA-dropout RNG streams (Megatron RNG-tracker states), for exact resume:
+        stream name -> uint8 state."""
+        names = set().union(*(layer.dropout_streams() for _, layer in self.adapter_layers()))
+        return tracker_states(names) if names else {}
+
+    def set_dropout_rng_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore what `dropout_rng_states` returned (other keys of `states` are ignored)."""
+        names = set().union(*(layer.dropout_streams() for _, layer in self.adapter_layers()))
+        mine = {n: t for n, t in states.items() if n in names}
+        if mine:
+            set_tracker_states(mine)
 
     def adapter_layers(self) -> list[tuple[str, LoRALayerBase]]:
         return adapted_layers(self.model)

@@ -180,11 +180,14 @@ def save_sharded(
     directory: str | Path, tensors: Mapping[str, ShardedTensor], groups: ParallelGroups,
     config: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None = None,
     extra_state: Mapping[str, Any] | None = None, rng_state: bool = True,
+    rng_extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective save of this rank's adapter shards (+ train state); returns the final directory.
 
     Must be called on EVERY rank with the same `directory`. Raises CheckpointError on all ranks
     together if any rank fails; the previous checkpoint and `<parent>/latest` stay untouched then.
+    `rng_extra`: more per-rank RNG states (uint8 tensors) saved with torch's, e.g. the adapters'
+    dropout streams; `load_train_state` returns them in the same dict.
     """
     final = Path(directory).absolute()
     rank = group_rank(None)
@@ -212,7 +215,7 @@ def save_sharded(
         rep = write_rank_files(tmp, tensors, tp_rank=groups.tp_rank, tp_size=groups.tp_size,
                                pp_rank=groups.pp_rank, dp_rank=groups.dp_rank,
                                optimizer_state=optimizer_state,
-                               rng_state=capture_rng_state() if rng_state else None,
+                               rng_state={**capture_rng_state(), **(rng_extra or {})} if rng_state else None,
                                with_replica_digests=check_replicas)
         if rank == 0:
             glob = write_global_files(tmp, config, extra_state)

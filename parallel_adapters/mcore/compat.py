@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -142,21 +142,46 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
     )
 
 
-_RECOMPUTE_SAFE_MODULES = {"core_attn", "layernorm", "moe_act"}  # selective parts without a linear layer
+class TrackerDropout:
+    """Inverted dropout whose masks come from a named state of Megatron's RNG tracker.
+
+    Activation recompute saves the tracker's states before a checkpointed forward and restores
+    them for its replay, so the replay draws the very masks the first pass drew (a private
+    generator or a call counter would advance again and give other masks, so wrong gradients).
+    The state is added on first use; `tracker_states` / `set_tracker_states` carry it over a
+    resume."""
+
+    def __init__(self, p: float, name: str, seed: int):
+        self.p, self.name, self.seed = p, name, seed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from parallel_adapters.adapters.functional import dropout_mask_
+
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        states = tracker.get_states()
+        if self.name not in states:
+            if getattr(tracker, "use_cudagraphable_rng", False):
+                tracker.add(self.name, self.seed)  # graph-safe states are generators, not tensors
+            else:  # the state add() would make, without its once-per-process seed registry
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                states[self.name] = torch.Generator(device=device).manual_seed(self.seed).get_state()
+                tracker.set_states(states)
+        with tracker.fork(self.name):
+            return dropout_mask_(x, self.p, None)
 
 
-def linear_recompute(module: torch.nn.Module) -> str | None:
-    """The Megatron activation-recompute setting under which this linear layer's forward runs
-    twice (once more in backward), or None.  Read from the layer's TransformerConfig."""
-    config = getattr(module, "config", None)
-    granularity = getattr(config, "recompute_granularity", None)
-    if granularity == "full":
-        return "recompute_granularity='full'"
-    if granularity == "selective":
-        recomputed = set(getattr(config, "recompute_modules", None) or ["core_attn"]) - _RECOMPUTE_SAFE_MODULES
-        if recomputed:
-            return f"recompute_granularity='selective' with recompute_modules {sorted(recomputed)}"
-    return None
+def tracker_states(names: set[str]) -> dict[str, torch.Tensor]:
+    """Copies of the RNG tracker's states of `names` (those already added)."""
+    states = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {n: states[n].clone() for n in sorted(names) if n in states}
+
+
+def set_tracker_states(saved: dict[str, torch.Tensor]) -> None:
+    """Put saved states back into the RNG tracker (adding or replacing those names only)."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = tracker.get_states()
+    states.update({n: t.clone() for n, t in saved.items()})
+    tracker.set_states(states)
 
 
 def recomputes_layers(model: torch.nn.Module) -> bool:

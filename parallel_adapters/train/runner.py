@@ -293,6 +293,7 @@ def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from
         rng = agreed(restore, f"resume from {resume_from}")  # a failure on any rank stops every rank
         if rng is not None:
             restore_rng_state(rng)
+            model.set_dropout_rng_states(rng)
     _check_same_data(extra, layout, config, resume_from)
     restore_dropout_counters(model, extra.get("lora_dropout_calls"))
     return engine, extra

@@ -97,6 +97,7 @@ RESUME_VARIANTS = {  # name: (pool fixture, overrides); ZeRO with DP=2 so that i
     "zero2_dp2": ("pool2", [f"deepspeed={ZERO[2]}"]),
     "zero3_tp2": ("pool2", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
     "zero3_dp2": ("pool2", [f"deepspeed={ZERO[3]}"]),
+    "pp2": ("pool2", ["parallel.pipeline=2"]),  # each stage's dropout stream resumes from its own rng file
 }
 
 

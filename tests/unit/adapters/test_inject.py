@@ -222,17 +222,3 @@ def test_half_precision_base_keeps_float32_factors_and_trains_them():
                               groups=SINGLE, autocast_adapter_dtype=False)
     assert plain.model.layers[0].q_proj.lora_A["default"].weight.dtype == torch.bfloat16
 
-
-def test_linear_recompute_reads_the_megatron_config():
-    from types import SimpleNamespace
-
-    from parallel_adapters.mcore.compat import linear_recompute
-
-    layer = nn.Linear(2, 2)
-    assert linear_recompute(layer) is None
-    layer.config = SimpleNamespace(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"])
-    assert linear_recompute(layer) is None  # attention scores / norms only: the linears run once
-    layer.config = SimpleNamespace(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"])
-    assert linear_recompute(layer) == "recompute_granularity='selective' with recompute_modules ['mlp']"
-    layer.config = SimpleNamespace(recompute_granularity="full")
-    assert linear_recompute(layer) == "recompute_granularity='full'"
