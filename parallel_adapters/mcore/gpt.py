@@ -62,8 +62,13 @@ class GPTSettings:
     vocab_pad_multiple: int = 8
     """The padded vocab is vocab_size rounded up to this; it must divide by every TP size used,
     so that models at different TP sizes have the same shapes."""
+    recompute: str | None = None
+    """Activation recompute: None, "full" (every layer's activations recomputed in backward) or
+    "selective" (the attention scores only)."""
 
     def __post_init__(self) -> None:
+        if self.recompute not in (None, "full", "selective"):
+            raise ValueError(f"GPTSettings.recompute must be None, 'full' or 'selective', got {self.recompute!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"GPTSettings.num_query_groups={self.num_query_groups} must divide "
@@ -121,6 +126,9 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
         pipeline_model_parallel_size=pp,
         sequence_parallel=settings.sequence_parallel and tp > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=settings.recompute,
+        recompute_method="uniform" if settings.recompute == "full" else None,
+        recompute_num_layers=1 if settings.recompute == "full" else None,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,

@@ -37,6 +37,8 @@ class ModelSection:
     init_seed: int = 1234
     dtype: str = "float32"
     """The base weights' dtype: "float32" or "bfloat16" (the adapters stay float32 either way)."""
+    recompute: Optional[str] = None
+    """Activation recompute: null, "full" (each layer) or "selective" (attention scores)."""
 
 
 @dataclass(frozen=True)

@@ -118,12 +118,13 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
     if m.hf_checkpoint is not None:
         from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
 
-        return gpt_settings_from_hf(m.hf_checkpoint, sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype)
+        return gpt_settings_from_hf(m.hf_checkpoint, sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype,
+                                    recompute=m.recompute)
     return GPTSettings(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
                        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
                        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
                        rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
-                       sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype)
+                       sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype, recompute=m.recompute)
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:

@@ -86,6 +86,8 @@ def validate_run_config(config: RunConfig) -> None:
     if m.dtype not in MODEL_DTYPES:
         hint = " (float16 needs loss scaling, which this trainer does not do)" if m.dtype == "float16" else ""
         raise ValueError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}{hint}")
+    if m.recompute not in (None, "full", "selective"):
+        raise ValueError(f"model.recompute must be null, 'full' or 'selective', got {m.recompute!r}")
     if d.tokenizer not in ("auto", "byte", "hf"):
         raise ValueError(f"data.tokenizer must be 'auto', 'byte' or 'hf', got {d.tokenizer!r}")
     for i, path in enumerate(d.paths):

@@ -35,6 +35,9 @@ VARIANTS = {  # name: (pool fixture, overrides, DeepSpeed TP-sum mechanism)
     "tp2_pp2": ("pool4", ["parallel.tensor=2", "parallel.pipeline=2"], "auto"),
     "dp2_torch": ("pool2", [], "auto"),
     "tp2_dp2_zero2_hook_fallback": ("pool4", ["parallel.tensor=2", f"deepspeed={ZERO[2]}"], "hooks"),
+    "tp2_sp_full_recompute": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                        "model.recompute=full"], "auto"),
+    "pp2_selective_recompute": ("pool2", ["parallel.pipeline=2", "model.recompute=selective"], "auto"),
 }
 CLIP = 0.5  # optim.grad_clip in train_jobs.BASE
 

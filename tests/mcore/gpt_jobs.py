@@ -74,6 +74,29 @@ def half_precision_job(dtype: torch.dtype, input_ids: torch.Tensor) -> dict:
     return out
 
 
+def recompute_calls_job(recompute: str | None, input_ids: torch.Tensor) -> int:
+    """How many activation checkpoints one training forward of a 2-layer GPT opens."""
+    from megatron.core import tensor_parallel
+
+    from parallel_adapters.mcore.gpt import GPTSettings, build_gpt, gpt_logits
+
+    _setup(1, 1)
+    model = build_gpt(GPTSettings(recompute=recompute))
+    model.embedding.word_embeddings.weight.requires_grad_(True)
+    real, calls = tensor_parallel.checkpoint, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    tensor_parallel.checkpoint = counting
+    try:
+        gpt_logits(model, input_ids).sum().backward()
+    finally:
+        tensor_parallel.checkpoint = real
+    return calls[0]
+
+
 def _lm_step(data_iterator, model):
     ids, labels = next(data_iterator)
     return model(ids, None, None, labels=labels), partial(_mean_loss)

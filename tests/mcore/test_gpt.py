@@ -153,3 +153,8 @@ def test_half_precision_gpt_runs_attention_softmax_in_fp32(pool2, dtype):
         assert out["flags"] == (fp16, bf16, True, True)
         err = (out["half"] - out["fp32"]).abs().max().item()
         assert err < 0.1 * out["fp32"].abs().max().item(), err
+
+
+def test_recompute_setting_reaches_megatron(pool2):
+    counts = {r: pool2.run(jobs.recompute_calls_job, r, _ids(2))[0] for r in (None, "full", "selective")}
+    assert counts == {None: 0, "full": 2, "selective": 2}  # one per layer: the layer, or its attention

@@ -47,7 +47,7 @@ def test_bad_type_is_named(override, key):
     ("data.seq_len=4096", "data.seq_len"), ("model.vocab_size=100", "model.vocab_size"),
     ("export.peft_dir=out", "export.peft_dir"), ("checkpoint.save_every=5", "checkpoint.save_every"),
     ("deepspeed=/no/such/zero.json", "deepspeed"), ("model.hf_checkpoint=/no/such/model", "model.hf_checkpoint"),
-    ("model.dtype=float64", "model.dtype"),
+    ("model.dtype=float64", "model.dtype"), ("model.recompute=sometimes", "model.recompute"),
 ])
 def test_bad_value_is_named(override, key):
     config = _config(override)
