@@ -2,12 +2,13 @@
 
     torchrun --nproc_per_node 2 -m parallel_adapters train configs/tiny.yaml optim.lr=1e-3
     parallel-adapters inspect runs/tiny/ckpt/step-40
+    parallel-adapters verify runs/tiny/ckpt/step-40
     parallel-adapters consolidate runs/tiny/ckpt/step-40 --out full/ [--tp 4]
     parallel-adapters export runs/tiny/ckpt/step-40 --format peft --out peft_adapter/ --hf-config HF_DIR
     parallel-adapters merge runs/tiny/ckpt/step-40 --base HF_DIR --out merged/
     torchrun ... -m parallel_adapters evaluate configs/tiny.yaml --checkpoint CKPT --tokens ids.txt --out logits.safetensors
 
-The offline commands (inspect, consolidate, export, merge) run on one process, with no
+The offline commands (inspect, verify, consolidate, export, merge) run on one process, with no
 torch.distributed and no GPU.  Every command imports only what it needs.
 """
 from __future__ import annotations
@@ -37,6 +38,15 @@ def _inspect(args: argparse.Namespace) -> None:
         _print_table(("tensor", "global shape", "dtype", "TP layout", "KiB"), rows)
         total = sum(record["bytes"] for record in reader.index["files"].values())
         print(f"{len(reader.index['files'])} files, {total / 2**20:.2f} MiB on disk")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from parallel_adapters.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(args.checkpoint) as reader:
+        nbytes = reader.verify_all()
+        print(f"{reader.directory}: ok ({len(reader.index['files'])} files, {nbytes / 2**20:.2f} MiB, "
+              f"{len(reader.tensors)} tensors: sizes, sha256 and safetensors headers match index.json)")
 
 
 def _consolidate(args: argparse.Namespace) -> None:
@@ -105,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors with logits (and perplexity in its metadata)")
 
     p = command("inspect", _inspect, "print the tensors, shapes, ranks and shard layout of a checkpoint")
+    p.add_argument("checkpoint")
+
+    p = command("verify", _verify, "check every file of a checkpoint against index.json (size, sha256, headers)")
     p.add_argument("checkpoint")
 
     p = command("consolidate", _consolidate, "full tensors with Megatron names (--tp 1), or reshard to --tp N")

@@ -136,6 +136,20 @@ class CheckpointReader:
         for rel in list(self._pending):
             self.verified_path(rel)
 
+    def verify_all(self) -> int:
+        """Check every file the index lists (size and sha256, several files in parallel) and every
+        shard file's safetensors header against the index (names, shapes, dtypes); CheckpointError
+        naming the file on the first problem.  Returns the number of bytes verified."""
+        rels = sorted(self.index["files"])
+        self.verify_in_background(rels)
+        for rel in rels:
+            self.verified_path(rel)
+        for info in self.tensors.values():
+            for rel in info.files.values():
+                with self.wrap_errors(self.directory / rel):
+                    self._checked_slice(self.handle(rel), info, rel)
+        return sum(record["bytes"] for record in self.index["files"].values())
+
     def config(self) -> dict:
         """adapter_config.json, checksum-verified."""
         return read_json(self.verified_path(CONFIG_FILE), "adapter config")

@@ -47,3 +47,19 @@ def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     result = _cli("inspect", str(tmp_path / "missing"), check=False)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verify_passes_a_good_checkpoint_and_names_a_corrupt_file(checkpoint, tmp_path):
+    import shutil
+
+    from tests.distributed.checkpoint_jobs import corrupt_last_byte
+
+    ckpt, _ = checkpoint
+    out = _cli("verify", str(ckpt)).stdout
+    assert ": ok (" in out and "tensors" in out
+    bad = tmp_path / "step-1"
+    shutil.copytree(ckpt, bad)
+    corrupt_last_byte(bad / "shards" / "tp01-pp00.safetensors")
+    result = _cli("verify", str(bad), check=False)
+    assert result.returncode == 2
+    assert "tp01-pp00.safetensors: sha256" in result.stderr and "corrupt" in result.stderr
