@@ -58,12 +58,15 @@ def _consolidate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    import torch
+
     from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
 
     if args.format != "peft":
         raise SystemExit(f"export: unknown --format {args.format!r} (supported: peft)")
-    out = export_peft_from_checkpoint(args.checkpoint, args.out, args.hf_config)
-    print(f"wrote PEFT adapter to {out}")
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    out = export_peft_from_checkpoint(args.checkpoint, args.out, args.hf_config, dtype=dtype)
+    print(f"wrote PEFT adapter to {out}" + (f" ({args.dtype})" if dtype is not None else ""))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -131,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--hf-config", required=True,
                    help="the base model's HF directory or config.json (names and q/k/v split come from it)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the factors (default: as trained, float32)")
 
     p = command("merge", _merge, "fold the adapter into a Hugging Face base model (streamed)")
     p.add_argument("checkpoint")

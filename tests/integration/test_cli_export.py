@@ -62,15 +62,17 @@ def saved(tmp_path_factory, pool2):
 
 @pytest.fixture(scope="module")
 def cli(saved):
-    """The three CLI subprocesses, started together (they are independent; this overlaps their
+    """The CLI subprocesses, started together (they are independent; this overlaps their
     interpreter and torch start-up with each other and with this process loading transformers)."""
     ckpt, hf, root = saved["ckpt"], str(saved["hf"]), saved["root"]
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         yield {
             "export": pool.submit(_cli, "export", ckpt, "--format", "peft", "--out", str(root / "peft"),
                                   "--hf-config", hf),
             "merge": pool.submit(_cli, "merge", ckpt, "--base", hf, "--out", str(root / "merged")),
             "inspect": pool.submit(_cli, "inspect", ckpt),
+            "export_bf16": pool.submit(_cli, "export", ckpt, "--out", str(root / "peft_bf16"), "--hf-config", hf,
+                                       "--dtype", "bfloat16"),
         }
 
 
@@ -127,3 +129,14 @@ def test_cli_inspect_describes_the_model_checkpoint(saved, cli):
     assert "160x6" in fc1_b and "dim 0 x2 chunks" in fc1_b  # rank_pattern: r=6 on layer 0's fc1
     # 2 shard files, config, RNG state of both ranks (save_checkpoint always saves it)
     assert "5 files" in out
+
+
+def test_cli_export_casts_with_dtype(saved, cli):
+    from safetensors.torch import load_file
+
+    assert "(bfloat16)" in cli["export_bf16"].result().stdout
+    cast = load_file(str(saved["root"] / "peft_bf16" / "adapter_model.safetensors"))
+    cli["export"].result()
+    full = load_file(str(saved["root"] / "peft" / "adapter_model.safetensors"))
+    assert cast.keys() == full.keys() and {t.dtype for t in cast.values()} == {torch.bfloat16}
+    assert all(torch.equal(cast[k], full[k].to(torch.bfloat16)) for k in full)
