@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 
+from parallel_adapters.adapters.functional import dropout_mask_
 from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.distributed.groups import ParallelGroups
 
@@ -155,8 +156,6 @@ class TrackerDropout:
         self.p, self.name, self.seed = p, name, seed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from parallel_adapters.adapters.functional import dropout_mask_
-
         tracker = tensor_parallel.get_cuda_rng_tracker()
         states = tracker.get_states()
         if self.name not in states:
