@@ -27,11 +27,11 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from parallel_adapters.checkpoint.files import write_safetensors, write_text_atomic
+from parallel_adapters.checkpoint.files import SafetensorsWriter, write_text_atomic
 from parallel_adapters.config import lora_scaling, pattern_value
 from parallel_adapters.mcore.hf_layout import (
     HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
@@ -55,10 +55,15 @@ class HFLoraFactor:
     scaling: float
 
 
-def group_factors(tensors: Mapping[str, torch.Tensor], adapter_name: str | None = None
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Megatron module -> (full A, full B) of one adapter; ValueError on anything else."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
+def _shape(value: Any) -> tuple[int, ...]:
+    """A tensor's shape, or a shape given as such."""
+    return tuple(int(d) for d in (value.shape if hasattr(value, "shape") else value))
+
+
+def group_factors(tensors: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, tuple[str, str]]:
+    """Megatron module -> the keys of its (A, B) in `tensors`, for one adapter; the values may be
+    tensors or just shapes.  ValueError on anything else."""
+    found: dict[str, dict[str, str]] = {}
     adapters = set()
     for key, tensor in tensors.items():
         m = _FACTOR_KEY.match(key)
@@ -67,7 +72,7 @@ def group_factors(tensors: Mapping[str, torch.Tensor], adapter_name: str | None 
         adapter = m.group("adapter") or "default"
         adapters.add(adapter)
         if adapter_name is None or adapter == adapter_name:
-            found.setdefault(m.group("module"), {})[m.group("factor")] = tensor
+            found.setdefault(m.group("module"), {})[m.group("factor")] = key
     if adapter_name is None and len(adapters) > 1:
         raise ValueError(f"the tensors hold adapters {sorted(adapters)}: pass adapter_name")
     if not found:
@@ -76,11 +81,35 @@ def group_factors(tensors: Mapping[str, torch.Tensor], adapter_name: str | None 
     for module, pair in sorted(found.items()):
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{module}: lora_{'B' if 'A' in pair else 'A'} is missing")
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not [r, in] and [out, r]")
-        out[module] = (a, b)
+        a, b = (_shape(tensors[pair[f]]) for f in "AB")
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise ValueError(f"{module}: A {a} and B {b} are not [r, in] and [out, r]")
+        out[module] = (pair["A"], pair["B"])
     return out
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """How one Megatron module's adapter becomes its HF modules' factors (no tensor data)."""
+
+    module: str
+    a_key: str
+    b_key: str
+    r: int
+    alpha: float
+    scaling: float
+    in_features: int
+    segments: tuple  # row segments of B (hf_layout.Segment), HF module names without suffix
+    hf_modules: tuple[str, ...]
+
+    def b_rows(self, hf_module: str) -> int:
+        return sum(seg.stop - seg.start for seg in self.segments if seg.hf_name == hf_module)
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, HFLoraFactor]:
+        """HF module -> its factors: A shared (the same tensor), B split by rows (views where
+        contiguous, one gather for q/k/v)."""
+        b_parts = split_rows(self.segments, b.detach(), copy=False)
+        return {hf: HFLoraFactor(a.detach(), b_parts[hf], self.r, self.alpha, self.scaling) for hf in self.hf_modules}
 
 
 def _expected_in(kind: str, shape: LlamaShape) -> int:
@@ -88,9 +117,9 @@ def _expected_in(kind: str, shape: LlamaShape) -> int:
             "ffn": shape.intermediate_size}[kind]
 
 
-def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
-                    hf_config: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, HFLoraFactor]:
-    """HF module path -> its factors and scaling, from full factors under Megatron names.
+def plan_hf_factors(shapes: Mapping[str, Any], adapter_config: Mapping[str, Any], hf_config: Mapping[str, Any],
+                    adapter_name: str | None = None) -> list[ModulePlan]:
+    """The per-module export plan from the factors' names and shapes alone (tensors or shapes).
 
     `adapter_config` is the checkpoint's config (LoraConfig fields: lora_alpha, alpha_pattern,
     use_rslora); r is each module's A rows (EVA may have changed it)."""
@@ -98,21 +127,30 @@ def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping
     alpha0 = adapter_config.get("lora_alpha", 8)
     alpha_pattern = adapter_config.get("alpha_pattern") or {}
     rslora = bool(adapter_config.get("use_rslora", False))
-    out: dict[str, HFLoraFactor] = {}
-    for module, (a, b) in group_factors(tensors, adapter_name).items():
+    plans = []
+    for module, (a_key, b_key) in group_factors(shapes, adapter_name).items():
+        a, b = _shape(shapes[a_key]), _shape(shapes[b_key])
         leaf = module.rsplit(".", 1)[-1]
         if leaf not in HF_LINEAR_NAMES:
             raise ValueError(f"cannot export the adapter on {module!r}: PEFT export supports "
                              f"{sorted(HF_LINEAR_NAMES)} only")
-        if a.shape[1] != _expected_in(_IN_FEATURES[leaf], shape):
-            raise ValueError(f"{module}: lora_A has {a.shape[1]} input features, the HF config implies "
+        r, in_features = a
+        if in_features != _expected_in(_IN_FEATURES[leaf], shape):
+            raise ValueError(f"{module}: lora_A has {in_features} input features, the HF config implies "
                              f"{_expected_in(_IN_FEATURES[leaf], shape)}")
-        r = int(a.shape[0])
         alpha = pattern_value(module, alpha_pattern, alpha0)
-        scaling = lora_scaling(alpha, r, rslora)
-        b_parts = split_rows(row_segments(module, shape, b.shape[0], ""), b.detach(), copy=False)
-        for hf_module in hf_modules(module, shape):
-            out[hf_module] = HFLoraFactor(a.detach(), b_parts[hf_module], r, alpha, scaling)
+        plans.append(ModulePlan(module, a_key, b_key, r, alpha, lora_scaling(alpha, r, rslora),
+                                in_features, tuple(row_segments(module, shape, b[0], "")),
+                                tuple(hf_modules(module, shape))))
+    return plans
+
+
+def hf_lora_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
+                    hf_config: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, HFLoraFactor]:
+    """HF module path -> its factors and scaling, from full factors under Megatron names."""
+    out: dict[str, HFLoraFactor] = {}
+    for plan in plan_hf_factors(tensors, adapter_config, hf_config, adapter_name):
+        out.update(plan.factors(tensors[plan.a_key], tensors[plan.b_key]))
     return out
 
 
@@ -146,7 +184,7 @@ def peft_adapter_config(factors: Mapping[str, HFLoraFactor], adapter_config: Map
 
 def peft_tensors(factors: Mapping[str, HFLoraFactor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapter_model.safetensors dict: the factors as they are, cast to `dtype`.  Values may
-    share memory (q/k/v hold one A); `write_safetensors` writes each value's own bytes, so nothing
+    share memory (q/k/v hold one A); the project's safetensors writers write each value's own bytes, so nothing
     is copied for that (safetensors' own save_file would refuse them)."""
     out = {}
     for module, f in sorted(factors.items()):
@@ -177,19 +215,21 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         base_model_name_or_path = str(hf_config)
     out = Path(out_dir)
-    stage = lambda tensors, cfg: _stage_export(tensors, cfg, hf_cfg, out, adapter_name,  # noqa: E731
-                                               base_model_name_or_path, dtype)
     if not from_checkpoint:
-        return _commit_export(*stage(source, adapter_config))
+        return _commit_export(*_stage_export(
+            {n: t.shape for n, t in source.items()}, source.__getitem__, lambda n: source[n].dtype,
+            adapter_config, hf_cfg, out, adapter_name, base_model_name_or_path, dtype))
     from parallel_adapters.checkpoint.reader import CheckpointReader
 
     staged = None
     try:
         with CheckpointReader(source) as reader:
             stored = reader.config()
-            with reader.deferred_verification():
-                tensors = {name: reader.read_full(name) for name in sorted(reader.tensors)}
-                staged = stage(tensors, stored if adapter_config is None else adapter_config)
+            shapes = {n: torch.Size(info.global_shape) for n, info in reader.tensors.items()}
+            with reader.deferred_verification():  # the shards are hashed while the export is written
+                staged = _stage_export(shapes, reader.read_full, lambda n: reader.tensors[n].dtype,
+                                       stored if adapter_config is None else adapter_config, hf_cfg, out,
+                                       adapter_name, base_model_name_or_path, dtype)
         return _commit_export(*staged)  # every shard file verified
     except BaseException:
         if staged is not None:
@@ -197,19 +237,34 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
         raise
 
 
-def _stage_export(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any] | None,
+def _stage_export(shapes: Mapping[str, torch.Size], read: Callable[[str], torch.Tensor],
+                  dtype_of: Callable[[str], torch.dtype], adapter_config: Mapping[str, Any] | None,
                   hf_cfg: Mapping[str, Any], out: Path, adapter_name: str | None,
                   base_model_name_or_path: str | None, dtype: torch.dtype | None) -> tuple[Path, Path, dict]:
-    """Write the weights to a hidden temporary file in `out`; (that file, out, adapter_config.json)."""
+    """Write the weights to a hidden temporary file in `out`, one Megatron module at a time (the
+    header comes from the shapes, so memory holds one module's factors); (that file, out,
+    adapter_config.json)."""
     if hasattr(adapter_config, "to_dict"):
         adapter_config = adapter_config.to_dict()
-    factors = hf_lora_factors(tensors, adapter_config, hf_cfg, adapter_name)
-    config = peft_adapter_config(factors, adapter_config, hf_cfg, base_model_name_or_path)
+    plans = plan_hf_factors(shapes, adapter_config, hf_cfg, adapter_name)
+    config = peft_adapter_config({hf: plan for plan in plans for hf in plan.hf_modules}, adapter_config, hf_cfg,
+                                 base_model_name_or_path)
+    layout = []
+    for plan in plans:
+        a_dtype, b_dtype = dtype or dtype_of(plan.a_key), dtype or dtype_of(plan.b_key)
+        for hf in sorted(plan.hf_modules):  # peft_tensors' order
+            layout += [(f"{PEFT_PREFIX}{hf}.lora_A.weight", a_dtype, (plan.r, plan.in_features)),
+                       (f"{PEFT_PREFIX}{hf}.lora_B.weight", b_dtype, (plan.b_rows(hf), plan.r))]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ADAPTER_WEIGHTS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
+    writer = SafetensorsWriter(tmp, layout, metadata={"format": "pt"}, checksum=False)
     try:
-        write_safetensors(tmp, peft_tensors(factors, dtype), metadata={"format": "pt"}, checksum=False)
+        for plan in plans:
+            for name, tensor in peft_tensors(plan.factors(read(plan.a_key), read(plan.b_key)), dtype).items():
+                writer.write(name, tensor)
+        writer.close()
     except BaseException:
+        writer.discard()
         tmp.unlink(missing_ok=True)
         raise
     return tmp, out, config

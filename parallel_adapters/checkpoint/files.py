@@ -165,17 +165,17 @@ class SafetensorsWriter:
 
     The header (names, dtypes, shapes, offsets) is fixed at creation; `write` must then be called
     for each tensor in header order, and `close` flushes, fsyncs and returns the file's record
-    {sha256, bytes}.  Memory: nothing beyond the tensor being written (no serialised copy)."""
+    {sha256, bytes} ({bytes} with checksum=False).  Memory: nothing beyond the tensor being written (no serialised copy)."""
 
     def __init__(self, path: Path, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, checksum: bool = True) -> None:
         self.path = Path(path)
         self._order = [(name, dtype, tuple(int(s) for s in shape)) for name, dtype, shape in layout]
         head = safetensors_header(self._order, metadata)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = WritebackFile(self.path)
         self._fh.write(head)
-        self._hash = hashlib.sha256(head)
+        self._hash = hashlib.sha256(head) if checksum else None
         self._size = len(head)
         self._next = 0
         self.record: dict | None = None
@@ -187,13 +187,10 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: writing {got}, header expects {want}")
         data = tensor_bytes(tensor)
         self._fh.write(data)
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self._size += data.nbytes
         self._next += 1
-
-    def digest_so_far(self) -> str:
-        """sha256 of the bytes written until now (the file's prefix)."""
-        return self._hash.copy().hexdigest()
 
     def close(self) -> dict:
         """Flush + fsync + close; the record of the file (CheckpointError if tensors are missing)."""
@@ -201,7 +198,9 @@ class SafetensorsWriter:
             try:
                 self._fh.flush()
                 _fsync_fd(self._fh.fileno())
-                self.record = {"sha256": self._hash.hexdigest(), "bytes": self._size}
+                self.record = {"bytes": self._size}
+                if self._hash is not None:
+                    self.record = {"sha256": self._hash.hexdigest(), **self.record}
             finally:
                 self._fh.close()
         if self._next != len(self._order):

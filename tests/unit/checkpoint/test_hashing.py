@@ -389,3 +389,18 @@ def test_writeback_is_started_block_by_block_and_the_bytes_are_exact(tmp_path, m
     assert [k[0] for k in kicks] == [0] + [sum(k[1] for k in kicks[:i]) for i in range(1, len(kicks))]
     assert all(n >= block for _, n, _ in kicks)
     assert len(data) - sum(n for _, n, _ in kicks) < block  # only the tail is left for fsync
+
+
+def test_export_from_a_checkpoint_streams_module_by_module(tmp_path, monkeypatch):
+    """The PEFT file is written while the checkpoint is read: one module's factors in memory."""
+    ckpt, hf = _tiny_llama_checkpoint(tmp_path)
+    events = []
+    real_read, real_write = reader_mod.CheckpointReader.read_full, files_mod.SafetensorsWriter.write
+    monkeypatch.setattr(reader_mod.CheckpointReader, "read_full",
+                        lambda self, name: events.append("read") or real_read(self, name))
+    monkeypatch.setattr(files_mod.SafetensorsWriter, "write",
+                        lambda self, name, t: events.append("write") or real_write(self, name, t))
+    export_peft_from_checkpoint(ckpt, tmp_path / "out", hf)
+    assert events[:2] == ["read", "read"] and events[2] == "write"  # a module's A and B, then its outputs
+    assert events.count("read") == 2 * 4 * 2 and events.count("write") == 2 * 7 * 2
+    assert max(i for i, e in enumerate(events) if e == "read") > events.index("write")
