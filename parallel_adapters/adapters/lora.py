@@ -38,11 +38,9 @@ class _Factor(nn.Module):
 
 
 class _SeededDropout:
-    """Inverted dropout whose masks come from a private generator.
-
-    Seeded identically on every TP rank where the adapter input is TP-replicated, so all ranks
-    draw the same mask without communicating; seeded per rank where the input is sharded.
-    """
+    """Inverted dropout for adapters on a plain nn.Linear: each call's mask from a private
+    generator seeded with (seed, call count), so a resume that restores the count continues the
+    masks exactly.  (Megatron layers use `compat.TrackerDropout`, which activation recompute replays.)"""
 
     def __init__(self, p: float, seed: int):
         self.p, self.seed, self.calls = p, seed, 0
