@@ -144,10 +144,6 @@ class LoRALayerBase(nn.Module):
         rank_key = "tp-shared" if shared else f"tp{g.tp_rank}"
         return TrackerDropout(p, stream, lf.factor_seed(seed, stream, f"dp{dp_rank}", f"pp{pp_rank}", rank_key))
 
-    def dropout_streams(self) -> set[str]:
-        """Names of the RNG-tracker streams this layer's dropout draws from."""
-        return {d.name for d in self._dropout.values() if isinstance(d, TrackerDropout)}
-
     def _running_adapters(self) -> list[str]:
         if self.disabled:
             return []
@@ -155,7 +151,7 @@ class LoRALayerBase(nn.Module):
 
     def dropout_calls(self) -> dict[str, int]:
         """Masks drawn so far per adapter on an nn.Linear (for resume; Megatron layers' streams are
-        RNG-tracker states, see `dropout_streams`)."""
+        RNG-tracker states, saved with `AdapterModel.tracker_rng_states`)."""
         return {name: d.calls for name, d in self._dropout.items() if isinstance(d, _SeededDropout)}
 
     def set_dropout_calls(self, calls: dict[str, int]) -> None:

@@ -22,6 +22,9 @@ from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import recomputes_layers, set_tracker_states, tracker_states
 
 
+TRACKER_KEY = "rng-tracker/"  # prefix of the RNG-tracker states in a checkpoint's per-rank rng file
+
+
 class AdapterModel(nn.Module):
     """Wraps a Megatron (or plain torch) model whose target layers carry LoRA adapters.
 
@@ -175,16 +178,14 @@ class AdapterModel(nn.Module):
                 out[key] = ShardedTensor(param.detach(), spec, shapes[factor])
         return out
 
-    def dropout_rng_states(self) -> dict[str, torch.Tensor]:
-        """This rank's LoRA-dropout RNG streams (Megatron RNG-tracker states), for exact resume:
-        stream name -> uint8 state."""
-        names = set().union(*(layer.dropout_streams() for _, layer in self.adapter_layers()))
-        return tracker_states(names) if names else {}
+    def tracker_rng_states(self) -> dict[str, torch.Tensor]:
+        """This rank's Megatron RNG-tracker states (the adapters' dropout streams and Megatron's
+        own, e.g. attention dropout's), keyed "rng-tracker/<name>", for exact resume."""
+        return {f"{TRACKER_KEY}{n}": t for n, t in tracker_states(None).items()}
 
-    def set_dropout_rng_states(self, states: dict[str, torch.Tensor]) -> None:
-        """Restore what `dropout_rng_states` returned (other keys of `states` are ignored)."""
-        names = set().union(*(layer.dropout_streams() for _, layer in self.adapter_layers()))
-        mine = {n: t for n, t in states.items() if n in names}
+    def set_tracker_rng_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore what `tracker_rng_states` returned (other keys of `states` are ignored)."""
+        mine = {k[len(TRACKER_KEY):]: t for k, t in states.items() if k.startswith(TRACKER_KEY)}
         if mine:
             set_tracker_states(mine)
 

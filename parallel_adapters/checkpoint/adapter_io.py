@@ -36,7 +36,7 @@ def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
     optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
     return save_sharded(directory, tensors, model.groups, checkpoint_config(model),
                         optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True,
-                        rng_extra=model.dropout_rng_states())
+                        rng_extra=model.tracker_rng_states())
 
 
 def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
@@ -63,11 +63,11 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
         _restore_optimizer(model, optimizer, optim_state)
         if restore_rng and rng_state is not None:
             restore_rng_state(rng_state)
-            model.set_dropout_rng_states(rng_state)
+            model.set_tracker_rng_states(rng_state)
     elif restore_rng and same_layout and train_state["rng"]:
         _, rng_state, _ = load_train_state(directory, model.groups)
         restore_rng_state(rng_state)
-        model.set_dropout_rng_states(rng_state)
+        model.set_tracker_rng_states(rng_state)
     return extra
 
 

@@ -169,10 +169,12 @@ class TrackerDropout:
             return dropout_mask_(x, self.p, None)
 
 
-def tracker_states(names: set[str]) -> dict[str, torch.Tensor]:
-    """Copies of the RNG tracker's states of `names` (those already added)."""
+def tracker_states(names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the RNG tracker's states: of `names` (those already added), or all of them.
+    Graph-safe trackers (use_cudagraphable_rng) hold generators instead: none are returned."""
     states = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return {n: states[n].clone() for n in sorted(names) if n in states}
+    names = sorted(states) if names is None else sorted(n for n in names if n in states)
+    return {n: states[n].clone() for n in names if isinstance(states[n], torch.Tensor)}
 
 
 def set_tracker_states(saved: dict[str, torch.Tensor]) -> None:

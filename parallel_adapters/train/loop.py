@@ -212,7 +212,7 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
         with engine.gathered_params():
             path = save_sharded(parent / name, model.adapter_state_dict(), model.groups, checkpoint_config(model),
                                 optimizer_state=state, extra_state=extra, rng_state=True,
-                                rng_extra=model.dropout_rng_states())
+                                rng_extra=model.tracker_rng_states())
     if C.group_rank(None) == 0:
         prune_checkpoints(parent, settings.keep_last)
     return path

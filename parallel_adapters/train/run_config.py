@@ -39,6 +39,9 @@ class ModelSection:
     """The base weights' dtype: "float32" or "bfloat16" (the adapters stay float32 either way)."""
     recompute: Optional[str] = None
     """Activation recompute: null, "full" (each layer) or "selective" (attention scores)."""
+    attention_dropout: Optional[float] = None
+    """Megatron's attention dropout; null: the HF config's (0.0 for a model built here)."""
+    hidden_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

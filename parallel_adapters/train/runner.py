@@ -114,17 +114,18 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
 
     m, sp = config.model, config.parallel.sequence_parallel
     pad = math.lcm(8, tp)  # zero rows, sliced off the logits: any multiple of TP is the same model
-    dtype = getattr(torch, m.dtype)
+    common = dict(sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=getattr(torch, m.dtype),
+                  recompute=m.recompute, hidden_dropout=m.hidden_dropout)
+    if m.attention_dropout is not None:
+        common["attention_dropout"] = m.attention_dropout
     if m.hf_checkpoint is not None:
         from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
 
-        return gpt_settings_from_hf(m.hf_checkpoint, sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype,
-                                    recompute=m.recompute)
+        return gpt_settings_from_hf(m.hf_checkpoint, **common)
     return GPTSettings(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
                        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
                        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
-                       rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
-                       sequence_parallel=sp, vocab_pad_multiple=pad, params_dtype=dtype, recompute=m.recompute)
+                       rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed, **common)
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
@@ -294,7 +295,7 @@ def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from
         rng = agreed(restore, f"resume from {resume_from}")  # a failure on any rank stops every rank
         if rng is not None:
             restore_rng_state(rng)
-            model.set_dropout_rng_states(rng)
+            model.set_tracker_rng_states(rng)
     _check_same_data(extra, layout, config, resume_from)
     restore_dropout_counters(model, extra.get("lora_dropout_calls"))
     return engine, extra

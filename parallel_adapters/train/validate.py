@@ -86,6 +86,9 @@ def validate_run_config(config: RunConfig) -> None:
     if m.dtype not in MODEL_DTYPES:
         hint = " (float16 needs loss scaling, which this trainer does not do)" if m.dtype == "float16" else ""
         raise ValueError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}{hint}")
+    for key, p in (("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)):
+        if p is not None and not 0.0 <= p < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {p}")
     if m.recompute not in (None, "full", "selective"):
         raise ValueError(f"model.recompute must be null, 'full' or 'selective', got {m.recompute!r}")
     if d.tokenizer not in ("auto", "byte", "hf"):

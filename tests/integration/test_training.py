@@ -101,6 +101,8 @@ RESUME_VARIANTS = {  # name: (pool fixture, overrides); ZeRO with DP=2 so that i
     "zero3_tp2": ("pool2", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
     "zero3_dp2": ("pool2", [f"deepspeed={ZERO[3]}"]),
     "pp2": ("pool2", ["parallel.pipeline=2"]),  # each stage's dropout stream resumes from its own rng file
+    "megatron_dropout_tp2_sp": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                          "model.attention_dropout=0.1", "model.hidden_dropout=0.1"]),
 }
 
 

@@ -48,6 +48,7 @@ def test_bad_type_is_named(override, key):
     ("export.peft_dir=out", "export.peft_dir"), ("checkpoint.save_every=5", "checkpoint.save_every"),
     ("deepspeed=/no/such/zero.json", "deepspeed"), ("model.hf_checkpoint=/no/such/model", "model.hf_checkpoint"),
     ("model.dtype=float64", "model.dtype"), ("model.recompute=sometimes", "model.recompute"),
+    ("model.attention_dropout=1.0", "model.attention_dropout"), ("model.hidden_dropout=-0.1", "model.hidden_dropout"),
 ])
 def test_bad_value_is_named(override, key):
     config = _config(override)
