@@ -57,6 +57,8 @@ class GPTSettings:
     seed: int = 1234
     """Seeds the weights (with each parameter's global name); not the dropout RNG."""
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    """A bias on linear_qkv only (Qwen2), whatever add_bias_linear says."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     vocab_pad_multiple: int = 8
@@ -114,6 +116,7 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=settings.add_bias_linear,
+        add_qkv_bias=settings.add_qkv_bias,
         attention_dropout=settings.attention_dropout,
         hidden_dropout=settings.hidden_dropout,
         init_method_std=settings.init_method_std,

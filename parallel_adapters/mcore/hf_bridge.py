@@ -54,7 +54,7 @@ def gpt_settings_from_hf(hf_dir: str | Path | Mapping[str, Any], **overrides: An
         num_attention_heads=shape.num_heads, num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim,
         vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
         rotary_base=shape.rope_theta, norm_epsilon=shape.rms_norm_eps, tie_embeddings=shape.tie_word_embeddings,
-        attention_dropout=shape.attention_dropout,
+        attention_dropout=shape.attention_dropout, add_qkv_bias=shape.qkv_bias,
     )
     return replace(settings, **overrides)
 
@@ -107,6 +107,7 @@ def _model_mismatches(inner: torch.nn.Module, shape: LlamaShape) -> list[str]:
         "normalization": (c.normalization, "RMSNorm"),
         "gated_linear_unit": (bool(c.gated_linear_unit), True),
         "add_bias_linear": (bool(c.add_bias_linear), False),
+        "add_qkv_bias (q/k/v biases: qwen2)": (bool(getattr(c, "add_qkv_bias", False)), shape.qkv_bias),
     }
     return [f"{k}: model {m!r}, Hugging Face {h!r}" for k, (m, h) in pairs.items() if m != h]
 
@@ -146,13 +147,18 @@ def import_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, groups: Par
 
 
 def hf_config_from_model(model: torch.nn.Module) -> dict:
-    """A transformers-5 Llama config.json describing a model built by `build_gpt`."""
+    """A transformers-5 Llama (or, with q/k/v biases, Qwen2) config.json describing a model built
+    by `build_gpt`."""
     inner = _unwrap(model)
     c = inner.config
     if c.normalization != "RMSNorm" or not c.gated_linear_unit or c.add_bias_linear:
-        raise ValueError("hf_config_from_model: only RMSNorm + SwiGLU models without biases map to Llama")
+        raise ValueError("hf_config_from_model: only RMSNorm + SwiGLU models without biases (but on "
+                         "q/k/v: Qwen2) map to Llama / Qwen2")
+    qwen2 = bool(getattr(c, "add_qkv_bias", False))
+    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if qwen2 \
+        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **family,
         "hidden_size": c.hidden_size, "intermediate_size": c.ffn_hidden_size,
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_attention_heads,
         "num_key_value_heads": c.num_query_groups or c.num_attention_heads, "head_dim": c.kv_channels,
@@ -160,7 +166,7 @@ def hf_config_from_model(model: torch.nn.Module) -> dict:
         "max_position_embeddings": int(inner.max_sequence_length), "rms_norm_eps": c.layernorm_epsilon,
         "rope_parameters": {"rope_theta": float(inner.rotary_base), "rope_type": "default"},
         "tie_word_embeddings": bool(inner.share_embeddings_and_output_weights),
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "hidden_act": "silu",
         "attention_dropout": float(c.attention_dropout), "initializer_range": c.init_method_std,
         "dtype": str(c.params_dtype).removeprefix("torch."),
     }

@@ -1,6 +1,7 @@
 """Llama-family Hugging Face config.json: read, validate, and reduce to the numbers the layout needs.
 
-Pure (no megatron, no transformers).  Whatever GPTSettings cannot express (biases, scaled or
+Pure (no megatron, no transformers).  Llama, Mistral and Qwen2 (the same layers plus biases on
+q/k/v).  Whatever GPTSettings cannot express (other biases, scaled or
 partial RoPE, sliding-window attention, other activations, quantization) is refused with a
 ValueError naming the config.json field, rather than silently approximated.  transformers 5
 keeps the RoPE theta under `rope_parameters.rope_theta`; older files under `rope_theta`.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 
@@ -32,6 +33,8 @@ class LlamaShape:
     rope_theta: float
     rms_norm_eps: float
     attention_dropout: float = 0.0
+    qkv_bias: bool = False
+    """Biases on q_proj / k_proj / v_proj only (Qwen2)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -62,6 +65,7 @@ class LlamaShape:
             max_position_embeddings=_int_field(cfg, "max_position_embeddings", where),
             rope_theta=_rope_theta(cfg, where), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+            qkv_bias=cfg.get("model_type") == "qwen2",
         )
 
 
@@ -106,9 +110,6 @@ def _rope_theta(cfg: Mapping[str, Any], where: str) -> float:
 def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
     """What GPTSettings cannot express is refused, not silently approximated."""
     model_type = cfg.get("model_type")
-    if model_type == "qwen2":
-        raise ValueError(f"{where}: model_type 'qwen2' adds biases to q/k/v, which this bridge does not "
-                         "support (GPTSettings.add_bias_linear applies to every linear layer)")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: field 'model_type'={model_type!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")

@@ -98,6 +98,8 @@ def megatron_parameter_names(shape: LlamaShape) -> list[str]:
     names = ["embedding.word_embeddings.weight"]
     for i in range(shape.num_layers):
         names += [f"decoder.layers.{i}.{m}.weight" for m in _LAYER_MODULES]
+        if shape.qkv_bias:
+            names.append(f"decoder.layers.{i}.self_attention.linear_qkv.bias")
     names.append("decoder.final_layernorm.weight")
     if not shape.tie_word_embeddings:
         names.append("output_layer.weight")
@@ -119,6 +121,10 @@ def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
+        if shape.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (shape.num_heads * hd,),
+                        p + "self_attn.k_proj.bias": (shape.num_kv_heads * hd,),
+                        p + "self_attn.v_proj.bias": (shape.num_kv_heads * hd,)})
     out["model.norm.weight"] = (h,)
     if not shape.tie_word_embeddings:
         out["lm_head.weight"] = (shape.vocab_size, h)

@@ -1,4 +1,4 @@
-"""A tiny Hugging Face Llama with an awkward shape, saved locally (no download).
+"""A tiny Hugging Face Llama (and Qwen2) with an awkward shape, saved locally (no download).
 
 Awkward on purpose, so that a wrong layout cannot pass by symmetry: grouped-query attention
 (4 heads, 2 KV heads, head_dim 12 -> hidden 48, not a power of two), vocab 101 (no TP size
@@ -35,11 +35,31 @@ def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max
     return out
 
 
+def make_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
+    """The same awkward shape as a Qwen2ForCausalLM: biases on q/k/v (drawn non-zero, so a bias
+    left out or misplaced moves the logits), none elsewhere."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(directory)
+    torch.manual_seed(seed)
+    config = Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **TINY)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+    model.save_pretrained(out)
+    return out
+
+
 def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
     """float32 logits of the saved model (eval mode, causal, no attention mask)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
 

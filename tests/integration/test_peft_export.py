@@ -188,3 +188,24 @@ def test_partial_coverage_with_rslora_loads_in_peft_like_the_merge(trained, tmp_
 def test_export_refuses_what_peft_cannot_represent(trained, tmp_path, mutate, message):
     with pytest.raises(ValueError, match=message):
         export_peft(mutate(_synthetic_factors()), tmp_path / "x", trained["hf"], {"r": 3, "lora_alpha": 6})
+
+
+def test_qwen2_export_reproduces_in_peft_and_merges(tmp_path, pool2):
+    """The same oracle on a Qwen2 base (biases on q/k/v): PEFT on Qwen2ForCausalLM and the
+    merged model give the Megatron adapted logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_llama import make_tiny_qwen2
+
+    hf_dir = make_tiny_qwen2(tmp_path / "qwen2")
+    r0 = pool2.run(hf_jobs.peft_job, str(hf_dir), str(tmp_path / "ckpt"), IDS)[0]
+    assert (r0["adapted"] - r0["base"]).abs().max() > 1e-3
+    out = export_peft_from_checkpoint(tmp_path / "ckpt", tmp_path / "peft", hf_dir)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(base).__name__ == "Qwen2ForCausalLM"
+    torch.testing.assert_close(_logits(base), r0["base"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(base, out).eval()), r0["adapted"], atol=1e-4, rtol=0)
+    merged = merge_into_hf(tmp_path / "ckpt", hf_dir, tmp_path / "merged")
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged_model), r0["adapted"], atol=1e-4, rtol=0)

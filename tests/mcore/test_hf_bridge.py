@@ -16,7 +16,7 @@ from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.hf_files import HFCheckpoint
 from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.mcore import hf_layout as L
-from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, sample_ids
+from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, make_tiny_qwen2, sample_ids
 from tests.mcore import hf_jobs
 
 IDS = sample_ids()
@@ -25,6 +25,11 @@ IDS = sample_ids()
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    return make_tiny_qwen2(tmp_path_factory.mktemp("hf") / "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,7 @@ def test_config_fields_are_read(tiny):
     ({"sliding_window": 16}, "sliding_window"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "gemma"}, "model_type"),
-    ({"model_type": "qwen2"}, "q/k/v"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}, "sliding_window"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
@@ -203,3 +208,21 @@ def test_pipeline_parallel_import_and_per_stage_export(pool2, tiny, tmp_path):
 def test_import_into_a_model_of_other_shape_is_refused(pool2, tiny):
     message = pool2.run(hf_jobs.mismatch_job, str(tiny))[0]
     assert "ffn_hidden_size / intermediate_size: model 96, Hugging Face 80" in message
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_qwen2_with_qkv_biases_matches_transformers_and_round_trips(pool2, tiny_qwen2, tmp_path, tp):
+    """Qwen2: Llama's layers plus biases on q/k/v, which go into linear_qkv's bias with the
+    weight's per-group row layout."""
+    shape = _shape(tiny_qwen2)
+    assert shape.qkv_bias and "model.layers.1.self_attn.k_proj.bias" in L.expected_hf_shapes(shape)
+    export = tmp_path / "export"
+    results = pool2.run(hf_jobs.import_job, str(tiny_qwen2), tp, 1, IDS, str(export))
+    reference = hf_logits(tiny_qwen2, IDS)
+    for r in results:
+        torch.testing.assert_close(r["logits"], reference, atol=1e-4, rtol=0)
+        assert r["settings"]["add_qkv_bias"] and r["derived_config"]["model_type"] == "qwen2"
+        assert "decoder.layers.0.self_attention.linear_qkv.bias" in r["params"]
+    original, exported = _state(tiny_qwen2), load_file(str(export / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[n], original[n]) for n in original)
