@@ -190,6 +190,7 @@ def test_export_refuses_what_peft_cannot_represent(trained, tmp_path, mutate, me
         export_peft(mutate(_synthetic_factors()), tmp_path / "x", trained["hf"], {"r": 3, "lora_alpha": 6})
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside PEFT
 def test_qwen2_export_reproduces_in_peft_and_merges(tmp_path, pool2):
     """The same oracle on a Qwen2 base (biases on q/k/v): PEFT on Qwen2ForCausalLM and the
     merged model give the Megatron adapted logits."""
