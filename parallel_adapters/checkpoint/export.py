@@ -1,7 +1,8 @@
 """Export adapters as a Hugging Face PEFT adapter: `adapter_model.safetensors` + `adapter_config.json`.
 
-Offline and single-process (no megatron, no torch.distributed).  From full (consolidated)
-factors under Megatron names, per adapted Megatron module (A [r, in], B [out, r]):
+Offline and single-process (no megatron, no torch.distributed).  From full factors under
+Megatron names (from a checkpoint: read one module at a time, `plan_hf_factors` fixing the file's
+header from the shapes first), per adapted Megatron module (A [r, in], B [out, r]):
 
     linear_qkv  -> q_proj, k_proj, v_proj   the same A for all three, B split per query group
                                             [q_g; k_g; v_g] (gathered rows: one copy)
