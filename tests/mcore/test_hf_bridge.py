@@ -217,8 +217,10 @@ def test_qwen2_with_qkv_biases_matches_transformers_and_round_trips(pool2, tiny_
     shape = _shape(tiny_qwen2)
     assert shape.qkv_bias and "model.layers.1.self_attn.k_proj.bias" in L.expected_hf_shapes(shape)
     export = tmp_path / "export"
-    results = pool2.run(hf_jobs.import_job, str(tiny_qwen2), tp, 1, IDS, str(export))
+    derived = tp == 2  # config.json derived from the model (hf_config_from_model), not copied
+    results = pool2.run(hf_jobs.import_job, str(tiny_qwen2), tp, 1, IDS, str(export), not derived)
     reference = hf_logits(tiny_qwen2, IDS)
+    torch.testing.assert_close(hf_logits(export, IDS), reference, atol=1e-5, rtol=0)  # transformers reads it back
     for r in results:
         torch.testing.assert_close(r["logits"], reference, atol=1e-4, rtol=0)
         assert r["settings"]["add_qkv_bias"] and r["derived_config"]["model_type"] == "qwen2"
