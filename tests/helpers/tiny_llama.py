@@ -17,33 +17,12 @@ TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_lay
             initializer_range=0.08)
 
 
-def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """Create, perturb and save_pretrained (safetensors, float32) a tiny LlamaForCausalLM;
-    `max_shard_size` (e.g. "40KB") saves it as shards + model.safetensors.index.json."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _save_perturbed(model_cls, config, directory: str | Path, seed: int, **save_kwargs) -> Path:
+    """Build `model_cls(config)` from `seed`, draw the norms around 1 and any biases non-zero
+    (so a bias left out or misplaced moves the logits), save_pretrained (safetensors, float32)."""
     out = Path(directory)
     torch.manual_seed(seed)
-    config = LlamaConfig(tie_word_embeddings=tie, **TINY)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
-    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    return out
-
-
-def make_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
-    """The same awkward shape as a Qwen2ForCausalLM: biases on q/k/v (drawn non-zero, so a bias
-    left out or misplaced moves the logits), none elsewhere."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    out = Path(directory)
-    torch.manual_seed(seed)
-    config = Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **TINY)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = model_cls(config).to(torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -51,8 +30,25 @@ def make_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
             elif name.endswith(".bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=g))
-    model.save_pretrained(out)
+    model.save_pretrained(out, **save_kwargs)
     return out
+
+
+def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """A tiny LlamaForCausalLM; `max_shard_size` (e.g. "40KB") saves it as shards +
+    model.safetensors.index.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_perturbed(LlamaForCausalLM, LlamaConfig(tie_word_embeddings=tie, **TINY), directory, seed,
+                           **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+
+
+def make_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
+    """The same awkward shape as a Qwen2ForCausalLM: biases on q/k/v, none elsewhere."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _save_perturbed(Qwen2ForCausalLM, Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **TINY),
+                           directory, seed)
 
 
 def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
