@@ -56,14 +56,9 @@ class HFLoraFactor:
     scaling: float
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    """A tensor's shape, or a shape given as such."""
-    return tuple(int(d) for d in (value.shape if hasattr(value, "shape") else value))
-
-
-def group_factors(tensors: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, tuple[str, str]]:
-    """Megatron module -> the keys of its (A, B) in `tensors`, for one adapter; the values may be
-    tensors or just shapes.  ValueError on anything else."""
+def group_factors(tensors: Mapping[str, torch.Tensor], adapter_name: str | None = None) -> dict[str, tuple[str, str]]:
+    """Megatron module -> the keys of its (A, B) in `tensors`, for one adapter (the tensors may be
+    on the meta device: only names and shapes are read).  ValueError on anything else."""
     found: dict[str, dict[str, str]] = {}
     adapters = set()
     for key, tensor in tensors.items():
@@ -82,7 +77,7 @@ def group_factors(tensors: Mapping[str, Any], adapter_name: str | None = None) -
     for module, pair in sorted(found.items()):
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{module}: lora_{'B' if 'A' in pair else 'A'} is missing")
-        a, b = (_shape(tensors[pair[f]]) for f in "AB")
+        a, b = (tuple(tensors[pair[f]].shape) for f in "AB")
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise ValueError(f"{module}: A {a} and B {b} are not [r, in] and [out, r]")
         out[module] = (pair["A"], pair["B"])
@@ -103,9 +98,6 @@ class ModulePlan:
     segments: tuple  # row segments of B (hf_layout.Segment), HF module names without suffix
     hf_modules: tuple[str, ...]
 
-    def b_rows(self, hf_module: str) -> int:
-        return sum(seg.stop - seg.start for seg in self.segments if seg.hf_name == hf_module)
-
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, HFLoraFactor]:
         """HF module -> its factors: A shared (the same tensor), B split by rows (views where
         contiguous, one gather for q/k/v)."""
@@ -118,9 +110,9 @@ def _expected_in(kind: str, shape: LlamaShape) -> int:
             "ffn": shape.intermediate_size}[kind]
 
 
-def plan_hf_factors(shapes: Mapping[str, Any], adapter_config: Mapping[str, Any], hf_config: Mapping[str, Any],
-                    adapter_name: str | None = None) -> list[ModulePlan]:
-    """The per-module export plan from the factors' names and shapes alone (tensors or shapes).
+def plan_hf_factors(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
+                    hf_config: Mapping[str, Any], adapter_name: str | None = None) -> list[ModulePlan]:
+    """The per-module export plan from the factors' names and shapes alone (meta tensors will do).
 
     `adapter_config` is the checkpoint's config (LoraConfig fields: lora_alpha, alpha_pattern,
     use_rslora); r is each module's A rows (EVA may have changed it)."""
@@ -129,8 +121,8 @@ def plan_hf_factors(shapes: Mapping[str, Any], adapter_config: Mapping[str, Any]
     alpha_pattern = adapter_config.get("alpha_pattern") or {}
     rslora = bool(adapter_config.get("use_rslora", False))
     plans = []
-    for module, (a_key, b_key) in group_factors(shapes, adapter_name).items():
-        a, b = _shape(shapes[a_key]), _shape(shapes[b_key])
+    for module, (a_key, b_key) in group_factors(tensors, adapter_name).items():
+        a, b = tuple(tensors[a_key].shape), tuple(tensors[b_key].shape)
         leaf = module.rsplit(".", 1)[-1]
         if leaf not in HF_LINEAR_NAMES:
             raise ValueError(f"cannot export the adapter on {module!r}: PEFT export supports "
@@ -218,19 +210,19 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     out = Path(out_dir)
     if not from_checkpoint:
         return _commit_export(*_stage_export(
-            {n: t.shape for n, t in source.items()}, source.__getitem__, lambda n: source[n].dtype,
-            adapter_config, hf_cfg, out, adapter_name, base_model_name_or_path, dtype))
+            {n: t.to("meta") for n, t in source.items()}, source.__getitem__, adapter_config, hf_cfg, out,
+            adapter_name, base_model_name_or_path, dtype))
     from parallel_adapters.checkpoint.reader import CheckpointReader
 
     staged = None
     try:
         with CheckpointReader(source) as reader:
             stored = reader.config()
-            shapes = {n: torch.Size(info.global_shape) for n, info in reader.tensors.items()}
+            meta = {n: torch.empty(info.global_shape, dtype=info.dtype, device="meta")
+                    for n, info in reader.tensors.items()}
             with reader.deferred_verification():  # the shards are hashed while the export is written
-                staged = _stage_export(shapes, reader.read_full, lambda n: reader.tensors[n].dtype,
-                                       stored if adapter_config is None else adapter_config, hf_cfg, out,
-                                       adapter_name, base_model_name_or_path, dtype)
+                staged = _stage_export(meta, reader.read_full, stored if adapter_config is None else adapter_config,
+                                       hf_cfg, out, adapter_name, base_model_name_or_path, dtype)
         return _commit_export(*staged)  # every shard file verified
     except BaseException:
         if staged is not None:
@@ -238,24 +230,20 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
         raise
 
 
-def _stage_export(shapes: Mapping[str, torch.Size], read: Callable[[str], torch.Tensor],
-                  dtype_of: Callable[[str], torch.dtype], adapter_config: Mapping[str, Any] | None,
-                  hf_cfg: Mapping[str, Any], out: Path, adapter_name: str | None,
-                  base_model_name_or_path: str | None, dtype: torch.dtype | None) -> tuple[Path, Path, dict]:
-    """Write the weights to a hidden temporary file in `out`, one Megatron module at a time (the
-    header comes from the shapes, so memory holds one module's factors); (that file, out,
-    adapter_config.json)."""
+def _stage_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
+                  adapter_config: Mapping[str, Any] | None, hf_cfg: Mapping[str, Any], out: Path,
+                  adapter_name: str | None, base_model_name_or_path: str | None,
+                  dtype: torch.dtype | None) -> tuple[Path, Path, dict]:
+    """Write the weights to a hidden temporary file in `out`, one Megatron module at a time;
+    (that file, out, adapter_config.json).  The file's header and the config come from the same
+    plan run on `meta` (the factors on the meta device), so memory holds one module's factors."""
     if hasattr(adapter_config, "to_dict"):
         adapter_config = adapter_config.to_dict()
-    plans = plan_hf_factors(shapes, adapter_config, hf_cfg, adapter_name)
-    config = peft_adapter_config({hf: plan for plan in plans for hf in plan.hf_modules}, adapter_config, hf_cfg,
+    plans = plan_hf_factors(meta, adapter_config, hf_cfg, adapter_name)
+    per_module = [plan.factors(meta[plan.a_key], meta[plan.b_key]) for plan in plans]
+    config = peft_adapter_config({hf: f for part in per_module for hf, f in part.items()}, adapter_config, hf_cfg,
                                  base_model_name_or_path)
-    layout = []
-    for plan in plans:
-        a_dtype, b_dtype = dtype or dtype_of(plan.a_key), dtype or dtype_of(plan.b_key)
-        for hf in sorted(plan.hf_modules):  # peft_tensors' order
-            layout += [(f"{PEFT_PREFIX}{hf}.lora_A.weight", a_dtype, (plan.r, plan.in_features)),
-                       (f"{PEFT_PREFIX}{hf}.lora_B.weight", b_dtype, (plan.b_rows(hf), plan.r))]
+    layout = [(n, t.dtype, tuple(t.shape)) for part in per_module for n, t in peft_tensors(part, dtype).items()]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ADAPTER_WEIGHTS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
     writer = SafetensorsWriter(tmp, layout, metadata={"format": "pt"}, checksum=False)
