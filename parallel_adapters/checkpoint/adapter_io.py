@@ -61,14 +61,20 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
         if optim_state is None:
             raise CheckpointError(f"{directory}: no optimizer state was saved, but an optimizer was given")
         _restore_optimizer(model, optimizer, optim_state)
-        if restore_rng and rng_state is not None:
-            restore_rng_state(rng_state)
-            model.set_tracker_rng_states(rng_state)
     elif restore_rng and same_layout and train_state["rng"]:
         _, rng_state, _ = load_train_state(directory, model.groups)
-        restore_rng_state(rng_state)
-        model.set_tracker_rng_states(rng_state)
+    else:
+        rng_state = None
+    if restore_rng and rng_state is not None:
+        restore_all_rng(model, rng_state)
     return extra
+
+
+def restore_all_rng(model: AdapterModel, rng_state: dict[str, torch.Tensor]) -> None:
+    """A rank's saved RNG state: torch / python / numpy, and the model's Megatron RNG-tracker
+    states (dropout streams), the two halves that `save_checkpoint` wrote together."""
+    restore_rng_state(rng_state)
+    model.set_tracker_rng_states(rng_state)
 
 
 def _param_names(model: AdapterModel) -> dict[int, str]:

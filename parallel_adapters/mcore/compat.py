@@ -157,14 +157,12 @@ class TrackerDropout:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tracker = tensor_parallel.get_cuda_rng_tracker()
-        states = tracker.get_states()
-        if self.name not in states:
+        if self.name not in tracker.get_states():
             if getattr(tracker, "use_cudagraphable_rng", False):
                 tracker.add(self.name, self.seed)  # graph-safe states are generators, not tensors
             else:  # the state add() would make, without its once-per-process seed registry
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-                states[self.name] = torch.Generator(device=device).manual_seed(self.seed).get_state()
-                tracker.set_states(states)
+                set_tracker_states({self.name: torch.Generator(device=device).manual_seed(self.seed).get_state()})
         with tracker.fork(self.name):
             return dropout_mask_(x, self.p, None)
 

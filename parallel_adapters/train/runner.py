@@ -267,8 +267,8 @@ def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from
     DeepSpeed: the adapter weights are loaded BEFORE deepspeed.initialize (ZeRO-3 partitions them
     there), ZeRO's optimizer state after, from the checkpoint's per-rank safetensors + JSON
     (train/zero_state.py; nothing is unpickled)."""
-    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
-    from parallel_adapters.checkpoint.sharded import load_train_state, restore_rng_state
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, restore_all_rng
+    from parallel_adapters.checkpoint.sharded import load_train_state
     from parallel_adapters.train import zero_state
     from parallel_adapters.train.engine import build_engine
     from parallel_adapters.train.loop import agreed, restore_dropout_counters
@@ -294,8 +294,7 @@ def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from
 
         rng = agreed(restore, f"resume from {resume_from}")  # a failure on any rank stops every rank
         if rng is not None:
-            restore_rng_state(rng)
-            model.set_tracker_rng_states(rng)
+            restore_all_rng(model, rng)
     _check_same_data(extra, layout, config, resume_from)
     restore_dropout_counters(model, extra.get("lora_dropout_calls"))
     return engine, extra
