@@ -303,30 +303,17 @@ def fsync_dirs(paths: Iterable[Path]) -> None:
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                       *, checksum: bool = True) -> dict:
-    """Tensors (in the given order) to a safetensors file, durably; returns the file's record
-    {sha256, bytes} (just {bytes} with `checksum=False`).
-
-    The bytes are written straight from the tensors' memory (no serialised copy); then, while
-    fsync waits for the disk on a worker thread, the same bytes are hashed from memory, so the
-    record describes exactly what was written and nothing is read back.  Tensors may share memory
-    (a PEFT export writes one A for q/k/v): every tensor's own bytes are written."""
-    layout = _checked_layout(path, tensors)
-    head = safetensors_header(layout, metadata)
-    views = [tensor_bytes(t) for t in tensors.values()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with fsync_together(), WritebackFile(path) as fh:
-        fh.write(head)
-        for data in views:
-            fh.write(data)
-        fh.flush()
-        _fsync_fd(fh.fileno())  # on a worker thread: the hashing below overlaps the disk flush
-        record: dict[str, Any] = {"bytes": len(head) + sum(v.nbytes for v in views)}
-        if checksum:
-            digest = hashlib.sha256(head)
-            for data in views:
-                digest.update(data)
-            record = {"sha256": digest.hexdigest(), **record}
-    return record
+    """Tensors (in the given order) to a safetensors file, durably, through `SafetensorsWriter`;
+    returns the file's record {sha256, bytes} (just {bytes} with `checksum=False`).  Tensors may
+    share memory (a PEFT export writes one A for q/k/v): every tensor's own bytes are written."""
+    writer = SafetensorsWriter(path, _checked_layout(path, tensors), metadata, checksum)
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.close()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
