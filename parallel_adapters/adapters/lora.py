@@ -26,7 +26,7 @@ from parallel_adapters.mcore.compat import (
     LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
 )
 
-DROPOUT_STREAM_PREFIX = "lora-dropout/"  # RNG-tracker state names (and keys in checkpoints' rng state)
+DROPOUT_STREAM_PREFIX = "lora-dropout/"  # names of the adapters' RNG-tracker states
 
 
 class _Factor(nn.Module):
