@@ -84,7 +84,7 @@ def hf_config(shape: dict = SHAPE) -> dict:
 
 def adapter_layout(shape: dict = SHAPE) -> list[tuple[str, tuple[int, int], object]]:
     """(Megatron name, global shape, ShardSpec) of every factor, in a fixed order."""
-    from parallel_adapters.adapters.sharding import lora_factor_specs
+    from parallel_adapters.adapters.functional import lora_factor_specs
 
     h, r, hd = shape["hidden"], shape["r"], shape["head_dim"]
     qkv_out = (shape["heads"] + 2 * shape["kv_heads"]) * hd
@@ -207,7 +207,7 @@ def rank_setup_job(seed: int) -> dict:
     """Build this rank's shards (full tensors generated one at a time, only the shard is kept)."""
     import torch.distributed as dist
 
-    from parallel_adapters.adapters.sharding import ShardedTensor
+    from parallel_adapters.distributed.sharding import ShardedTensor
 
     torch.set_num_threads(1)
     tp_rank = dist.get_rank() % TP

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LoraConfig": "parallel_adapters.config",
     "EvaConfig": "parallel_adapters.config",
-    "ShardSpec": "parallel_adapters.adapters.sharding",
-    "ShardedTensor": "parallel_adapters.adapters.sharding",
+    "ShardSpec": "parallel_adapters.distributed.sharding",
+    "ShardedTensor": "parallel_adapters.distributed.sharding",
     "ParallelGroups": "parallel_adapters.distributed.groups",
     "AdapterModel": "parallel_adapters.adapters.model",
     "get_adapter_model": "parallel_adapters.adapters.model",

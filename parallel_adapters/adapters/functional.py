@@ -1,7 +1,9 @@
-"""Pure LoRA math: initialisation of the full factors, the adapter path, and merging.
+"""Pure LoRA math: the sharding rule, initialisation of the full factors, the adapter path, and
+merging.
 
 Shapes: x [..., I], A [r, I], B [O, r], W [O, I].  Everything here works on whole tensors or on
-one rank's shards alike (the sharding rule is in sharding.py), and never communicates.
+one rank's shards alike (`lora_factor_specs` says which factor is split how), and never
+communicates.
 """
 from __future__ import annotations
 
@@ -11,6 +13,28 @@ from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
+
+from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
+
+
+def lora_factor_specs(parallel_mode: str, base_chunks: int = 1) -> tuple[ShardSpec, ShardSpec]:
+    """(spec of A, spec of B) for an adapter on a base layer of the given parallel mode: the
+    adapter sharding rule (docs/design.md section 4), stated once.
+
+        column-parallel base  W_i [O/t, I]:  A replicated [r, I],     B_i [O/t, r] split like W (dim 0)
+        row-parallel base     W_i [O, I/t]:  A_i [r, I/t] split like W (dim 1),  B replicated [O, r]
+
+    "column": A replicated, B mirrors the output shard.  "row": A mirrors the input shard, B
+    replicated.  "replicated" (a plain nn.Linear): both replicated.  `base_chunks` is the base
+    weight's partition_stride (2 for SwiGLU fc1), which the split factor inherits.
+    """
+    if parallel_mode == "column":
+        return REPLICATED, ShardSpec(dim=0, chunks=base_chunks)
+    if parallel_mode == "row":
+        return ShardSpec(dim=1, chunks=base_chunks), REPLICATED
+    if parallel_mode == "replicated":
+        return REPLICATED, REPLICATED
+    raise ValueError(f"unknown parallel_mode {parallel_mode!r}; expected 'column', 'row' or 'replicated'")
 
 
 def factor_seed(seed: int, *names: str) -> int:
@@ -91,9 +115,3 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalin
     delta = lora_delta(a, b, scaling)
     return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
-
-def dropout_mask_(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted-dropout of x with a mask drawn from `generator` (so equal seeds give equal masks;
-    None: the default generator of x's device)."""
-    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=generator)
-    return x * keep / (1.0 - p)

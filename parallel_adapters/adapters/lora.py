@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel_adapters.adapters import functional as lf
-from parallel_adapters.adapters.sharding import ShardSpec, lora_factor_specs
 from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.mcore.compat import (
     LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
 )
+from parallel_adapters.ops.dropout import dropout_mask_
 
 DROPOUT_STREAM_PREFIX = "lora-dropout/"  # names of the adapters' RNG-tracker states
 
@@ -49,7 +50,7 @@ class _SeededDropout:
         generator = torch.Generator(device=x.device)
         generator.manual_seed(lf.factor_seed(self.seed, str(self.calls)))
         self.calls += 1
-        return lf.dropout_mask_(x, self.p, generator)
+        return dropout_mask_(x, self.p, generator)
 
 
 class LoRALayerBase(nn.Module):
@@ -65,7 +66,7 @@ class LoRALayerBase(nn.Module):
         object.__setattr__(self, "_base", base)  # outside the module tree on purpose (see top)
         self.geometry = geometry
         self.module_name = module_name
-        self.spec_a, self.spec_b = lora_factor_specs(geometry.parallel_mode, geometry.chunks)
+        self.spec_a, self.spec_b = lf.lora_factor_specs(geometry.parallel_mode, geometry.chunks)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}

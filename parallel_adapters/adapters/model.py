@@ -15,10 +15,10 @@ from parallel_adapters.adapters.inject import (
     wrap_targets,
 )
 from parallel_adapters.adapters.lora import LoRALayerBase
-from parallel_adapters.adapters.sharding import ShardedTensor
 from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.mcore.compat import recomputes_layers, set_tracker_states, tracker_states
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from parallel_adapters.adapters.sharding import ShardedTensor, ShardSpec  # noqa: F401  (re-exported)
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 
 # 2: a TP-replicated tensor may live in any one TP rank's file (1: always TP rank 0's).
 FORMAT_VERSION = 2

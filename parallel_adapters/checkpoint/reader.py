@@ -22,12 +22,12 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, INDEX_FILE, SAFETENSORS_CODES, CheckpointError, TensorInfo, dtype_name, resolve_inside,
     validate_index
 )
 from parallel_adapters.checkpoint.files import file_record, read_json
+from parallel_adapters.distributed.sharding import ShardSpec
 
 
 class CheckpointReader:

@@ -31,10 +31,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import torch
 from tqdm import tqdm
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.layout import (
-    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, ShardedTensor, check_plain_name, dtype_name,
-    rank_key
+    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, check_plain_name, dtype_name, rank_key
 )
 from parallel_adapters.checkpoint.files import fsync_together
 from parallel_adapters.checkpoint.reader import CheckpointReader
@@ -48,6 +46,7 @@ from parallel_adapters.distributed.collectives import (
     all_gather_objects, all_ranks_agree, group_rank, group_size,
 )
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 
 __all__ = ["save_sharded", "load_sharded", "load_train_state", "resolve_latest", "capture_rng_state",
            "restore_rng_state", "check_tp_replicas", "tensor_digest", "TEST_DELAY_ENV"]

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig
+from parallel_adapters.distributed.sharding import ShardSpec
 
 LayerInputsFn = Callable[[Any, Any, str], torch.Tensor]
 Sink = Callable[[str, torch.Tensor], None]

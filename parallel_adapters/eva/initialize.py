@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig, LoraConfig, lora_scaling
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.eva import allocation as A
 from parallel_adapters.eva import distributed as D
 from parallel_adapters.eva import tp_svd as T

@@ -13,12 +13,12 @@ from typing import Any, Mapping
 
 import torch
 
-from parallel_adapters.adapters.sharding import REPLICATED, ShardSpec
-from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor
+from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state, save_sharded
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import REPLICATED, ShardedTensor, ShardSpec
 from parallel_adapters.eva.initialize import EvaLayerState, EvaStateDict
 
 FORMAT = "parallel_adapters.eva/1"

@@ -17,9 +17,9 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 
-from parallel_adapters.adapters.functional import dropout_mask_
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardSpec
+from parallel_adapters.ops.dropout import dropout_mask_
 
 try:  # Transformer Engine is optional; a half-installed TE raises more than ImportError.
     import transformer_engine  # noqa: F401  (megatron's extension module imports even without TE)

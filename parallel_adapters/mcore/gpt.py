@@ -25,7 +25,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from parallel_adapters.adapters.sharding import REPLICATED, ShardSpec
+from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
 from parallel_adapters.mcore import compat, cpu
 from parallel_adapters.mcore.norms import SequenceParallelNorm
 from parallel_adapters.mcore.schedule import forward_only

@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.mcore.hf_config import LlamaShape, read_hf_config  # noqa: F401  (re-exported)
 
 HF_LINEAR_NAMES: dict[str, tuple[str, ...]] = {

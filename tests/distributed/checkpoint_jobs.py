@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec
-from parallel_adapters.checkpoint.layout import ShardedTensor
 from parallel_adapters.checkpoint.writer import (
     assemble_index, make_tmp_dir, publish, write_global_files, write_rank_files,
 )
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 
 L0 = "decoder.layers.0"
 L1 = "decoder.layers.1"

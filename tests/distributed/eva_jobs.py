@@ -171,7 +171,7 @@ GPT_KW = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_he
 
 def _gpt(tp: int, pp: int, sp: bool, decay: float = 0.55):
     """This rank's GPT stage (TP/PP-invariant init) whose token embeddings have a clear spectral gap."""
-    from parallel_adapters.adapters.sharding import ShardSpec
+    from parallel_adapters.distributed.sharding import ShardSpec
     from parallel_adapters.mcore import compat, cpu
     from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
 

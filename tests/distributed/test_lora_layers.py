@@ -77,7 +77,7 @@ def _dense_reference(layer, w, bias, x, dy):
 
 
 def layer_parity_job(mode, tp, sp, gather_output=False, skip_bias_add=False):
-    from parallel_adapters.adapters.sharding import ShardSpec
+    from parallel_adapters.distributed.sharding import ShardSpec
 
     model, layer, groups, (w, bias, x, dy) = _build(mode, tp, sp, gather_output, skip_bias_add)
     rank = groups.tp_rank

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel_adapters.adapters.sharding import ShardSpec
+from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.checkpoint.hf_files import HFCheckpoint
 from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.mcore import hf_layout as L

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from parallel_adapters.adapters import functional as lf
-from parallel_adapters.adapters.sharding import ShardSpec, lora_factor_specs
+from parallel_adapters.adapters.functional import lora_factor_specs
+from parallel_adapters.distributed.sharding import ShardSpec
 
 TOL = 1e-10
 

@@ -12,13 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint import files as files_mod, reader as reader_mod
 from parallel_adapters.checkpoint.consolidate import consolidate, iter_full_tensors, reshard
 from parallel_adapters.checkpoint.export import (
     ADAPTER_WEIGHTS_FILE, export_peft, export_peft_from_checkpoint, hf_lora_factors, peft_tensors,
 )
-from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor, replica_owners
+from parallel_adapters.checkpoint.layout import CheckpointError, replica_owners
 from parallel_adapters.checkpoint.files import (
     SafetensorsWriter, file_record, fsync_together, write_json, write_safetensors
 )
@@ -28,6 +27,7 @@ from parallel_adapters.checkpoint.writer import (
     write_rank_files,
 )
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 from tests.distributed.checkpoint_jobs import (
     corrupt_last_byte,
     CONFIG, REPLICATED_NAME, SPLIT_NAME, expected, full_tensors, sharded, write_emulated_checkpoint,
@@ -313,7 +313,7 @@ def _tiny_llama_factors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _tiny_llama_checkpoint(tmp_path: Path) -> tuple[Path, dict]:
-    from parallel_adapters.adapters.sharding import lora_factor_specs
+    from parallel_adapters.adapters.functional import lora_factor_specs
 
     full = _tiny_llama_factors()
     specs = {}

@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.checkpoint.layout import (
-    DTYPES, FORMAT_VERSION, CheckpointError, ShardedTensor, build_index, check_plain_name, check_relpath,
+    DTYPES, FORMAT_VERSION, CheckpointError, build_index, check_plain_name, check_relpath,
     dtype_name, optim_files, parse_shard_key, rank_key, resolve_inside, rng_file, shard_file, shard_key,
     tmp_dir_for, validate_index
 )
 from parallel_adapters.checkpoint.files import write_json, write_text_atomic
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 
 SHA = "0" * 64
 NAME = "decoder.layers.0.self_attention.linear_qkv.lora_B.default.weight"

@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.adapters.sharding import ShardSpec
-from parallel_adapters.checkpoint.layout import CheckpointError, ShardedTensor
+from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.files import file_record
 from parallel_adapters.checkpoint.sharded import (
     TEST_DELAY_ENV, capture_rng_state, load_sharded, load_train_state, resolve_latest,
     restore_rng_state, save_sharded,
 )
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 from tests.distributed.checkpoint_jobs import (
     CONFIG, LAYOUT, MISSING_NAME, REPLICATED_NAME, SPLIT_NAME, expected, full_tensors, sharded,
     write_emulated_checkpoint,

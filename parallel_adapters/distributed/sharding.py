@@ -1,9 +1,8 @@
 """ShardSpec: the single source of truth for how a tensor is split over tensor-parallel ranks.
 
-The adapter sharding rule (DESIGN.md section 4), stated once:
-
-    column-parallel base  W_i [O/t, I]:  A replicated [r, I],     B_i [O/t, r] split like W (dim 0)
-    row-parallel base     W_i [O, I/t]:  A_i [r, I/t] split like W (dim 1),  B replicated [O, r]
+Plain data and pure slicing, no communication.  Adapter factors, Megatron parameters, EVA
+statistics and checkpoint entries all declare their split with it, and the checkpoint index
+records it: sharding is declared, never inferred from shapes (docs/design.md section 3).
 
 `chunks` is Megatron's `partition_stride`: the split dimension is made of `chunks` equal logical
 blocks, each split over the ranks on its own.  SwiGLU `linear_fc1` has chunks=2, so rank i holds
@@ -83,21 +82,6 @@ class ShardSpec:
 
 
 REPLICATED = ShardSpec()
-
-
-def lora_factor_specs(parallel_mode: str, base_chunks: int = 1) -> tuple[ShardSpec, ShardSpec]:
-    """(spec of A, spec of B) for an adapter on a base layer of the given parallel mode.
-
-    "column": A replicated, B mirrors the output shard.  "row": A mirrors the input shard, B
-    replicated.  "replicated" (a plain nn.Linear): both replicated.
-    """
-    if parallel_mode == "column":
-        return REPLICATED, ShardSpec(dim=0, chunks=base_chunks)
-    if parallel_mode == "row":
-        return ShardSpec(dim=1, chunks=base_chunks), REPLICATED
-    if parallel_mode == "replicated":
-        return REPLICATED, REPLICATED
-    raise ValueError(f"unknown parallel_mode {parallel_mode!r}; expected 'column', 'row' or 'replicated'")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ split into stride x tp pieces, rank i keeps pieces i, i + tp, ..."""
 import pytest
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec, lora_factor_specs
+from parallel_adapters.distributed.sharding import ShardSpec
 
 
 def _megatron_slice(full, dim, tp, rank, stride):
@@ -40,12 +40,4 @@ def test_errors_name_the_problem():
         ShardSpec(dim=None, chunks=2)
     with pytest.raises(ValueError, match="unknown fields"):
         ShardSpec.from_json({"dim": 0, "stride": 2})
-    with pytest.raises(ValueError, match="parallel_mode"):
-        lora_factor_specs("diagonal")
 
-
-def test_sharding_rule():
-    a, b = lora_factor_specs("column", 2)
-    assert a.replicated and b == ShardSpec(dim=0, chunks=2)
-    a, b = lora_factor_specs("row")
-    assert a == ShardSpec(dim=1) and b.replicated
