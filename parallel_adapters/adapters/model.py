@@ -19,7 +19,9 @@ from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
-from parallel_adapters.mcore.compat import recomputes_layers, set_tracker_states, tracker_states
+from parallel_adapters.mcore.compat import (
+    megatron_parallel_groups, recomputes_layers, set_tracker_states, tracker_states,
+)
 
 
 TRACKER_KEY = "rng-tracker/"  # prefix of the RNG-tracker states in a checkpoint's per-rank rng file
@@ -265,5 +267,5 @@ def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = 
     """
     if isinstance(model, AdapterModel):
         raise ValueError("model already has adapters: use add_adapter() for another adapter name")
-    groups = groups or ParallelGroups.from_megatron()
+    groups = groups or megatron_parallel_groups()
     return AdapterModel(model, config, adapter_name, groups, autocast_adapter_dtype)

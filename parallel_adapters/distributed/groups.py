@@ -1,4 +1,8 @@
-"""ParallelGroups: the process groups and coordinates of one rank, passed explicitly everywhere."""
+"""ParallelGroups: the process groups and coordinates of one rank, passed explicitly everywhere.
+
+Plain data: `mcore.compat.megatron_parallel_groups()` builds one from Megatron's parallel state
+(the only place that reads those globals); offline tools and tests use `ParallelGroups.single()`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,13 +38,6 @@ class ParallelGroups:
     def single(cls) -> "ParallelGroups":
         """One process, no parallelism (offline tools, unit tests)."""
         return cls()
-
-    @classmethod
-    def from_megatron(cls) -> "ParallelGroups":
-        """Read Megatron's initialised parallel state; ValueError if it was never initialised."""
-        from parallel_adapters.mcore.compat import megatron_parallel_groups
-
-        return megatron_parallel_groups()
 
     @property
     def is_first_stage(self) -> bool:

@@ -77,6 +77,8 @@ def destroy_model_parallel() -> None:
 
 
 def megatron_parallel_groups() -> ParallelGroups:
+    """This rank's ParallelGroups, read from Megatron's initialised parallel state (ValueError if it
+    was never initialised)."""
     if not parallel_state.model_parallel_is_initialized():
         raise ValueError(
             "Megatron parallel state is not initialised: call "

@@ -30,6 +30,7 @@ from parallel_adapters.checkpoint.hf_files import (
 )
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.mcore.compat import megatron_parallel_groups
 from parallel_adapters.mcore.gpt import GPTSettings, global_parameter_names, param_shard_spec
 from parallel_adapters.mcore.hf_layout import (  # noqa: F401  (re-exported: the pure mapping)
     HF_LINEAR_NAMES, LlamaShape, Segment, expected_hf_shapes, hf_modules, hf_to_megatron_state_dict,
@@ -121,7 +122,7 @@ def import_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, groups: Par
     ValueError (CheckpointError) naming the field, tensor and file when the checkpoint does not
     match its config or the model."""
     hf_dir = Path(hf_dir)
-    groups = groups or ParallelGroups.from_megatron()
+    groups = groups or megatron_parallel_groups()
     inner = _unwrap(model)
     shape = LlamaShape.from_config(read_hf_config(hf_dir), _where(hf_dir))
     problems = _model_mismatches(inner, shape)
@@ -197,7 +198,7 @@ def export_hf_checkpoint(model: torch.nn.Module, out_dir: str | Path, groups: Pa
     `hf_config` (a config dict, config.json or model directory) is written as config.json after a
     consistency check; by default one is derived from the model.  `dtype` casts the output."""
     out = Path(out_dir)
-    groups = groups or ParallelGroups.from_megatron()
+    groups = groups or megatron_parallel_groups()
     inner = _unwrap(model)
     cfg = read_hf_config(hf_config) if hf_config is not None else hf_config_from_model(inner)
     shape = LlamaShape.from_config(cfg, "hf_config")
