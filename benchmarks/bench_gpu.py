@@ -224,9 +224,9 @@ def hf_reference_logits(adapter: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of an independent Llama: see CPU_REF_NOTE."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from parallel_adapters.hf.config import LlamaShape
+    from parallel_adapters.hf.mapping import megatron_to_hf_state_dict
     from parallel_adapters.mcore.hf_bridge import hf_config_from_model
-    from parallel_adapters.mcore.hf_config import LlamaShape
-    from parallel_adapters.mcore.hf_layout import megatron_to_hf_state_dict
 
     full = {n: p.detach().cpu().double() for n, p in adapter.model.named_parameters() if ".lora_" not in n}
     for _, layer in adapter.adapter_layers():  # TP=1, PP=1: local names are the global ones

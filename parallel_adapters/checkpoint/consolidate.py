@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.checkpoint.layout import (
-    CONFIG_FILE, CheckpointError, TensorInfo, build_index, dtype_name, replica_owners, shard_file, shard_key
+    CONFIG_FILE, CheckpointError, TensorInfo, build_index, replica_owners, shard_file, shard_key
 )
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.writer import make_tmp_dir, publish
+from parallel_adapters.storage.safetensors_format import dtype_name
 
 # A safetensors file written tensor by tensor (header fixed up front), hashed as it is written.
 StreamingSafetensorsWriter = SafetensorsWriter

@@ -34,9 +34,8 @@ import torch
 
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_text_atomic
 from parallel_adapters.config import lora_scaling, pattern_value
-from parallel_adapters.mcore.hf_layout import (
-    HF_LINEAR_NAMES, LlamaShape, hf_modules, read_hf_config, row_segments, split_rows,
-)
+from parallel_adapters.hf.config import LlamaShape, read_hf_config
+from parallel_adapters.hf.mapping import HF_LINEAR_NAMES, hf_modules, row_segments, split_rows
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

@@ -7,14 +7,10 @@ together and all finish before the step that depends on them (publication by ren
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import hashlib
 import json
-import math
 import mmap
 import os
-import struct
-import sys
 import threading
 import uuid
 from contextlib import contextmanager
@@ -23,72 +19,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from parallel_adapters.checkpoint.layout import SAFETENSORS_CODES, TMP_MARKER, CheckpointError, dtype_name
+from parallel_adapters.checkpoint.layout import TMP_MARKER, CheckpointError
+from parallel_adapters.storage.safetensors_format import dtype_name, safetensors_header
+from parallel_adapters.storage.writeback import WritebackFile
 
 _HASH_BLOCK = 8 << 20
-_WRITEBACK_BLOCK = 16 << 20
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-def _load_sync_file_range() -> Any:
-    """libc's sync_file_range on Linux, else None (then only the final fsync flushes)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-class WritebackFile:
-    """A binary file written in blocks, each block's disk writeback started as soon as it is in
-    the page cache (sync_file_range, which does not wait), so that the disk works while the rest
-    is written and hashed: the closing fsync then waits for the last block only, not the file.
-    Advisory: fsync stays the guarantee, and the kick is skipped where the call is missing."""
-
-    def __init__(self, path: Path) -> None:
-        self._fh = open(path, "wb")
-        self.size = 0
-        self._kicked = 0
-
-    def fileno(self) -> int:
-        return self._fh.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._fh.closed
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), _WRITEBACK_BLOCK):
-            self._fh.write(view[start:start + _WRITEBACK_BLOCK])
-            self.size += min(_WRITEBACK_BLOCK, len(view) - start)
-            if self.size - self._kicked >= _WRITEBACK_BLOCK:
-                self._kick()
-
-    def _kick(self) -> None:
-        self._fh.flush()
-        if _sync_file_range is not None:
-            _sync_file_range(self._fh.fileno(), self._kicked, self.size - self._kicked, _SYNC_FILE_RANGE_WRITE)
-        self._kicked = self.size
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> "WritebackFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def file_record(path: Path) -> dict:
@@ -141,23 +76,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw (little-endian, C-order) bytes of a tensor, without a copy when it is CPU-contiguous."""
     flat = t.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
-
-
-def safetensors_header(layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                       metadata: Mapping[str, str] | None = None) -> bytes:
-    """The 8-byte length + JSON header of a safetensors file holding `layout`'s tensors in order."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, dtype, shape in layout:
-        if name in header:
-            raise CheckpointError(f"tensor {name!r} listed twice")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_CODES[dtype_name(dtype)], "shape": [int(s) for s in shape],
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-    return struct.pack("<Q", len(blob)) + blob
 
 
 class SafetensorsWriter:

@@ -1,6 +1,6 @@
 """Checkpoint directory layout and index schema (pure: files and JSON only, no torch.distributed).
 
-One directory per save (DESIGN.md section 6)::
+One directory per save (docs/design.md section 6)::
 
     <dir>/adapter_config.json                      the caller's config dict
     <dir>/index.json                               written LAST: its presence marks a complete save
@@ -11,8 +11,9 @@ One directory per save (DESIGN.md section 6)::
     <parent>/latest                                the name of the newest complete directory
 
 Everything a loader trusts is checked here before any tensor is allocated: the index structure,
-every relative path (no absolute paths, no `..`, must stay inside the directory), shapes against
-the ShardSpec, dtypes against a fixed table.  Errors are `CheckpointError` naming file and tensor.
+every relative path (no absolute paths, no `..`, must stay inside the directory: storage/paths.py),
+shapes against the ShardSpec, dtypes against a fixed table (storage/safetensors_format.py).
+Errors are `CheckpointError` (defined in storage/errors.py) naming file and tensor.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
+from parallel_adapters.storage.errors import CheckpointError
+from parallel_adapters.storage.paths import check_relpath
+from parallel_adapters.storage.safetensors_format import DTYPES, dtype_name
 
 # 2: a TP-replicated tensor may live in any one TP rank's file (1: always TP rank 0's).
 FORMAT_VERSION = 2
@@ -43,21 +47,6 @@ _SHARD_KEY = re.compile(r"^tp(\d+)-pp(\d+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_KEYS = {"format_version", "tp_size", "pp_size", "dp_size", "tensors", "files", "train_state"}
 _TENSOR_KEYS = {"global_shape", "dtype", "shard", "files"}
-
-# Index dtype name <-> torch dtype <-> safetensors header code.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
-SAFETENSORS_CODES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, unsafe, or does not match the model."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,51 +92,6 @@ def rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
 def tmp_dir_for(final: Path, token: str | None = None) -> Path:
     """The hidden sibling a save writes into; never a valid checkpoint (no index until the end)."""
     return final.parent / f".{final.name}{TMP_MARKER}{token or uuid.uuid4().hex[:12]}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise CheckpointError(f"dtype {dtype} cannot be stored in a checkpoint (supported: {sorted(DTYPES)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Path safety
-# ----------------------------------------------------------------------------------------------
-
-_good_relpaths: set[str] = set()  # paths already accepted (an index repeats a few paths many times)
-
-
-def check_relpath(rel: Any, what: str = "path") -> str:
-    """Refuse anything but a plain relative POSIX path made of normal components."""
-    if type(rel) is str and rel in _good_relpaths:
-        return rel
-    if not isinstance(rel, str) or not rel:
-        raise CheckpointError(f"index.json: {what} {rel!r} is not a non-empty string")
-    if "\x00" in rel or "\\" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
-        raise CheckpointError(f"index.json: {what} {rel!r} is absolute or not a POSIX relative path")
-    if any(part in ("", ".", "..") for part in rel.split("/")):
-        raise CheckpointError(f"index.json: {what} {rel!r} contains '.', '..' or empty components")
-    if type(rel) is str and len(_good_relpaths) < 4096:
-        _good_relpaths.add(rel)
-    return rel
-
-
-def resolve_inside(directory: Path, rel: str) -> Path:
-    """`directory/rel`, refused unless it resolves (symlinks followed) inside `directory`."""
-    check_relpath(rel)
-    root = Path(directory).resolve()
-    target = (root / rel).resolve()
-    if target != root and root not in target.parents:
-        raise CheckpointError(f"{rel!r} resolves to {target}, outside the checkpoint directory {root}")
-    return target
-
-
-def check_plain_name(name: str, what: str) -> str:
-    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
-        raise CheckpointError(f"{what}: {name!r} is not a plain directory name")
-    return name
 
 
 # ----------------------------------------------------------------------------------------------

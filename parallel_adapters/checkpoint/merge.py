@@ -26,13 +26,13 @@ from parallel_adapters.adapters.functional import merged_weight
 from parallel_adapters.checkpoint.export import (
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, HFLoraFactor, hf_lora_factors, load_checkpoint_factors,
 )
-from parallel_adapters.checkpoint.hf_files import (
+from parallel_adapters.checkpoint.layout import CheckpointError
+from parallel_adapters.config import lora_scaling
+from parallel_adapters.hf.config import read_hf_config
+from parallel_adapters.hf.files import (
     DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, ShardedSafetensorsWriter, copy_side_files, plan_shards,
     shard_file_names, tensor_nbytes, write_weight_index,
 )
-from parallel_adapters.checkpoint.layout import CheckpointError
-from parallel_adapters.config import lora_scaling
-from parallel_adapters.mcore.hf_layout import read_hf_config
 
 _CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -23,11 +23,12 @@ import torch
 from safetensors import safe_open
 
 from parallel_adapters.checkpoint.layout import (
-    CONFIG_FILE, INDEX_FILE, SAFETENSORS_CODES, CheckpointError, TensorInfo, dtype_name, resolve_inside,
-    validate_index
+    CONFIG_FILE, INDEX_FILE, CheckpointError, TensorInfo, validate_index
 )
 from parallel_adapters.checkpoint.files import file_record, read_json
 from parallel_adapters.distributed.sharding import ShardSpec
+from parallel_adapters.storage.paths import resolve_inside
+from parallel_adapters.storage.safetensors_format import SAFETENSORS_CODES, dtype_name
 
 
 class CheckpointReader:

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.checkpoint.layout import (
-    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, check_plain_name, dtype_name, rank_key
+    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, rank_key
 )
 from parallel_adapters.checkpoint.files import fsync_together
 from parallel_adapters.checkpoint.reader import CheckpointReader
@@ -47,6 +47,8 @@ from parallel_adapters.distributed.collectives import (
 )
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
+from parallel_adapters.storage.paths import check_plain_name
+from parallel_adapters.storage.safetensors_format import dtype_name
 
 __all__ = ["save_sharded", "load_sharded", "load_train_state", "resolve_latest", "capture_rng_state",
            "restore_rng_state", "check_tp_replicas", "tensor_digest", "TEST_DELAY_ENV"]

@@ -17,13 +17,14 @@ import torch
 
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, OLD_MARKER, SHARDS_DIR, TRAIN_STATE_DIR,
-    CheckpointError, build_index, replica_owners, resolve_inside, shard_file, tensor_entry, tmp_dir_for
+    CheckpointError, build_index, replica_owners, shard_file, tensor_entry, tmp_dir_for
 )
 from parallel_adapters.checkpoint.files import (
     fsync_dirs, fsync_path, fsync_together, tensor_bytes, write_json, write_safetensors, write_text_atomic
 )
 from parallel_adapters.checkpoint.train_state import write_optimizer_state, write_rng_state
 from parallel_adapters.distributed.sharding import ShardedTensor
+from parallel_adapters.storage.paths import resolve_inside
 
 # ----------------------------------------------------------------------------------------------
 # Writers (also used directly by tests to build emulated multi-rank checkpoints)

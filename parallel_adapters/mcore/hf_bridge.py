@@ -9,8 +9,8 @@
   to export a merged model), gathered over TP one parameter at a time; each pipeline stage writes
   its own shard files, world rank 0 the index and config.json.
 
-The names and layouts are the pure functions of `hf_layout` (shared with the offline PEFT export
-and merge); this module adds what Megatron knows: global parameter names under PP and the
+The names and layouts are the pure functions of `hf/mapping.py` (shared with the offline PEFT
+export and merge); this module adds what Megatron knows: global parameter names under PP and the
 ShardSpec of every parameter.
 """
 from __future__ import annotations
@@ -24,22 +24,22 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from parallel_adapters.checkpoint.hf_files import (
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.hf.config import LlamaShape, read_hf_config
+from parallel_adapters.hf.files import (
     DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, ShardedSafetensorsWriter, plan_shards, shard_file_names,
     tensor_nbytes, write_weight_index,
 )
-from parallel_adapters.distributed import collectives as C
-from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.hf.mapping import (
+    expected_hf_shapes, hf_to_megatron_tensor, local_ranges, megatron_to_hf_tensors, row_segments,
+    split_parameter_name,
+)
 from parallel_adapters.mcore.compat import megatron_parallel_groups
 from parallel_adapters.mcore.gpt import GPTSettings, global_parameter_names, param_shard_spec
-from parallel_adapters.mcore.hf_layout import (  # noqa: F401  (re-exported: the pure mapping)
-    HF_LINEAR_NAMES, LlamaShape, Segment, expected_hf_shapes, hf_modules, hf_to_megatron_state_dict,
-    hf_to_megatron_tensor, local_ranges, megatron_to_hf_state_dict, megatron_to_hf_tensors, read_hf_config,
-    row_segments, split_parameter_name,
-)
 
-__all__ = ["gpt_settings_from_hf", "gpt_config_from_hf", "import_hf_checkpoint", "export_hf_checkpoint", "hf_config_from_model",
-           "local_ranges", "LlamaShape", "hf_to_megatron_state_dict", "megatron_to_hf_state_dict"]
+__all__ = ["gpt_settings_from_hf", "gpt_config_from_hf", "import_hf_checkpoint", "export_hf_checkpoint",
+           "hf_config_from_model"]
 
 _IGNORED_HF = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
 

@@ -16,9 +16,9 @@ from safetensors import safe_open
 
 from parallel_adapters.checkpoint.consolidate import consolidate
 from parallel_adapters.checkpoint.export import export_peft, export_peft_from_checkpoint, load_checkpoint_factors
-from parallel_adapters.checkpoint.hf_files import HFCheckpoint
 from parallel_adapters.checkpoint.merge import merge_into_hf
 from parallel_adapters.config import LoraConfig
+from parallel_adapters.hf.files import HFCheckpoint
 from tests.helpers.tiny_llama import make_tiny_llama, sample_ids
 from tests.mcore import hf_jobs
 

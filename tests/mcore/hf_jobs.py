@@ -23,7 +23,7 @@ def _setup(tp: int, pp: int):
 
 def _imported_model(hf_dir: str, groups, init_weights: bool = True):
     """build_gpt(gpt_settings_from_hf) + import_hf_checkpoint, counting the elements read."""
-    from parallel_adapters.checkpoint.hf_files import HFCheckpoint
+    from parallel_adapters.hf.files import HFCheckpoint
     from parallel_adapters.mcore.gpt import build_gpt
     from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf, import_hf_checkpoint
 

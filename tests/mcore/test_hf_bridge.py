@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel_adapters.distributed.sharding import ShardSpec
-from parallel_adapters.checkpoint.hf_files import HFCheckpoint
 from parallel_adapters.checkpoint.layout import CheckpointError
-from parallel_adapters.mcore import hf_layout as L
+from parallel_adapters.distributed.sharding import ShardSpec
+from parallel_adapters.hf import mapping as L
+from parallel_adapters.hf.config import LlamaShape, read_hf_config
+from parallel_adapters.hf.files import HFCheckpoint
 from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, make_tiny_qwen2, sample_ids
 from tests.mcore import hf_jobs
 
@@ -43,7 +44,7 @@ def _state(hf_dir):
 
 
 def _shape(hf_dir):
-    return L.LlamaShape.from_config(L.read_hf_config(hf_dir))
+    return LlamaShape.from_config(read_hf_config(hf_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,12 +100,12 @@ def test_local_reads_equal_the_megatron_shard(tiny, tp):
 
 
 def test_config_fields_are_read(tiny):
-    cfg = L.read_hf_config(tiny)
+    cfg = read_hf_config(tiny)
     assert "rope_parameters" in cfg and "rope_theta" not in cfg  # transformers 5 layout
-    shape = L.LlamaShape.from_config(cfg)
+    shape = LlamaShape.from_config(cfg)
     assert (shape.rope_theta, shape.rms_norm_eps, shape.head_dim, shape.num_kv_heads) == (5e4, 3e-6, 12, 2)
     legacy = {k: v for k, v in cfg.items() if k != "rope_parameters"} | {"rope_theta": 123.0, "rope_scaling": None}
-    assert L.LlamaShape.from_config(legacy).rope_theta == 123.0
+    assert LlamaShape.from_config(legacy).rope_theta == 123.0
 
 
 @pytest.mark.parametrize("change, field", [
@@ -120,9 +121,9 @@ def test_config_fields_are_read(tiny):
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_unsupported_configs_are_refused_by_name(tiny, change, field):
-    cfg = L.read_hf_config(tiny) | change
+    cfg = read_hf_config(tiny) | change
     with pytest.raises(ValueError, match=field):
-        L.LlamaShape.from_config(cfg)
+        LlamaShape.from_config(cfg)
 
 
 def test_checkpoint_that_contradicts_its_config_names_tensor_and_file(tiny, tmp_path):
@@ -157,14 +158,14 @@ def test_imported_gpt_matches_transformers_logits(pool2, tiny, tmp_path, tp):
         assert r["settings"]["rotary_base"] == 5e4 and r["settings"]["kv_channels"] == 12
         pad = _padding_elements(r["tp_rank"], tp, r["hidden"], vocab_tensors=2)
         assert r["elements_read"] == r["elements_held"] - pad, "each rank must read exactly its own slices"
-        derived = L.LlamaShape.from_config(r["derived_config"])
+        derived = LlamaShape.from_config(r["derived_config"])
         assert derived == _shape(tiny)
     if tp == 2:
         original, exported = _state(tiny), load_file(str(export / "model.safetensors"))
         assert exported.keys() == original.keys()
         for name in original:
             assert torch.equal(exported[name], original[name]), name
-        assert L.read_hf_config(export) == L.read_hf_config(tiny)
+        assert read_hf_config(export) == read_hf_config(tiny)
 
 
 def test_import_needs_no_init_and_sets_every_weight(pool2, tiny):
@@ -202,7 +203,7 @@ def test_pipeline_parallel_import_and_per_stage_export(pool2, tiny, tmp_path):
     original, exported = _state(tiny), _state(export)
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[n], original[n]) for n in original)
-    assert L.LlamaShape.from_config(L.read_hf_config(export)) == _shape(tiny)  # derived from the model
+    assert LlamaShape.from_config(read_hf_config(export)) == _shape(tiny)  # derived from the model
 
 
 def test_import_into_a_model_of_other_shape_is_refused(pool2, tiny):

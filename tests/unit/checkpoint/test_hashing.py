@@ -374,23 +374,6 @@ def test_export_of_a_corrupt_checkpoint_leaves_no_weights(tmp_path):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_writeback_is_started_block_by_block_and_the_bytes_are_exact(tmp_path, monkeypatch):
-    kicks = []
-    monkeypatch.setattr(files_mod, "_sync_file_range", lambda fd, offset, nbytes, flags: kicks.append((offset, nbytes, flags)) or 0)
-    block = files_mod._WRITEBACK_BLOCK
-    pieces = [os.urandom(n) for n in (100, block + 7, 3 * block // 2, 5, 2 * block)]
-    with files_mod.WritebackFile(tmp_path / "w.bin") as fh:
-        for piece in pieces:
-            fh.write(piece)
-        assert fh.size == sum(map(len, pieces))
-    data = b"".join(pieces)
-    assert (tmp_path / "w.bin").read_bytes() == data
-    assert kicks and all(flags == 2 for _, _, flags in kicks)  # SYNC_FILE_RANGE_WRITE: start, do not wait
-    assert [k[0] for k in kicks] == [0] + [sum(k[1] for k in kicks[:i]) for i in range(1, len(kicks))]
-    assert all(n >= block for _, n, _ in kicks)
-    assert len(data) - sum(n for _, n, _ in kicks) < block  # only the tail is left for fsync
-
-
 def test_export_from_a_checkpoint_streams_module_by_module(tmp_path, monkeypatch):
     """The PEFT file is written while the checkpoint is read: one module's factors in memory."""
     ckpt, hf = _tiny_llama_checkpoint(tmp_path)

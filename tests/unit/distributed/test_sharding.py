@@ -3,7 +3,7 @@ split into stride x tp pieces, rank i keeps pieces i, i + tp, ..."""
 import pytest
 import torch
 
-from parallel_adapters.distributed.sharding import ShardSpec
+from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 
 
 def _megatron_slice(full, dim, tp, rank, stride):
@@ -41,3 +41,8 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown fields"):
         ShardSpec.from_json({"dim": 0, "stride": 2})
 
+
+def test_sharded_tensor_is_frozen():
+    t = ShardedTensor(torch.zeros(2), ShardSpec(), (2,))
+    with pytest.raises(AttributeError):
+        t.spec = ShardSpec(dim=0)

@@ -1,7 +1,7 @@
 """Llama-family Hugging Face <-> Megatron names and layouts, as pure functions (torch only).
 
 No megatron import here, so the offline tools (PEFT export, merge) use exactly the mapping the
-in-cluster import uses.  `hf_bridge.py` builds on it with Megatron's parameter attributes.
+in-cluster import uses.  `mcore/hf_bridge.py` builds on it with Megatron's parameter attributes.
 
 Every Megatron tensor that maps onto Hugging Face tensors is described by its ROW SEGMENTS along
 dim 0: runs of rows that come from one HF tensor (or are vocabulary padding, zeros).  One
@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from parallel_adapters.distributed.sharding import ShardSpec
-from parallel_adapters.mcore.hf_config import LlamaShape, read_hf_config  # noqa: F401  (re-exported)
+from parallel_adapters.hf.config import LlamaShape
 
 HF_LINEAR_NAMES: dict[str, tuple[str, ...]] = {
     "linear_qkv": ("q_proj", "k_proj", "v_proj"),

@@ -21,8 +21,10 @@ from typing import Iterable, Sequence
 import torch
 from safetensors import safe_open
 
-from parallel_adapters.checkpoint.files import WritebackFile, safetensors_header
-from parallel_adapters.checkpoint.layout import CheckpointError, resolve_inside
+from parallel_adapters.storage.errors import CheckpointError
+from parallel_adapters.storage.paths import resolve_inside
+from parallel_adapters.storage.safetensors_format import safetensors_header
+from parallel_adapters.storage.writeback import WritebackFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
