@@ -42,9 +42,8 @@ from parallel_adapters.checkpoint.train_state import (  # noqa: F401  (re-export
 from parallel_adapters.checkpoint.writer import (  # noqa: F401  (tensor_digest: re-exported)
     assemble_index, make_tmp_dir, publish, replica_digests, tensor_digest, write_global_files, write_rank_files,
 )
-from parallel_adapters.distributed.collectives import (
-    all_gather_objects, all_ranks_agree, group_rank, group_size,
-)
+from parallel_adapters.distributed.agreement import raise_listed, raise_together
+from parallel_adapters.distributed.collectives import all_gather_objects, group_rank, group_size
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 from parallel_adapters.storage.paths import check_plain_name
@@ -72,24 +71,6 @@ def _guard(who: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
         if not isinstance(exc, (CheckpointError, OSError)):
             detail += "\n" + traceback.format_exc(limit=3)
         return None, f"{who}: {detail}"
-
-
-def _raise_together(error: str | None, what: str, cleanup: Callable[[], None] | None = None) -> None:
-    """Collective: if any rank has an error, every rank raises one CheckpointError listing them all."""
-    if all_ranks_agree(error is None, None):
-        return
-    errors = list(dict.fromkeys(e for e in all_gather_objects(error, None) if e))  # dedupe, keep order
-    if cleanup is not None:
-        cleanup()
-    raise CheckpointError(f"{what} failed:\n  " + "\n  ".join(errors))
-
-
-def _raise_listed(errors: Sequence[str | None], what: str) -> None:
-    """Raise one CheckpointError listing the (deduplicated) errors, if any; called by every rank
-    with the same gathered list, so all raise together."""
-    errors = list(dict.fromkeys(e for e in errors if e))
-    if errors:
-        raise CheckpointError(f"{what} failed:\n  " + "\n  ".join(errors))
 
 
 def _progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
@@ -203,7 +184,7 @@ def save_sharded(
     prepared = all_gather_objects((tmp_str, err), None)  # one collective: the checks and the temp name
     if tmp_str is not None and any(e for _, e in prepared):
         shutil.rmtree(tmp_str, ignore_errors=True)
-    _raise_listed([e for _, e in prepared], f"save of {final}")
+    raise_listed([e for _, e in prepared], f"save of {final}", error_type=CheckpointError)
     tmp = Path(prepared[0][0])
     cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
     check_replicas = groups.tp_size > 1
@@ -235,7 +216,7 @@ def save_sharded(
         errors = [_replica_problems([g[1:4] for g in gathered])]
     if any(errors) and cleanup is not None:
         cleanup()
-    _raise_listed(errors, f"save of {final}")
+    raise_listed(errors, f"save of {final}", error_type=CheckpointError)
     reports = [g[4] for g in gathered]
 
     err = None
@@ -318,7 +299,7 @@ def load_sharded(directory: str | Path, groups: ParallelGroups, expected: Expect
     who = f"rank {group_rank(None)} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
     result, err = _guard(who, lambda: _load_local(directory, groups, expected, all_names))
     if world > 1:
-        _raise_together(err, f"load of {directory}")
+        raise_together(err, f"load of {directory}", error_type=CheckpointError)
     elif err:
         raise CheckpointError(err)
     return result

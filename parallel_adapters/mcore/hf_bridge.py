@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.agreement import raise_together
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.hf.config import LlamaShape, read_hf_config
 from parallel_adapters.hf.files import (
@@ -221,9 +222,7 @@ def export_hf_checkpoint(model: torch.nn.Module, out_dir: str | Path, groups: Pa
             error = f"rank {C.group_rank(None)}: {exc}"
     if groups.dp_rank == 0:
         error = _write_stage(params, shape, groups, writer, dtype, progress) or error
-    if not C.all_ranks_agree(error is None, None):  # a failed writer must not leave the others waiting
-        errors = [e for e in C.all_gather_objects(error, None) if e]
-        raise OSError(f"export_hf_checkpoint to {out} failed:\n    " + "\n    ".join(errors))
+    raise_together(error, f"export_hf_checkpoint to {out}", error_type=OSError)  # no writer left waiting
     stage_bytes = sum(tensor_nbytes(d, s) for _, d, s in layout)
     reports = C.all_gather_objects((writer.weight_map, stage_bytes) if writer is not None else ({}, 0), None)
     if C.group_rank(None) == 0:

@@ -34,6 +34,7 @@ from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.adapter_io import checkpoint_config, save_checkpoint
 from parallel_adapters.checkpoint.sharded import save_sharded
 from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.agreement import agreed, on_rank0
 from parallel_adapters.train import zero_state
 from parallel_adapters.train.data import DataParallelBatches, DataPosition
 from parallel_adapters.train.lr import LRSchedule
@@ -218,20 +219,6 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
     return path
 
 
-def agreed(fn: Callable[[], Any], what: str) -> Any:
-    """fn() on every rank; if it fails on any rank, every rank raises (never one rank raising
-    while the others wait in the save's collectives)."""
-    out, error = None, None
-    try:
-        out = fn()
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
-        error = f"rank {C.group_rank(None)}: {type(exc).__name__}: {exc}"
-    if not C.all_ranks_agree(error is None, None):
-        errors = list(dict.fromkeys(e for e in C.all_gather_objects(error, None) if e))
-        raise RuntimeError(f"{what} failed:\n  " + "\n  ".join(errors))
-    return out
-
-
 def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the step-NNNNNN checkpoints under `parent`, oldest first."""
     found = []
@@ -283,7 +270,7 @@ def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, 
         hf_config = hf_dir or hf_config_from_model(model.model)
         return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config))
 
-    return _on_rank0(export, f"export to {peft_dir}")
+    return on_rank0(export, f"export to {peft_dir}")
 
 
 def verify_with_peft(model: AdapterModel, engine: Any, input_ids: torch.Tensor, peft_dir: str,
@@ -313,7 +300,7 @@ def verify_with_peft(model: AdapterModel, engine: Any, input_ids: torch.Tensor, 
     mine = logits.cpu() if (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0) else None
     megatron = next(x for x in C.all_gather_objects(mine, None) if x is not None)
     atol = peft_tolerance(megatron, {p.dtype for p in model.model.parameters() if not p.requires_grad})
-    return _on_rank0(lambda: verify_peft_reproduces(hf_dir, peft_dir, input_ids, megatron, atol), "verify_with_peft")
+    return on_rank0(lambda: verify_peft_reproduces(hf_dir, peft_dir, input_ids, megatron, atol), "verify_with_peft")
 
 
 def peft_tolerance(megatron_logits: torch.Tensor, base_dtypes: set) -> float:
@@ -323,17 +310,3 @@ def peft_tolerance(megatron_logits: torch.Tensor, base_dtypes: set) -> float:
     if base_dtypes <= {torch.float32, torch.float64}:
         return 1e-4
     return 0.05 * max(1.0, megatron_logits.float().abs().max().item())
-
-
-def _on_rank0(fn: Callable[[], Any], what: str) -> Any:
-    """fn() on world rank 0; its result (or its error, raised on every rank) reaches all ranks."""
-    out, error = None, None
-    if C.group_rank(None) == 0:
-        try:
-            out = fn()
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"{type(exc).__name__}: {exc}"
-    out, error = C.all_gather_objects((out, error), None)[0]
-    if error:
-        raise RuntimeError(f"{what} failed on rank 0: {error}")
-    return out

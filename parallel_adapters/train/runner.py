@@ -269,9 +269,10 @@ def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from
     (train/zero_state.py; nothing is unpickled)."""
     from parallel_adapters.checkpoint.adapter_io import load_checkpoint, restore_all_rng
     from parallel_adapters.checkpoint.sharded import load_train_state
+    from parallel_adapters.distributed.agreement import agreed
     from parallel_adapters.train import zero_state
     from parallel_adapters.train.engine import build_engine
-    from parallel_adapters.train.loop import agreed, restore_dropout_counters
+    from parallel_adapters.train.loop import restore_dropout_counters
 
     o = config.optim
     extra: dict = {}
