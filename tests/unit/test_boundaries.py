@@ -1,12 +1,49 @@
 """House rules, enforced: collectives only in distributed/collectives.py, megatron only under
-mcore/, deepspeed only in train/engine.py, transformers/peft only in interop/, no pickle loads.
-Parsed with ast, so comments and docstrings do not count."""
+mcore/, deepspeed only in train/engine.py, transformers/peft only in interop/, no pickle loads,
+and packages depend in one direction only.  Parsed with ast, so comments and docstrings do not
+count, and imports inside functions (lazy imports) count like any other.
+
+Package order, bottom first (a package may import only packages below it, and only the edges
+ALLOWED lists; docs/design.md section 3):
+
+    config, ops, storage, distributed     leaves: PEFT-style configs, pure tensor ops, files on
+                                          disk, groups/collectives/ShardSpec/agreement
+    hf                                    Hugging Face config, names, files (no megatron)
+    mcore                                 the only megatron importer
+    adapters                              LoRA layers, injection, AdapterModel
+    checkpoint                            our sharded format, PEFT export, merge
+    eva                                   distributed EVA initialisation
+    interop                               the only transformers/peft importer
+    train                                 run config, engine, loop, runner
+    demo, cli, __main__                   entry points
+    (parallel_adapters/__init__.py: the public API, above everything; it imports lazily by name)
+"""
 import ast
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "parallel_adapters"
+ORDER = ["config", "ops", "storage", "distributed", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
+         "train", "demo", "cli", "__main__"]
+"""Top-level packages and modules of parallel_adapters, bottom first."""
+ALLOWED: dict[str, set[str]] = {
+    "config": set(),
+    "ops": set(),
+    "storage": set(),
+    "distributed": set(),
+    "hf": {"distributed", "storage"},
+    "mcore": {"distributed", "hf", "ops"},
+    "adapters": {"config", "distributed", "mcore", "ops"},
+    "checkpoint": {"adapters", "config", "distributed", "hf", "storage"},
+    "eva": {"adapters", "checkpoint", "config", "distributed", "mcore"},
+    "interop": set(),
+    "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore"},
+    "demo": {"mcore", "train"},
+    "cli": {"checkpoint", "train"},
+    "__main__": {"cli"},
+}
+"""Which packages each one may import.  A new edge is added here deliberately, pointing down."""
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
                "all_gather_object", "broadcast_object_list", "batch_isend_irecv", "reduce", "gather", "scatter"}
@@ -26,6 +63,29 @@ def _imports(tree):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
+
+
+def _unit(rel: str) -> str:
+    """The top-level package (or root module) a module path belongs to: 'mcore/gpt.py' -> 'mcore'."""
+    first = rel.split("/")[0]
+    return first.removesuffix(".py")
+
+
+def _package_imports(path: Path, tree: ast.AST):
+    """(line, imported module) for every import of parallel_adapters, relative ones resolved."""
+    here = ["parallel_adapters", *path.relative_to(PACKAGE).parent.parts]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[:len(here) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            # `from parallel_adapters import mcore`, `from . import compat`: the names are modules
+            names_are_modules = module == "parallel_adapters" or not node.module
+            names = [f"{module}.{a.name}" for a in node.names] if names_are_modules else [module]
+        else:
+            continue
+        yield from ((node.lineno, n) for n in names if n == "parallel_adapters" or n.startswith("parallel_adapters."))
 
 
 def _dist_calls(tree):
@@ -58,3 +118,31 @@ def test_module_respects_boundaries(path):
 def test_modules_stay_small():
     long = {_rel(p): n for p in _modules() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"modules over 400 lines: {long}"
+
+
+def test_every_package_has_a_place_in_the_order():
+    units = {_unit(_rel(p)) for p in _modules()} - {"__init__"}
+    assert units == set(ORDER) == set(ALLOWED), (
+        f"not in ORDER/ALLOWED: {sorted(units - set(ORDER))}; listed but absent: {sorted(set(ORDER) - units)}")
+
+
+def test_allowed_edges_point_down_so_the_order_is_acyclic():
+    up = [f"{src} -> {dst}" for src, dsts in ALLOWED.items() for dst in dsts if ORDER.index(dst) >= ORDER.index(src)]
+    assert not up, f"edges that do not point down the order: {up}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_rel)
+def test_module_imports_only_allowed_packages(path):
+    rel = _rel(path)
+    src = _unit(rel)
+    if src == "__init__":  # the public API: it may name anything (and does so lazily, by string)
+        return
+    bad = []
+    for line, module in _package_imports(path, ast.parse(path.read_text())):
+        parts = module.split(".")
+        dst = parts[1] if len(parts) > 1 else "parallel_adapters"
+        if not ((PACKAGE / dst).is_dir() or (PACKAGE / f"{dst}.py").is_file()):
+            dst = "parallel_adapters"  # a name of the public API (package __init__), above everything
+        if dst != src and dst not in ALLOWED.get(src, set()):
+            bad.append(f"{rel}:{line} imports {module} ({src} -> {dst} is not an allowed edge)")
+    assert not bad, "\n".join(bad)
