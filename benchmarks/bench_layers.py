@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Adapter-layer benchmark (DESIGN.md section 9): frozen base vs ours vs PEFT's LoraParallelLinear.
+"""Adapter-layer benchmark (docs/design.md section 9): frozen base vs ours vs PEFT's LoraParallelLinear.
 
 One Llama-style Megatron layer (build_gpt, num_layers=1: RMSNorm, GQA, SwiGLU, RoPE) at TP=2 on
 2 gloo CPU ranks (1 thread each), fp32.  Per forward+backward step of one micro-batch (loss =
@@ -48,7 +48,7 @@ TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 VOCAB = 256
 TP = 2
 PEFT_SP_NOTE = (
-    "PEFT's LoraParallelLinear ignores sequence parallelism (DESIGN.md section 2: the replicated "
+    "PEFT's LoraParallelLinear ignores sequence parallelism (docs/design.md section 2: the replicated "
     "factor's gradient is never summed over TP), so its sequence-parallel row is timed for "
     "reference only; its training there is not equivalent to TP=1 (not checked by this benchmark)")
 

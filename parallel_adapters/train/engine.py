@@ -10,7 +10,7 @@ Both engines give the loop the same five calls per optimizer step::
     stats = [loss, engine.grad_sumsq()] -> one world all-reduce (by the loop)
     engine.step(lr, grad_norm)
 
-Why the TP sum of replicated adapter factors stays correct (DESIGN.md section 4): a replicated
+Why the TP sum of replicated adapter factors stays correct (docs/design.md section 4): a replicated
 factor's gradient is a per-rank PARTIAL sum over tensor parallelism; it must be summed over TP
 before any data-parallel reduction or norm.
 

@@ -1,4 +1,4 @@
-"""Pickle-free DeepSpeed resume (DESIGN.md section 6: checkpoints are only safetensors + JSON).
+"""Pickle-free DeepSpeed resume (docs/design.md section 6: checkpoints are only safetensors + JSON).
 
 DeepSpeed's own `save_checkpoint` / `load_checkpoint` use torch.save / torch.load (pickle).  Instead
 this rank's `engine.optimizer.state_dict()` is flattened by `flatten_state` into

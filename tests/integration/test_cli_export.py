@@ -1,4 +1,4 @@
-"""The offline CLI end to end on a real model-level checkpoint (DESIGN.md section 6).
+"""The offline CLI end to end on a real model-level checkpoint (docs/design.md section 6).
 
 A tiny HF Llama is imported into Megatron at TP=2, LoRA with non-zero B (one rank and one alpha
 overridden) goes on all four linears, and `save_checkpoint(model, dir)` writes the sharded

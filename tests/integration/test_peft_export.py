@@ -1,4 +1,4 @@
-"""PEFT export oracle (DESIGN.md section 6).
+"""PEFT export oracle (docs/design.md section 6).
 
 A tiny HF Llama is imported into Megatron at TP=2, LoRA (non-zero B, one layer's rank and
 another's alpha overridden) is put on all four linears, and the adapters are saved sharded.
