@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from tqdm import tqdm
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.model import AdapterModel
@@ -32,7 +31,8 @@ from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.eva import allocation as A
 from parallel_adapters.eva import distributed as D
 from parallel_adapters.eva import tp_svd as T
-from parallel_adapters.eva.hooks import InputCapture, token_mask
+from parallel_adapters.eva.hooks import ForwardDone, InputCapture, token_mask
+from parallel_adapters.eva.progress import Progress
 from parallel_adapters.eva.statistics import whiten
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
@@ -101,6 +101,7 @@ def get_eva_state_dict(
     config = model.peft_config[adapter_name]
     eva = config.eva_config or EvaConfig()
     run = _EvaRun(model, adapter_name, config, eva, prepare_layer_inputs_fn)
+    run.capture.stop_early = forward_fn is None and model.groups.pp_size == 1  # our forward: nothing after it
     batches = _cycle(dataloader, model.groups, next(model.parameters()).device)
     forward_fn = forward_fn or default_forward_fn(model)
     prepare = prepare_model_inputs_fn or (lambda batch, cfg: token_mask(batch, eva))
@@ -178,22 +179,12 @@ class _EvaRun:
         self.r = {n: l.r[adapter_name] for n, l in self.layers.items()}
         self.alpha = {n: float(l.lora_alpha[adapter_name]) for n, l in self.layers.items()}
         self.step = 0
-        self.stats = {n: self._new_stats(n, l) for n, l in self.layers.items()}
+        gaussians = T.Gaussians(config.seed)  # one cache: layers of one shape share their test matrix
+        self.stats = {n: D.layer_stats(n, l, model.groups, gaussians) for n, l in self.layers.items()}
         self._provisional_caps()
         g = self.groups
+        self.queue = D.StepQueue(g)
         self.capture = InputCapture(self.layers, self._sink, prepare_layer_inputs_fn, g.tp_rank, g.tp_size)
-
-    def _new_stats(self, name: str, layer) -> D.LayerStats:
-        g, geo = self.groups, layer.geometry
-        sharded = geo.parallel_mode == "row"
-        spec = layer.spec_a
-        width = spec.local_shape((1, geo.in_features), g.tp_size)[1]
-        shard_cols = (lambda full: spec.shard(full, g.tp_rank, g.tp_size)) if sharded else (lambda full: full)
-        index = spec.shard(torch.arange(geo.in_features)[None], g.tp_rank, g.tp_size)[0] if sharded else \
-            torch.arange(geo.in_features)
-        seq_split = geo.parallel_mode == "column" and geo.sequence_parallel
-        return D.LayerStats(name, sharded, seq_split, width, geo.in_features, g, self._seed, shard_cols, index,
-                            device=layer.weight.device)
 
     def _provisional_caps(self) -> None:
         """Before the first forward the shared-input groups (whose largest cap the owner keeps) are
@@ -205,10 +196,7 @@ class _EvaRun:
             s.configure(cap, min(math.ceil(self.eva.sketch_multiple * cap), s.in_features))
 
     def _sink(self, name: str, rows: torch.Tensor) -> None:
-        self.stats[name].add_rows(rows)
-
-    def _seed(self, name: str, tag: str) -> int:
-        return lf.factor_seed(self.config.seed, "eva", name, tag, str(self.step))
+        self.queue.add(self.stats[name], rows)
 
     def execute(self, batches: Iterator, forward_fn: ForwardFn, prepare: Callable, show: bool) -> EvaStateDict:
         self.capture.attach()
@@ -216,12 +204,12 @@ class _EvaRun:
         layout: _Layout | None = None
         flags: dict[str, torch.Tensor] = {}
         rank_dist: dict[str, int] = {}
-        bar = tqdm(total=self.eva.max_steps, disable=not (show and C.group_rank(None) == 0), leave=False)
+        progress = Progress(self.eva.max_steps, show and C.group_rank(None) == 0)
         while True:
             if layout is not None:
                 conv = {o: bool(flags[o][: rank_dist[o]].all()) for o in layout.owners}
-                done = [n for n in layout.names if conv[layout.shared.get(n, n)]]
-                bar.set_description(f"EVA: {len(done)}/{len(layout.names)} layers have converged")
+                done = sum(conv[layout.shared.get(n, n)] for n in layout.names)
+                progress.update(self.step, done, len(layout.names))
                 if all(conv.values()):
                     break
                 if self.step >= self.eva.max_steps:
@@ -232,7 +220,12 @@ class _EvaRun:
                 self.capture.enabled, self.capture.probing = set(self.stats), True
             batch = next(batches)
             self.capture.model_input = prepare(batch)
-            forward_fn(self.model, batch)
+            self.capture.start_forward()
+            try:
+                forward_fn(self.model, batch)
+            except ForwardDone:
+                pass
+            self.queue.flush()
             if layout is None:
                 layout = self._setup(self.capture.end_probe())
                 rank_dist = dict(layout.caps)
@@ -244,8 +237,7 @@ class _EvaRun:
                 rank_dist = A.allocate_ranks(ratios, {o: layout.caps[o] for o in layout.owners},
                                              layout.budget, layout.shared)
             self.step += 1
-            bar.update(1)
-        bar.close()
+        progress.close(self.step, done, len(layout.names))
         self.capture.detach()
         return self._finish(layout, rank_dist, flags, has_state, capped)
 
@@ -300,13 +292,16 @@ class _EvaRun:
         return out
 
     def _final_components(self) -> dict[str, torch.Tensor]:
-        """Owner components with PEFT's sign convention (row shards: one TP all-gather)."""
+        """Owner components with PEFT's sign convention (sharded: one TP all-gather; split replicated
+        inputs: one more, to full components)."""
         comps = {}
         for sharded in (False, True):
             stats = [s for s in self.stats.values() if s.sharded == sharded]
             group, size = (self.groups.tp_group, self.groups.tp_size) if sharded else (None, 1)
             fixed = T.sign_fix_sharded([s.state.components for s in stats], [s.global_index for s in stats], group, size)
             comps.update({s.name: c for s, c in zip(stats, fixed)})
+        split = [s.name for s in self.stats.values() if s.split_input]  # replicated A: gather the slices
+        comps.update(zip(split, T.gather_split([comps[n] for n in split], self.groups.tp_group, self.groups.tp_size)))
         return comps
 
 
