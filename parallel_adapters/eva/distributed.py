@@ -20,7 +20,6 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from parallel_adapters.adapters.sharding import ShardSpec
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.eva.statistics import PCASketch, component_similarity
@@ -112,8 +111,7 @@ class LayerStats:
 
     name: str
     sharded: bool
-    """Features split over TP (TP-distributed SVD): row-parallel inputs, and replicated inputs
-    that the TP ranks split evenly (`split_input`); else local SVDs."""
+    """Row-parallel: features split over TP (TP-distributed SVD); else local SVDs."""
     seq_split: bool
     """Column layer under sequence parallelism: tokens split over TP (merge sketches over TP)."""
     n_features: int
@@ -124,8 +122,11 @@ class LayerStats:
     """Names this rank's feature slice (the rows it keeps of shared Gaussian test matrices)."""
     shard_cols: Callable = _identity
     global_index: torch.Tensor | None = None
-    split_input: bool = False
-    """The input is replicated over TP and this rank keeps only its `shard_cols` slice of it."""
+    tp_owner: int | None = None
+    """The TP rank that holds this column layer's state (`assign_tp_owners`): the only one that
+    decomposes its TP-replicated input, or merges the TP ranks' sketches of their sequence
+    chunks.  The other TP ranks keep no state and stay neutral in `decide`.  None: every TP rank
+    (a feature shard, or no TP)."""
     device: torch.device = torch.device("cpu")
     cap: int = 0
     q: int = 0
@@ -151,14 +152,16 @@ class LayerStats:
             self.local = _truncate(self.local, q)
 
     def prepare(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """This rank's columns of one forward call's rows [n, I_i], in the working dtype; None when
-        the call is skipped (PEFT skips batches with fewer than `cap` rows)."""
-        if rows.shape[0] < (self.cap if self.direct else 1):
+        """One forward call's rows [n, I_i] in the working dtype; None when this rank skips them
+        (another TP rank owns the layer, or fewer than `cap` rows: PEFT skips such batches)."""
+        if not (self.on_this_rank or self.seq_split) or rows.shape[0] < (self.cap if self.direct else 1):
             return None
         self.dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        if self.split_input:
-            rows = self.shard_cols(rows)
         return rows.to(self.dtype)
+
+    @property
+    def on_this_rank(self) -> bool:
+        return self.tp_owner is None or self.tp_owner == self.groups.tp_rank
 
     def row_job(self, rows: torch.Tensor):
         """PEFT's partial_fit step on the stacked [S V; X - mean; correction] (into the state, or
@@ -189,22 +192,32 @@ class LayerStats:
         return out
 
 
-def layer_stats(name: str, layer, groups: ParallelGroups, gaussians: Gaussians) -> LayerStats:
-    """This rank's statistics of one adapted layer.  Row-parallel inputs are feature shards (the
-    slice of `layer.spec_a`); replicated column-parallel inputs are split evenly over TP when their
-    width divides (each rank decomposes its slice, the components are gathered at the end); a
-    column layer under sequence parallelism sees a chunk of the tokens (sketches merged over TP)."""
+def layer_stats(name: str, layer, groups: ParallelGroups, gaussians: Gaussians, tp_owner: int | None = None
+                ) -> LayerStats:
+    """This rank's statistics of one adapted layer: row-parallel inputs are feature shards (the
+    slice of `layer.spec_a`); a column layer under sequence parallelism sees a chunk of the tokens
+    (sketches merged over TP); other inputs are whole, on one TP rank (`tp_owner`) or on every rank."""
     g, geo = groups, layer.geometry
     seq_split = geo.parallel_mode == "column" and geo.sequence_parallel
-    split = geo.parallel_mode == "column" and not seq_split and g.tp_size > 1 and geo.in_features % g.tp_size == 0
-    spec = layer.spec_a if geo.parallel_mode == "row" else ShardSpec(dim=1) if split else None
+    spec = layer.spec_a if geo.parallel_mode == "row" else None
     shard, index = _identity, torch.arange(geo.in_features)
     if spec is not None:
         shard = lambda full: spec.shard(full, g.tp_rank, g.tp_size)  # noqa: E731
         index = shard(index[None])[0]
     key = None if spec is None else (spec.dim, spec.chunks)
     return LayerStats(name, spec is not None, seq_split, index.numel(), geo.in_features, g, gaussians, key, shard,
-                      index, split, device=layer.weight.device)
+                      index, tp_owner, device=layer.weight.device)
+
+
+def assign_tp_owners(costs: Sequence[float], size: int) -> list[int]:
+    """An owner rank in [0, size) for each item, greedily balancing the summed cost (largest item
+    first; ties to the lowest rank): the same list on every rank that passes the same costs."""
+    load = [0.0] * size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[i] = min(range(size), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
 
 
 def _truncate(sk: PCASketch, k: int) -> PCASketch:
@@ -250,24 +263,34 @@ def process_step(active: Sequence[LayerStats], groups: ParallelGroups, tau: floa
     """After a forward (and the queue's flush): merge the step's sketches of every active layer
     into its state and set its convergence flags.  Collective: every rank of a TP/DP group passes
     the same layers in the same order (the active set is decided collectively); each phase is one
-    coalesced collective, and every layer's SVD of a phase one batched `tp_svd` call."""
+    coalesced collective, and every layer's SVD of a phase one batched `tp_svd` call.
+
+    A sequence-parallel layer's token chunks are sketched on every TP rank and gathered over TP;
+    its TP owner merges them (straight into the state when there is no DP group to merge over)."""
     tp, dp = (groups.tp_group, groups.tp_size), (groups.dp_group, groups.dp_size)
-    mergers = [s for s in active if not s.direct]
-    split = [s for s in mergers if s.seq_split]
+    split = [s for s in active if not s.direct and s.seq_split]
     packs = exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in split], *tp)
     chunks = [(s, [unpack_sketch(f, s.q, s.n_features) for f in flats]) for s, flats in zip(split, packs)]
     for s, _ in chunks:
         s.local = None
-    chunks = [(s, sketches) for s, sketches in chunks if any(k.n_samples for k in sketches)]
-    jobs = [merge_job(sketches, s.q, s.gaussian_fn("tp-merge", s.device), _warm(s), s.dtype) for s, sketches in chunks]
-    for (s, _), (_, finish), res in zip(chunks, jobs, tp_svd([j for j, _ in jobs], None, 1)):
-        s.local = finish(res)
+    step: dict[str, list[PCASketch]] = {}  # layer -> the step's sketches to merge into its state
+    if dp[1] == 1:
+        step.update((s.name, sketches) for s, sketches in chunks if s.on_this_rank)
+    else:
+        chunks = [(s, sk) for s, sk in chunks if s.on_this_rank and any(k.n_samples for k in sk)]
+        jobs = [merge_job(sk, s.q, s.gaussian_fn("tp-merge", s.device), _warm(s), s.dtype) for s, sk in chunks]
+        for (s, _), (_, finish), res in zip(chunks, jobs, tp_svd([j for j, _ in jobs], None, 1)):
+            s.local = finish(res)
+    active = [s for s in active if s.on_this_rank]
+    mergers = [s for s in active if not s.direct and s.name not in step]
     packs = exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in mergers], *dp)
-    merges: dict[bool, list] = {True: [], False: []}
     for s, flats in zip(mergers, packs):
-        sketches = [unpack_sketch(f, s.q, s.n_features) for f in flats]
+        step[s.name] = [unpack_sketch(f, s.q, s.n_features) for f in flats]
         s.local = None
-        if sum(k.n_samples for k in sketches) < s.cap:  # PEFT skips batches with < cap rows
+    merges: dict[bool, list] = {True: [], False: []}
+    for s in active:
+        sketches = step.get(s.name)
+        if sketches is None or sum(k.n_samples for k in sketches) < s.cap:  # PEFT skips batches with < cap rows
             continue
         sketches = ([s.state] if s.state is not None else []) + sketches
         job = merge_job(sketches, s.cap, s.gaussian_fn("merge", s.device), _warm(s), s.dtype)
@@ -307,7 +330,7 @@ def decide(stats: dict[str, LayerStats], owners: Sequence[str], caps: dict[str, 
     vec = torch.full((len(owners), 2 * width + 1), -1.0, dtype=F64)
     for i, name in enumerate(owners):
         s = stats.get(name)
-        if s is None:
+        if s is None or not s.on_this_rank:  # another stage's or another TP rank's layer
             continue
         c = caps[name]
         vec[i, :c] = s.explained_variance_ratio()[:c]

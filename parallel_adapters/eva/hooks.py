@@ -72,7 +72,8 @@ class ForwardDone(Exception):
 class InputCapture:
     """Forward pre-hooks on the target layers.
 
-    `enabled` names the layers whose inputs go to `sink` in this forward.  While `probing`, every
+    `enabled` names the layers whose inputs go to `sink` in this forward (the same set on every TP
+    rank), except those in `elsewhere` (another TP rank decomposes them).  While `probing`, every
     hooked layer's input object is remembered for the duration of one forward, and a layer whose
     input `is` an earlier layer's (same `_version`) is recorded in `shared` as that layer's member
     and not captured again.  With `stop_early`, the hook raises `ForwardDone` as soon as every
@@ -90,6 +91,7 @@ class InputCapture:
         self.probing = False
         self.shared: dict[str, str] = {}
         self.stop_early = False
+        self.elsewhere: set[str] = set()
         self._seen: list[tuple[torch.Tensor, int, str]] = []
         self._calls: list[str] = []
         self._captured: set[str] = set()
@@ -128,6 +130,7 @@ class InputCapture:
         self._seen = []
         if len(set(self._calls)) < len(self._calls):
             self.stop_early = False
+        self.elsewhere: set[str] = set()
         return dict(self.shared)
 
     def start_forward(self) -> None:
@@ -145,11 +148,12 @@ class InputCapture:
                     return None
                 self._seen.append((x, version, name))
             if name in self.enabled:
-                with torch.no_grad():
-                    rows = self._fns[name](x, self.model_input, name, args)
-                if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
-                    raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
-                self.sink(name, rows.detach())
+                if name not in self.elsewhere:
+                    with torch.no_grad():
+                        rows = self._fns[name](x, self.model_input, name, args)
+                    if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
+                        raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
+                    self.sink(name, rows.detach())
                 self._captured.add(name)
                 if self.stop_early and not self.probing and self._captured >= self.enabled:
                     raise ForwardDone

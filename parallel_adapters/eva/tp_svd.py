@@ -1,7 +1,6 @@
 """SVD of column-split matrices M = [M_1 | ... | M_t] across tensor-parallel ranks (EVA), many at once.
 
-Row-parallel layer inputs are feature shards (and so are replicated column-parallel inputs, which
-every TP rank splits evenly to share the work); each TP rank ends with exactly its slice of the
+Row-parallel layer inputs are feature shards; each TP rank ends with exactly its slice of the
 right singular vectors.  Randomized range finder: Y = sum_i M_i Omega_i (all-reduced over TP,
 [rows, s]), p power iterations, Q = orth(Y), B_i = Q^T M_i, Gram B B^T = sum_i B_i B_i^T
 (all-reduced, [s, s]), eigendecomposition, V_i = S^-1 U^T B_i.  Any other layer runs the same
@@ -50,7 +49,7 @@ def _gather(x: torch.Tensor, group, size: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# SVD of column-split matrices: row-parallel (and split replicated) inputs over TP; any other
+# SVD of column-split matrices: row-parallel inputs over TP; any other
 # layer's rows with a group of one (the same randomized algorithm, so TP=1 equals TP=t)
 # ----------------------------------------------------------------------------------------------
 
@@ -58,7 +57,7 @@ def _gather(x: torch.Tensor, group, size: int) -> list[torch.Tensor]:
 class SVDJob:
     """One matrix: this rank's column block M_i [rows, w] (working dtype) given as its row
     `blocks` (concatenated once, straight into the stack of its shape); `test` this rank's rows
-    of the test matrix [w, s] (None: rows <= s, exact via the [rows, rows] Gram); `niter` power
+    of the test matrix [w, s] (None: rows <= 2s, exact via the [rows, rows] Gram); `niter` power
     iterations; `extras` [2] float64 partial sums that ride along with the Gram all-reduce."""
 
     blocks: list[torch.Tensor]
@@ -200,7 +199,7 @@ def merge_job(sketches: Sequence[PCASketch], keep: int, gaussian: GaussianFn, wa
 def _job(blocks: list[torch.Tensor], keep: int, extras: torch.Tensor, gaussian: GaussianFn,
          warm: torch.Tensor | None) -> SVDJob:
     s = keep + OVERSAMPLE
-    if sum(b.shape[0] for b in blocks) <= s:
+    if sum(b.shape[0] for b in blocks) <= 2 * s:  # the exact [rows, rows] Gram is no dearer
         return SVDJob(blocks, keep, None, extras)
     warm = None if warm is None or warm.shape[0] == 0 else warm
     niter = POWER_ITERS if warm is None else WARM_POWER_ITERS
@@ -245,14 +244,19 @@ def sign_fix_sharded(comps: Sequence[torch.Tensor], global_index: Sequence[torch
     return out
 
 
-def gather_split(comps: Sequence[torch.Tensor], group, size: int) -> list[torch.Tensor]:
-    """Full components of replicated inputs that TP ranks split evenly by features: ONE all-gather
-    of every layer's [k, I/t] slice, then [k, I] (identical on every TP rank)."""
-    if size == 1 or not comps:
-        return list(comps)
-    parts = _gather(torch.cat([c.reshape(-1) for c in comps]), group, size)
-    pieces = [p.split([c.numel() for c in comps]) for p in parts]
-    return [torch.cat([pieces[r][i].view_as(c) for r in range(size)], dim=1) for i, c in enumerate(comps)]
+def share_from_owners(values: Sequence[torch.Tensor | None], shapes: Sequence[tuple[int, ...]], group, size: int
+                      ) -> list[torch.Tensor]:
+    """Tensors that one rank of `group` holds (None elsewhere) on every rank: ONE all-reduce of a
+    float64 buffer where only the owner of each part writes (adding zeros is exact)."""
+    if size == 1 or not shapes:
+        return [v for v in values]
+    numels = [math.prod(shape) for shape in shapes]
+    flat = torch.zeros(sum(numels), dtype=F64)
+    for part, v in zip(flat.split(numels), values):
+        if v is not None:
+            part.copy_(v.reshape(-1))
+    C.all_reduce_(flat, group)
+    return [part.view(shape) for part, shape in zip(flat.split(numels), shapes)]
 
 
 def sync_replicas_(tensors: Sequence[torch.Tensor], replicated_over_tp: Sequence[bool],
