@@ -1,16 +1,23 @@
 """The cross-rank parts of EVA: DP sketch exchange, TP-distributed SVD of feature shards, and
 collective decisions.  No raw activation ever crosses a rank boundary.
 
-What moves per step (q = ceil(sketch_multiple * cap), s = q + OVERSAMPLE, I_i = this rank's
-input width, n = this rank's kept tokens of the layer, p = POWER_ITERS, L = target layers):
+Who decomposes what: a row-parallel layer's input is a feature shard, so its TP ranks decompose
+it together (tp_svd.py); a column-parallel layer's input is whole on every TP rank, so ONE TP rank
+(its `tp_owner`) holds its state, the ranks sharing these layers out by width.  The forward hooks
+only queue rows (`StepQueue`); the queued layers are decomposed together after the forward.
+
+What moves per step (c = cap, q = ceil(sketch_multiple * c), s = kept + OVERSAMPLE, I_i = this
+rank's input width, n = this rank's kept tokens of the layer, p = power iterations, L = layers):
+- row-parallel layers over TP, all queued layers at once: 1 + p all-reduces of the stacked
+  [c + n + 1, s] sketches of all of them (the working dtype: fp32 for fp32/bf16 inputs), then ONE
+  of their [s, s] fp64 Grams; stacks of at most 2s rows send their exact [rows, rows] Gram instead;
 - data parallel (and the TP group of a sequence-parallel column layer, whose tokens are split):
   ONE all-gather of every active layer's packed sketch, q*I_i + q + I_i + 3 fp32 words per layer;
-- row-parallel layers (feature shards over TP; the algorithm is in tp_svd.py), inside the layer's forward hook (so only one
-  layer's rows are ever held): 1 + p all-reduces of [n, s] and one of [s, s] (+2) fp64 words;
-  after the DP gather the same, coalesced over layers, on the (c + dp*(q+1) + 1)-row stacked
-  sketch; one [3, c] fp64 all-reduce per layer for the convergence cosines (coalesced);
+  then the merges as above, on the (c + dp*(q+1))-row stacked sketches;
+- ONE [3, c] fp64 all-reduce of every row layer's convergence cosines;
 - decisions: ONE MAX all-reduce of L x (2*cap + 1) fp64 words over TP, DP and PP (hierarchically),
-  so every rank decides from bit-identical numbers and no rank leaves a loop alone.
+  so every rank decides from bit-identical numbers and no rank leaves a loop alone;
+- at the end, ONE all-reduce shares each column layer's components from its TP owner.
 So per layer per step O(q * (I_i + n)) words, never O(world * n * I).
 """
 from __future__ import annotations

@@ -71,9 +71,13 @@ def get_eva_state_dict(
 
     Collective: call on every rank.  forward_fn(model, batch) defaults to megatron's forward
     (forward-only schedule under PP) for a Megatron model and to model(**batch without labels)
-    otherwise; prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
+    otherwise; without PP that default forward stops as soon as every unconverged layer's input
+    is captured (the layers after it and the LM head cannot change the result);
+    prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
     prepare_layer_inputs_fn(layer_inputs, model_input, name) -> [n, I_local] (PEFT's signature;
     one callable or a dict by module name) defaults to masked rows in the layer's layout.
+    show_progress_bar: on world rank 0, a bar on a terminal, else a line every
+    `progress.LOG_EVERY` steps on stderr.
     """
     _check_model(model, adapter_name)
     config = model.peft_config[adapter_name]
