@@ -153,6 +153,8 @@ class InputCapture:
                         rows = self._fns[name](x, self.model_input, name, args)
                     if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
                         raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
+                    if _same_storage(rows, x):  # kept until the forward ends: the model may edit x in place
+                        rows = rows.clone()
                     self.sink(name, rows.detach())
                 self._captured.add(name)
                 if self.stop_early and not self.probing and self._captured >= self.enabled:
@@ -166,6 +168,13 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise ValueError(f"EVA layer {name}: no tensor input found in the forward call")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # tensors without storage (e.g. some wrapper subclasses): copy to be safe
+        return True
 
 
 def _version(x: torch.Tensor) -> int:
