@@ -221,7 +221,7 @@ class _EvaRun:
                 rank_dist = A.allocate_ranks(ratios, {o: layout.caps[o] for o in layout.owners},
                                              layout.budget, layout.shared)
             self.step += 1
-        progress.close(self.step, done, len(layout.names))
+        progress.close(self.step, done, len(layout.names), capped)
         self.capture.detach()
         return self._finish(layout, rank_dist, flags, has_state, capped)
 

@@ -34,11 +34,12 @@ class Progress:
         elif self.enabled and step % self.every == 0:
             self._line(f"EVA step {step}/{self.max_steps}: {converged}/{total} layers converged", step)
 
-    def close(self, step: int, converged: int, total: int) -> None:
+    def close(self, step: int, converged: int, total: int, capped: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:
-            self._line(f"EVA done after {step} steps: {converged}/{total} layers converged", step)
+            how = f"stopped at max_steps={self.max_steps}" if capped else f"done after {step} steps"
+            self._line(f"EVA {how}: {converged}/{total} layers converged", step)
 
     def _line(self, text: str, step: int) -> None:
         seconds = time.perf_counter() - self.started

@@ -25,6 +25,9 @@ def test_lines_every_n_steps_and_at_the_end_when_not_a_terminal():
     assert lines[0].startswith("EVA step 2/10: 1/7 layers converged (") and "s/step" in lines[0]
     assert lines[1].startswith("EVA step 4/10: 3/7 layers converged (")
     assert lines[2].startswith("EVA done after 5 steps: 4/7 layers converged (")
+    capped = io.StringIO()
+    Progress(10, True, stream=capped, every=100).close(10, 4, 7, capped=True)
+    assert capped.getvalue().startswith("EVA stopped at max_steps=10: 4/7 layers converged (")
 
 
 def test_a_bar_and_no_lines_on_a_terminal():
