@@ -30,8 +30,10 @@ OVERSAMPLE = 10
 POWER_ITERS = 3
 """Subspace (power) iterations from a random start; each is one [n, s] all-reduce over TP."""
 WARM_POWER_ITERS = 2
-"""Subspace iterations from the previous step's components: as accurate as POWER_ITERS from a
-random start on the layer inputs of a 135M Llama (tested against exact SVDs), 6 products instead of 8."""
+"""Subspace iterations from the previous step's components (6 products of M instead of 8).  On
+the layer inputs of a random-init 135M Llama, 40 incremental steps agreed with exact SVDs as
+closely as POWER_ITERS from a random start did (mean similarity of the 32 kept components
+0.984-1.000 per layer either way); one warm iteration was measurably worse."""
 _REL_TOL = 1e-7
 """Singular values below this fraction of the largest are treated as 0 (Gram precision)."""
 
@@ -108,9 +110,12 @@ class _Stack:
     def __init__(self, jobs: Sequence[SVDJob], index: list[int]):
         self.index, self.keep, self.niter = index, jobs[0].keep, jobs[0].niter
         first = jobs[0].blocks[0]
-        self.m = torch.empty(len(jobs), *jobs[0].shape, dtype=first.dtype, device=first.device)
-        for out, job in zip(self.m, jobs):
-            torch.cat(job.blocks, dim=0, out=out)
+        if len(jobs) == 1 and len(jobs[0].blocks) == 1:
+            self.m = first[None]
+        else:
+            self.m = torch.empty(len(jobs), *jobs[0].shape, dtype=first.dtype, device=first.device)
+            for out, job in zip(self.m, jobs):
+                torch.cat(job.blocks, dim=0, out=out)
         self.test = None if jobs[0].test is None else torch.stack([j.test for j in jobs])
         self.extras = torch.stack([j.extras.to(F64) for j in jobs])
 
