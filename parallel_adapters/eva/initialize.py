@@ -287,7 +287,8 @@ class _EvaRun:
         lent = [s for s in self.stats.values() if s.tp_owner is not None]
         values = [v for s in lent for v in (comps.get(s.name), svs.get(s.name))]
         shapes = [shape for s in lent for shape in ((s.cap, s.in_features), (s.cap,))]
-        shared = iter(T.share_from_owners(values, shapes, g.tp_group, g.tp_size))
+        device = lent[0].device if lent else None
+        shared = iter(T.share_from_owners(values, shapes, g.tp_group, g.tp_size, device))
         for s in lent:
             comps[s.name], svs[s.name] = next(shared), next(shared)
         return comps, svs

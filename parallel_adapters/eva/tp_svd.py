@@ -249,14 +249,14 @@ def sign_fix_sharded(comps: Sequence[torch.Tensor], global_index: Sequence[torch
     return out
 
 
-def share_from_owners(values: Sequence[torch.Tensor | None], shapes: Sequence[tuple[int, ...]], group, size: int
-                      ) -> list[torch.Tensor]:
+def share_from_owners(values: Sequence[torch.Tensor | None], shapes: Sequence[tuple[int, ...]], group, size: int,
+                      device=None) -> list[torch.Tensor]:
     """Tensors that one rank of `group` holds (None elsewhere) on every rank: ONE all-reduce of a
-    float64 buffer where only the owner of each part writes (adding zeros is exact)."""
+    float64 buffer on `device` where only the owner of each part writes (adding zeros is exact)."""
     if size == 1 or not shapes:
         return [v for v in values]
     numels = [math.prod(shape) for shape in shapes]
-    flat = torch.zeros(sum(numels), dtype=F64)
+    flat = torch.zeros(sum(numels), dtype=F64, device=device)
     for part, v in zip(flat.split(numels), values):
         if v is not None:
             part.copy_(v.reshape(-1))
