@@ -1,29 +1,37 @@
 """The cross-rank parts of EVA: DP sketch exchange, TP-distributed SVD of feature shards, and
 collective decisions.  No raw activation ever crosses a rank boundary.
 
-What moves per step (q = ceil(sketch_multiple * cap), s = q + OVERSAMPLE, I_i = this rank's
-input width, n = this rank's kept tokens of the layer, p = POWER_ITERS, L = target layers):
+Who decomposes what: a row-parallel layer's input is a feature shard, so its TP ranks decompose
+it together (tp_svd.py); a column-parallel layer's input is whole on every TP rank, so ONE TP rank
+(its `tp_owner`) holds its state, the ranks sharing these layers out by width.  The forward hooks
+only queue rows (`StepQueue`); the queued layers are decomposed together after the forward.
+
+What moves per step (c = cap, q = ceil(sketch_multiple * c), s = kept + OVERSAMPLE, I_i = this
+rank's input width, n = this rank's kept tokens of the layer, p = power iterations, L = layers):
+- row-parallel layers over TP, all queued layers at once: 1 + p all-reduces of the stacked
+  [c + n + 1, s] sketches of all of them (the working dtype: fp32 for fp32/bf16 inputs), then ONE
+  of their [s, s] fp64 Grams; stacks of at most 2s rows send their exact [rows, rows] Gram instead;
 - data parallel (and the TP group of a sequence-parallel column layer, whose tokens are split):
   ONE all-gather of every active layer's packed sketch, q*I_i + q + I_i + 3 fp32 words per layer;
-- row-parallel layers (feature shards over TP; the algorithm is in tp_svd.py), inside the layer's forward hook (so only one
-  layer's rows are ever held): 1 + p all-reduces of [n, s] and one of [s, s] (+2) fp64 words;
-  after the DP gather the same, coalesced over layers, on the (c + dp*(q+1) + 1)-row stacked
-  sketch; one [3, c] fp64 all-reduce per layer for the convergence cosines (coalesced);
+  then the merges as above, on the (c + dp*(q+1))-row stacked sketches;
+- ONE [3, c] fp64 all-reduce of every row layer's convergence cosines;
 - decisions: ONE MAX all-reduce of L x (2*cap + 1) fp64 words over TP, DP and PP (hierarchically),
-  so every rank decides from bit-identical numbers and no rank leaves a loop alone.
+  so every rank decides from bit-identical numbers and no rank leaves a loop alone;
+- at the end, ONE all-reduce shares each column layer's components from its TP owner.
 So per layer per step O(q * (I_i + n)) words, never O(world * n * I).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.eva.statistics import PCASketch, component_similarity, merge
-from parallel_adapters.eva.tp_svd import F64, _gather, merge_job, row_similarities, shared_omega, tp_svd, update_job
+from parallel_adapters.eva.statistics import PCASketch, component_similarity
+from parallel_adapters.eva.tp_svd import (F64, Gaussians, _gather, merge_job, row_similarities, tp_svd,
+                                          update_job)
 
 
 
@@ -43,6 +51,10 @@ def agree_max_(vec: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Sketch packing (fixed shapes, so empty or short sketches gather like full ones)
 # ----------------------------------------------------------------------------------------------
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
 
 WIRE = torch.float32
 """Sketches travel in fp32 (components are unit rows; ~1e-7 relative is far below what EVA
@@ -86,35 +98,49 @@ def exchange(flats: Sequence[torch.Tensor], group, size: int) -> list[list[torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-layer running state and one step of every layer
+# Per-layer running state, the step's queue of rows, and one step of every layer
 # ----------------------------------------------------------------------------------------------
+
+PENDING_BYTES = 256 << 20
+"""Rows (in the working dtype) that the step queue holds before it decomposes them: the forward
+hooks only queue their layer's rows, so the layers are decomposed together (batched by shape, one
+collective per phase) at the end of the forward, or earlier when this much is waiting."""
+
 
 @dataclass
 class LayerStats:
     """The running PCA of one SVD-owning layer on this rank (components: this rank's shard).
 
-    Rows are reduced as they arrive (in the forward hook), so no step ever holds more than one
-    layer's raw inputs: exact layers fold them into their state (`direct`: nothing to merge) or
-    into this step's local sketch; row layers do the same through the TP-distributed SVD (TP
-    collectives inside the hook are safe: every TP rank runs the same layers in the same order).
+    The forward hook hands this layer's rows to the `StepQueue`; when the queue is flushed they
+    are folded into the state (`direct`: nothing to merge) or into this step's local sketch,
+    through the TP-distributed SVD for sharded layers and locally otherwise.
     """
 
     name: str
     sharded: bool
-    """Row-parallel: features split over TP (TP-distributed SVD); else exact local SVDs."""
+    """Row-parallel: features split over TP (TP-distributed SVD); else local SVDs."""
     seq_split: bool
     """Column layer under sequence parallelism: tokens split over TP (merge sketches over TP)."""
     n_features: int
     in_features: int
     groups: ParallelGroups
-    seed_of: Callable[[str, str], int]
-    shard_cols: Callable | None = None
+    gaussians: Gaussians
+    shard_key: Hashable = None
+    """Names this rank's feature slice (the rows it keeps of shared Gaussian test matrices)."""
+    shard_cols: Callable = _identity
     global_index: torch.Tensor | None = None
+    tp_owner: int | None = None
+    """The TP rank that holds this column layer's state (`assign_tp_owners`): the only one that
+    decomposes its TP-replicated input, or merges the TP ranks' sketches of their sequence
+    chunks.  The other TP ranks keep no state and stay neutral in `decide`.  None: every TP rank
+    (a feature shard, or no TP)."""
     device: torch.device = torch.device("cpu")
     cap: int = 0
     q: int = 0
     direct: bool = False
     """Nothing to merge (one DP rank, tokens not split): PEFT's partial_fit on the rows as they come."""
+    dtype: torch.dtype = torch.float32
+    """Working dtype of the big products: float64 for float64 inputs, else float32."""
     state: PCASketch | None = None
     flags: torch.Tensor | None = None
     local: PCASketch | None = None
@@ -132,24 +158,34 @@ class LayerStats:
         if self.local is not None:
             self.local = _truncate(self.local, q)
 
-    def add_rows(self, rows: torch.Tensor) -> None:
-        """Fold one forward call's rows [n, I_i] into the state (direct) or this step's sketch.
+    def prepare(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """One forward call's rows [n, I_i] in the working dtype; None when this rank skips them
+        (another TP rank owns the layer, or fewer than `cap` rows: PEFT skips such batches)."""
+        if not (self.on_this_rank or self.seq_split) or rows.shape[0] < (self.cap if self.direct else 1):
+            return None
+        self.dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return rows.to(self.dtype)
 
-        PEFT's partial_fit step on the stacked [S V; X - mean; correction], computed with the
-        randomized range finder (over TP for row layers, locally otherwise), so only q (or cap)
-        components of the raw rows are ever formed."""
-        rows = rows.to(F64)
-        if rows.shape[0] < (self.cap if self.direct else 1):  # PEFT skips batches with < cap rows
-            return
-        base, keep = (self.state, self.cap) if self.direct else (self.local, self.q)
-        omega = _omega_fn(self, "update" if self.direct else "local", self.seed_of, rows.device)
-        job, finish = update_job(base, rows, keep, omega)
-        group, size = (self.groups.tp_group, self.groups.tp_size) if self.sharded else (None, 1)
-        new = finish(tp_svd([job], group, size)[0])
+    @property
+    def on_this_rank(self) -> bool:
+        return self.tp_owner is None or self.tp_owner == self.groups.tp_rank
+
+    def row_job(self, rows: torch.Tensor):
+        """PEFT's partial_fit step on the stacked [S V; X - mean; correction] (into the state, or
+        into this step's sketch), as a job for `tp_svd.tp_svd` and its finish."""
+        base, keep, tag = (self.state, self.cap, "update") if self.direct else (self.local, self.q, "local")
+        warm = self.state.components if self.state is not None else None
+        return update_job(base, rows, keep, self.gaussian_fn(tag, rows.device), warm)
+
+    def absorb(self, new: PCASketch) -> None:
         if self.direct:
             self.commit(new)
         else:
             self.local = new
+
+    def gaussian_fn(self, tag: str, device) -> Callable[[int], torch.Tensor]:
+        return lambda cols: self.gaussians.get(tag, self.in_features, cols, self.shard_key, self.shard_cols,
+                                               self.dtype, device)
 
     def commit(self, new: PCASketch) -> None:
         self.sim_prev = self.state.components if self.state is not None else None
@@ -163,39 +199,118 @@ class LayerStats:
         return out
 
 
+def layer_stats(name: str, layer, groups: ParallelGroups, gaussians: Gaussians, tp_owner: int | None = None
+                ) -> LayerStats:
+    """This rank's statistics of one adapted layer: row-parallel inputs are feature shards (the
+    slice of `layer.spec_a`); a column layer under sequence parallelism sees a chunk of the tokens
+    (sketches merged over TP); other inputs are whole, on one TP rank (`tp_owner`) or on every rank."""
+    g, geo = groups, layer.geometry
+    seq_split = geo.parallel_mode == "column" and geo.sequence_parallel
+    spec = layer.spec_a if geo.parallel_mode == "row" else None
+    shard, index = _identity, torch.arange(geo.in_features)
+    if spec is not None:
+        shard = lambda full: spec.shard(full, g.tp_rank, g.tp_size)  # noqa: E731
+        index = shard(index[None])[0]
+    key = None if spec is None else (spec.dim, spec.chunks)
+    return LayerStats(name, spec is not None, seq_split, index.numel(), geo.in_features, g, gaussians, key, shard,
+                      index, tp_owner, device=layer.weight.device)
+
+
+def assign_tp_owners(costs: Sequence[float], size: int) -> list[int]:
+    """An owner rank in [0, size) for each item, greedily balancing the summed cost (largest item
+    first; ties to the lowest rank): the same list on every rank that passes the same costs."""
+    load = [0.0] * size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[i] = min(range(size), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
+
+
 def _truncate(sk: PCASketch, k: int) -> PCASketch:
     return PCASketch(sk.components[:k], sk.singular_values[:k], sk.mean, sk.n_samples, sk.total_sq_dev)
 
 
-def _omega_fn(s: LayerStats, tag: str, seed_of: Callable[[str, str], int], device) -> Callable[[int], torch.Tensor]:
-    return lambda cols: shared_omega(seed_of(s.name, tag), s.in_features, cols, s.shard_cols, device)
+class StepQueue:
+    """Rows waiting for their layer's update, decomposed together by `flush`.
+
+    Two queues: sharded layers (their flush is a TP collective, so it happens at the same point on
+    every TP rank: their row counts are equal over TP, and so is the rule) and local ones.  A
+    second call of a queued layer in one forward flushes first (its update needs the first's)."""
+
+    def __init__(self, groups: ParallelGroups, budget: int | None = None):
+        self.groups = groups
+        self.budget = PENDING_BYTES if budget is None else budget
+        self._rows: dict[bool, list] = {True: [], False: []}
+        self._bytes = {True: 0, False: 0}
+
+    def add(self, stats: LayerStats, rows: torch.Tensor) -> None:
+        rows = stats.prepare(rows)
+        if rows is None:
+            return
+        kind = stats.sharded
+        if any(s is stats for s, _ in self._rows[kind]):
+            self.flush(kind)
+        self._rows[kind].append((stats, rows))
+        self._bytes[kind] += rows.numel() * rows.element_size()
+        if self._bytes[kind] > self.budget:
+            self.flush(kind)
+
+    def flush(self, *kinds: bool) -> None:
+        for kind in kinds or (True, False):
+            queued, self._rows[kind], self._bytes[kind] = self._rows[kind], [], 0
+            jobs = [s.row_job(rows) for s, rows in queued]
+            g = self.groups
+            group, size = (g.tp_group, g.tp_size) if kind else (None, 1)
+            for (s, _), (_, finish), res in zip(queued, jobs, tp_svd([j for j, _ in jobs], group, size)):
+                s.absorb(finish(res))
 
 
 def process_step(active: Sequence[LayerStats], groups: ParallelGroups, tau: float) -> None:
-    """After a forward: merge the step's sketches of every active layer into its state and set
-    its convergence flags.  Collective: every rank of a TP/DP group passes the same layers in the
-    same order (the active set is decided collectively); each phase is one coalesced collective."""
+    """After a forward (and the queue's flush): merge the step's sketches of every active layer
+    into its state and set its convergence flags.  Collective: every rank of a TP/DP group passes
+    the same layers in the same order (the active set is decided collectively); each phase is one
+    coalesced collective, and every layer's SVD of a phase one batched `tp_svd` call.
+
+    A sequence-parallel layer's token chunks are sketched on every TP rank and gathered over TP;
+    its TP owner merges them (straight into the state when there is no DP group to merge over)."""
     tp, dp = (groups.tp_group, groups.tp_size), (groups.dp_group, groups.dp_size)
-    mergers = [s for s in active if not s.direct]
-    split = [s for s in mergers if s.seq_split]
-    for s, flats in zip(split, exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in split], *tp)):
-        s.local = merge([unpack_sketch(f, s.q, s.n_features) for f in flats], s.q)
-    packs = exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in mergers], *dp)
-    jobs, owners = [], []
-    for s, flats in zip(mergers, packs):
-        sketches = [unpack_sketch(f, s.q, s.n_features) for f in flats]
+    split = [s for s in active if not s.direct and s.seq_split]
+    packs = exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in split], *tp)
+    chunks = [(s, [unpack_sketch(f, s.q, s.n_features) for f in flats]) for s, flats in zip(split, packs)]
+    for s, _ in chunks:
         s.local = None
-        if sum(k.n_samples for k in sketches) < s.cap:  # PEFT skips batches with < cap rows
+    step: dict[str, list[PCASketch]] = {}  # layer -> the step's sketches to merge into its state
+    if dp[1] == 1:
+        step.update((s.name, sketches) for s, sketches in chunks if s.on_this_rank)
+    else:
+        chunks = [(s, sk) for s, sk in chunks if s.on_this_rank and any(k.n_samples for k in sk)]
+        jobs = [merge_job(sk, s.q, s.gaussian_fn("tp-merge", s.device), _warm(s), s.dtype) for s, sk in chunks]
+        for (s, _), (_, finish), res in zip(chunks, jobs, tp_svd([j for j, _ in jobs], None, 1)):
+            s.local = finish(res)
+    active = [s for s in active if s.on_this_rank]
+    mergers = [s for s in active if not s.direct and s.name not in step]
+    packs = exchange([pack_sketch(s.local, s.q, s.n_features, s.device) for s in mergers], *dp)
+    for s, flats in zip(mergers, packs):
+        step[s.name] = [unpack_sketch(f, s.q, s.n_features) for f in flats]
+        s.local = None
+    merges: dict[bool, list] = {True: [], False: []}
+    for s in active:
+        sketches = step.get(s.name)
+        if sketches is None or sum(k.n_samples for k in sketches) < s.cap:  # PEFT skips batches with < cap rows
             continue
         sketches = ([s.state] if s.state is not None else []) + sketches
-        if not s.sharded:
-            s.commit(merge(sketches, s.cap))
-            continue
-        jobs.append(merge_job(sketches, s.cap, _omega_fn(s, "merge", s.seed_of, s.device)))
-        owners.append(s)
-    for s, (_, finish), res in zip(owners, jobs, tp_svd([j for j, _ in jobs], *tp)):
-        s.commit(finish(res))
+        job = merge_job(sketches, s.cap, s.gaussian_fn("merge", s.device), _warm(s), s.dtype)
+        merges[s.sharded].append((s, job))
+    for sharded, group in ((True, tp), (False, (None, 1))):
+        pairs = merges[sharded]
+        for (s, (_, finish)), res in zip(pairs, tp_svd([job for _, (job, _) in pairs], *group)):
+            s.commit(finish(res))
     _update_flags(active, tau, tp)
+
+
+def _warm(s: LayerStats) -> torch.Tensor | None:
+    return s.state.components if s.state is not None else None
 
 
 def _update_flags(active: Sequence[LayerStats], tau: float, tp) -> None:
@@ -222,7 +337,7 @@ def decide(stats: dict[str, LayerStats], owners: Sequence[str], caps: dict[str, 
     vec = torch.full((len(owners), 2 * width + 1), -1.0, dtype=F64)
     for i, name in enumerate(owners):
         s = stats.get(name)
-        if s is None:
+        if s is None or not s.on_this_rank:  # another stage's or another TP rank's layer
             continue
         c = caps[name]
         vec[i, :c] = s.explained_variance_ratio()[:c]

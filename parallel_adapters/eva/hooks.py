@@ -64,13 +64,21 @@ def masked_rows(x: torch.Tensor, mask: torch.Tensor, layout: str, seq_chunk: tup
     return x[m]
 
 
+class ForwardDone(Exception):
+    """Raised by a hook once every enabled layer's input of this forward has been captured: the
+    rest of the forward (later layers, the LM head) cannot change EVA's statistics."""
+
+
 class InputCapture:
     """Forward pre-hooks on the target layers.
 
-    `enabled` names the layers whose inputs go to `sink` in this forward.  While `probing`, every
+    `enabled` names the layers whose inputs go to `sink` in this forward (the same set on every TP
+    rank), except those in `elsewhere` (another TP rank decomposes them).  While `probing`, every
     hooked layer's input object is remembered for the duration of one forward, and a layer whose
     input `is` an earlier layer's (same `_version`) is recorded in `shared` as that layer's member
-    and not captured again.
+    and not captured again.  With `stop_early`, the hook raises `ForwardDone` as soon as every
+    enabled layer has been captured in this forward, unless the probe saw a hooked layer called
+    more than once per forward (then a later call could still bring rows).
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], sink: Sink,
@@ -82,7 +90,11 @@ class InputCapture:
         self.model_input: Any = None
         self.probing = False
         self.shared: dict[str, str] = {}
+        self.stop_early = False
+        self.elsewhere: set[str] = set()
         self._seen: list[tuple[torch.Tensor, int, str]] = []
+        self._calls: list[str] = []
+        self._captured: set[str] = set()
         self._handles = []
         self._fns = {n: self._layer_fn(n, layer, prepare_layer_inputs_fn, tp_rank, tp_size)
                      for n, layer in self.layers.items()}
@@ -116,12 +128,19 @@ class InputCapture:
         """Stop probing; {member: owner} for layers that received an owner's input object."""
         self.probing = False
         self._seen = []
+        if len(set(self._calls)) < len(self._calls):
+            self.stop_early = False
+        self.elsewhere: set[str] = set()
         return dict(self.shared)
+
+    def start_forward(self) -> None:
+        self._captured = set()
 
     def _hook(self, name: str):
         def hook(module, args, kwargs):
             x = _first_tensor(args, kwargs, name)
             if self.probing:
+                self._calls.append(name)
                 version = _version(x)
                 owner = next((n for t, v, n in self._seen if t is x and v == version), None)
                 if owner is not None:
@@ -129,11 +148,17 @@ class InputCapture:
                     return None
                 self._seen.append((x, version, name))
             if name in self.enabled:
-                with torch.no_grad():
-                    rows = self._fns[name](x, self.model_input, name, args)
-                if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
-                    raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
-                self.sink(name, rows.detach())
+                if name not in self.elsewhere:
+                    with torch.no_grad():
+                        rows = self._fns[name](x, self.model_input, name, args)
+                    if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
+                        raise ValueError(f"EVA layer {name}: prepare_layer_inputs_fn must return a 2-d tensor")
+                    if _same_storage(rows, x):  # kept until the forward ends: the model may edit x in place
+                        rows = rows.clone()
+                    self.sink(name, rows.detach())
+                self._captured.add(name)
+                if self.stop_early and not self.probing and self._captured >= self.enabled:
+                    raise ForwardDone
             return None
         return hook
 
@@ -143,6 +168,13 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise ValueError(f"EVA layer {name}: no tensor input found in the forward call")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # tensors without storage (e.g. some wrapper subclasses): copy to be safe
+        return True
 
 
 def _version(x: torch.Tensor) -> int:

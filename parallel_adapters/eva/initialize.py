@@ -21,42 +21,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from tqdm import tqdm
 
-from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.config import EvaConfig, LoraConfig, lora_scaling
+from parallel_adapters.config import EvaConfig, LoraConfig
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.eva import allocation as A
 from parallel_adapters.eva import distributed as D
 from parallel_adapters.eva import tp_svd as T
-from parallel_adapters.eva.hooks import InputCapture, token_mask
+from parallel_adapters.eva.hooks import ForwardDone, InputCapture, token_mask
+from parallel_adapters.eva.progress import Progress
+from parallel_adapters.eva.state import EvaLayerState, EvaStateDict, load_into_model
 from parallel_adapters.eva.statistics import whiten
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
-
-
-@dataclass(frozen=True)
-class EvaLayerState:
-    """EVA's result for one layer, as held by this rank.
-
-    components: this rank's A shard [rank, I] (column / plain layers, TP-replicated) or
-    [rank, I/t] (row layers, `spec` = ShardSpec(dim=1)); whitened if EvaConfig.whiten.
-    """
-
-    components: torch.Tensor
-    singular_values: torch.Tensor
-    rank: int
-    alpha: float
-    spec: ShardSpec
-    in_features: int
-    r_initial: int
-    converged: bool
-
-
-EvaStateDict = dict[str, EvaLayerState]
 
 
 @dataclass(frozen=True)
@@ -93,14 +71,19 @@ def get_eva_state_dict(
 
     Collective: call on every rank.  forward_fn(model, batch) defaults to megatron's forward
     (forward-only schedule under PP) for a Megatron model and to model(**batch without labels)
-    otherwise; prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
+    otherwise; without PP that default forward stops as soon as every unconverged layer's input
+    is captured (the layers after it and the LM head cannot change the result);
+    prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
     prepare_layer_inputs_fn(layer_inputs, model_input, name) -> [n, I_local] (PEFT's signature;
     one callable or a dict by module name) defaults to masked rows in the layer's layout.
+    show_progress_bar: on world rank 0, a bar on a terminal, else a line every
+    `progress.LOG_EVERY` steps on stderr.
     """
     _check_model(model, adapter_name)
     config = model.peft_config[adapter_name]
     eva = config.eva_config or EvaConfig()
     run = _EvaRun(model, adapter_name, config, eva, prepare_layer_inputs_fn)
+    run.capture.stop_early = forward_fn is None and model.groups.pp_size == 1  # our forward: nothing after it
     batches = _cycle(dataloader, model.groups, next(model.parameters()).device)
     forward_fn = forward_fn or default_forward_fn(model)
     prepare = prepare_model_inputs_fn or (lambda batch, cfg: token_mask(batch, eva))
@@ -139,7 +122,7 @@ def initialize_eva_weights(
             raise ValueError("initialize_eva_weights: pass a dataloader or an eva_state_dict")
         eva_state_dict = get_eva_state_dict(model, dataloader, forward_fn, prepare_model_inputs_fn,
                                             prepare_layer_inputs_fn, adapter_name, show_progress_bar)
-    _load_into_model(model, eva_state_dict, adapter_name)
+    load_into_model(model, eva_state_dict, adapter_name)
     return model
 
 
@@ -178,22 +161,14 @@ class _EvaRun:
         self.r = {n: l.r[adapter_name] for n, l in self.layers.items()}
         self.alpha = {n: float(l.lora_alpha[adapter_name]) for n, l in self.layers.items()}
         self.step = 0
-        self.stats = {n: self._new_stats(n, l) for n, l in self.layers.items()}
+        gaussians = T.Gaussians(config.seed)  # one cache: layers of one shape share their test matrix
+        tp_owners = _tp_owners(self.layers, model.groups.tp_size)
+        self.stats = {n: D.layer_stats(n, l, model.groups, gaussians, tp_owners.get(n)) for n, l in self.layers.items()}
         self._provisional_caps()
         g = self.groups
+        self.queue = D.StepQueue(g)
         self.capture = InputCapture(self.layers, self._sink, prepare_layer_inputs_fn, g.tp_rank, g.tp_size)
-
-    def _new_stats(self, name: str, layer) -> D.LayerStats:
-        g, geo = self.groups, layer.geometry
-        sharded = geo.parallel_mode == "row"
-        spec = layer.spec_a
-        width = spec.local_shape((1, geo.in_features), g.tp_size)[1]
-        shard_cols = (lambda full: spec.shard(full, g.tp_rank, g.tp_size)) if sharded else (lambda full: full)
-        index = spec.shard(torch.arange(geo.in_features)[None], g.tp_rank, g.tp_size)[0] if sharded else \
-            torch.arange(geo.in_features)
-        seq_split = geo.parallel_mode == "column" and geo.sequence_parallel
-        return D.LayerStats(name, sharded, seq_split, width, geo.in_features, g, self._seed, shard_cols, index,
-                            device=layer.weight.device)
+        self.capture.elsewhere = {n for n, s in self.stats.items() if not (s.on_this_rank or s.seq_split)}
 
     def _provisional_caps(self) -> None:
         """Before the first forward the shared-input groups (whose largest cap the owner keeps) are
@@ -205,10 +180,7 @@ class _EvaRun:
             s.configure(cap, min(math.ceil(self.eva.sketch_multiple * cap), s.in_features))
 
     def _sink(self, name: str, rows: torch.Tensor) -> None:
-        self.stats[name].add_rows(rows)
-
-    def _seed(self, name: str, tag: str) -> int:
-        return lf.factor_seed(self.config.seed, "eva", name, tag, str(self.step))
+        self.queue.add(self.stats[name], rows)
 
     def execute(self, batches: Iterator, forward_fn: ForwardFn, prepare: Callable, show: bool) -> EvaStateDict:
         self.capture.attach()
@@ -216,12 +188,12 @@ class _EvaRun:
         layout: _Layout | None = None
         flags: dict[str, torch.Tensor] = {}
         rank_dist: dict[str, int] = {}
-        bar = tqdm(total=self.eva.max_steps, disable=not (show and C.group_rank(None) == 0), leave=False)
+        progress = Progress(self.eva.max_steps, show and C.group_rank(None) == 0)
         while True:
             if layout is not None:
                 conv = {o: bool(flags[o][: rank_dist[o]].all()) for o in layout.owners}
-                done = [n for n in layout.names if conv[layout.shared.get(n, n)]]
-                bar.set_description(f"EVA: {len(done)}/{len(layout.names)} layers have converged")
+                done = sum(conv[layout.shared.get(n, n)] for n in layout.names)
+                progress.update(self.step, done, len(layout.names))
                 if all(conv.values()):
                     break
                 if self.step >= self.eva.max_steps:
@@ -232,7 +204,12 @@ class _EvaRun:
                 self.capture.enabled, self.capture.probing = set(self.stats), True
             batch = next(batches)
             self.capture.model_input = prepare(batch)
-            forward_fn(self.model, batch)
+            self.capture.start_forward()
+            try:
+                forward_fn(self.model, batch)
+            except ForwardDone:
+                pass
+            self.queue.flush()
             if layout is None:
                 layout = self._setup(self.capture.end_probe())
                 rank_dist = dict(layout.caps)
@@ -244,8 +221,7 @@ class _EvaRun:
                 rank_dist = A.allocate_ranks(ratios, {o: layout.caps[o] for o in layout.owners},
                                              layout.budget, layout.shared)
             self.step += 1
-            bar.update(1)
-        bar.close()
+        progress.close(self.step, done, len(layout.names), capped)
         self.capture.detach()
         return self._finish(layout, rank_dist, flags, has_state, capped)
 
@@ -284,14 +260,13 @@ class _EvaRun:
         if capped:
             warnings.warn(f"EVA stopped at EvaConfig.max_steps={self.eva.max_steps} before these layers converged "
                           f"(tau={self.eva.tau}): {[n for n in layout.names if not conv[n]]}", stacklevel=3)
-        comps = self._final_components()
+        comps, svs = self._final_components()
         out: EvaStateDict = {}
         for name, layer in self.layers.items():
-            owner = self.stats[layout.shared.get(name, name)]
+            owner = layout.shared.get(name, name)
             k = rank_dist[name]
-            sv = owner.state.singular_values[:k].clone()
-            a = (whiten(comps[owner.name], owner.state.singular_values.clamp_min(1e-300), k) if self.eva.whiten
-                 else comps[owner.name][:k])
+            sv = svs[owner][:k].clone()
+            a = whiten(comps[owner], svs[owner].clamp_min(1e-300), k) if self.eva.whiten else comps[owner][:k]
             alpha = A.adjusted_alpha(self.alpha[name], self.r[name], k, self.eva.adjust_scaling_factors)
             out[name] = EvaLayerState(a.contiguous(), sv, k, float(alpha), layer.spec_a,
                                       layer.geometry.in_features, self.r[name], conv[name])
@@ -299,15 +274,24 @@ class _EvaRun:
                          [rep for s in out.values() for rep in (s.spec.replicated, True)], self.groups)
         return out
 
-    def _final_components(self) -> dict[str, torch.Tensor]:
-        """Owner components with PEFT's sign convention (row shards: one TP all-gather)."""
-        comps = {}
+    def _final_components(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Owner components with PEFT's sign convention and their singular values (sharded: one TP
+        all-gather for the signs; inputs decomposed by one TP rank: one all-reduce shares them)."""
+        comps, g = {}, self.groups
         for sharded in (False, True):
-            stats = [s for s in self.stats.values() if s.sharded == sharded]
-            group, size = (self.groups.tp_group, self.groups.tp_size) if sharded else (None, 1)
+            stats = [s for s in self.stats.values() if s.sharded == sharded and s.on_this_rank]
+            group, size = (g.tp_group, g.tp_size) if sharded else (None, 1)
             fixed = T.sign_fix_sharded([s.state.components for s in stats], [s.global_index for s in stats], group, size)
             comps.update({s.name: c for s, c in zip(stats, fixed)})
-        return comps
+        svs = {n: s.state.singular_values for n, s in self.stats.items() if s.on_this_rank}
+        lent = [s for s in self.stats.values() if s.tp_owner is not None]
+        values = [v for s in lent for v in (comps.get(s.name), svs.get(s.name))]
+        shapes = [shape for s in lent for shape in ((s.cap, s.in_features), (s.cap,))]
+        device = lent[0].device if lent else None
+        shared = iter(T.share_from_owners(values, shapes, g.tp_group, g.tp_size, device))
+        for s in lent:
+            comps[s.name], svs[s.name] = next(shared), next(shared)
+        return comps, svs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +303,15 @@ def _check_model(model: Any, adapter_name: str) -> None:
         raise ValueError(f"EVA needs an AdapterModel (get_adapter_model(...)), got {type(model).__name__}")
     if adapter_name not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(model.peft_config)}")
+
+
+def _tp_owners(layers: Mapping[str, Any], tp_size: int) -> dict[str, int]:
+    """Column-parallel inputs are whole on every TP rank (replicated, or split by tokens under
+    sequence parallelism): one TP rank holds each such layer's state, balanced by input width."""
+    column = [n for n, l in layers.items() if l.geometry.parallel_mode == "column"]
+    if tp_size == 1 or not column:
+        return {}
+    return dict(zip(column, D.assign_tp_owners([layers[n].geometry.in_features for n in column], tp_size)))
 
 
 def _cycle(dataloader: Iterable, groups: ParallelGroups, device: torch.device) -> Iterator:
@@ -340,57 +333,3 @@ def _max_param_dim(model: AdapterModel, groups: ParallelGroups) -> int:
             shape[int(p.partition_dim)] *= groups.tp_size
         best = max([best, *shape])
     return best
-
-
-def _load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name: str) -> None:
-    """PEFT's _load_eva_state_dict for sharded layers; then the config's patterns (all stages)."""
-    config = model.peft_config[adapter_name]
-    eva = config.eva_config or EvaConfig()
-    result: dict[str, tuple[int, float]] = {}
-    missing = []
-    for _, layer in model.adapter_layers():
-        if adapter_name not in layer.lora_A:
-            continue
-        name, r0, alpha0 = layer.module_name, layer.r[adapter_name], float(layer.lora_alpha[adapter_name])
-        entry = state.get(name)
-        if entry is None:
-            missing.append(name)
-            result[name] = (r0, alpha0)
-            continue
-        local_a, k, alpha = _entry_factors(entry, layer, r0, alpha0, eva)
-        result[name] = (k, alpha)
-        if k == 0:
-            layer.delete_adapter(adapter_name)
-            continue
-        g = layer.geometry
-        local_b = torch.zeros(layer.spec_b.local_shape((g.out_features, k), g.tp_size))
-        layer.replace_factors(adapter_name, local_a, local_b, k, alpha, lora_scaling(alpha, k, config.use_rslora))
-    groups = model.groups
-    stages = [result] if groups.pp_size == 1 else C.all_gather_objects(result, groups.pp_group)
-    merged = {k: v for st in stages for k, v in st.items()}
-    kept = [n for n, (k, _) in merged.items() if k > 0]
-    model.peft_config[adapter_name] = config.replace(
-        rank_pattern={n: k for n, (k, _) in merged.items() if k > 0 and k != config.r},
-        alpha_pattern={n: a for n, (k, a) in merged.items() if k > 0 and a != config.lora_alpha},
-        target_modules=config.target_modules if len(kept) == len(merged) else tuple(kept),
-    )
-    if missing:
-        warnings.warn(f"EVA: no components for {missing}; their adapters keep the default initialisation")
-
-
-def _entry_factors(entry, layer, r0: int, alpha0: float, eva: EvaConfig) -> tuple[torch.Tensor, int, float]:
-    """(this rank's A shard, rank, alpha) from an EvaLayerState or a PEFT-style full tensor."""
-    g = layer.geometry
-    if isinstance(entry, EvaLayerState):
-        local, k, alpha = entry.components, entry.rank, entry.alpha
-    elif isinstance(entry, torch.Tensor):
-        k = int(entry.shape[0])
-        local = layer.spec_a.shard(entry, g.tp_rank, g.tp_size)
-        alpha = A.adjusted_alpha(alpha0, r0, k, eva.adjust_scaling_factors)
-    else:
-        raise ValueError(f"EVA state for {layer.module_name}: expected EvaLayerState or a tensor, got {type(entry).__name__}")
-    want = layer.spec_a.local_shape((k, g.in_features), g.tp_size)
-    if tuple(local.shape) != want:
-        raise ValueError(f"EVA state for {layer.module_name}: components of shape {tuple(local.shape)}, "
-                         f"this rank's A shard needs {want}")
-    return local, k, alpha

@@ -19,7 +19,7 @@ from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state,
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardedTensor, ShardSpec
-from parallel_adapters.eva.initialize import EvaLayerState, EvaStateDict
+from parallel_adapters.eva.state import EvaLayerState, EvaStateDict
 
 FORMAT = "parallel_adapters.eva/1"
 _COMPONENTS, _SINGULAR = "eva_components", "eva_singular_values"

@@ -6,8 +6,8 @@ count, and imports inside functions (lazy imports) count like any other.
 Package order, bottom first (a package may import only packages below it, and only the edges
 ALLOWED lists; docs/design.md section 3):
 
-    config, ops, storage, distributed     leaves: PEFT-style configs, pure tensor ops, files on
-                                          disk, groups/collectives/ShardSpec/agreement
+    user_errors, config, ops, storage,    leaves: user-error types, PEFT-style configs, pure tensor
+    distributed                           ops, files on disk, groups/collectives/ShardSpec/agreement
     hf                                    Hugging Face config, names, files (no megatron)
     mcore                                 the only megatron importer
     adapters                              LoRA layers, injection, AdapterModel
@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "parallel_adapters"
-ORDER = ["config", "ops", "storage", "distributed", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
+ORDER = ["user_errors", "config", "ops", "storage", "distributed", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
          "train", "demo", "cli", "__main__"]
 """Top-level packages and modules of parallel_adapters, bottom first."""
 ALLOWED: dict[str, set[str]] = {
+    "user_errors": set(),
     "config": set(),
     "ops": set(),
     "storage": set(),
@@ -35,12 +36,12 @@ ALLOWED: dict[str, set[str]] = {
     "hf": {"distributed", "storage"},
     "mcore": {"distributed", "hf", "ops"},
     "adapters": {"config", "distributed", "mcore", "ops"},
-    "checkpoint": {"adapters", "config", "distributed", "hf", "storage"},
+    "checkpoint": {"adapters", "config", "distributed", "hf", "storage", "user_errors"},
     "eva": {"adapters", "checkpoint", "config", "distributed", "mcore"},
     "interop": set(),
-    "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore"},
-    "demo": {"mcore", "train"},
-    "cli": {"checkpoint", "train"},
+    "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore", "user_errors"},
+    "demo": {"checkpoint", "mcore", "train", "user_errors"},
+    "cli": {"checkpoint", "train", "user_errors"},
     "__main__": {"cli"},
 }
 """Which packages each one may import.  A new edge is added here deliberately, pointing down."""

@@ -82,6 +82,21 @@ def test_shared_inputs_share_one_decomposition(both):
     assert not torch.equal(ours["q_proj"].components[:1], ours["o_proj"].components[:1])
 
 
+def test_default_forward_stops_once_every_layer_is_captured(base):
+    """forward_fn=None: each step's forward ends in the pre-hook of its last unconverged layer
+    (down_proj here), and the state is the same as with the whole forward (a custom forward_fn)."""
+    config = lora_config()
+    _, whole, whole_steps = run_ours(base, config)
+    model = get_adapter_model(copy.deepcopy(base), config, groups=ParallelGroups.single())
+    down = dict((l.module_name, l) for _, l in model.adapter_layers())["down_proj"]
+    ran = []
+    down.register_forward_hook(lambda *args: ran.append(1))
+    state = get_eva_state_dict(model, BATCHES, show_progress_bar=False)
+    assert whole_steps > 2 and len(ran) == 1  # the probe's forward only
+    for name, s in state.items():
+        assert s.rank == whole[name].rank and torch.equal(s.components, whole[name].components), name
+
+
 def test_initialize_matches_peft_patterns_and_keeps_base_output(base):
     config = lora_config()
     ours, state, _ = run_ours(base, config)
