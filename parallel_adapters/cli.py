@@ -14,9 +14,12 @@ torch.distributed and no GPU.  Every command imports only what it needs.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
+
+from parallel_adapters.train.cli_args import add_train_arguments
+from parallel_adapters.user_errors import run_command
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -41,18 +44,27 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
+    from parallel_adapters.checkpoint.finite import ALLOW_FLAG, nonfinite_count
     from parallel_adapters.checkpoint.reader import CheckpointReader
+    from parallel_adapters.user_errors import UserError
 
     with CheckpointReader(args.checkpoint) as reader:
         nbytes = reader.verify_all()
+        bad = [f"{name} ({count} of {math.prod(reader.tensors[name].global_shape)})" for name in sorted(reader.tensors)
+               if (count := nonfinite_count(reader.read_full(name)))]
+        if bad:
+            raise UserError(f"{reader.directory}: files match index.json, but {len(bad)} tensor(s) hold non-finite "
+                            f"values (NaN or inf): {', '.join(bad)}; export and merge refuse them "
+                            f"(unless {ALLOW_FLAG})")
         print(f"{reader.directory}: ok ({len(reader.index['files'])} files, {nbytes / 2**20:.2f} MiB, "
-              f"{len(reader.tensors)} tensors: sizes, sha256 and safetensors headers match index.json)")
+              f"{len(reader.tensors)} tensors: sizes, sha256 and safetensors headers match index.json, "
+              "every value finite)")
 
 
 def _consolidate(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.consolidate import reshard
 
-    out = reshard(args.checkpoint, args.out, args.tp, progress=True)
+    out = reshard(args.checkpoint, args.out, args.tp, progress=True, overwrite=args.overwrite)
     print(f"wrote {out} (tp={args.tp}, full tensors with Megatron names)" if args.tp == 1 else
           f"wrote {out} (resharded to tp={args.tp})")
 
@@ -62,24 +74,24 @@ def _export(args: argparse.Namespace) -> None:
 
     from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
 
-    if args.format != "peft":
-        raise SystemExit(f"export: unknown --format {args.format!r} (supported: peft)")
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    out = export_peft_from_checkpoint(args.checkpoint, args.out, args.hf_config, dtype=dtype)
+    out = export_peft_from_checkpoint(args.checkpoint, args.out, args.hf_config, dtype=dtype,
+                                      overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote PEFT adapter to {out}" + (f" ({args.dtype})" if dtype is not None else ""))
 
 
 def _merge(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.merge import merge_into_hf
 
-    out = merge_into_hf(args.checkpoint, args.base, args.out)
+    out = merge_into_hf(args.checkpoint, args.base, args.out, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite, safe_merge=args.safe_merge)
     print(f"wrote merged Hugging Face model to {out}")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from parallel_adapters.train.runner import main as train_main
+    from parallel_adapters.train.runner import train_from_args
 
-    train_main(["--config", args.config, *args.rest])
+    train_from_args(args)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -87,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from parallel_adapters.train.run_config import load_run_config
 
     config = load_run_config(args.config, args.overrides)
-    run_evaluation(config, args.checkpoint, args.tokens, args.out)
+    run_evaluation(config, args.checkpoint, args.tokens, args.out, overwrite=args.overwrite)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -99,6 +111,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallel-adapters", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser (train/evaluate re-parse with intermixed overrides)
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -106,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("train", _train, "train adapters (run under torchrun)")
-    p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="dotted key=value overrides, and --resume / --resume-from DIR / --no-resume / --stop-at N")
+    add_train_arguments(p)
 
     p = command("evaluate", _evaluate, "write the adapted model's logits and perplexity for given token ids")
     p.add_argument("config")
@@ -116,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokens", required=True, help="text file: one sequence of whitespace-separated token ids per line")
     p.add_argument("--out", required=True, help="output .safetensors with logits (and perplexity in its metadata)")
+    _overwrite(p, "a previous evaluate output file")
 
     p = command("inspect", _inspect, "print the tensors, shapes, ranks and shard layout of a checkpoint")
     p.add_argument("checkpoint")
@@ -127,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
+    _overwrite(p, "a previous consolidate output")
 
     p = command("export", _export, "export a checkpoint as a PEFT adapter (adapter_model.safetensors)")
     p.add_argument("checkpoint")
@@ -136,21 +149,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base model's HF directory or config.json (names and q/k/v split come from it)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the factors (default: as trained, float32)")
+    _overwrite(p, "a previous export")
+    _allow_nonfinite(p)
 
     p = command("merge", _merge, "fold the adapter into a Hugging Face base model (streamed)")
     p.add_argument("checkpoint")
     p.add_argument("--base", required=True, help="the base model's HF directory")
     p.add_argument("--out", required=True)
+    p.add_argument("--safe-merge", action="store_true",
+                   help="check every merged weight is finite before writing it (as PEFT's safe_merge)")
+    _overwrite(p, "a previous merge output")
+    _allow_nonfinite(p)
     return parser
 
 
+def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (nothing else is ever replaced)")
+
+
+def _allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/inf factors or config values instead of refusing them")
+
+
+_INTERMIXED = ("train", "evaluate")
+"""Commands whose key=value overrides may stand anywhere among their options."""
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in _INTERMIXED:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.handler(args)
-    except ValueError as exc:  # user errors (config, checkpoint): one clear line, no traceback
-        print(f"parallel-adapters {args.command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    args = parse(argv)
+    run_command(args.command, lambda: args.handler(args))
 
 
 if __name__ == "__main__":

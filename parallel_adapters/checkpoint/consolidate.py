@@ -19,13 +19,12 @@ from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, CheckpointError, TensorInfo, build_index, replica_owners, shard_file, shard_key
 )
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
+from parallel_adapters.checkpoint.outputs import (
+    check_output_dir, checkpoint_inputs, make_parents, mark_output, remove_created,
+)
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.writer import make_tmp_dir, publish
 from parallel_adapters.storage.safetensors_format import dtype_name
-
-# A safetensors file written tensor by tensor (header fixed up front), hashed as it is written.
-StreamingSafetensorsWriter = SafetensorsWriter
-
 
 def _tensor_files(reader: CheckpointReader) -> list[str]:
     return sorted({rel for info in reader.tensors.values() for rel in info.files.values()})
@@ -104,27 +103,33 @@ def _write_shards(reader: CheckpointReader, tmp: Path, tp_size: int, progress: b
     return {rel: w.close() for rel, w in writers.items()}, holders
 
 
-def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, progress: bool = True) -> Path:
+def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, progress: bool = True, *,
+            overwrite: bool = False) -> Path:
     """Write `directory`'s adapters as a new checkpoint for TP size `tp_size` (same format).
 
     The PP split and names are kept; train state (per-rank optimizer/RNG) does not carry over to
-    another TP size and is dropped.  The output is published atomically like a save, without
-    touching any `latest` pointer.
-    """
+    another TP size and is dropped.  The output is checked first (`outputs.check_output_dir`: never
+    an input, its run directory or unrelated data; a previous consolidate output only with
+    `overwrite`) and published atomically like a save, without touching any `latest` pointer; a
+    failure leaves no temporary and no directory it created."""
     if type(tp_size) is not int or tp_size < 1:
         raise CheckpointError(f"tp_size must be a positive int, got {tp_size!r}")
-    out = Path(out_directory).absolute()
-    if out.resolve() == Path(directory).resolve():
-        raise CheckpointError(f"reshard: output {out} is the input directory")
+    out = check_output_dir(out_directory, "consolidate",
+                           checkpoint_inputs(directory), overwrite)
     with CheckpointReader(directory) as reader:
-        tmp = make_tmp_dir(out)
+        created = make_parents(out)
+        tmp = None
         try:
+            tmp = make_tmp_dir(out)
             files, holders = _write_shards(reader, tmp, tp_size, progress)
             files[CONFIG_FILE] = write_json(tmp / CONFIG_FILE, reader.config())
             tensors = {n: _index_entry(info, holders[n]) for n, info in reader.tensors.items()}
             index = build_index(tp_size, reader.pp_size, 1, tensors, files)
             publish(tmp, out, index, update_latest=False)
-        finally:
-            if tmp.exists():
+        except BaseException:
+            if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            remove_created(created)
+            raise
+    mark_output(out, "consolidate")
     return out

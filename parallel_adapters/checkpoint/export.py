@@ -21,10 +21,7 @@ module paths.  The same per-HF-module factors and scalings drive the offline mer
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +29,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from parallel_adapters.checkpoint.files import SafetensorsWriter, write_text_atomic
+from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
+from parallel_adapters.checkpoint.finite import ALLOW_FLAG, check_config, check_tensor, delta_is_finite
+from parallel_adapters.checkpoint.outputs import StagedDirectory, check_output_dir, checkpoint_inputs
 from parallel_adapters.config import lora_scaling, pattern_value
+from parallel_adapters.user_errors import UserError
 from parallel_adapters.hf.config import LlamaShape, read_hf_config
 from parallel_adapters.hf.mapping import HF_LINEAR_NAMES, hf_modules, row_segments, split_rows
 
@@ -188,7 +188,7 @@ def peft_tensors(factors: Mapping[str, HFLoraFactor], dtype: torch.dtype | None 
 def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | Path,
                 hf_config: str | Path | Mapping[str, Any], adapter_config: Mapping[str, Any] | None = None, *,
                 adapter_name: str | None = None, base_model_name_or_path: str | None = None,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write a PEFT adapter directory.
 
     `source`: a sharded checkpoint directory (consolidated here; its adapter_config.json is used
@@ -197,71 +197,87 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     `hf_config`: the base model's config.json (dict, file or model directory; a directory also
     becomes base_model_name_or_path unless one is given).
 
-    The weights go to a hidden temporary file renamed into place at the end, so a failed export
-    never leaves a partial adapter_model.safetensors.  From a checkpoint, that file is written
-    while the shard files' checksums are still being computed, and renamed only once they pass."""
+    `out_dir` is checked first (`outputs.check_output_dir`: never an input, an HF model or unrelated
+    data; a previous export only with `overwrite`).  Both files are written into a hidden sibling
+    renamed into place at the end, so a failed export leaves nothing behind and an old export
+    intact.  From a checkpoint, the weights are written while the shard files' checksums are still
+    being computed, and published only once they pass.  NaN/inf factors or config values, or a
+    delta scaling * B @ A that overflows `dtype`, are refused unless `allow_nonfinite`."""
     from_checkpoint = isinstance(source, (str, Path))
     if adapter_config is None and not from_checkpoint:
         raise ValueError("export_peft: adapter_config is required when source is a tensor dict")
+    inputs = checkpoint_inputs(source) if from_checkpoint else []
+    if isinstance(hf_config, (str, Path)):
+        inputs.append(("Hugging Face base", hf_config if Path(hf_config).is_dir() else Path(hf_config).parent))
+    out = check_output_dir(out_dir, "export", inputs, overwrite)
     hf_cfg = read_hf_config(hf_config)
     if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         base_model_name_or_path = str(hf_config)
-    out = Path(out_dir)
-    if not from_checkpoint:
-        return _commit_export(*_stage_export(
-            {n: t.to("meta") for n, t in source.items()}, source.__getitem__, adapter_config, hf_cfg, out,
-            adapter_name, base_model_name_or_path, dtype))
-    from parallel_adapters.checkpoint.reader import CheckpointReader
+    options = _ExportOptions(adapter_name, base_model_name_or_path, dtype, allow_nonfinite)
+    with StagedDirectory(out, "export") as tmp:
+        if not from_checkpoint:
+            _write_export({n: t.to("meta") for n, t in source.items()}, source.__getitem__, adapter_config, hf_cfg,
+                          tmp, options)
+            return out
+        from parallel_adapters.checkpoint.reader import CheckpointReader
 
-    staged = None
-    try:
         with CheckpointReader(source) as reader:
             stored = reader.config()
             meta = {n: torch.empty(info.global_shape, dtype=info.dtype, device="meta")
                     for n, info in reader.tensors.items()}
             with reader.deferred_verification():  # the shards are hashed while the export is written
-                staged = _stage_export(meta, reader.read_full, stored if adapter_config is None else adapter_config,
-                                       hf_cfg, out, adapter_name, base_model_name_or_path, dtype)
-        return _commit_export(*staged)  # every shard file verified
-    except BaseException:
-        if staged is not None:
-            staged[0].unlink(missing_ok=True)
-        raise
+                _write_export(meta, reader.read_full, stored if adapter_config is None else adapter_config, hf_cfg,
+                              tmp, options)
+    return out  # every shard file verified, the directory renamed into place
 
 
-def _stage_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
-                  adapter_config: Mapping[str, Any] | None, hf_cfg: Mapping[str, Any], out: Path,
-                  adapter_name: str | None, base_model_name_or_path: str | None,
-                  dtype: torch.dtype | None) -> tuple[Path, Path, dict]:
-    """Write the weights to a hidden temporary file in `out`, one Megatron module at a time;
-    (that file, out, adapter_config.json).  The file's header and the config come from the same
-    plan run on `meta` (the factors on the meta device), so memory holds one module's factors."""
+@dataclass(frozen=True)
+class _ExportOptions:
+    adapter_name: str | None
+    base_model_name_or_path: str | None
+    dtype: torch.dtype | None
+    allow_nonfinite: bool
+
+
+def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
+                  adapter_config: Mapping[str, Any] | None, hf_cfg: Mapping[str, Any], tmp: Path,
+                  options: _ExportOptions) -> None:
+    """adapter_model.safetensors and adapter_config.json into `tmp`, one Megatron module at a time.
+    The file's header and the config come from the same plan run on `meta` (the factors on the meta
+    device), so memory holds one module's factors."""
     if hasattr(adapter_config, "to_dict"):
         adapter_config = adapter_config.to_dict()
-    plans = plan_hf_factors(meta, adapter_config, hf_cfg, adapter_name)
+    check_config(adapter_config, "export: the adapter config", options.allow_nonfinite)
+    plans = plan_hf_factors(meta, adapter_config, hf_cfg, options.adapter_name)
     per_module = [plan.factors(meta[plan.a_key], meta[plan.b_key]) for plan in plans]
     config = peft_adapter_config({hf: f for part in per_module for hf, f in part.items()}, adapter_config, hf_cfg,
-                                 base_model_name_or_path)
-    layout = [(n, t.dtype, tuple(t.shape)) for part in per_module for n, t in peft_tensors(part, dtype).items()]
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{ADAPTER_WEIGHTS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
-    writer = SafetensorsWriter(tmp, layout, metadata={"format": "pt"}, checksum=False)
+                                 options.base_model_name_or_path)
+    layout = [(n, t.dtype, tuple(t.shape)) for part in per_module
+              for n, t in peft_tensors(part, options.dtype).items()]
+    writer = SafetensorsWriter(tmp / ADAPTER_WEIGHTS_FILE, layout, metadata={"format": "pt"}, checksum=False)
     try:
         for plan in plans:
-            for name, tensor in peft_tensors(plan.factors(read(plan.a_key), read(plan.b_key)), dtype).items():
+            a, b = read(plan.a_key), read(plan.b_key)
+            _check_factors(plan, a, b, options)
+            for name, tensor in peft_tensors(plan.factors(a, b), options.dtype).items():
                 writer.write(name, tensor)
         writer.close()
     except BaseException:
         writer.discard()
-        tmp.unlink(missing_ok=True)
         raise
-    return tmp, out, config
+    write_json(tmp / ADAPTER_CONFIG_FILE, config)
 
 
-def _commit_export(tmp: Path, out: Path, config: dict) -> Path:
-    os.replace(tmp, out / ADAPTER_WEIGHTS_FILE)
-    write_text_atomic(out / ADAPTER_CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
+def _check_factors(plan: ModulePlan, a: torch.Tensor, b: torch.Tensor, options: _ExportOptions) -> None:
+    """The factors are finite, and so is the delta they add to the base in the exported dtype."""
+    if options.allow_nonfinite:
+        return
+    check_tensor(plan.a_key, a, "export")
+    check_tensor(plan.b_key, b, "export")
+    dtype = options.dtype or a.dtype
+    if not delta_is_finite(a, b, plan.scaling, dtype):
+        raise UserError(f"export: {plan.module}: scaling * B @ A overflows {str(dtype).replace('torch.', '')} "
+                        f"(scaling {plan.scaling}); refusing it (pass {ALLOW_FLAG} to write it anyway)")
 
 
 def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -275,7 +291,9 @@ def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tenso
 
 def export_peft_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path,
                                 hf_config: str | Path | Mapping[str, Any], *, adapter_name: str | None = None,
-                                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
+                                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                                overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
     """consolidate() a sharded checkpoint (any TP/PP) and export it with `export_peft`."""
     return export_peft(ckpt_dir, out_dir, hf_config, adapter_name=adapter_name,
-                       base_model_name_or_path=base_model_name_or_path, dtype=dtype)
+                       base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite,
+                       allow_nonfinite=allow_nonfinite)

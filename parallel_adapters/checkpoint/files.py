@@ -257,3 +257,5 @@ def read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what}: {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{what}: {path} is not readable JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what}: {path} is nested too deeply to be a real one") from None

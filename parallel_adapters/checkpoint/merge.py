@@ -10,23 +10,22 @@ is written into a hidden sibling directory and renamed into place when complete.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from parallel_adapters.adapters.functional import merged_weight
 from parallel_adapters.checkpoint.export import (
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, HFLoraFactor, hf_lora_factors, load_checkpoint_factors,
 )
+from parallel_adapters.checkpoint.files import read_json
+from parallel_adapters.checkpoint.finite import check_config, check_tensor
 from parallel_adapters.checkpoint.layout import CheckpointError
+from parallel_adapters.checkpoint.outputs import StagedDirectory, check_output_dir, checkpoint_inputs
 from parallel_adapters.config import lora_scaling
 from parallel_adapters.hf.config import read_hf_config
 from parallel_adapters.hf.files import (
@@ -48,20 +47,27 @@ def _peft_pattern(module: str, pattern: Mapping[str, Any], default: Any) -> Any:
     return default
 
 
-def peft_factors(peft_dir: str | Path) -> dict[str, HFLoraFactor]:
+def peft_factors(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[str, HFLoraFactor]:
     """HF module -> factors and scaling, read from a PEFT adapter directory (LoRA, no DoRA)."""
     peft_dir = Path(peft_dir)
-    config = json.loads((peft_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    config = read_json(peft_dir / ADAPTER_CONFIG_FILE, "PEFT adapter config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{peft_dir / ADAPTER_CONFIG_FILE}: expected a JSON object")
+    check_config(config, f"merge: {peft_dir / ADAPTER_CONFIG_FILE}", allow_nonfinite)
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise CheckpointError(f"{peft_dir}: only plain LoRA adapters can be merged (peft_type "
                               f"{config.get('peft_type')!r}, use_dora {config.get('use_dora')!r})")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(peft_dir / ADAPTER_WEIGHTS_FILE), framework="pt") as fh:
-        for key in fh.keys():
-            m = _PEFT_KEY.match(key)
-            if m is None:
-                raise CheckpointError(f"{peft_dir / ADAPTER_WEIGHTS_FILE}: unsupported tensor {key!r}")
-            pairs.setdefault(m.group("module"), {})[m.group("factor")] = fh.get_tensor(key)
+    weights = peft_dir / ADAPTER_WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                m = _PEFT_KEY.match(key)
+                if m is None:
+                    raise CheckpointError(f"{weights}: unsupported tensor {key!r}")
+                pairs.setdefault(m.group("module"), {})[m.group("factor")] = fh.get_tensor(key)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
     out = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
@@ -77,20 +83,33 @@ def peft_factors(peft_dir: str | Path) -> dict[str, HFLoraFactor]:
 
 def merge_into_hf(source: str | Path, base_hf_dir: str | Path, out_dir: str | Path,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, adapter_name: str | None = None,
-                  progress: bool = True) -> Path:
-    """Write `base_hf_dir` with the adapter folded in to `out_dir` (must not exist or be empty).
+                  progress: bool = True, overwrite: bool = False, allow_nonfinite: bool = False,
+                  safe_merge: bool = False) -> Path:
+    """Write `base_hf_dir` with the adapter folded in to `out_dir`.
 
     `source`: a sharded adapter checkpoint directory (index.json) or an exported PEFT adapter
     directory (adapter_model.safetensors).  Output: `model.safetensors`, or shards of at most
     `max_shard_bytes` + `model.safetensors.index.json`; config, generation config and tokenizer
-    files are copied unchanged."""
+    files are copied unchanged.  `out_dir` is checked before anything is read
+    (`outputs.check_output_dir`: new or empty, or a previous merge with `overwrite`; never an
+    input).  NaN/inf factors or config values are refused unless `allow_nonfinite`; `safe_merge`
+    also checks every merged weight before it is written."""
     source = Path(source)
-    if (source / ADAPTER_WEIGHTS_FILE).is_file():
-        factors = peft_factors(source)
+    is_peft = (source / ADAPTER_WEIGHTS_FILE).is_file()
+    inputs = [("PEFT adapter", source)] if is_peft else checkpoint_inputs(source)
+    out = check_output_dir(out_dir, "merge", [*inputs, ("Hugging Face base", base_hf_dir)], overwrite)
+    if is_peft:
+        factors = peft_factors(source, allow_nonfinite)
     else:
         tensors, config = load_checkpoint_factors(source)
+        check_config(config, f"merge: {source}", allow_nonfinite)
         factors = hf_lora_factors(tensors, config, read_hf_config(base_hf_dir), adapter_name)
-    return merge_factors_into_hf(factors, base_hf_dir, out_dir, max_shard_bytes, progress)
+    if not allow_nonfinite:
+        for module, f in factors.items():
+            check_tensor(f"{module}.lora_A", f.lora_A, f"merge: {source}")
+            check_tensor(f"{module}.lora_B", f.lora_B, f"merge: {source}")
+    return merge_factors_into_hf(factors, base_hf_dir, out, max_shard_bytes, progress,
+                                 check_finite=safe_merge and not allow_nonfinite)
 
 
 def _check_targets(base: HFCheckpoint, factors: Mapping[str, HFLoraFactor]) -> None:
@@ -108,35 +127,30 @@ def _check_targets(base: HFCheckpoint, factors: Mapping[str, HFLoraFactor]) -> N
 
 
 def merge_factors_into_hf(factors: Mapping[str, HFLoraFactor], base_hf_dir: str | Path, out_dir: str | Path,
-                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
-    """Stream every base tensor to `out_dir`, adding scaling * B @ A where an adapter targets it."""
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                          check_finite: bool = False) -> Path:
+    """Stream every base tensor to `out_dir` (already checked by the caller, see `merge_into_hf`),
+    adding scaling * B @ A where an adapter targets it; `check_finite`: refuse a merged weight with
+    NaN/inf (the output is then not written)."""
     base = HFCheckpoint(base_hf_dir)
     _check_targets(base, factors)
     out = Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"merge output {out} exists and is not an empty directory")
     names = sorted(base.names(), key=lambda n: (base.weight_map[n], n))  # file by file: sequential reads
     layout = [(n, _CODES[base.dtype_code(n)], base.shape(n)) for n in names]
     shards = plan_shards(layout, max_shard_bytes)
     files = shard_file_names(len(shards))
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir(parents=True)
-    try:
+    with StagedDirectory(out, "merge") as tmp:
         writer = ShardedSafetensorsWriter(tmp, layout, shards, files)
         for name in tqdm(names, desc="merge", disable=not progress, leave=False):
             weight = base.read(name)
             f = factors.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
             if f is not None:
                 weight = merged_weight(weight, f.lora_A, f.lora_B, f.scaling)
+                if check_finite:
+                    check_tensor(name, weight, "merge --safe-merge: the merged weight")
             writer.write(name, weight)
         writer.close()
         if len(files) > 1:
             write_weight_index(tmp, writer.weight_map, sum(tensor_nbytes(d, s) for _, d, s in layout))
         copy_side_files(base_hf_dir, tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

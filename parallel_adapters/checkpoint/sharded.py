@@ -35,6 +35,7 @@ from parallel_adapters.checkpoint.layout import (
     INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, rank_key
 )
 from parallel_adapters.checkpoint.files import fsync_together
+from parallel_adapters.checkpoint.finite import nonfinite_count
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.train_state import (  # noqa: F401  (re-exported public API)
     capture_rng_state, load_train_state, restore_rng_state,
@@ -108,6 +109,9 @@ def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) 
             raise CheckpointError(
                 f"tensor {name!r}: local shape {tuple(t.local.shape)} does not match global shape "
                 f"{tuple(t.global_shape)} split by {t.spec} over {groups.tp_size} TP ranks (expected {want})")
+        if nonfinite_count(t.local):
+            raise CheckpointError(f"tensor {name!r} holds {nonfinite_count(t.local)} non-finite value(s) (NaN or inf): "
+                                  "refusing to save it (the previous checkpoints are kept)")
 
 
 def _compare_replicas(gathered: list[tuple[int, dict | None]]) -> str | None:
@@ -133,7 +137,7 @@ def check_tp_replicas(tensors: Mapping[str, ShardedTensor] | None, groups: Paral
     """Collective over the TP group: error message if a replicated tensor differs between TP ranks.
 
     A replicated factor that differs is a bug that would export a state no rank's adapter
-    represents (DESIGN.md section 6); every rank gets the same answer, so all raise together.
+    represents (docs/design.md section 6); every rank gets the same answer, so all raise together.
     `tensors=None` (this rank already failed) still joins the collective but compares nothing.
     (`save_sharded` does the same comparison on the digests it gathers with the write reports.)
     """
@@ -278,6 +282,9 @@ def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
             for name in _progress(sorted(expected), len(expected), "load checkpoint"):
                 spec = expected[name][0]
                 out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
+                if nonfinite_count(out[name]):  # training on it would only produce NaN losses
+                    raise CheckpointError(f"{directory}: tensor {name!r} holds {nonfinite_count(out[name])} non-finite "
+                                          "value(s) (NaN or inf); resume from an earlier checkpoint")
         return out
 
 

@@ -7,8 +7,6 @@ in one process call them directly, so every checkpoint goes through the same cod
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,12 +14,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from parallel_adapters.checkpoint.layout import (
-    CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, OLD_MARKER, SHARDS_DIR, TRAIN_STATE_DIR,
+    CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, SHARDS_DIR, TRAIN_STATE_DIR,
     CheckpointError, build_index, replica_owners, shard_file, tensor_entry, tmp_dir_for
 )
 from parallel_adapters.checkpoint.files import (
-    fsync_dirs, fsync_path, fsync_together, tensor_bytes, write_json, write_safetensors, write_text_atomic
+    fsync_dirs, fsync_together, tensor_bytes, write_json, write_safetensors, write_text_atomic
 )
+from parallel_adapters.checkpoint.outputs import swap_into_place
 from parallel_adapters.checkpoint.train_state import write_optimizer_state, write_rng_state
 from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.storage.paths import resolve_inside
@@ -154,30 +153,13 @@ def _verify_written(tmp_dir: Path, index: dict) -> None:
         raise CheckpointError(f"{tmp_dir}: unexpected files {stray}")
 
 
-def _swap_into_place(tmp_dir: Path, final: Path) -> None:
-    """rename tmp -> final; an existing final is moved aside first and deleted only afterwards."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}{OLD_MARKER}{uuid.uuid4().hex[:12]}"
-        os.rename(final, old)
-    try:
-        os.rename(tmp_dir, final)
-    except OSError:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def publish(tmp_dir: Path, final: Path, index: dict, update_latest: bool = True) -> None:
     """Verify, write index.json LAST, rename into place, then (optionally) point `latest` at it."""
     _verify_written(tmp_dir, index)
     with fsync_together():  # index.json and the directory entries, flushed together before the rename
         write_json(tmp_dir / INDEX_FILE, index, compact=True)
         fsync_dirs(sub for sub in (tmp_dir / SHARDS_DIR, tmp_dir / TRAIN_STATE_DIR, tmp_dir) if sub.is_dir())
-    _swap_into_place(tmp_dir, final)
+    swap_into_place(tmp_dir, final)
     if update_latest:
         write_text_atomic(final.parent / LATEST_FILE, final.name + "\n")
 

@@ -81,8 +81,8 @@ def read_hf_config(source: str | Path | Mapping[str, Any]) -> dict:
             data = json.load(fh)
     except FileNotFoundError:
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level is not a JSON object")
     return data

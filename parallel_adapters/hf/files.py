@@ -43,8 +43,8 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 data = json.loads(index.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{index}: not readable JSON ({exc})") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise CheckpointError(f"{index}: not readable JSON ({type(exc).__name__}: {exc})") from None
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: no 'weight_map' object")

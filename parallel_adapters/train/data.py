@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -41,17 +41,33 @@ def load_texts(paths: Sequence[str | Path]) -> list[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise ValueError(f"data path {str(path)!r} does not exist or is not a file")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"data file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         if path.suffix == ".jsonl":
-            for line_no, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{line_no}: a JSON line without a 'text' field")
-                texts.append(record["text"])
+            texts.extend(_jsonl_texts(path, content))
         else:
-            texts.append(path.read_text())
+            texts.append(content)
     return texts
+
+
+def _jsonl_texts(path: Path, content: str) -> Iterator[str]:
+    for line_no, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path}:{line_no}: not a JSON line ({type(exc).__name__}: {exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: each line must be a JSON object with a 'text' field, "
+                             f"got a {type(record).__name__}")
+        if "text" not in record:
+            raise ValueError(f"{path}:{line_no}: a JSON line without a 'text' field")
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{path}:{line_no}: 'text' must be a string, got a {type(record['text']).__name__}")
+        yield record["text"]
 
 
 def pack(documents: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> torch.Tensor:

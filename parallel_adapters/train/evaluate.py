@@ -11,13 +11,18 @@ can read any checkpoint (adapters are resharded on load).
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
 
+from parallel_adapters.checkpoint.files import write_safetensors
+from parallel_adapters.checkpoint.layout import TMP_MARKER
+from parallel_adapters.checkpoint.outputs import check_output_file, checkpoint_inputs, make_parents, remove_created
 from parallel_adapters.train.run_config import RunConfig
 from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model, init_distributed
 from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
@@ -29,13 +34,19 @@ def read_token_file(path: str | Path) -> list[torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"--tokens file {str(path)!r} does not exist")
     sequences = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--tokens file {path}: not UTF-8 text (byte {exc.start}); expected token ids") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             ids = [int(tok) for tok in line.split()]
         except ValueError:
             raise ValueError(f"{path}:{line_no}: token ids must be integers") from None
+        if min(ids) < 0:
+            raise ValueError(f"{path}:{line_no}: token id {min(ids)} is negative")
         if len(ids) < 2:
             raise ValueError(f"{path}:{line_no}: a sequence needs at least 2 tokens for a perplexity")
         sequences.append(torch.tensor(ids, dtype=torch.long))
@@ -44,14 +55,21 @@ def read_token_file(path: str | Path) -> list[torch.Tensor]:
     return sequences
 
 
-def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path, out: str | Path) -> float | None:
-    """Collective over the torchrun world; returns the perplexity on the rank that writes `out`."""
+def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path, out: str | Path,
+                   overwrite: bool = False) -> float | None:
+    """Collective over the torchrun world; returns the perplexity on the rank that writes `out`.
+    `out` is checked before anything runs: never an input (checkpoint, its run directory, the token
+    file, the HF base), never an existing file other than a previous evaluate output (and that one
+    only with `overwrite`)."""
     from parallel_adapters.checkpoint.adapter_io import load_checkpoint
     from parallel_adapters.mcore import compat, cpu, schedule
     from parallel_adapters.mcore.gpt import gpt_logits
 
     validate_run_config(config)
     sequences = read_token_file(tokens)  # before any process group: a typo fails fast
+    inputs = [*checkpoint_inputs(checkpoint), ("--tokens file", tokens),
+              ("model.hf_checkpoint", config.model.hf_checkpoint)]
+    out = check_output_file(out, "evaluate", inputs, overwrite, is_ours=is_evaluate_output)
     checkpoint = Path(checkpoint)
     created = init_distributed(DEFAULT_TIMEOUT_S)
     try:
@@ -76,6 +94,18 @@ def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path
             dist.destroy_process_group()
 
 
+WRITTEN_BY = "parallel_adapters"
+
+
+def is_evaluate_output(path: Path) -> bool:
+    """Whether `path` is a logits file an earlier `evaluate` wrote (its safetensors metadata says so)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get(WRITTEN_BY) == "evaluate"
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str | Path) -> float:
     total, count, tensors = 0.0, 0, {}
     for i, (lg, seq) in enumerate(zip(logits, sequences)):
@@ -85,7 +115,16 @@ def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str |
         tensors[f"logits.{i}"] = lg.contiguous()
     perplexity = math.exp(total / count)
     tensors["perplexity"] = torch.tensor(perplexity, dtype=torch.float64)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"perplexity": repr(perplexity), "sequences": str(len(sequences))})
+    metadata = {"perplexity": repr(perplexity), "sequences": str(len(sequences)), WRITTEN_BY: "evaluate"}
+    out = Path(out)
+    created = make_parents(out)
+    tmp = out.with_name(f".{out.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}")
+    try:
+        write_safetensors(tmp, tensors, metadata, checksum=False)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        remove_created(created)
+        raise
     print(f"perplexity {perplexity:.4f} over {count} predicted tokens; logits written to {out}")
     return perplexity

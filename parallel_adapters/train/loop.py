@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -34,15 +33,13 @@ from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.adapter_io import checkpoint_config, save_checkpoint
 from parallel_adapters.checkpoint.sharded import save_sharded
 from parallel_adapters.distributed import collectives as C
-from parallel_adapters.distributed.agreement import agreed, on_rank0
+from parallel_adapters.distributed.agreement import agreed
 from parallel_adapters.train import zero_state
 from parallel_adapters.train.data import DataParallelBatches, DataPosition
 from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.run_directory import CHECKED_KEY, CHECKPOINT_NAME, prune_checkpoints
+from parallel_adapters.user_errors import RunFailed, every_rank
 from parallel_adapters.train.schedule import forward_backward, valid_tokens
-
-CHECKPOINT_NAME = "step-{step:06d}"
-_CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
-
 
 class GlobalBatchSampler:
     """This rank's micro-batches of each global batch: `accumulation` micro-batches of
@@ -82,6 +79,8 @@ class LoopSettings:
     show_progress: bool = True
     extra_state: dict = field(default_factory=dict)
     """Merged into every checkpoint's extra_state (e.g. the engine name)."""
+    nonfinite: str = "stop"
+    """A step with a NaN/inf loss or gradient norm: "stop" the run, or "skip" its update."""
     stop_step: int | None = None
     """Stop (and checkpoint) after this step although the schedule runs to `steps`: a job with a
     wall-clock limit, resumed later by a fresh launch."""
@@ -95,6 +94,7 @@ class StepStats:
     grad_norm: float | None
     tokens: int
     seconds: float
+    skipped: bool = False
 
 
 @dataclass
@@ -132,11 +132,28 @@ def train_step(model: AdapterModel, engine: Any, microbatches: list[dict], lr: f
     stats = torch.stack([ce_sum if owns_loss else torch.zeros_like(ce_sum),
                          engine.grad_sumsq().to(device=device, dtype=torch.float64)])
     C.all_reduce_(stats, None)
+    loss = stats[0].item() / tokens
     grad_norm = math.sqrt(stats[1].item()) if engine.computes_grad_norm else None
+    if not _finite(loss, grad_norm):  # every rank holds the same two numbers: all stop together
+        raise NonFiniteStep(loss, grad_norm, applied=False)
     engine.step(lr, grad_norm)
     if not engine.computes_grad_norm:
         grad_norm = engine.global_grad_norm()
-    return stats[0].item() / tokens, grad_norm, tokens
+        if not _finite(loss, grad_norm):
+            raise NonFiniteStep(loss, grad_norm, applied=True)
+    return loss, grad_norm, tokens
+
+
+def _finite(*values: float | None) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+class NonFiniteStep(RunFailed):
+    """A step's loss or gradient norm is NaN/inf (`applied`: the engine had already updated)."""
+
+    def __init__(self, loss: float, grad_norm: float | None, applied: bool) -> None:
+        self.loss, self.grad_norm, self.applied = loss, grad_norm, applied
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
 
 
 def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, settings: LoopSettings,
@@ -152,11 +169,14 @@ def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, se
         for step in range(start_step, end):
             began = time.perf_counter()
             lr = settings.schedule(step)
-            loss, grad_norm, tokens = train_step(model, engine, sampler.next_step(), lr, settings.vocab_size)
-            stats = StepStats(step + 1, loss, lr, grad_norm, tokens, time.perf_counter() - began)
+            try:
+                loss, grad_norm, tokens = train_step(model, engine, sampler.next_step(), lr, settings.vocab_size)
+                stats = StepStats(step + 1, loss, lr, grad_norm, tokens, time.perf_counter() - began)
+            except NonFiniteStep as bad:
+                stats = _skip_or_stop(bad, step + 1, engine, settings, result, bar if rank0 else None)
             result.stats.append(stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(stats.seconds, 1e-9):,.0f}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):,.0f}")
             if (step + 1) % settings.log_every == 0 or step + 1 == end:
                 metrics.write(stats)
             if _should_save(settings, step + 1, end):
@@ -164,6 +184,22 @@ def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, se
     finally:
         bar.close()
     return result
+
+
+def _skip_or_stop(bad: NonFiniteStep, step: int, engine: Any, settings: LoopSettings, result: LoopResult,
+                  bar: Any) -> StepStats:
+    """optim.nonfinite: "skip" drops the step's update (said on rank 0 and in the metrics); "stop"
+    (or an update already applied) ends the run on every rank before anything is saved or pruned."""
+    if settings.nonfinite == "skip" and not bad.applied:
+        engine.zero_grad()
+        if bar is not None:
+            bar.write(f"step {step}: {bad}: update skipped (optim.nonfinite=skip)", file=sys.stderr)
+        return StepStats(step, bad.loss, 0.0, bad.grad_norm, 0, 0.0, skipped=True)
+    last = result.last_checkpoint or "none written by this run"
+    hint = "" if bad.applied else "; or set optim.nonfinite=skip to drop such steps"
+    raise every_rank(RunFailed(
+        f"step {step}: {bad} is not finite; stopped before saving or pruning anything (last checkpoint: "
+        f"{last}). Lower optim.lr, enable optim.grad_clip, or check the data{hint}"))
 
 
 def _should_save(settings: LoopSettings, step: int, end: int) -> bool:
@@ -186,6 +222,8 @@ class _MetricsWriter:
         record = {"step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens": stats.tokens, "step_time_s": stats.seconds,
                   "tokens_per_s": stats.tokens / max(stats.seconds, 1e-9), "time": time.time()}
+        if stats.skipped:
+            record["skipped"] = True
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -197,13 +235,13 @@ class _MetricsWriter:
 def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler,
                              settings: LoopSettings, step: int) -> Path:
     """Collective: `<dir>/step-NNNNNN` (adapters, optimizer, RNG, extra state), then prune to
-    keep_last.  Everything is in that one directory, as safetensors + JSON (DESIGN.md section 6):
+    keep_last.  Everything is in that one directory, as safetensors + JSON (docs/design.md section 6):
     the torch engine's AdamW state through adapter_io, DeepSpeed's ZeRO state flattened by
     train/zero_state.py into the same per-rank optimizer state."""
     parent = settings.checkpoint_dir
     name = CHECKPOINT_NAME.format(step=step)
     extra = dict(settings.extra_state, step=step, data_position=vars(sampler.position),
-                 lora_dropout_calls=dropout_counters(model))
+                 lora_dropout_calls=dropout_counters(model), **{CHECKED_KEY: True})
     optimizer = engine.checkpoint_optimizer()
     if optimizer is not None:
         with engine.gathered_params():
@@ -219,29 +257,6 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
     return path
 
 
-def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of the step-NNNNNN checkpoints under `parent`, oldest first."""
-    found = []
-    for child in Path(parent).iterdir() if Path(parent).is_dir() else []:
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def prune_checkpoints(parent: Path, keep_last: int, protect: Callable[[Path], bool] | None = None) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints; never the one `latest` names.
-    World rank 0 only: it is the only writer of `latest`."""
-    latest = (parent / "latest").read_text().strip() if (parent / "latest").is_file() else None
-    removed = []
-    for _, path in list_checkpoints(parent)[:-keep_last] if keep_last > 0 else []:
-        if path.name == latest or (protect is not None and protect(path)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
 def dropout_counters(model: AdapterModel) -> dict[str, dict[str, int]]:
     """LoRA dropout masks are drawn from (seed, call count): save the counts for exact resume."""
     return {name: calls for name, layer in model.adapter_layers() if (calls := layer.dropout_calls())}
@@ -250,63 +265,3 @@ def dropout_counters(model: AdapterModel) -> dict[str, dict[str, int]]:
 def restore_dropout_counters(model: AdapterModel, saved: dict[str, dict[str, int]] | None) -> None:
     for name, layer in model.adapter_layers():
         layer.set_dropout_calls((saved or {}).get(name, {}))
-
-
-# ----------------------------------------------------------------------------------------------
-# After training: export and check
-# ----------------------------------------------------------------------------------------------
-
-def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, hf_dir: str | None) -> str:
-    """World rank 0 writes the PEFT adapter from the final checkpoint (an offline, single-process
-    step); the others wait, so the run ends only when the export exists.  The HF config is the
-    checkpoint's, or one derived from the Megatron model.
-    INTEGRATION POINT: parallel_adapters.checkpoint.export.export_peft_from_checkpoint."""
-    from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
-    from parallel_adapters.mcore.hf_bridge import hf_config_from_model
-
-    def export() -> str:
-        if checkpoint is None:
-            raise ValueError("export.peft_dir: no checkpoint was written by this run")
-        hf_config = hf_dir or hf_config_from_model(model.model)
-        return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config))
-
-    return on_rank0(export, f"export to {peft_dir}")
-
-
-def verify_with_peft(model: AdapterModel, engine: Any, input_ids: torch.Tensor, peft_dir: str,
-                     hf_dir: str | None, vocab_size: int) -> float:
-    """export.verify_with_peft: PEFT (the exported adapter on the Hugging Face base) must reproduce
-    the Megatron logits on `input_ids`; returns the max difference.  Without a HF checkpoint the
-    base is first written as one next to the adapter (`<peft_dir>-hf-base`).  Collective.
-    INTEGRATION POINT: parallel_adapters.interop.peft_check.verify_peft_reproduces."""
-    from parallel_adapters.interop.peft_check import verify_peft_reproduces
-    from parallel_adapters.mcore.gpt import gpt_logits
-    from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
-
-    g = model.groups
-    if hf_dir is None:
-        if getattr(engine, "stage", 0) == 3:
-            raise ValueError("export.verify_with_peft under ZeRO-3 needs model.hf_checkpoint (the base "
-                             "weights are partitioned and cannot be exported from the run)")
-        hf_dir = export_hf_checkpoint(model.model, Path(peft_dir).with_name(Path(peft_dir).name + "-hf-base"), g)
-    device_ids, was_training = input_ids.to(compute_device()), model.training
-    model.eval()
-    with torch.no_grad():
-        if g.pp_size == 1:  # through the engine: ZeRO-3 gathers its partitioned weights in forward
-            logits = engine.forward_module(device_ids, None, None, runtime_gather_output=True)[..., :vocab_size]
-        else:
-            logits = gpt_logits(model.model, device_ids)
-    model.train(was_training)
-    mine = logits.cpu() if (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0) else None
-    megatron = next(x for x in C.all_gather_objects(mine, None) if x is not None)
-    atol = peft_tolerance(megatron, {p.dtype for p in model.model.parameters() if not p.requires_grad})
-    return on_rank0(lambda: verify_peft_reproduces(hf_dir, peft_dir, input_ids, megatron, atol), "verify_with_peft")
-
-
-def peft_tolerance(megatron_logits: torch.Tensor, base_dtypes: set) -> float:
-    """How far PEFT (float32) may be from the Megatron logits: 1e-4 on a float32 base; on a
-    bfloat16 base (8-bit mantissa, rounding at every layer) 5% of the largest logit, which a
-    layout error (a wrong split or permutation) still exceeds many times over."""
-    if base_dtypes <= {torch.float32, torch.float64}:
-        return 1e-4
-    return 0.05 * max(1.0, megatron_logits.float().abs().max().item())

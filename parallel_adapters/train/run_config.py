@@ -75,6 +75,10 @@ class OptimSection:
     global_batch: Optional[int] = None
     """None: micro_batch x data-parallel size (no gradient accumulation)."""
     steps: int = 40
+    nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/inf: "stop" the run (exit 1, nothing saved after the
+    last good step) or "skip" its update (logged with the step).  DeepSpeed reports its gradient norm
+    only after its update, so a non-finite DeepSpeed gradient norm always stops."""
 
 
 @dataclass(frozen=True)
@@ -121,15 +125,33 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple = ()) 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.split("."), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_one_line(exc)})") from None
+        _set_dotted(data, key.split("."), value)
     return build(RunConfig, data, "")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _read_yaml(path: Path) -> Any:
+    """yaml.safe_load of a file; ValueError naming the file (and the line) on bad YAML or bytes."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}): is this the run config?") from None
+    except yaml.YAMLError as exc:  # includes python/object tags, which safe_load refuses
+        raise ValueError(f"{path}: not a valid YAML run config: {_one_line(exc)}") from None
 
 
 def _set_dotted(data: dict, keys: list[str], value: Any) -> None:

@@ -26,11 +26,14 @@ import torch
 import torch.distributed as dist
 
 from parallel_adapters.config import LoraConfig
-from parallel_adapters.distributed import collectives as C
 from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_corpus_path, load_texts, pack
+from parallel_adapters.distributed.agreement import on_rank0
+from parallel_adapters.train.cli_args import add_train_arguments
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
 from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
+from parallel_adapters.user_errors import run_command
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -182,47 +185,26 @@ def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -
     initialize_eva_weights(model, batches, show_progress_bar=rank0)
 
 
-def resolve_resume(config: RunConfig, resume: bool | str | Path | None) -> Path | None:
-    """None: resume from checkpoint.directory's `latest` if there is one; True: must resume;
-    False: never; a path: that checkpoint (or that parent's latest).  Collective: every rank
-    takes world rank 0's answer."""
-    from parallel_adapters.checkpoint.sharded import resolve_latest
-
-    found: Path | None = None
-    if isinstance(resume, (str, Path)):
-        path = Path(resume)
-        found = path if (path / "index.json").is_file() else resolve_latest(path)
-        if found is None:
-            raise ValueError(f"resume: {str(path)!r} is neither a checkpoint nor a directory with a `latest`")
-    elif resume is not False:
-        directory = config.checkpoint.directory
-        if directory is None and resume is True:
-            raise ValueError("resume requested, but checkpoint.directory is not set")
-        found = resolve_latest(directory) if directory is not None else None
-        if found is None and resume is True:
-            raise ValueError(f"resume requested, but {directory} has no `latest` checkpoint")
-    agreed = C.all_gather_objects(None if found is None else str(found.absolute()), None)[0]
-    return None if agreed is None else Path(agreed)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 
 def run_training(config: RunConfig, *, resume: bool | str | Path | None = None, show_progress: bool = True,
                  return_adapter_shards: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tp_sum: str = "auto", stop_at: int | None = None) -> TrainResult:
+                 tp_sum: str = "auto", stop_at: int | None = None, overwrite: bool = False) -> TrainResult:
     """Train as `config` says, on every rank of the (torchrun-launched) world; see the module doc.
 
     resume: None resumes from checkpoint.directory's `latest` when there is one, True requires it,
     False never resumes, a path names the checkpoint.  tp_sum: DeepSpeed's TP-sum mechanism
     ("auto", "coalesce", "hooks"; see train/engine.py).  stop_at: end (with a checkpoint) after
-    this global step although the LR schedule runs to optim.steps (a time-limited job)."""
+    this global step although the LR schedule runs to optim.steps (a time-limited job).  overwrite:
+    a fresh run may delete checkpoint.directory's old checkpoints, the export may replace a
+    previous export in export.peft_dir (train/run_directory.py says what is refused)."""
     validate_run_config(config)
     created = init_distributed(timeout_s)
     try:
         layout = check_parallel_layout(dist.get_world_size(), config)
-        options = _Options(resume, show_progress, return_adapter_shards, tp_sum, stop_at)
+        options = _Options(resume, show_progress, return_adapter_shards, tp_sum, stop_at, overwrite)
         return _run(config, layout, options)
     finally:
         from parallel_adapters.mcore.compat import destroy_model_parallel
@@ -239,6 +221,7 @@ class _Options:
     return_shards: bool
     tp_sum: str
     stop_at: int | None
+    overwrite: bool = False
 
 
 def _run(config: RunConfig, layout: Layout, opts: _Options) -> TrainResult:
@@ -250,6 +233,28 @@ def _run(config: RunConfig, layout: Layout, opts: _Options) -> TrainResult:
     schedule.seed_model_parallel_rngs(config.seed)
     rank0 = dist.get_rank() == 0
     resume_from = resolve_resume(config, opts.resume)
+    held: list = []
+    on_rank0(lambda: _hold_directory(config, resume_from is None, opts.overwrite, held), "checking the run's outputs")
+    try:
+        return _build_and_train(config, layout, opts, groups, rank0, resume_from)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _hold_directory(config: RunConfig, fresh: bool, overwrite: bool, held: list) -> None:
+    """World rank 0: check the outputs, lock checkpoint.directory (kept in `held`), say what was
+    cleaned up."""
+    lock = hold_checkpoint_directory(config, fresh, overwrite)
+    if lock is None:
+        return
+    held.append(lock)
+    if lock.removed:
+        print(f"removed what interrupted saves left in {lock.directory}: {', '.join(lock.removed)}", flush=True)
+
+
+def _build_and_train(config: RunConfig, layout: Layout, opts: _Options, groups: Any, rank0: bool,
+                     resume_from: Path | None) -> TrainResult:
     samples, vocab = build_samples(config)
     model, settings = build_model(config, groups, adapter_config(config, resume_from), rank0)
     if vocab > settings.vocab_size:
@@ -318,9 +323,8 @@ def _check_same_data(extra: dict, layout: Layout, config: RunConfig, resume_from
 
 def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: torch.Tensor, settings: Any,
            extra: dict, resume_from: Path | None, opts: _Options) -> TrainResult:
-    from parallel_adapters.train.loop import (
-        GlobalBatchSampler, LoopSettings, export_adapter, train_loop, verify_with_peft,
-    )
+    from parallel_adapters.train.finish import export_adapter, verify_with_peft
+    from parallel_adapters.train.loop import GlobalBatchSampler, LoopSettings, train_loop
 
     o, c = config.optim, config.checkpoint
     g = model.groups
@@ -334,7 +338,7 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
         checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
         keep_last=c.keep_last, show_progress=opts.show_progress, extra_state={
             "engine": engine.name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
-        stop_step=opts.stop_at)
+        stop_step=opts.stop_at, nonfinite=o.nonfinite)
     start = int(extra.get("step", 0))
     out = train_loop(model, engine, sampler, loop, start_step=start)
     seconds = sum(s.seconds for s in out.stats)
@@ -352,28 +356,17 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
                                      for n, t in model.adapter_state_dict().items()}
     peft_dir, hf_dir = config.export.peft_dir, config.model.hf_checkpoint
     if peft_dir is not None:
-        result.export_dir = export_adapter(model, out.last_checkpoint or resume_from, peft_dir, hf_dir)
+        result.export_dir = export_adapter(model, out.last_checkpoint or resume_from, peft_dir, hf_dir, opts.overwrite)
         if config.export.verify_with_peft:
             result.peft_max_logit_diff = verify_with_peft(model, engine, samples[:2, 0], peft_dir, hf_dir,
                                                           settings.vocab_size)
     return result
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    parser = argparse.ArgumentParser(description="LoRA fine-tuning of a Megatron model (run under torchrun).")
-    parser.add_argument("--config", default=None, help="run config YAML (default: built-in defaults)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_const", const=True, default=None,
-                       help="resume from checkpoint.directory's latest (an error if there is none)")
-    group.add_argument("--resume-from", dest="resume", metavar="DIR",
-                       help="resume from this checkpoint (or this directory's latest)")
-    group.add_argument("--no-resume", dest="resume", action="store_false",
-                       help="start fresh even if a checkpoint exists")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="end (with a checkpoint) after this global step; resume later with the same config")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    result = run_training(load_run_config(args.config, args.overrides), resume=args.resume, stop_at=args.stop_at)
+def train_from_args(args: argparse.Namespace) -> TrainResult:
+    """The `train` command (see train/cli_args.py): run, then one summary line on rank 0."""
+    result = run_training(load_run_config(args.config, args.overrides), resume=args.resume, stop_at=args.stop_at,
+                          overwrite=args.overwrite)
     if result.ranks.get("rank") == 0 and result.losses:
         print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps {result.start_step + 1}.."
               f"{result.final_step} ({result.tokens_per_s:,.0f} tokens/s); checkpoint: {result.last_checkpoint}; "
@@ -381,6 +374,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
               + (f" (PEFT reproduces the logits to {result.peft_max_logit_diff:.1e})"
                  if result.peft_max_logit_diff is not None else ""))
     return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """`-m parallel_adapters.train.runner --config CONFIG [overrides and flags in any order]`."""
+    parser = argparse.ArgumentParser(description="LoRA fine-tuning of a Megatron model (run under torchrun).")
+    add_train_arguments(parser, config_flag=True)
+    args = parser.parse_intermixed_args(argv)
+    return run_command("train", lambda: train_from_args(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ dotted key's name, instead of after a model load or inside a collective.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,9 @@ def validate_run_config(config: RunConfig) -> None:
                        ("checkpoint.save_every", c.save_every)):
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
+    if o.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"optim.nonfinite must be 'stop' or 'skip', got {o.nonfinite!r}")
+    _finite(config)
     if m.dtype not in MODEL_DTYPES:
         hint = " (float16 needs loss scaling, which this trainer does not do)" if m.dtype == "float16" else ""
         raise ValueError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}{hint}")
@@ -119,6 +124,23 @@ def validate_run_config(config: RunConfig) -> None:
         raise ValueError("export.verify_with_peft needs export.peft_dir")
     if config.export.peft_dir is not None and c.directory is None:
         raise ValueError("export.peft_dir needs checkpoint.directory (the export reads the final checkpoint)")
+
+
+def _finite(config: RunConfig) -> None:
+    """Every float field (at any depth, e.g. adapter.lora_alpha, optim.lr) is finite."""
+    def walk(value: object, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+    walk(config, "")
 
 
 def _positive(values: dict[str, int]) -> None:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
 from tests.helpers.tiny_llama import make_tiny_llama, sample_ids
 from tests.integration.test_cli_offline import _cli
 from tests.integration.test_peft_export import _llama, _logits
@@ -86,7 +87,7 @@ def test_cli_export_loads_in_peft_with_megatron_logits(saved, cli):
     out = saved["root"] / "peft"
     result = cli["export"].result()
     assert "wrote PEFT adapter" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(saved["hf"])
     assert (config["r"], config["lora_alpha"]) == (4, 8)

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "ops": set(),
     "storage": set(),
-    "distributed": set(),
+    "distributed": {"user_errors"},
     "hf": {"distributed", "storage"},
     "mcore": {"distributed", "hf", "ops"},
     "adapters": {"config", "distributed", "mcore", "ops"},

@@ -9,8 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from parallel_adapters.checkpoint.consolidate import (
-    StreamingSafetensorsWriter, consolidate, iter_full_tensors, reshard,
+    consolidate, iter_full_tensors, reshard,
 )
+from parallel_adapters.checkpoint.files import SafetensorsWriter
+from parallel_adapters.user_errors import UserError
 from parallel_adapters.checkpoint.layout import CheckpointError, replica_owners, validate_index
 from parallel_adapters.checkpoint.sharded import load_sharded
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -88,7 +90,7 @@ def test_reshard_to_indivisible_tp_fails_cleanly(tmp_path, full):
 
 def test_reshard_refuses_bad_arguments(tmp_path, full):
     src = write_emulated_checkpoint(tmp_path / "src", full, 2)
-    with pytest.raises(CheckpointError, match="is the input directory"):
+    with pytest.raises(UserError, match="--out .* is the checkpoint"):
         reshard(src, src, 1)
     with pytest.raises(CheckpointError, match="positive int"):
         reshard(src, tmp_path / "o", 0)
@@ -106,7 +108,7 @@ def test_streaming_writer_matches_save_file(tmp_path):
     tensors = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.arange(7, dtype=torch.int32),
                "c": torch.randn(2, 2).to(torch.bfloat16), "d": torch.tensor([True, False, True]),
                "e": torch.zeros(0, 4), "s": torch.tensor(2.5)}
-    w = StreamingSafetensorsWriter(tmp_path / "x.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+    w = SafetensorsWriter(tmp_path / "x.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
     for n, t in tensors.items():
         w.write(n, t)
     w.close()
@@ -119,7 +121,7 @@ def test_streaming_writer_matches_save_file(tmp_path):
 
 def test_streaming_writer_enforces_header_order_and_completeness(tmp_path):
     layout = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
-    w = StreamingSafetensorsWriter(tmp_path / "x.safetensors", layout)
+    w = SafetensorsWriter(tmp_path / "x.safetensors", layout)
     with pytest.raises(CheckpointError, match="header expects"):
         w.write("b", torch.zeros(3))
     with pytest.raises(CheckpointError, match="header expects"):

@@ -18,6 +18,7 @@ from parallel_adapters.checkpoint.export import (
     ADAPTER_WEIGHTS_FILE, export_peft, export_peft_from_checkpoint, hf_lora_factors, peft_tensors,
 )
 from parallel_adapters.checkpoint.layout import CheckpointError, replica_owners
+from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
 from parallel_adapters.checkpoint.files import (
     SafetensorsWriter, file_record, fsync_together, write_json, write_safetensors
 )
@@ -362,7 +363,7 @@ def test_export_from_checkpoint_matches_export_from_tensors(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     with safe_open(str(a / ADAPTER_WEIGHTS_FILE), "pt") as fh:
         assert fh.metadata() == {"format": "pt"}
-    assert sorted(p.name for p in a.iterdir()) == ["adapter_config.json", ADAPTER_WEIGHTS_FILE]
+    assert sorted(p.name for p in a.iterdir()) == [OUTPUT_MARKER, "adapter_config.json", ADAPTER_WEIGHTS_FILE]
 
 
 def test_export_of_a_corrupt_checkpoint_leaves_no_weights(tmp_path):

@@ -1,0 +1,72 @@
+"""After training: the PEFT export of the final checkpoint, and PEFT's check of the Megatron logits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.checkpoint.outputs import mark_output
+from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed.agreement import on_rank0
+from parallel_adapters.train.loop import compute_device
+from parallel_adapters.train.run_directory import HF_BASE_SUFFIX
+
+
+
+def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, hf_dir: str | None,
+                   overwrite: bool = False) -> str:
+    """World rank 0 writes the PEFT adapter from the final checkpoint (an offline, single-process
+    step); the others wait, so the run ends only when the export exists.  The HF config is the
+    checkpoint's, or one derived from the Megatron model."""
+    from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
+    from parallel_adapters.mcore.hf_bridge import hf_config_from_model
+
+    def export() -> str:
+        if checkpoint is None:
+            raise ValueError("export.peft_dir: no checkpoint was written by this run")
+        hf_config = hf_dir or hf_config_from_model(model.model)
+        return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config, overwrite=overwrite))
+
+    return on_rank0(export, f"export to {peft_dir}")
+
+
+def verify_with_peft(model: AdapterModel, engine: Any, input_ids: torch.Tensor, peft_dir: str,
+                     hf_dir: str | None, vocab_size: int) -> float:
+    """export.verify_with_peft: PEFT (the exported adapter on the Hugging Face base) must reproduce
+    the Megatron logits on `input_ids`; returns the max difference.  Without a HF checkpoint the
+    base is first written as one next to the adapter (`<peft_dir>-hf-base`).  Collective."""
+    from parallel_adapters.interop.peft_check import verify_peft_reproduces
+    from parallel_adapters.mcore.gpt import gpt_logits
+    from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
+
+    g = model.groups
+    if hf_dir is None:
+        if getattr(engine, "stage", 0) == 3:
+            raise ValueError("export.verify_with_peft under ZeRO-3 needs model.hf_checkpoint (the base "
+                             "weights are partitioned and cannot be exported from the run)")
+        hf_dir = export_hf_checkpoint(model.model, Path(peft_dir).with_name(Path(peft_dir).name + HF_BASE_SUFFIX), g)
+        if C.group_rank(None) == 0:
+            mark_output(Path(hf_dir), "hf-base")
+    device_ids, was_training = input_ids.to(compute_device()), model.training
+    model.eval()
+    with torch.no_grad():
+        if g.pp_size == 1:  # through the engine: ZeRO-3 gathers its partitioned weights in forward
+            logits = engine.forward_module(device_ids, None, None, runtime_gather_output=True)[..., :vocab_size]
+        else:
+            logits = gpt_logits(model.model, device_ids)
+    model.train(was_training)
+    mine = logits.cpu() if (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0) else None
+    megatron = next(x for x in C.all_gather_objects(mine, None) if x is not None)
+    atol = peft_tolerance(megatron, {p.dtype for p in model.model.parameters() if not p.requires_grad})
+    return on_rank0(lambda: verify_peft_reproduces(hf_dir, peft_dir, input_ids, megatron, atol), "verify_with_peft")
+
+
+def peft_tolerance(megatron_logits: torch.Tensor, base_dtypes: set) -> float:
+    """How far PEFT (float32) may be from the Megatron logits: 1e-4 on a float32 base; on a
+    bfloat16 base (8-bit mantissa, rounding at every layer) 5% of the largest logit, which a
+    layout error (a wrong split or permutation) still exceeds many times over."""
+    if base_dtypes <= {torch.float32, torch.float64}:
+        return 1e-4
+    return 0.05 * max(1.0, megatron_logits.float().abs().max().item())
