@@ -1,7 +1,7 @@
 """One run per checkpoint directory: an advisory lock that names its owner.
 
 `<checkpoint.directory>/.lock` is held with `flock` by world rank 0 of the run for as long as it
-runs, and holds the owner's host, pid and start time.  The kernel releases the lock when its owner
+runs, holds the owner's host, pid and start time, and is deleted when the run ends.  The kernel releases the lock when its owner
 exits in any way (kill -9 included), so a lock whose owner is gone is stale by construction and the
 next run takes it over; a live owner makes a second run refuse, naming it.  On file systems without
 `flock` the fallback is an exclusive create, judged stale when its owner is a dead pid on this host.
@@ -46,6 +46,13 @@ def _read_owner(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -66,7 +73,6 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self._fd: int | None = None
-        self._exclusive = False
         self.stale_owner: dict | None = None
         self.removed: list[str] = []
 
@@ -85,7 +91,7 @@ class RunLock:
                 if exc.errno not in _NO_FLOCK:
                     raise
                 return self._acquire_exclusive()
-            if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+            if os.fstat(fd).st_ino == _inode(self.path):
                 self._fd = fd
                 break
             os.close(fd)
@@ -107,7 +113,6 @@ class RunLock:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             self._refuse(_read_owner(self.path))
-        self._exclusive = True
         self._write_owner()
         self.removed = remove_leftovers(self.directory)
         return self
@@ -127,9 +132,7 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)  # a later reader sees no owner rather than a stale one
-            if self._exclusive:
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # a run that opened the old file sees its inode gone and retries
         finally:
             os.close(self._fd)  # closing releases the flock
             self._fd = None

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -68,7 +69,9 @@ def init_distributed(timeout_s: float) -> bool:
     variables a single-process group is made, so `run_training` also runs as a plain script."""
     if dist.is_initialized():
         return False
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+    if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        os.environ["MASTER_PORT"] = str(_free_port())  # two single-process runs must not collide
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -76,6 +79,12 @@ def init_distributed(timeout_s: float) -> bool:
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, timeout=timeout, **_elastic_attempt_store(timeout))
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _elastic_attempt_store(timeout: timedelta) -> dict:

@@ -131,7 +131,7 @@ def test_merge_refuses_a_non_empty_output(trained, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="is not empty and not an output of `parallel-adapters merge`"):
         merge_into_hf(trained["ckpt"], trained["hf"], out, progress=False)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
 from tests.harness.pool import JobFailed
 from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
 
@@ -137,7 +138,7 @@ def _assert_only_safetensors_and_json(parent) -> None:
     from safetensors import safe_open
 
     top = sorted(p.name for p in parent.iterdir())
-    assert top == ["latest", "step-000016", "step-000020"], top
+    assert top == [OUTPUT_MARKER, "latest", "step-000016", "step-000020"], top
     files = [p for p in parent.rglob("*") if p.is_file() and p != parent / "latest"]
     assert files and all(p.suffix in (".safetensors", ".json") for p in files), sorted(map(str, files))
     for path in files:

@@ -134,7 +134,7 @@ def test_a_live_owner_is_named_and_a_dead_one_is_taken_over(tmp_path):
         assert owner["pid"] == os.getpid() and owner["host"] and owner["started"]
         with pytest.raises(UserError, match=rf"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()  # one run per directory, even within a process
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "step-000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003"]
     with RunLock(tmp_path) as lock:
         assert lock.stale_owner is None  # released cleanly: nothing stale
 
