@@ -98,7 +98,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from parallel_adapters.train.evaluate import run_evaluation
     from parallel_adapters.train.run_config import load_run_config
 
-    config = load_run_config(args.config, args.overrides)
+    from parallel_adapters.user_errors import alike_on_every_rank
+
+    config = alike_on_every_rank(lambda: load_run_config(args.config, args.overrides))
     run_evaluation(config, args.checkpoint, args.tokens, args.out, overwrite=args.overwrite)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel_adapters.checkpoint.outputs import mark_output, output_command
+from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.mcore import cpu
 from parallel_adapters.mcore.compat import destroy_model_parallel, initialize_model_parallel
 from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
@@ -24,8 +27,10 @@ from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.run_config import load_run_config
 from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, init_distributed, run_training
+from parallel_adapters.user_errors import UserError, run_command
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+RUN_DIR = Path("runs/demo")
 BASE = GPTSettings(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4, num_query_groups=2,
                    vocab_size=ByteTokenizer.vocab_size, max_position_embeddings=128, seed=1234)
 
@@ -55,11 +60,26 @@ def summary(result: TrainResult, base_dir: Path, seconds: float) -> str:
     return "\n".join(["", "demo summary", "-" * 60] + [f"{k.ljust(width)}  {v}" for k, v in rows])
 
 
+def clear_previous_demo(run_dir: Path) -> None:
+    """Start from nothing: remove `run_dir` if an earlier demo made it; refuse anything else there."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if output_command(run_dir) != "demo":
+            raise UserError(f"demo: {run_dir} exists and was not made by the demo: move it away first")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(run_dir, "demo")
+
+
 def main(argv: list[str] | None = None) -> None:
+    run_command("demo", lambda: _demo(argv))
+
+
+def _demo(argv: list[str] | None) -> None:
     start = time.perf_counter()
     torch.set_num_threads(1)
     init_distributed(DEFAULT_TIMEOUT_S)
-    base_dir = Path("runs/demo/hf-base").absolute()
+    on_rank0(lambda: clear_previous_demo(RUN_DIR.absolute()), "preparing runs/demo")
+    base_dir = (RUN_DIR / "hf-base").absolute()
     write_base_checkpoint(base_dir)
     overrides = [f"model.hf_checkpoint={base_dir}", *(argv if argv is not None else sys.argv[1:])]
     result = run_training(load_run_config(CONFIG, overrides), resume=False)

@@ -43,6 +43,15 @@ def every_rank(exc: BaseException) -> BaseException:
     return exc
 
 
+def alike_on_every_rank(fn: Callable[[], T]) -> T:
+    """fn(), whose user errors every rank raises alike (config and input checks that read the same
+    files): they are marked `every_rank`, so that under torchrun only rank 0 prints them."""
+    try:
+        return fn()
+    except ValueError as exc:
+        raise every_rank(exc)
+
+
 def os_error_message(exc: OSError) -> str:
     """'PATH: what happened (hint)' for an OSError, naming its file(s)."""
     paths = [p for p in (exc.filename, exc.filename2) if p is not None]

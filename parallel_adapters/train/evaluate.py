@@ -24,6 +24,7 @@ from parallel_adapters.checkpoint.files import write_safetensors
 from parallel_adapters.checkpoint.layout import TMP_MARKER
 from parallel_adapters.checkpoint.outputs import check_output_file, checkpoint_inputs, make_parents, remove_created
 from parallel_adapters.train.run_config import RunConfig
+from parallel_adapters.user_errors import alike_on_every_rank
 from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model, init_distributed
 from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
 
@@ -65,11 +66,7 @@ def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path
     from parallel_adapters.mcore import compat, cpu, schedule
     from parallel_adapters.mcore.gpt import gpt_logits
 
-    validate_run_config(config)
-    sequences = read_token_file(tokens)  # before any process group: a typo fails fast
-    inputs = [*checkpoint_inputs(checkpoint), ("--tokens file", tokens),
-              ("model.hf_checkpoint", config.model.hf_checkpoint)]
-    out = check_output_file(out, "evaluate", inputs, overwrite, is_ours=is_evaluate_output)
+    sequences, out = alike_on_every_rank(lambda: _check_inputs(config, checkpoint, tokens, out, overwrite))
     checkpoint = Path(checkpoint)
     created = init_distributed(DEFAULT_TIMEOUT_S)
     try:
@@ -104,6 +101,16 @@ def is_evaluate_output(path: Path) -> bool:
             return (fh.metadata() or {}).get(WRITTEN_BY) == "evaluate"
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
+
+
+def _check_inputs(config: RunConfig, checkpoint: str | Path, tokens: str | Path, out: str | Path,
+                  overwrite: bool) -> tuple[list[torch.Tensor], Path]:
+    """Before any process group: the config, the token file and the output path (a typo fails fast)."""
+    validate_run_config(config)
+    sequences = read_token_file(tokens)
+    inputs = [*checkpoint_inputs(checkpoint), ("--tokens file", tokens),
+              ("model.hf_checkpoint", config.model.hf_checkpoint)]
+    return sequences, check_output_file(out, "evaluate", inputs, overwrite, is_ours=is_evaluate_output)
 
 
 def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str | Path) -> float:

@@ -34,7 +34,7 @@ from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, load_run_config
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
 from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
-from parallel_adapters.user_errors import run_command
+from parallel_adapters.user_errors import alike_on_every_rank, run_command
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -209,10 +209,10 @@ def run_training(config: RunConfig, *, resume: bool | str | Path | None = None, 
     this global step although the LR schedule runs to optim.steps (a time-limited job).  overwrite:
     a fresh run may delete checkpoint.directory's old checkpoints, the export may replace a
     previous export in export.peft_dir (train/run_directory.py says what is refused)."""
-    validate_run_config(config)
+    alike_on_every_rank(lambda: validate_run_config(config))
     created = init_distributed(timeout_s)
     try:
-        layout = check_parallel_layout(dist.get_world_size(), config)
+        layout = alike_on_every_rank(lambda: check_parallel_layout(dist.get_world_size(), config))
         options = _Options(resume, show_progress, return_adapter_shards, tp_sum, stop_at, overwrite)
         return _run(config, layout, options)
     finally:
@@ -374,7 +374,8 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
 
 def train_from_args(args: argparse.Namespace) -> TrainResult:
     """The `train` command (see train/cli_args.py): run, then one summary line on rank 0."""
-    result = run_training(load_run_config(args.config, args.overrides), resume=args.resume, stop_at=args.stop_at,
+    config = alike_on_every_rank(lambda: load_run_config(args.config, args.overrides))
+    result = run_training(config, resume=args.resume, stop_at=args.stop_at,
                           overwrite=args.overwrite)
     if result.ranks.get("rank") == 0 and result.losses:
         print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps {result.start_step + 1}.."

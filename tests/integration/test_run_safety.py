@@ -104,3 +104,14 @@ def test_a_nan_loss_stops_before_saving_or_pruning(tmp_path):
                      "optim.nonfinite=skip")
     assert skipped.returncode == 0, skipped.stderr
     assert "update skipped (optim.nonfinite=skip)" in skipped.stderr
+
+
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "parallel_adapters", "train", str(ROOT / "configs/tiny.yaml"), "optim.steps=2", "optim.warmup_steps=5",
+           f"checkpoint.directory={tmp_path / 'ckpt'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [l for l in (done.stdout + done.stderr).splitlines() if "parallel-adapters train: error:" in l]
+    assert len(lines) == 1 and "optim.warmup_steps" in lines[0], done.stdout + done.stderr
+    assert not (tmp_path / "ckpt").exists()

@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "eva": {"adapters", "checkpoint", "config", "distributed", "mcore"},
     "interop": set(),
     "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore", "user_errors"},
-    "demo": {"checkpoint", "mcore", "train", "user_errors"},
+    "demo": {"checkpoint", "distributed", "mcore", "train", "user_errors"},
     "cli": {"checkpoint", "train", "user_errors"},
     "__main__": {"cli"},
 }
