@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-``pool2`` / ``pool4``: session-wide ``tests.harness.pool.WorkerPool`` of 2 / 4 gloo CPU
+``pool2`` / ``pool3`` / ``pool4``: session-wide ``tests.harness.pool.WorkerPool`` of 2 / 3 / 4 gloo CPU
 ranks, started on first use (a 4-rank pool that imports megatron costs ~12 s on 2 cores,
 so pools live for the whole session) and shut down at session end.  See
 ``tests/harness/pool.py`` for how to write a multi-rank test.
@@ -21,6 +21,12 @@ from tests.harness.pool import WorkerPool, get_shared_pool, shutdown_shared_pool
 def pool2() -> WorkerPool:
     """2 ranks (gloo, CPU), shared by the whole session."""
     return get_shared_pool(2)
+
+
+@pytest.fixture(scope="session")
+def pool3() -> WorkerPool:
+    """3 ranks (gloo, CPU): TP=3, for head counts that TP=2 cannot split."""
+    return get_shared_pool(3)
 
 
 @pytest.fixture(scope="session")

@@ -262,14 +262,40 @@ def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
 # Logits
 # ----------------------------------------------------------------------------------------------
 
+def sequence_multiple(model: torch.nn.Module) -> int:
+    """What a sequence length must divide by in this model's forward: the TP size under sequence
+    parallelism (the activations are split along the sequence between the TP ranks), else 1."""
+    inner = model
+    while hasattr(inner, "module"):  # megatron DDP / Float16Module wrappers
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    if config is None or not getattr(config, "sequence_parallel", False):
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def pad_right(input_ids: torch.Tensor, multiple: int, pad_id: int = 0) -> torch.Tensor:
+    """input_ids [batch, seq] with `pad_id` appended up to the next multiple of `multiple` along
+    the sequence (unchanged when it already divides).  Under the causal mask a position attends
+    only to earlier ones, so the padding changes no real position's logits."""
+    extra = -input_ids.shape[1] % multiple
+    if not extra:
+        return input_ids
+    return torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], extra), pad_id)], dim=1)
+
+
 def gpt_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary logits [batch, seq, vocab] (causal mask, RoPE positions), gathered over TP
-    and with the vocab padding sliced off.  With PP > 1 it runs megatron's forward-only schedule
-    (one microbatch) and returns the logits on the last stage, None on the others."""
+    and with the vocab padding sliced off.  Any sequence length: under sequence parallelism the
+    input is right-padded to a multiple of TP and the padded positions are dropped from the
+    logits.  With PP > 1 it runs megatron's forward-only schedule (one microbatch) and returns the
+    logits on the last stage, None on the others."""
     inner = model
     while hasattr(inner, "module"):  # megatron DDP / Float16Module wrappers
         inner = inner.module
     vocab = getattr(inner, "unpadded_vocab_size", inner.vocab_size)
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    logits = forward_only(model, input_ids, pp_size, runtime_gather_output=True)
-    return None if logits is None else logits[..., :vocab]
+    length = input_ids.shape[1]
+    padded = pad_right(input_ids, sequence_multiple(model))
+    logits = forward_only(model, padded, pp_size, runtime_gather_output=True)
+    return None if logits is None else logits[:, :length, :vocab]

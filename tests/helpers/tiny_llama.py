@@ -34,12 +34,19 @@ def _save_perturbed(model_cls, config, directory: str | Path, seed: int, **save_
     return out
 
 
-def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """A tiny LlamaForCausalLM; `max_shard_size` (e.g. "40KB") saves it as shards +
-    model.safetensors.index.json."""
+TINY_TP3 = TINY | dict(num_attention_heads=12, num_key_value_heads=6, head_dim=4, intermediate_size=96)
+"""The same kind of shape with KV groups and FFN width that split over TP=2 and TP=3 (Megatron needs the
+KV groups to be a multiple or a divisor of TP)."""
+
+
+def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max_shard_size: str | None = None,
+                    **shape) -> Path:
+    """A tiny LlamaForCausalLM (TINY, with `shape` overriding its fields); `max_shard_size`
+    (e.g. "40KB") saves it as shards + model.safetensors.index.json."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _save_perturbed(LlamaForCausalLM, LlamaConfig(tie_word_embeddings=tie, **TINY), directory, seed,
+    config = LlamaConfig(tie_word_embeddings=tie, **(TINY | shape))
+    return _save_perturbed(LlamaForCausalLM, config, directory, seed,
                            **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
 
