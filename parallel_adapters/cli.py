@@ -44,7 +44,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from parallel_adapters.checkpoint.finite import ALLOW_FLAG, nonfinite_count
+    from parallel_adapters.checkpoint.finite import ALLOW_FLAG, nonfinite_config_keys, nonfinite_count
     from parallel_adapters.checkpoint.reader import CheckpointReader
     from parallel_adapters.user_errors import UserError
 
@@ -52,9 +52,10 @@ def _verify(args: argparse.Namespace) -> None:
         nbytes = reader.verify_all()
         bad = [f"{name} ({count} of {math.prod(reader.tensors[name].global_shape)})" for name in sorted(reader.tensors)
                if (count := nonfinite_count(reader.read_full(name)))]
+        bad += [f"adapter_config.json: {key}" for key in nonfinite_config_keys(reader.config())]
         if bad:
-            raise UserError(f"{reader.directory}: files match index.json, but {len(bad)} tensor(s) hold non-finite "
-                            f"values (NaN or inf): {', '.join(bad)}; export and merge refuse them "
+            raise UserError(f"{reader.directory}: files match index.json, but {len(bad)} value(s) are non-finite "
+                            f"(NaN or inf): {', '.join(bad)}; export and merge refuse them "
                             f"(unless {ALLOW_FLAG})")
         print(f"{reader.directory}: ok ({len(reader.index['files'])} files, {nbytes / 2**20:.2f} MiB, "
               f"{len(reader.tensors)} tensors: sizes, sha256 and safetensors headers match index.json, "

@@ -132,6 +132,7 @@ def test_a_nan_config_value_is_refused(world):
     step, hf, tmp = world["step"], world["hf"], world["tmp"]
     _plant(step, mutate_config=lambda c: c.update(lora_alpha=float("nan")))
     before = _digests(hf, world["run"])
+    _refused(_cli("verify", step), "adapter_config.json: lora_alpha", "non-finite")
     _refused(_cli("export", step, "--out", tmp / "peft", "--hf-config", hf), "lora_alpha")
     _refused(_cli("merge", step, "--base", hf, "--out", tmp / "merged"), "lora_alpha")
     assert _digests(hf, world["run"]) == before and not (tmp / "peft").exists()
@@ -173,6 +174,16 @@ def test_train_and_evaluate_config_and_input_errors(tmp_path):
     _refused(_cli("train", cfg), str(cfg))
     _refused(_cli("train", ROOT / "configs/tiny.yaml", "--no-resume", "optim.lr=.nan"), "optim.lr", "nan")
     _refused(_cli("train", ROOT / "configs/tiny.yaml", "adapter.lora_alpha=.inf", "--no-resume"), "adapter.lora_alpha")
+    train = ("train", ROOT / "configs/tiny.yaml", "parallel.tensor=1", "eva=null", "export.peft_dir=null",
+             "export.verify_with_peft=false", "checkpoint.directory=null", "checkpoint.save_every=0", "optim.steps=1",
+             "optim.warmup_steps=0",
+             "logging.metrics_jsonl=null")
+    for name, content, needle in (("a.jsonl", '["not", "an object"]\n', "a.jsonl:1: each line must be a JSON object"),
+                                  ("b.jsonl", '{"text": 5}\n', "b.jsonl:1: 'text' must be a string"),
+                                  ("c.txt", b"\xff\xfe text", "c.txt: not UTF-8 text")):
+        data = tmp_path / name
+        data.write_bytes(content if isinstance(content, bytes) else content.encode())
+        _refused(_cli(*train, f"data.paths=[{data}]", cwd=tmp_path), needle)
     ids = tmp_path / "ids.txt"
     ids.write_text("1 2 -3\n")
     out = tmp_path / "logits.safetensors"
