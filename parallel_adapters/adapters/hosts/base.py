@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from parallel_adapters.adapters import functional as lf
-from parallel_adapters.adapters.hosts.dropout import SeededDropout, input_dropout
+from parallel_adapters.adapters.hosts.dropout import SeededDropout, input_dropout, tp_replicated_input
 from parallel_adapters.adapters.kinds.protocol import AdapterKind, AdapterSettings, AdapterView, TensorDecl
 from parallel_adapters.distributed.sharding import ShardedTensor
-from parallel_adapters.mcore.compat import LinearGeometry, base_bias, set_tensor_parallel_attributes
+from parallel_adapters.mcore.compat import (
+    LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
+)
 
 
 class _Holder(nn.Module):
@@ -52,7 +54,8 @@ class AdapterHost(nn.Module):
         self.module_name = module_name
         self.kinds: dict[str, AdapterKind] = {}
         self._declared: dict[str, tuple[str, ...]] = {}  # adapter -> its tensor names, in declaration order
-        self._dropout: dict[str, SeededDropout | Any | None] = {}
+        self._kind_attributes: set[str] = set()  # attributes made for kinds: tensor tables, hparam dicts, specs
+        self._dropout: dict[str, SeededDropout | TrackerDropout | None] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None
@@ -66,16 +69,14 @@ class AdapterHost(nn.Module):
         if name in self.kinds:
             raise ValueError(f"{self.module_name}: adapter {name!r} is already applied to this module")
         g = self.geometry
-        missing = sorted(kind.slots(g.parallel_mode) - self.SLOTS)
-        if missing:
-            raise NotImplementedError(f"{self.module_name}: adapter kind {kind.name!r} fills slot(s) {missing}, "
-                                      f"which {type(self).__name__} does not implement yet")
         decls = kind.tensors(g, settings.hparams)
+        self._check_declarations(kind, settings.hparams, decls)
         shards = {d.name: d.spec.shard(full_tensors[d.name], g.tp_rank, g.tp_size) for d in decls}
         for decl in decls:
             self._table(decl.name)[name] = self._holder(shards[decl.name], decl, trainable=True)
             if decl.spec_attribute:
-                self._publish(decl.spec_attribute, decl.spec)
+                self._kind_attributes.add(decl.spec_attribute)
+                setattr(self, decl.spec_attribute, decl.spec)
         self._set_hparams(name, kind, settings.hparams)
         self.kinds[name] = kind
         self._declared[name] = tuple(d.name for d in decls)
@@ -90,6 +91,7 @@ class AdapterHost(nn.Module):
         if name not in self.kinds:
             raise ValueError(f"{self.module_name}: no adapter {name!r}")
         kind, g = self.kinds[name], self.geometry
+        _check_hparams(kind, hparams)
         decls = kind.tensors(g, hparams)
         if sorted(local) != sorted(self._declared[name]):
             raise ValueError(f"{self.module_name}: adapter {name!r} has tensors {list(self._declared[name])}, "
@@ -111,7 +113,7 @@ class AdapterHost(nn.Module):
         for tensor_name in self._declared.pop(name):
             del self._table(tensor_name)[name]
         for hparam in kind.hyperparameters:
-            getattr(self, hparam).pop(name)
+            self.__dict__[hparam].pop(name)
         self._dropout.pop(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -127,7 +129,7 @@ class AdapterHost(nn.Module):
         return kind.tensors(self.geometry, self.hparams(name))
 
     def hparams(self, name: str) -> dict[str, Any]:
-        return {h: getattr(self, h)[name] for h in self.kinds[name].hyperparameters}
+        return {h: self.__dict__[h][name] for h in self.kinds[name].hyperparameters}
 
     def sharded_tensors(self, name: str) -> dict[str, ShardedTensor]:
         """This rank's shards of adapter `name` under global names `<module>.<tensor>.<name>.weight`."""
@@ -138,8 +140,7 @@ class AdapterHost(nn.Module):
 
     @property
     def input_is_tp_replicated(self) -> bool:
-        g = self.geometry
-        return g.parallel_mode == "column" and not g.sequence_parallel
+        return tp_replicated_input(self.geometry)
 
     def _running_views(self) -> list[AdapterView]:
         if self.disabled:
@@ -238,33 +239,42 @@ class AdapterHost(nn.Module):
         """The ModuleDict holding tensor `tensor_name` of every adapter (made on first use)."""
         table = self._modules.get(tensor_name)
         if table is None:
-            self._check_free(tensor_name)
             table = nn.ModuleDict()
+            self._kind_attributes.add(tensor_name)
             self.add_module(tensor_name, table)
         return table
 
     def _set_hparams(self, name: str, kind: AdapterKind, hparams: Mapping[str, Any]) -> None:
-        if set(hparams) != set(kind.hyperparameters):
-            raise ValueError(f"adapter kind {kind.name!r}: hyperparameters {sorted(hparams)} do not match "
-                             f"the declared {list(kind.hyperparameters)}")
         for hparam in kind.hyperparameters:
-            if hparam not in self.__dict__:
-                self._check_free(hparam)
+            if hparam not in self._kind_attributes:
+                self._kind_attributes.add(hparam)
                 self.__dict__[hparam] = {}
             self.__dict__[hparam][name] = hparams[hparam]
 
-    def _check_free(self, attribute: str) -> None:
-        if hasattr(type(self), attribute) or attribute in self.__dict__ or attribute in self._parameters:
-            raise ValueError(f"{self.module_name}: an adapter kind declares {attribute!r}, which the host uses")
-
-    def _publish(self, attribute: str, value: Any) -> None:
-        """Set a kind's published attribute (a tensor's ShardSpec), refusing to shadow the host's own."""
-        if attribute not in self.__dict__:
-            self._check_free(attribute)
-        setattr(self, attribute, value)
+    def _check_declarations(self, kind: AdapterKind, hparams: Mapping[str, Any], decls: tuple[TensorDecl, ...]) -> None:
+        """Before anything changes: the host implements every slot the kind fills, and the kind's
+        names (tensors, hyperparameters, published specs) shadow none of the host's attributes."""
+        missing = sorted(kind.slots(self.geometry.parallel_mode) - self.SLOTS)
+        if missing:
+            raise NotImplementedError(f"{self.module_name}: adapter kind {kind.name!r} fills slot(s) {missing}, "
+                                      f"which {type(self).__name__} does not implement yet")
+        _check_hparams(kind, hparams)
+        names = [*kind.hyperparameters, *(d.name for d in decls), *(d.spec_attribute for d in decls if d.spec_attribute)]
+        for attribute in names:
+            taken = (hasattr(type(self), attribute) or attribute in self.__dict__ or attribute in self._parameters
+                     or attribute in self._modules)
+            if taken and attribute not in self._kind_attributes:
+                raise ValueError(f"{self.module_name}: adapter kind {kind.name!r} declares {attribute!r}, "
+                                 "which the host uses")
 
     def _holder(self, tensor: torch.Tensor, decl: TensorDecl, trainable: bool) -> _Holder:
         holder = _Holder(tensor.to(device=self.weight.device, dtype=self.factor_dtype).clone())
         holder.weight.requires_grad_(trainable)
         set_tensor_parallel_attributes(holder.weight, decl.spec)
         return holder
+
+
+def _check_hparams(kind: AdapterKind, hparams: Mapping[str, Any]) -> None:
+    if set(hparams) != set(kind.hyperparameters):
+        raise ValueError(f"adapter kind {kind.name!r}: hyperparameters {sorted(hparams)} do not match "
+                         f"the declared {list(kind.hyperparameters)}")

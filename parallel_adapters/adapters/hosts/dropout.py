@@ -32,7 +32,12 @@ def input_dropout(p: float, seed: int, stream_prefix: str, module_name: str, ada
     nn.Linear: a private generator per module and call."""
     if geometry.parallel_mode == "replicated":
         return SeededDropout(p, lf.factor_seed(seed, module_name, adapter_name, f"dp{dp_rank}", "tp0"))
-    shared = geometry.parallel_mode == "column" and not geometry.sequence_parallel
+    shared = tp_replicated_input(geometry)
     stream = f"{stream_prefix}{adapter_name}/{'tp-shared' if shared else 'tp-rank'}"
     rank_key = "tp-shared" if shared else f"tp{geometry.tp_rank}"
     return TrackerDropout(p, stream, lf.factor_seed(seed, stream, f"dp{dp_rank}", f"pp{pp_rank}", rank_key))
+
+
+def tp_replicated_input(geometry: LinearGeometry) -> bool:
+    """Every TP rank sees the same input: a column layer without sequence parallelism."""
+    return geometry.parallel_mode == "column" and not geometry.sequence_parallel
