@@ -26,7 +26,7 @@ from parallel_adapters.adapters.kinds.protocol import (
 from parallel_adapters.config import LoraConfig, lora_scaling, pattern_value
 from parallel_adapters.mcore.compat import LinearGeometry
 
-A, B = "lora_A", "lora_B"
+LORA_A, LORA_B = "lora_A", "lora_B"  # tensor names: `<module>.lora_A.<adapter>.weight`, as PEFT
 
 
 class LoRAKind(AdapterKind):
@@ -56,31 +56,31 @@ class LoRAKind(AdapterKind):
     def tensors(self, geometry: LinearGeometry, hparams: Mapping[str, Any]) -> tuple[TensorDecl, ...]:
         spec_a, spec_b = lf.lora_factor_specs(geometry.parallel_mode, geometry.chunks)
         r = hparams["r"]
-        return (TensorDecl(A, (r, geometry.in_features), spec_a, "spec_a"),
-                TensorDecl(B, (geometry.out_features, r), spec_b, "spec_b"))
+        return (TensorDecl(LORA_A, (r, geometry.in_features), spec_a, "spec_a"),
+                TensorDecl(LORA_B, (geometry.out_features, r), spec_b, "spec_b"))
 
     def full_tensors(self, config: LoraConfig, geometry: LinearGeometry, hparams: Mapping[str, Any],
                      generator: torch.Generator) -> dict[str, torch.Tensor]:
         a, b = lf.init_lora_factors(geometry.out_features, geometry.in_features, hparams["r"],
                                     config.init_lora_weights, generator, torch.float64)
-        return {A: a, B: b}
+        return {LORA_A: a, LORA_B: b}
 
     def merged_delta(self, view: AdapterView) -> torch.Tensor:
         """s B_i A (column) or s B A_i (row): this shard's update, no communication."""
-        return lf.lora_delta(view.tensors[A], view.tensors[B], view.hparams["scaling"])
+        return lf.lora_delta(view.tensors[LORA_A], view.tensors[LORA_B], view.hparams["scaling"])
 
     def describe(self, hparams: Mapping[str, Any]) -> str:
         return f"r={hparams['r']}"
 
     def input_columns(self, view: AdapterView, x: torch.Tensor) -> torch.Tensor:
         """z = drop(x) A^T: [..., I] -> [..., r]."""
-        return lf.lora_down(x, view.tensors[A], view.dropout)
+        return lf.lora_down(x, view.tensors[LORA_A], view.dropout)
 
     def local_addend(self, view: AdapterView, x: torch.Tensor, y: torch.Tensor,
                      columns: torch.Tensor | None) -> torch.Tensor:
         """y + s z B^T, z the input columns where the host carried them, else computed here."""
         z = self.input_columns(view, x) if columns is None else columns
-        return lf.add_lora_up(y, z, view.tensors[B], view.hparams["scaling"])
+        return lf.add_lora_up(y, z, view.tensors[LORA_B], view.hparams["scaling"])
 
     partial_addend = local_addend  # the row layer's partial takes the same addend, before its reduction
 
@@ -91,4 +91,5 @@ LORA = register_kind(LoRAKind())
 def replace_factors(host, adapter_name: str, local_a: torch.Tensor, local_b: torch.Tensor,
                     r: int, alpha: float, scaling: float) -> None:
     """Swap in new factor SHARDS (possibly of another rank r) on `host`, e.g. from EVA."""
-    host.replace_tensors(adapter_name, {A: local_a, B: local_b}, {"r": r, "lora_alpha": alpha, "scaling": scaling})
+    hparams = {"r": r, "lora_alpha": alpha, "scaling": scaling}
+    host.replace_tensors(adapter_name, {LORA_A: local_a, LORA_B: local_b}, hparams)
