@@ -110,8 +110,12 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
     return (b.to(compute) @ a.to(compute)) * scaling
 
 
+def fold_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + delta, added in delta's dtype (float32 or wider) and cast back to W's dtype."""
+    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + s B A, accumulated in float32 (or wider) and cast back to W's dtype."""
-    delta = lora_delta(a, b, scaling)
-    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+    return fold_delta(weight, lora_delta(a, b, scaling))
 

@@ -1,4 +1,4 @@
-"""Find the modules a LoraConfig targets, and wrap them in place.
+"""Find the modules an adapter config targets, and wrap them in place in their hosts.
 
 Matching follows PEFT: a list entry matches a module whose name equals it or ends with
 "." + entry; a string is a regex that must match the whole name; "all-linear" takes every
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from parallel_adapters.adapters import functional as lf
-from parallel_adapters.adapters.lora import LORA_LAYER_FOR_MODE, LoRALayerBase
-from parallel_adapters.config import LoraConfig, lora_scaling, pattern_key_matches, pattern_value
+from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.hosts.linear import HOST_FOR_MODE
+from parallel_adapters.adapters.kinds.protocol import AdapterKind
+from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, parallel_mode_of
 
@@ -74,12 +76,13 @@ def _layer_index(global_name: str, layers_pattern) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
-    """Adaptable modules named by `config`, in model order.  ValueError if none match."""
+def find_targets(model: nn.Module, config: Any) -> list[Target]:
+    """Adaptable modules named by `config` (PEFT's target_modules, exclude_modules,
+    layers_to_transform, layers_pattern), in model order.  ValueError if none match."""
     names = global_module_names(model)
     candidates, targets = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, LoRALayerBase) and parallel_mode_of(module) is None:
+        if not isinstance(module, AdapterHost) and parallel_mode_of(module) is None:
             continue
         gname = names[name]
         candidates.append(gname)
@@ -95,29 +98,32 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     if not targets:
         shown = ", ".join(candidates[:40]) + (" ..." if len(candidates) > 40 else "")
         raise ValueError(
-            f"LoraConfig.target_modules={config.target_modules!r} matches no adaptable module. "
+            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no adaptable module. "
             f"Candidates: {shown or '(none: no linear layers found)'}"
         )
     return targets
 
 
-def check_patterns_match(config: LoraConfig, targets: Iterable[Target], *, local_only: bool) -> None:
-    """A rank_pattern / alpha_pattern key that matches no targeted module is a user error.
+def check_patterns_match(config: Any, kind: AdapterKind, targets: Iterable[Target], *,
+                         local_only: bool) -> None:
+    """A key of a pattern field (the kind's `pattern_fields`: LoRA's rank_pattern / alpha_pattern)
+    that matches no targeted module is a user error.
 
     Under pipeline parallelism a key may match only another stage's layers: callers pass
     local_only=True there and check globally instead.
     """
     names = [t.global_name for t in targets]
-    for field_name in ("rank_pattern", "alpha_pattern"):
+    for field_name in kind.pattern_fields:
         for key in getattr(config, field_name):
             if not any(pattern_key_matches(key, n) for n in names) and not local_only:
                 raise ValueError(
-                    f"LoraConfig.{field_name} key {key!r} matches no targeted module; targeted: "
+                    f"{type(config).__name__}.{field_name} key {key!r} matches no targeted module; targeted: "
                     + ", ".join(names[:20])
                 )
 
 
-def _check_geometry(target: Target, geometry: LinearGeometry, r: int) -> None:
+def check_divisible(target: Target, geometry: LinearGeometry) -> None:
+    """The base layer's split dimension must divide over the TP ranks (and its stride's blocks)."""
     if geometry.tp_size > 1:
         sharded = geometry.out_features if geometry.parallel_mode == "column" else geometry.in_features
         if geometry.parallel_mode in ("column", "row") and sharded % (geometry.tp_size * geometry.chunks):
@@ -125,39 +131,30 @@ def _check_geometry(target: Target, geometry: LinearGeometry, r: int) -> None:
                 f"module {target.global_name}: size {sharded} does not divide over "
                 f"{geometry.tp_size} tensor-parallel ranks"
             )
-    if r > min(geometry.in_features, geometry.out_features):
-        raise ValueError(
-            f"LoraConfig.r (or rank_pattern) = {r} for module {target.global_name} exceeds "
-            f"min(in_features={geometry.in_features}, out_features={geometry.out_features})"
-        )
 
 
-def wrap_targets(model: nn.Module, config: LoraConfig, groups: ParallelGroups, adapter_name: str,
-                 targets: list[Target], autocast_adapter_dtype: bool = True) -> list[LoRALayerBase]:
-    """Wrap each target in its LoRA layer (or add `adapter_name` to an existing wrapper)."""
-    layers = []
+def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: ParallelGroups,
+                 adapter_name: str, targets: list[Target], autocast_adapter_dtype: bool = True) -> list[AdapterHost]:
+    """Wrap each target in the host for its parallel mode (or reuse its host) and add adapter
+    `adapter_name` of `kind` to it."""
+    hosts = []
     for target in targets:
         module = target.module
-        if isinstance(module, LoRALayerBase):
-            layer, geometry = module, module.geometry
+        if isinstance(module, AdapterHost):
+            host, geometry = module, module.geometry
         else:
             geometry = linear_geometry(module, groups)
-            layer = None
-        r = pattern_value(target.global_name, config.rank_pattern, config.r)
-        alpha = pattern_value(target.global_name, config.alpha_pattern, config.lora_alpha)
-        _check_geometry(target, geometry, r)
-        if layer is None:
-            layer = LORA_LAYER_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name,
-                                                                 autocast_adapter_dtype)
-            _replace_module(model, target.name, layer)
-        generator = torch.Generator().manual_seed(lf.factor_seed(config.seed, target.global_name, adapter_name))
-        full_a, full_b = lf.init_lora_factors(
-            geometry.out_features, geometry.in_features, r, config.init_lora_weights, generator, torch.float64
-        )
-        layer.add_adapter(adapter_name, r, alpha, lora_scaling(alpha, r, config.use_rslora),
-                          config.lora_dropout, full_a, full_b, config.seed, groups.dp_rank, groups.pp_rank)
-        layers.append(layer)
-    return layers
+            host = None
+        check_divisible(target, geometry)
+        settings = kind.settings(config, target.global_name, geometry)
+        if host is None:
+            host = HOST_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name, autocast_adapter_dtype)
+            _replace_module(model, target.name, host)
+        generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
+        full = kind.full_tensors(config, geometry, settings.hparams, generator)
+        host.add_adapter(adapter_name, kind, settings, full, groups.dp_rank, groups.pp_rank)
+        hosts.append(host)
+    return hosts
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -166,8 +163,8 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def adapted_layers(model: nn.Module) -> list[tuple[str, LoRALayerBase]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayerBase)]
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdapterHost]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterHost)]
 
 
 def unwrap_all(model: nn.Module) -> None:

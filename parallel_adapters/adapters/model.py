@@ -1,4 +1,8 @@
-"""AdapterModel: a Megatron model with named LoRA adapters, managed the way PEFT manages them."""
+"""AdapterModel: a Megatron model with named adapters, managed the way PEFT manages them.
+
+Generic over adapter kinds (docs/design.md section 4b): the config picks the kind
+(`kinds.kind_for_config`), and everything here iterates over the hosts and each adapter's
+declared tensors; no kind's tensor names appear in this module."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +18,10 @@ from parallel_adapters.adapters.inject import (
     unwrap_all,
     wrap_targets,
 )
-from parallel_adapters.adapters.lora import LoRALayerBase
+from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.kinds import kind_for_config
 from parallel_adapters.config import LoraConfig
-from parallel_adapters.distributed import collectives as C
+from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.mcore.compat import (
@@ -28,11 +33,12 @@ TRACKER_KEY = "rng-tracker/"  # prefix of the RNG-tracker states in a checkpoint
 
 
 class AdapterModel(nn.Module):
-    """Wraps a Megatron (or plain torch) model whose target layers carry LoRA adapters.
+    """Wraps a Megatron (or plain torch) model whose target layers carry adapters (LoRA, or any
+    registered kind).
 
-    Calling it calls the wrapped model.  Only adapter factors (and what `bias` /
+    Calling it calls the wrapped model.  Only adapter tensors (and what `bias` /
     `modules_to_save` name) are trainable.  After each backward pass and before the optimizer
-    step, call `finalize_grads()` to sum TP-replicated factor gradients (one all-reduce).
+    step, call `finalize_grads()` to sum TP-replicated tensors' gradients (one all-reduce).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str, groups: ParallelGroups,
@@ -59,11 +65,10 @@ class AdapterModel(nn.Module):
         """Add adapter `adapter_name` to the layers `config` targets; it is not made active."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; use another adapter_name")
-        if not isinstance(config, LoraConfig):
-            raise ValueError(f"config must be a parallel_adapters.LoraConfig, got {type(config).__name__}")
+        kind = kind_for_config(config)
         targets = find_targets(self.model, config)
-        check_patterns_match(config, targets, local_only=self.groups.pp_size > 1)
-        wrap_targets(self.model, config, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
+        check_patterns_match(config, kind, targets, local_only=self.groups.pp_size > 1)
+        wrap_targets(self.model, config, kind, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         self._set_trainable()
 
@@ -72,14 +77,14 @@ class AdapterModel(nn.Module):
         for _, layer in adapted_layers(self.model):
             if layer.merged_adapters:
                 raise ValueError("unmerge the merged adapter(s) before switching the active adapter")
-            layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
+            layer.active_adapters = [adapter_name] if layer.has_adapter(adapter_name) else []
         self.active_adapter = adapter_name
         self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)
         for _, layer in adapted_layers(self.model):
-            if adapter_name in layer.lora_A:
+            if layer.has_adapter(adapter_name):
                 layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
@@ -111,7 +116,7 @@ class AdapterModel(nn.Module):
         for name in adapter_names or []:
             self._require(name)
         for _, layer in adapted_layers(self.model):
-            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+            names = [n for n in (adapter_names or layer.active_adapters) if layer.has_adapter(n)]
             layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -123,7 +128,7 @@ class AdapterModel(nn.Module):
         """Merge, then return the plain model with the base layers back in place."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         for _, layer in adapted_layers(self.model):
-            layer._unmerged_weight = None
+            layer.forget_unmerge()
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -138,15 +143,15 @@ class AdapterModel(nn.Module):
     # -- training ------------------------------------------------------------------------------
 
     def finalize_grads(self, data_parallel: bool = False) -> None:
-        """Sum over TP the gradients that are per-rank partials (replicated factors): one all-reduce.
+        """Sum over TP the gradients that are per-rank partials (replicated tensors): one all-reduce.
 
         With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper), also average every
         trainable gradient over the data-parallel group: one more coalesced all-reduce.
         """
-        C.all_reduce_coalesced_(self._grads(self._partial_grad_params()), self.groups.tp_group)
+        collectives.all_reduce_coalesced_(self._grads(self._partial_grad_params()), self.groups.tp_group)
         if data_parallel and self.groups.dp_size > 1:
             grads = self._grads(p for p in self.parameters() if p.requires_grad)
-            C.all_reduce_coalesced_(grads, self.groups.dp_group)
+            collectives.all_reduce_coalesced_(grads, self.groups.dp_group)
             for grad in grads:
                 grad.div_(self.groups.dp_size)
 
@@ -170,14 +175,8 @@ class AdapterModel(nn.Module):
         self._require(adapter_name)
         out = {}
         for _, layer in adapted_layers(self.model):
-            if adapter_name not in layer.lora_A:
-                continue
-            g = layer.geometry
-            shapes = {"lora_A": (layer.r[adapter_name], g.in_features), "lora_B": (g.out_features, layer.r[adapter_name])}
-            for factor, spec in (("lora_A", layer.spec_a), ("lora_B", layer.spec_b)):
-                param = getattr(layer, factor)[adapter_name].weight
-                key = f"{layer.module_name}.{factor}.{adapter_name}.weight"
-                out[key] = ShardedTensor(param.detach(), spec, shapes[factor])
+            if layer.has_adapter(adapter_name):
+                out.update(layer.sharded_tensors(adapter_name))
         return out
 
     def tracker_rng_states(self) -> dict[str, torch.Tensor]:
@@ -191,7 +190,7 @@ class AdapterModel(nn.Module):
         if mine:
             set_tracker_states(mine)
 
-    def adapter_layers(self) -> list[tuple[str, LoRALayerBase]]:
+    def adapter_layers(self) -> list[tuple[str, AdapterHost]]:
         return adapted_layers(self.model)
 
     # -- reporting -----------------------------------------------------------------------------
@@ -222,9 +221,9 @@ class AdapterModel(nn.Module):
             return
         layers = adapted_layers(self.model)
         for _, layer in layers:
-            if self.active_adapter in layer.lora_A:
-                layer.lora_A[self.active_adapter].weight.requires_grad_(True)
-                layer.lora_B[self.active_adapter].weight.requires_grad_(True)
+            if layer.has_adapter(self.active_adapter):
+                for param in layer.adapter_tensors(self.active_adapter).values():
+                    param.requires_grad_(True)
         for param in self._extra_trainable(config, layers):
             param.requires_grad_(True)
 
@@ -236,7 +235,7 @@ class AdapterModel(nn.Module):
         for suffix in config.modules_to_save or []:
             matched = [m for n, m in self.model.named_modules() if n == suffix or n.endswith("." + suffix)]
             if not matched:
-                raise ValueError(f"LoraConfig.modules_to_save entry {suffix!r} matches no module")
+                raise ValueError(f"{type(config).__name__}.modules_to_save entry {suffix!r} matches no module")
             for module in matched:
                 yield from module.parameters()
 
@@ -259,7 +258,8 @@ def _require_input_grads(model: nn.Module):
 
 def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                       groups: ParallelGroups | None = None, autocast_adapter_dtype: bool = True) -> AdapterModel:
-    """Wrap `model`'s target layers with LoRA adapters and freeze everything else.
+    """Wrap `model`'s target layers with adapters of the kind `config` names (LoRA for a
+    LoraConfig) and freeze everything else.
 
     `groups` defaults to Megatron's initialised parallel state (ValueError if there is none).
     `autocast_adapter_dtype` (PEFT's argument): on a float16/bfloat16 base, keep the factors in

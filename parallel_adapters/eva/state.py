@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
+from parallel_adapters.adapters.kinds.lora import replace_factors
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig, lora_scaling
@@ -57,7 +58,7 @@ def load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name:
             continue
         g = layer.geometry
         local_b = torch.zeros(layer.spec_b.local_shape((g.out_features, k), g.tp_size))
-        layer.replace_factors(adapter_name, local_a, local_b, k, alpha, lora_scaling(alpha, k, config.use_rslora))
+        replace_factors(layer, adapter_name, local_a, local_b, k, alpha, lora_scaling(alpha, k, config.use_rslora))
     groups = model.groups
     stages = [result] if groups.pp_size == 1 else C.all_gather_objects(result, groups.pp_group)
     merged = {k: v for st in stages for k, v in st.items()}

@@ -112,7 +112,7 @@ def merge_job():
         adapter.unmerge_adapter()
         restored_exactly = all(torch.equal(l.weight, originals[n]) for n, l in adapter.adapter_layers())
         plain = adapter.merge_and_unload()
-        from parallel_adapters.adapters.lora import LoRALayerBase
+        from parallel_adapters.adapters.hosts.base import AdapterHost as LoRALayerBase
 
         no_wrappers = not any(isinstance(m, LoRALayerBase) for m in plain.modules())
         unloaded = gpt_logits(plain, input_ids)

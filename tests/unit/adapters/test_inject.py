@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from parallel_adapters import LoraConfig, ParallelGroups, get_adapter_model
-from parallel_adapters.adapters.lora import LoRALayerBase, ReplicatedLoRA
+from parallel_adapters.adapters.hosts.base import AdapterHost as LoRALayerBase
+from parallel_adapters.adapters.hosts.linear import ReplicatedHost as ReplicatedLoRA
 
 SINGLE = ParallelGroups.single()
 
@@ -191,12 +192,12 @@ def test_megatron_model_without_parallel_state_is_refused():
 
 
 def test_module_size_that_tp_does_not_divide_is_named():
-    from parallel_adapters.adapters.inject import Target, _check_geometry
+    from parallel_adapters.adapters.inject import Target, check_divisible
     from parallel_adapters.mcore.compat import LinearGeometry
 
     geometry = LinearGeometry("column", 16, 30, 1, None, 4, 0, False, False, True, False)
     with pytest.raises(ValueError, match=r"module decoder\.layers\.0\.mlp\.linear_fc1: size 30 does not divide over 4"):
-        _check_geometry(Target("x", "decoder.layers.0.mlp.linear_fc1", nn.Identity()), geometry, 2)
+        check_divisible(Target("x", "decoder.layers.0.mlp.linear_fc1", nn.Identity()), geometry)
 
 
 def test_half_precision_base_keeps_float32_factors_and_trains_them():

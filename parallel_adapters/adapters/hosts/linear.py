@@ -1,0 +1,137 @@
+"""Hosts for Megatron's column- and row-parallel linear layers and for plain nn.Linear.
+
+Legend: T tokens (any leading dims, Megatron's [S, B]), I in, O out, t = TP size.
+
+The hosts compute the frozen base matmul themselves (F.linear on the base's own weight and bias)
+instead of calling the base layer's forward, so that every adapter rides inside the base's single
+collective.  No collective is added per micro-batch; a TP-replicated adapter tensor's gradient is
+a per-rank partial that `finalize_grads` sums once per optimizer step.  Slots (kinds/protocol.py)
+implemented here; the others raise NotImplementedError when a kind asks for them:
+
+    host        slots                          the ONE collective (forward / backward)
+    column      input_columns, local_addend    copy_to (identity / all-reduce of dx), or under SP
+                                               all-gather of [x | columns] / reduce-scatter
+    row         partial_addend                 all-reduce of the partial (SP: reduce-scatter) /
+                                               identity (SP: all-gather)
+    replicated  local_addend                   none
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.kinds.protocol import INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterView
+from parallel_adapters.distributed import collectives
+
+
+class _MegatronStateMixin:
+    """Megatron's linear layers carry `_extra_state` in their state dict; keep that key."""
+
+    def get_extra_state(self):
+        return self._base.get_extra_state()
+
+    def set_extra_state(self, state) -> None:
+        self._base.set_extra_state(state)
+
+
+class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
+    """Adapters on a column-parallel base (LoRA: A [r, I] replicated, B_i [O/t, r], z = drop(x) A^T).
+
+    Shards (rank i of t):  W_i [O/t, I] (frozen); adapter tensors as their kind declares.
+    forward, SP off:  x -> copy_to (identity) -> columns c = input_columns(x) ->
+                      y_i = local_addend(x W_i^T (+ b_i), c)
+    backward, SP off: the copy_to all-reduce of dx carries base + adapters (ONE all-reduce, as the
+                      base alone); replicated adapter tensors' gradients are partial ->
+                      summed in finalize_grads.
+    forward, SP on:   [x_local | c_local] (the input columns of every adapter) -> ONE all-gather
+                      along the sequence -> y_i = local_addend(x W_i^T, c)
+    backward, SP on:  [dx | dc] -> ONE reduce-scatter.
+    gather_output:    the base's all-gather of y (adapters already inside y).
+    Returns (output, bias) where bias is not None only with skip_bias_add.
+    """
+
+    SLOTS = frozenset({INPUT_COLUMNS, LOCAL_ADDEND})
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None):
+        g = self.geometry
+        weight = self.weight if weight is None else weight
+        views = self._running_views()
+        if g.sequence_parallel:
+            x, columns = self._gather_with_input_columns(x, views)
+        else:
+            x = collectives.copy_to_group(x, g.tp_group)
+            columns = [_input_columns(view, x) for view in views]
+        y = F.linear(x, weight, None if g.skip_bias_add else self.bias)
+        for view, cols in zip(views, columns):
+            y = view.kind.local_addend(view, x, y, cols)
+        gather = g.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            y = collectives.gather_last_dim(y, g.tp_group)
+        return y, (self.bias if g.skip_bias_add else None)
+
+    def _gather_with_input_columns(self, x_local: torch.Tensor, views: list[AdapterView]):
+        """All-gather [x | c_1 | c_2 ...] along the sequence in one collective; split it again.
+        Returns (x, one entry per view: its gathered columns, or None)."""
+        columns_local = [_input_columns(view, x_local) for view in views]
+        present = [c for c in columns_local if c is not None]
+        if not present:
+            return collectives.gather_sequence(x_local, self.geometry.tp_group), columns_local
+        widths = [x_local.shape[-1]] + [c.shape[-1] for c in present]
+        full = collectives.gather_sequence(torch.cat([x_local, *present], dim=-1), self.geometry.tp_group)
+        x_full, *gathered = full.split(widths, dim=-1)
+        gathered_iter = iter(gathered)
+        return x_full, [None if c is None else next(gathered_iter) for c in columns_local]
+
+
+class RowParallelHost(_MegatronStateMixin, AdapterHost):
+    """Adapters on a row-parallel base (LoRA: A_i [r, I/t], B [O, r] replicated).
+
+    Shards (rank i of t):  W_i [O, I/t] (frozen); adapter tensors as their kind declares.
+    forward:   p_i = partial_addend(x_i W_i^T)  -> ONE all-reduce (SP off) or ONE reduce-scatter
+               along the sequence (SP on), as the base alone; bias after it.
+    backward:  dy arrives complete (all-reduce backward is identity; reduce-scatter backward is
+               the base's all-gather); dx_i and the split adapter tensors' gradients complete;
+               replicated ones partial -> finalize_grads.
+    input_is_parallel=False: x is split here (backward: all-gather of dx), as Megatron does.
+    """
+
+    SLOTS = frozenset({PARTIAL_ADDEND})
+
+    def forward(self, x: torch.Tensor):
+        g = self.geometry
+        if not g.input_is_parallel:
+            x = collectives.scatter_last_dim(x, g.tp_group)
+        partial = F.linear(x, self.weight)
+        for view in self._running_views():
+            partial = view.kind.partial_addend(view, x, partial, None)
+        if g.sequence_parallel:
+            y = collectives.reduce_scatter_sequence(partial, g.tp_group)
+        else:
+            y = collectives.reduce_from_group(partial, g.tp_group)
+        if g.skip_bias_add:
+            return y, self.bias
+        return (y + self.bias if self.bias is not None else y), None
+
+
+class ReplicatedHost(AdapterHost):
+    """Adapters on a plain nn.Linear (not tensor-parallel): y = local_addend(x W^T + b).
+
+    Returns a tensor, like the nn.Linear it wraps.
+    """
+
+    SLOTS = frozenset({LOCAL_ADDEND})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for view in self._running_views():
+            y = view.kind.local_addend(view, x, y, None)
+        return y
+
+
+HOST_FOR_MODE = {"column": ColumnParallelHost, "row": RowParallelHost, "replicated": ReplicatedHost}
+
+
+def _input_columns(view: AdapterView, x: torch.Tensor) -> torch.Tensor | None:
+    return view.kind.input_columns(view, x) if INPUT_COLUMNS in view.slots else None

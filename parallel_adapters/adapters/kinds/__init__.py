@@ -1,0 +1,58 @@
+"""Adapter kinds, registered by name (docs/design.md section 4b).
+
+A kind is an `AdapterKind` instance (`kinds/protocol.py`).  The built-in kinds register
+themselves when their module is imported, which the first lookup does; `register_kind` adds
+another kind from anywhere.  `get_adapter_model` picks the kind whose `config_class` the config
+is an instance of.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from parallel_adapters.adapters.kinds.protocol import SLOTS, AdapterKind
+
+_BUILTIN_MODULES = ("parallel_adapters.adapters.kinds.lora",)
+_REGISTRY: dict[str, AdapterKind] = {}
+
+
+def register_kind(kind: AdapterKind, *, replace: bool = False) -> AdapterKind:
+    """Register `kind` under `kind.name`; ValueError if the name is taken (unless `replace`) or
+    the kind declares a slot that does not exist.  Returns the kind."""
+    _load_builtins()
+    if not isinstance(kind, AdapterKind) or not kind.name:
+        raise ValueError(f"register_kind: expected a named AdapterKind instance, got {kind!r}")
+    unknown = sorted({s for slots in kind.slot_table.values() for s in slots} - set(SLOTS))
+    if unknown:
+        raise ValueError(f"adapter kind {kind.name!r} fills unknown slot(s) {unknown}; slots are {list(SLOTS)}")
+    if kind.name in _REGISTRY and not replace and _REGISTRY[kind.name] is not kind:
+        raise ValueError(f"an adapter kind named {kind.name!r} is already registered")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> AdapterKind:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown adapter kind {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def kind_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def kind_for_config(config: Any) -> AdapterKind:
+    """The registered kind whose config class `config` is an instance of."""
+    _load_builtins()
+    for kind in _REGISTRY.values():
+        if isinstance(config, kind.config_class):
+            return kind
+    wanted = " or ".join(f"parallel_adapters.{k.config_class.__name__}" for k in _REGISTRY.values())
+    raise ValueError(f"config must be a {wanted}, got {type(config).__name__}")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)  # registers its kind on first import

@@ -1,0 +1,153 @@
+"""The adapter-kind protocol: what a kind declares, and the slots a host offers it
+(docs/design.md section 4b).
+
+A HOST (`adapters/hosts/`) owns a frozen base layer, its geometry and the ONE collective of its
+forward.  A KIND (LoRA, ...) never communicates: it declares its tensors and fills some of the
+host's fixed slots, each a pure function of this rank's shards:
+
+    slot               what the kind returns                          where the host puts it
+    input_columns      extra columns [..., c] computed from the       column host: inside the input
+                       local input                                    all-gather under SP (else after
+                                                                      the copy_to), handed back to
+                                                                      local_addend
+    local_addend       y + addend (the kind does the add, so it can   column, replicated: after the
+                       fold its scale into it)                        local matmul
+    partial_addend     partial + addend                               row: before the ONE reduction
+    input_scale        x * scale (IA3 on the input)                   declared, not implemented yet
+    output_scale       y * scale                                      declared, not implemented yet
+    weight_delta       a per-shard delta folded into the base matmul  declared, not implemented yet
+    reduction_payload  a small tensor that rides inside the base's    declared, not implemented yet
+                       all-reduce / reduce-scatter and comes back
+                       summed over TP (DoRA's row norms)
+
+A host refuses (NotImplementedError, naming the slot) a kind that fills a slot the host does not
+implement; each host lists its slots in `AdapterHost.SLOTS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+
+from parallel_adapters.distributed.sharding import ShardSpec
+from parallel_adapters.mcore.compat import LinearGeometry
+
+INPUT_COLUMNS = "input_columns"
+LOCAL_ADDEND = "local_addend"
+PARTIAL_ADDEND = "partial_addend"
+INPUT_SCALE = "input_scale"
+OUTPUT_SCALE = "output_scale"
+WEIGHT_DELTA = "weight_delta"
+REDUCTION_PAYLOAD = "reduction_payload"
+SLOTS = (INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, INPUT_SCALE, OUTPUT_SCALE, WEIGHT_DELTA, REDUCTION_PAYLOAD)
+"""Every slot a kind may fill (module docstring); hosts implement a subset."""
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """One tensor of an adapter on one host, as the kind declares it."""
+
+    name: str
+    """Attribute on the host and state-dict segment: `<module>.<name>.<adapter>.weight`."""
+    global_shape: tuple[int, ...]
+    """The full (unsharded) shape."""
+    spec: ShardSpec
+    """How it is split over TP on this host's parallel mode."""
+    spec_attribute: str | None = None
+    """If set, the host publishes `spec` under this attribute name (LoRA: `spec_a`, `spec_b`)."""
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What a kind derives from its config for one targeted module."""
+
+    hparams: dict[str, Any]
+    """Per-adapter values the host publishes as dicts keyed by adapter name (LoRA: `r`,
+    `lora_alpha`, `scaling`); the names are the kind's `hyperparameters`."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter input (0: none); the host draws the masks."""
+    seed: int = 0
+    """Base seed of the full-tensor initialisation and of the dropout streams."""
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """What a kind's slot functions see of one adapter on one rank's host."""
+
+    name: str
+    kind: "AdapterKind"
+    slots: frozenset[str]
+    tensors: Mapping[str, torch.Tensor]
+    """This rank's shards, by declared name."""
+    hparams: Mapping[str, Any]
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None
+    """The host's input dropout for this adapter; None when not training or p = 0."""
+    geometry: LinearGeometry
+
+
+class AdapterKind:
+    """Base class of adapter kinds.  A kind module subclasses it, sets the class attributes and
+    implements `settings`, `tensors`, `full_tensors`, `merged_delta` and the slots it fills; it
+    is registered by name with `adapters.kinds.register_kind`.  Kinds hold no state: everything
+    per adapter lives on the host."""
+
+    name: str = ""
+    """Registry key ("lora")."""
+    config_class: type = type(None)
+    """The config type `get_adapter_model` maps to this kind."""
+    peft_type: str = ""
+    """adapter_config.json's `peft_type` ("LORA")."""
+    hyperparameters: tuple[str, ...] = ()
+    """Names of the per-adapter dicts the host publishes (keys of AdapterSettings.hparams)."""
+    pattern_fields: tuple[str, ...] = ()
+    """Config fields mapping module-name patterns to values; a key matching no target is an error."""
+    dropout_stream: str = ""
+    """Prefix of this kind's dropout streams in Megatron's RNG tracker (checkpointed by name)."""
+    slot_table: Mapping[str, frozenset[str]] = MappingProxyType({})
+    """Parallel mode ("column", "row", "replicated") -> the slots this kind fills there."""
+
+    def slots(self, parallel_mode: str) -> frozenset[str]:
+        if parallel_mode not in self.slot_table:
+            raise ValueError(f"adapter kind {self.name!r} has no form for a {parallel_mode!r} layer")
+        return self.slot_table[parallel_mode]
+
+    def settings(self, config: Any, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
+        """Per-module settings from the config; ValueError naming the field for a bad value."""
+        raise NotImplementedError
+
+    def tensors(self, geometry: LinearGeometry, hparams: Mapping[str, Any]) -> tuple[TensorDecl, ...]:
+        """The declared tensors on a host of this geometry, in registration order."""
+        raise NotImplementedError
+
+    def full_tensors(self, config: Any, geometry: LinearGeometry, hparams: Mapping[str, Any],
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """FULL initial tensors (float64, drawn from `generator` seeded identically on every rank),
+        so TP=1 and TP=k start from the same adapter; the host keeps its shards."""
+        raise NotImplementedError
+
+    def merged_delta(self, view: AdapterView) -> torch.Tensor:
+        """This shard's weight update, shaped like the host's weight shard, float32 or wider."""
+        raise NotImplementedError
+
+    def describe(self, hparams: Mapping[str, Any]) -> str:
+        """A short summary for reprs and messages ("r=4")."""
+        return ", ".join(f"{k}={v}" for k, v in hparams.items())
+
+    def peft_key(self, tensor_name: str) -> str:
+        """The key suffix PEFT stores this tensor under (after the module path, no adapter name)."""
+        return f"{tensor_name}.weight"
+
+    # -- slots (fill those in `slot_table`) ----------------------------------------------------
+
+    def input_columns(self, view: AdapterView, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {INPUT_COLUMNS}")
+
+    def local_addend(self, view: AdapterView, x: torch.Tensor, y: torch.Tensor,
+                     columns: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {LOCAL_ADDEND}")
+
+    def partial_addend(self, view: AdapterView, x: torch.Tensor, partial: torch.Tensor,
+                       columns: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {PARTIAL_ADDEND}")
