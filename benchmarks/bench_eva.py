@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""EVA benchmark (DESIGN.md section 9): ours vs PEFT 0.21.2's EVA with gather_distributed_inputs=True.
+"""EVA benchmark (docs/design.md section 9): ours vs PEFT 0.21.2's EVA with gather_distributed_inputs=True.
 
 Model: a Hugging Face style stack (token embedding, then 4 nn.Linear(512, 512) in sequence, each
 changing the decay of the signal's spectrum, so the layers get different ranks), the same for both (PEFT needs plain nn.Linear; ours wraps them as ReplicatedLoRA under data

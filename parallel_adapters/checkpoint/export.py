@@ -94,7 +94,7 @@ class ModulePlan:
     alpha: float
     scaling: float
     in_features: int
-    segments: tuple  # row segments of B (hf_layout.Segment), HF module names without suffix
+    segments: tuple  # row segments of B (hf.mapping.Segment), HF module names without suffix
     hf_modules: tuple[str, ...]
 
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, HFLoraFactor]:

@@ -183,9 +183,8 @@ class _EvaBatches:
 
 
 def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -> None:
-    """EVA initialisation of the A factors (collective).  INTEGRATION POINT: parallel_adapters.eva.
-    initialize.initialize_eva_weights(model, dataloader, show_progress_bar=...) with its default
-    Megatron forward (PP through mcore.schedule.forward_only)."""
+    """EVA initialisation of the A factors (collective): `eva.initialize.initialize_eva_weights`
+    with its default Megatron forward (PP through mcore.schedule.forward_only)."""
     try:
         from parallel_adapters.eva.initialize import initialize_eva_weights
     except ImportError as exc:
