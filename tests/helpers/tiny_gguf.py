@@ -19,6 +19,8 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              head_dim=16, rms_norm_eps=3e-6, rope_theta=5e4, max_position_embeddings=64, initializer_range=0.08)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["t h", "th e", "r i", "ri v", "riv e", "rive r", "Ġ river"]
+SHAPE_TP3 = SHAPE | dict(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=3)
+"""Head counts like SmolLM2's (3 KV groups): they split over TP=3 only."""
 QUANTISED_LAYER = 1
 
 
@@ -69,6 +71,18 @@ def _qtype(hf_name: str):
     return Q.F32
 
 
+def make_tiny_gguf(directory: str | Path, shape: dict | None = None) -> Path:
+    """`directory`/tiny.Q4_1.gguf, written from a tiny tied HF Llama of `shape` (default SHAPE)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers.tiny_llama import make_tiny_llama
+
+    directory = Path(directory)
+    hf_dir = make_tiny_llama(directory / "hf", tie=True, **(shape or SHAPE), vocab_size=len(vocabulary()))
+    write_tiny_gguf(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), directory / "tiny.Q4_1.gguf")
+    return directory / "tiny.Q4_1.gguf"
+
+
 def write_tiny_gguf(hf_model, path: str | Path, name: str = "Tiny Llama") -> dict[str, torch.Tensor]:
     """Write `hf_model` (a tied LlamaForCausalLM over `vocabulary()`) as a GGUF file; returns the
     HF-named tensors a correct conversion must give back (F32 exact, the rest de-quantised)."""
@@ -85,7 +99,7 @@ def write_tiny_gguf(hf_model, path: str | Path, name: str = "Tiny Llama") -> dic
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(SHAPE["rope_theta"])
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(len(vocab))
     writer.add_rope_dimension_count(cfg.head_dim)
