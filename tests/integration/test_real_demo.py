@@ -5,6 +5,7 @@ after on paragraphs of any length, sample generations, summary), as scripts/demo
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def test_real_demo_on_a_tiny_gguf(tmp_path):
     assert rows["layout"] == "TP=3, sequence parallel on, 3 CPU ranks"
     before, after = (float(x) for x in rows["held-out perplexity"].split(" (")[0].split(" -> "))
     assert after < before
-    assert float(rows["PEFT + transformers vs Megatron"].split("= ")[1].split(" ")[0]) <= 1e-4
+    diff, limit = (float(x) for x in re.findall(r"[0-9.]+e[-+][0-9]+", rows["PEFT + transformers vs Megatron"]))
+    assert diff <= limit == 1e-4  # the tiny model's logits stay under 10
     assert rows["steps, throughput"].startswith("8,")
     assert "'The capital of France is' base" in rows and "'The capital of France is' adapted" in rows
     assert (tmp_path / "runs/demo-real/peft_adapter/adapter_model.safetensors").is_file()
