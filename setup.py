@@ -20,7 +20,7 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         # Only on CUDA machines: a half-installed transformer-engine breaks `import megatron.core`.
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest==9.2.0", "transformers==5.23.0", "peft==0.21.2"],
+        "dev": ["pytest==9.2.0", "transformers==5.23.0", "peft==0.21.2", "gguf==0.19.0"],
     },
     entry_points={"console_scripts": ["parallel-adapters=parallel_adapters.cli:main"]},
 )

@@ -55,7 +55,10 @@ class TrainResult:
     metrics_path: str | None = None
     ranks: dict[str, int] = field(default_factory=dict)
     peft_max_logit_diff: float | None = None
-    """export.verify_with_peft: max |PEFT logits - Megatron logits| (checked against 1e-4)."""
+    """export.verify_with_peft: max |PEFT logits - Megatron logits| (at most peft_logit_limit)."""
+    peft_logit_limit: float | None = None
+    """The limit that difference was checked against (train.finish.peft_tolerance: 1e-4 on a float32
+    base with logits up to 10)."""
     adapter_shards: dict[str, Any] | None = None
     """With return_adapter_shards=True: this rank's adapter tensors (ShardedTensor) after training."""
 
@@ -366,8 +369,8 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
     if peft_dir is not None:
         result.export_dir = export_adapter(model, out.last_checkpoint or resume_from, peft_dir, hf_dir, opts.overwrite)
         if config.export.verify_with_peft:
-            result.peft_max_logit_diff = verify_with_peft(model, engine, samples[:2, 0], peft_dir, hf_dir,
-                                                          settings.vocab_size)
+            result.peft_max_logit_diff, result.peft_logit_limit = verify_with_peft(
+                model, engine, samples[:2, 0], peft_dir, hf_dir, settings.vocab_size)
     return result
 
 

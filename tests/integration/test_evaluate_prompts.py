@@ -23,6 +23,7 @@ from tests.helpers.tiny_llama import TINY_TP3, make_tiny_llama, sample_ids
 from tests.mcore import hf_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # in PEFT
 PROMPTS = [torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n)) for n in (10, 8, 7)]
 
 

@@ -15,7 +15,7 @@ ALLOWED lists; docs/design.md section 3):
     eva                                   distributed EVA initialisation
     interop                               the only transformers/peft importer
     train                                 run config, engine, loop, runner
-    demo, cli, __main__                   entry points
+    demo, real_demo, cli, __main__        entry points
     (parallel_adapters/__init__.py: the public API, above everything; it imports lazily by name)
 """
 import ast
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "parallel_adapters"
 ORDER = ["user_errors", "config", "ops", "storage", "distributed", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
-         "train", "demo", "cli", "__main__"]
+         "train", "demo", "real_demo", "cli", "__main__"]
 """Top-level packages and modules of parallel_adapters, bottom first."""
 ALLOWED: dict[str, set[str]] = {
     "user_errors": set(),
@@ -41,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "interop": set(),
     "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore", "user_errors"},
     "demo": {"checkpoint", "distributed", "mcore", "train", "user_errors"},
+    "real_demo": {"checkpoint", "distributed", "interop", "mcore", "train", "user_errors"},
     "cli": {"checkpoint", "train", "user_errors"},
     "__main__": {"cli"},
 }
