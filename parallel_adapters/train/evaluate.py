@@ -25,7 +25,8 @@ from parallel_adapters.checkpoint.layout import TMP_MARKER
 from parallel_adapters.checkpoint.outputs import check_output_file, checkpoint_inputs, make_parents, remove_created
 from parallel_adapters.train.run_config import RunConfig
 from parallel_adapters.user_errors import alike_on_every_rank
-from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model, init_distributed
+from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model
 from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
 
 

@@ -17,9 +17,7 @@ import argparse
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.train.cli_args import add_train_arguments
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.resume import engine_and_state
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
 from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
 from parallel_adapters.user_errors import alike_on_every_rank, run_command
@@ -66,42 +66,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------
-
-def init_distributed(timeout_s: float) -> bool:
-    """Join (or create) the default process group; True if this call created it.  Without torchrun
-    variables a single-process group is made, so `run_training` also runs as a plain script."""
-    if dist.is_initialized():
-        return False
-    if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
-        os.environ["MASTER_PORT"] = str(_free_port())  # two single-process runs must not collide
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, timeout=timeout, **_elastic_attempt_store(timeout))
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _elastic_attempt_store(timeout: timedelta) -> dict:
-    """Under torchrun the workers share the agent's store across restarts, and torch keys process
-    groups by name only: after `--max-restarts` the new attempt's groups would meet the killed
-    attempt's keys and wait forever.  One key prefix per attempt keeps them apart."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"parallel_adapters/attempt_{attempt}", store),
-            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
-
 
 def _tokenizer(config: RunConfig) -> tuple[Any, int, int]:
     """(encode function, eos id, vocab size) of data.tokenizer."""
@@ -272,64 +236,8 @@ def _build_and_train(config: RunConfig, layout: Layout, opts: _Options, groups: 
         raise ValueError(f"the tokenizer has {vocab} ids but the model's vocabulary is {settings.vocab_size}")
     if resume_from is None and model.peft_config[model.active_adapter].init_lora_weights == "eva":
         run_eva(model, samples, config, rank0)
-    engine, extra = _engine_and_state(config, model, layout, resume_from, opts.tp_sum)
+    engine, extra = engine_and_state(config, model, layout, resume_from, opts.tp_sum)
     return _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)
-
-
-def _engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from: Path | None,
-                      tp_sum: str) -> tuple[Any, dict]:
-    """The engine with the checkpoint restored into model and optimizer; the saved extra_state.
-
-    DeepSpeed: the adapter weights are loaded BEFORE deepspeed.initialize (ZeRO-3 partitions them
-    there), ZeRO's optimizer state after, from the checkpoint's per-rank safetensors + JSON
-    (train/zero_state.py; nothing is unpickled)."""
-    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, restore_all_rng
-    from parallel_adapters.checkpoint.sharded import load_train_state
-    from parallel_adapters.distributed.agreement import agreed
-    from parallel_adapters.train import zero_state
-    from parallel_adapters.train.engine import build_engine
-    from parallel_adapters.train.loop import restore_dropout_counters
-
-    o = config.optim
-    extra: dict = {}
-    if resume_from is not None and config.deepspeed is not None:
-        extra = load_checkpoint(model, resume_from, None, restore_rng=False) or {}
-    engine = build_engine(model, o.lr, o.weight_decay, o.grad_clip, config.deepspeed,
-                          layout.micro_batch * layout.accumulation, tp_sum=tp_sum)
-    if config.deepspeed is not None and (resume_from is not None or config.checkpoint.directory is not None):
-        zero_state.check_checkpointing(engine)  # before training, not at the first save
-    if resume_from is None:
-        return engine, extra
-    if config.deepspeed is None:
-        extra = load_checkpoint(model, resume_from, engine.checkpoint_optimizer()) or {}
-    _check_same_engine(extra, engine.name, config, resume_from)
-    if config.deepspeed is not None:
-        def restore() -> Any:
-            optim_state, rng, _ = load_train_state(resume_from, model.groups)
-            zero_state.restore(engine, optim_state or {}, str(resume_from))
-            return rng
-
-        rng = agreed(restore, f"resume from {resume_from}")  # a failure on any rank stops every rank
-        if rng is not None:
-            restore_all_rng(model, rng)
-    _check_same_data(extra, layout, config, resume_from)
-    restore_dropout_counters(model, extra.get("lora_dropout_calls"))
-    return engine, extra
-
-
-def _check_same_engine(extra: dict, engine: str, config: RunConfig, resume_from: Path) -> None:
-    if extra.get("engine") != engine:
-        raise ValueError(f"resume: {resume_from} was written by the {extra.get('engine')!r} engine, "
-                         f"this run uses {engine!r} (deepspeed: {config.deepspeed})")
-
-
-def _check_same_data(extra: dict, layout: Layout, config: RunConfig, resume_from: Path) -> None:
-    """The saved data position counts global batches of one size and sequence length."""
-    for key, now in (("optim.global_batch", layout.global_batch), ("data.seq_len", config.data.seq_len)):
-        saved = extra.get(key)
-        if saved is not None and saved != now:
-            raise ValueError(f"resume: {resume_from} was trained with {key}={saved}, this run has {key}={now}; "
-                             "the data position would not continue the same sample order")
 
 
 def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: torch.Tensor, settings: Any,
