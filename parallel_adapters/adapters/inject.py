@@ -152,11 +152,18 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
         if host is None:
             host = host_class(geometry.parallel_mode)(module, geometry, target.global_name, autocast_adapter_dtype)
             _replace_module(model, target.name, host)
+        host.tied_weight = _is_tied(model, geometry, target)
         generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
         full = kind.full_tensors(config, geometry, settings.hparams, generator)
         host.add_adapter(adapter_name, kind, settings, full, groups.dp_rank, groups.pp_rank)
         hosts.append(host)
     return hosts
+
+
+def _is_tied(model: nn.Module, geometry: LinearGeometry, target: Target) -> bool:
+    """The word embedding or output layer of a Megatron GPT that shares one table between them."""
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    return tied and (geometry.parallel_mode == "vocab" or target.global_name.split(".")[-1] in _OUTPUT_LAYER_NAMES)
 
 
 def host_class(parallel_mode: str) -> type[AdapterHost]:
