@@ -148,3 +148,45 @@ def untied_merge_job(sp):
 def test_untied_merge_and_unload(pool2, sp):
     for changes, merge_error in pool2.run(untied_merge_job, sp):
         assert changes > 1e-3 and merge_error < 1e-5
+
+
+def pipeline_job(pp, tied):
+    """One forward+backward through Megatron's pipeline schedule (TP=1): the mean loss (last stage)
+    and this stage's adapter gradients under their global names."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.mcore import cpu
+    from parallel_adapters.mcore.compat import initialize_model_parallel
+    from parallel_adapters.mcore.gpt import GPTSettings, build_gpt
+    from tests.mcore.gpt_jobs import _lm_step
+
+    cpu.enable_cpu_mode()
+    groups = initialize_model_parallel(1, pp)
+    settings = GPTSettings(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                           num_query_groups=2, vocab_size=100, tie_embeddings=tied)
+    cpu.model_parallel_seed(settings.seed)
+    adapter = get_adapter_model(build_gpt(settings), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                init_lora_weights=False, seed=0), groups=groups)
+    input_ids, labels = _batch()
+    micro = list(zip(input_ids.chunk(2), labels.chunk(2)))
+    losses = get_forward_backward_func()(forward_step_func=_lm_step, data_iterator=iter(micro),
+                                         model=[adapter.model], num_microbatches=2, seq_length=input_ids.shape[1],
+                                         micro_batch_size=1, forward_only=False)
+    grads = {f"{layer.module_name}.{name}": t.grad.clone() for _, layer in adapter.adapter_layers()
+             for name, t in layer.adapter_tensors("default").items()}
+    loss = torch.stack([d["loss"] for d in losses]).mean().item() if groups.is_last_stage else None
+    return loss, grads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pp2_matches_pp1(pool2, tied):
+    ref_loss, ref_grads = pool2.run(pipeline_job, 1, tied)[0]
+    stages = pool2.run(pipeline_job, 2, tied)
+    assert stages[1][0] == pytest.approx(ref_loss, rel=1e-6)
+    grads = {**stages[0][1], **stages[1][1]}
+    assert grads.keys() == ref_grads.keys() and "output_layer.lora_A" in grads
+    assert "embedding.word_embeddings.lora_embedding_B" in stages[0][1]
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert grad.abs().max() > 0, name
