@@ -284,6 +284,7 @@ class AdapterHost(nn.Module):
     def _holder(self, tensor: torch.Tensor, decl: TensorDecl, trainable: bool) -> _Holder:
         holder = _Holder(tensor.to(device=self._device, dtype=self.factor_dtype).clone())
         holder.weight.requires_grad_(trainable)
+        holder.weight.adapter_tensor = True  # how code below adapters/ (mcore.hf_bridge) tells it from the base
         set_tensor_parallel_attributes(holder.weight, decl.spec)
         return holder
 
