@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from parallel_adapters.adapters.functional import init_lora_factors
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
-from parallel_adapters.mcore.compat import ConvShape
+from parallel_adapters.distributed.geometry import ConvShape
 
 
 def lora_embedding_specs(parallel_mode: str) -> tuple[ShardSpec, ShardSpec]:

@@ -25,8 +25,16 @@ def checkpoint_config(model: AdapterModel, adapter_name: str | None = None) -> d
     name = adapter_name or model.active_adapter
     config = model.peft_config[name].to_dict()
     config.pop("eva_config", None) if config.get("eva_config") is None else None
-    config.update(adapter_name=name, tp_size=model.groups.tp_size, pp_size=model.groups.pp_size)
+    config.update(adapter_name=name, adapter_kind=_kind_name(model, name), tp_size=model.groups.tp_size,
+                  pp_size=model.groups.pp_size)
     return config
+
+
+def _kind_name(model: AdapterModel, adapter_name: str) -> str:
+    kinds = {layer.kinds[adapter_name].name for _, layer in model.adapter_layers() if layer.has_adapter(adapter_name)}
+    if len(kinds) != 1:
+        raise ValueError(f"adapter {adapter_name!r} has kinds {sorted(kinds)} on this rank; expected one")
+    return kinds.pop()
 
 
 def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,

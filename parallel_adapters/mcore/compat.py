@@ -17,6 +17,9 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 
+from parallel_adapters.distributed.geometry import (  # noqa: F401  (re-exported: hosts and EVA use them)
+    EMBEDDING_MODES, LINEAR_MODES, ConvShape, LinearGeometry,
+)
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.ops.dropout import dropout_mask_
@@ -33,49 +36,6 @@ try:  # Transformer Engine is optional; a half-installed TE raises more than Imp
 except Exception:  # noqa: BLE001
     TEColumnParallelLinear = TERowParallelLinear = TELayerNormColumnParallelLinear = ()
     HAVE_TE = False
-
-
-LINEAR_MODES = ("column", "row", "replicated")
-EMBEDDING_MODES = ("vocab", "embedding")
-"""Lookup tables: Megatron's VocabParallelEmbedding (rows split over TP) and a plain nn.Embedding."""
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """A plain nn.Conv2d's window, which an adapter's down-projection reuses (as PEFT's LoRA does)."""
-
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: Any
-    dilation: tuple[int, ...]
-    groups: int
-
-
-@dataclass(frozen=True)
-class LinearGeometry:
-    """What an adapter needs to know about the frozen layer it wraps (a linear layer, an embedding
-    table or a conv2d: a weight mapping `in_features` to `out_features`)."""
-
-    parallel_mode: str
-    """"column", "row" or "replicated" (a plain nn.Linear); "vocab" (VocabParallelEmbedding),
-    "embedding" (nn.Embedding), "conv2d" (nn.Conv2d)."""
-    in_features: int
-    """Global input size (an embedding's vocabulary, padded as Megatron pads it; a conv's in-channels)."""
-    out_features: int
-    """Global output size (an embedding's width; a conv's out-channels)."""
-    chunks: int
-    """Megatron's partition_stride of the weight (2 for SwiGLU fc1)."""
-    tp_group: Any
-    tp_size: int
-    tp_rank: int
-    sequence_parallel: bool
-    gather_output: bool
-    input_is_parallel: bool
-    skip_bias_add: bool
-    padding_idx: int | None = None
-    """nn.Embedding's padding row (no gradient flows into it)."""
-    conv: ConvShape | None = None
-    """nn.Conv2d's window."""
 
 
 def is_parallel_state_initialized() -> bool:

@@ -111,7 +111,7 @@ def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
     """The run's LoraConfig; when resuming, the checkpoint's (EVA may have changed the ranks)."""
     if resume_from is not None:
         saved = json.loads((resume_from / "adapter_config.json").read_text())
-        saved = {k: v for k, v in saved.items() if k not in ("adapter_name", "tp_size", "pp_size")}
+        saved = {k: v for k, v in saved.items() if k not in ("adapter_name", "adapter_kind", "tp_size", "pp_size")}
         saved.update(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
         return LoraConfig.from_dict(saved)
     if config.eva is not None and config.adapter.init_lora_weights != "eva":

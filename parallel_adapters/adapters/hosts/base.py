@@ -194,7 +194,7 @@ class AdapterHost(nn.Module):
         with torch.no_grad():
             merged = self.weight.detach().clone()
             for name in names:
-                merged = lf.fold_delta(merged, self.kinds[name].merged_delta(self.view(name)))
+                merged = self.kinds[name].merged_weight(self.view(name), merged)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives non-finite weights")
             if self._unmerged_weight is None:

@@ -21,6 +21,7 @@ which tensor is which and where it goes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -34,7 +35,7 @@ from parallel_adapters.adapters.kinds.protocol import (
 )
 from parallel_adapters.config import LoraConfig, lora_scaling, pattern_value
 from parallel_adapters.distributed.sharding import REPLICATED
-from parallel_adapters.mcore.compat import EMBEDDING_MODES, LinearGeometry
+from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LinearGeometry
 
 LORA_A, LORA_B = "lora_A", "lora_B"  # tensor names: `<module>.lora_A.<adapter>.weight`, as PEFT
 EMBEDDING_A, EMBEDDING_B = "lora_embedding_A", "lora_embedding_B"  # PEFT: `<module>.lora_embedding_A` (no .weight)
@@ -54,6 +55,10 @@ class LoRAKind(AdapterKind):
         "vocab": frozenset({PARTIAL_ADDEND}),
         "embedding": frozenset({LOCAL_ADDEND}),
         "conv2d": frozenset({LOCAL_ADDEND}),
+    })
+    tensor_axes = MappingProxyType({
+        LORA_A: (None, 1), LORA_B: (0, None),          # A [r, in], B [out, r]
+        EMBEDDING_A: (1, None), EMBEDDING_B: (None, 0),  # A [r, V], B [H, r]; the table is [V, H]
     })
 
     def settings(self, config: LoraConfig, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
@@ -110,6 +115,45 @@ class LoRAKind(AdapterKind):
     def describe(self, hparams: Mapping[str, Any]) -> str:
         return f"r={hparams['r']}"
 
+    def stored_hparams(self, config: Mapping[str, Any], module: str,
+                       shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        r = _check_pair(module, shapes)
+        alpha = pattern_value(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
+        return {"r": r, "lora_alpha": alpha, "scaling": lora_scaling(alpha, r, bool(config.get("use_rslora")))}
+
+    def peft_hparams(self, peft_config: Mapping[str, Any], module: str,
+                     shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        r = pattern_value(module, peft_config.get("rank_pattern") or {}, peft_config["r"])
+        alpha = pattern_value(module, peft_config.get("alpha_pattern") or {}, peft_config.get("lora_alpha", 8))
+        stored = (shapes.get(LORA_A) or shapes[EMBEDDING_A])[0]
+        if stored != r:
+            raise ValueError(f"{module}: the adapter's A has {stored} rows, adapter_config.json says r={r}")
+        return {"r": r, "lora_alpha": alpha, "scaling": lora_scaling(alpha, r, bool(peft_config.get("use_rslora")))}
+
+    def low_rank_factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if EMBEDDING_A in tensors:
+            return tensors[EMBEDDING_A], tensors[EMBEDDING_B]
+        a, b = tensors[LORA_A], tensors[LORA_B]
+        return a.flatten(1), b.flatten(1)  # conv kernels: [r, I*kh*kw], [O, r]
+
+    def peft_config(self, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
+                    target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
+        """PEFT's LoraConfig fields: the most common r / lora_alpha, patterns for the exceptions."""
+        r0 = _most_common([h["r"] for h in modules.values()])
+        alpha0 = _most_common([h["lora_alpha"] for h in modules.values()])
+        return {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
+            "r": r0, "lora_alpha": alpha0, "target_modules": target_modules,
+            "rank_pattern": {m: h["r"] for m, h in sorted(modules.items()) if h["r"] != r0},
+            "alpha_pattern": {m: h["lora_alpha"] for m, h in sorted(modules.items()) if h["lora_alpha"] != alpha0},
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "lora_dropout": float(config.get("lora_dropout", 0.0)),
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "use_dora": bool(config.get("use_dora", False)), "revision": None,
+        }
+
     def peft_key(self, tensor_name: str) -> str:
         return tensor_name if tensor_name in (EMBEDDING_A, EMBEDDING_B) else f"{tensor_name}.weight"
 
@@ -132,6 +176,23 @@ class LoRAKind(AdapterKind):
         return lf.add_lora_up(y, z, view.tensors[LORA_B], s)
 
     partial_addend = local_addend  # the row layer's partial takes the same addend, before its reduction
+
+
+def _check_pair(module: str, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The rank of a stored module's factors: A and B both there, A's rows = B's columns."""
+    a_name, b_name = (EMBEDDING_A, EMBEDDING_B) if EMBEDDING_A in shapes or EMBEDDING_B in shapes else (LORA_A, LORA_B)
+    missing = [n for n in (a_name, b_name) if n not in shapes]
+    if missing or len(shapes) != 2:
+        raise ValueError(f"{module}: {', '.join(missing) or 'a mix of factors'} is missing "
+                         f"(have {sorted(shapes)})")
+    a, b = shapes[a_name], shapes[b_name]
+    if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
+        raise ValueError(f"{module}: {a_name} {a} and {b_name} {b} do not share a rank")
+    return a[0]
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
 
 
 LORA = register_kind(LoRAKind())
