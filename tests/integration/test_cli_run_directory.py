@@ -153,6 +153,17 @@ def test_errors_name_what_to_pass_instead(runs, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "full").exists()
 
 
+def test_a_run_with_a_recorded_base_resumes(runs, tmp_path, pool2):
+    """The resumed run rebuilds its LoraConfig from adapter_config.json, which now also holds
+    base_model_name_or_path; the new step records the base again."""
+    run = shutil.copytree(runs["run"], tmp_path / "run")
+    results = pool2.run(train_job, ["parallel.tensor=2", "optim.steps=3", "checkpoint.save_every=1",
+                                    f"model.hf_checkpoint={runs['hf']}", "data.tokenizer=byte",
+                                    f"checkpoint.directory={run}"])
+    assert results[0]["start_step"] == 2 and results[0]["resumed_from"] == str(run / "step-000002")
+    assert (run / "step-000003" / "hf_config.json").read_bytes() == (runs["hf"] / "config.json").read_bytes()
+
+
 def test_an_out_inside_the_run_directory_is_still_refused(runs, capsys):
     run = runs["run"]
     before = _digests(run)
