@@ -98,9 +98,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from parallel_adapters.checkpoint.merge import merge_into_hf
-
     from parallel_adapters.checkpoint.export import ADAPTER_WEIGHTS_FILE
+    from parallel_adapters.checkpoint.merge import merge_into_hf
 
     peft_dir = args.step is None and (Path(args.checkpoint) / ADAPTER_WEIGHTS_FILE).is_file()
     source = Path(args.checkpoint) if peft_dir else _checkpoint(args)
