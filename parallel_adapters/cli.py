@@ -1,31 +1,46 @@
 """`parallel-adapters` (also `python -m parallel_adapters`): thin command-line entry points.
 
     torchrun --nproc_per_node 2 -m parallel_adapters train configs/tiny.yaml optim.lr=1e-3
-    parallel-adapters inspect runs/tiny/ckpt/step-40
-    parallel-adapters verify runs/tiny/ckpt/step-40
-    parallel-adapters consolidate runs/tiny/ckpt/step-40 --out full/ [--tp 4]
-    parallel-adapters export runs/tiny/ckpt/step-40 --format peft --out peft_adapter/ --hf-config HF_DIR
-    parallel-adapters merge runs/tiny/ckpt/step-40 --base HF_DIR --out merged/
+    parallel-adapters inspect runs/tiny/ckpt                  # the run's `latest` step
+    parallel-adapters verify runs/tiny/ckpt --step 40         # or a step: runs/tiny/ckpt/step-000040
+    parallel-adapters consolidate runs/tiny/ckpt --out full/ [--tp 4]
+    parallel-adapters export runs/tiny/ckpt --out peft_adapter/ [--hf-config HF_DIR]
+    parallel-adapters merge runs/tiny/ckpt --out merged/ [--base HF_DIR]
     torchrun ... -m parallel_adapters evaluate configs/tiny.yaml --checkpoint CKPT --tokens ids.txt --out logits.safetensors
 
 The offline commands (inspect, verify, consolidate, export, merge) run on one process, with no
-torch.distributed and no GPU.  Every command imports only what it needs.
+torch.distributed and no GPU.  Each takes a run's checkpoint directory (`checkpoint.directory`:
+its `latest` step, or the one `--step N` names) or a step directory, and says on stderr which
+step it chose.  A checkpoint records its base model (hf_config.json, base_model_name_or_path), so
+export needs `--hf-config` and merge `--base` only to override it, for an older checkpoint, or
+(merge) for a base built from GPT settings.  Every command imports only what it needs.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from parallel_adapters.train.cli_args import add_train_arguments
 from parallel_adapters.user_errors import run_command
 
 
+def _checkpoint(args: argparse.Namespace) -> Path:
+    """The step directory the command works on (see checkpoint/locate.py); says which when chosen."""
+    from parallel_adapters.checkpoint.locate import locate_checkpoint
+
+    found = locate_checkpoint(args.checkpoint, args.step)
+    if found.chosen_by is not None:
+        print(f"{args.command}: {found.describe()}", file=sys.stderr, flush=True)
+    return found.directory
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.reader import CheckpointReader
 
-    with CheckpointReader(args.checkpoint) as reader:
+    with CheckpointReader(_checkpoint(args)) as reader:
         config = reader.config()
         rows = []
         for name, info in sorted(reader.tensors.items()):
@@ -38,6 +53,7 @@ def _inspect(args: argparse.Namespace) -> None:
                          layout, f"{numel * info.dtype.itemsize / 1024:.1f}"))
         print(f"{reader.directory}: tp={reader.tp_size} pp={reader.pp_size} dp={reader.dp_size}, "
               f"r={config.get('r')} lora_alpha={config.get('lora_alpha')}, {len(rows)} tensors")
+        print(f"base model: {_base_summary(reader)}")
         _print_table(("tensor", "global shape", "dtype", "TP layout", "KiB"), rows)
         total = sum(record["bytes"] for record in reader.index["files"].values())
         print(f"{len(reader.index['files'])} files, {total / 2**20:.2f} MiB on disk")
@@ -48,7 +64,7 @@ def _verify(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.reader import CheckpointReader
     from parallel_adapters.user_errors import UserError
 
-    with CheckpointReader(args.checkpoint) as reader:
+    with CheckpointReader(_checkpoint(args)) as reader:
         nbytes = reader.verify_all()
         bad = [f"{name} ({count} of {math.prod(reader.tensors[name].global_shape)})" for name in sorted(reader.tensors)
                if (count := nonfinite_count(reader.read_full(name)))]
@@ -65,7 +81,7 @@ def _verify(args: argparse.Namespace) -> None:
 def _consolidate(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.consolidate import reshard
 
-    out = reshard(args.checkpoint, args.out, args.tp, progress=True, overwrite=args.overwrite)
+    out = reshard(_checkpoint(args), args.out, args.tp, progress=True, overwrite=args.overwrite)
     print(f"wrote {out} (tp={args.tp}, full tensors with Megatron names)" if args.tp == 1 else
           f"wrote {out} (resharded to tp={args.tp})")
 
@@ -76,15 +92,18 @@ def _export(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    out = export_peft_from_checkpoint(args.checkpoint, args.out, args.hf_config, dtype=dtype,
+    out = export_peft_from_checkpoint(_checkpoint(args), args.out, args.hf_config, dtype=dtype,
                                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote PEFT adapter to {out}" + (f" ({args.dtype})" if dtype is not None else ""))
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from parallel_adapters.checkpoint.export import ADAPTER_WEIGHTS_FILE
     from parallel_adapters.checkpoint.merge import merge_into_hf
 
-    out = merge_into_hf(args.checkpoint, args.base, args.out, overwrite=args.overwrite,
+    peft_dir = args.step is None and (Path(args.checkpoint) / ADAPTER_WEIGHTS_FILE).is_file()
+    source = Path(args.checkpoint) if peft_dir else _checkpoint(args)
+    out = merge_into_hf(source, args.base, args.out, overwrite=args.overwrite,
                         allow_nonfinite=args.allow_nonfinite, safe_merge=args.safe_merge)
     print(f"wrote merged Hugging Face model to {out}")
 
@@ -103,6 +122,18 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     config = alike_on_every_rank(lambda: load_run_config(args.config, args.overrides))
     run_evaluation(config, args.checkpoint, args.tokens, args.out, overwrite=args.overwrite)
+
+
+def _base_summary(reader: object) -> str:
+    from parallel_adapters.checkpoint.base_model import recorded_base_path
+    from parallel_adapters.checkpoint.layout import HF_CONFIG_FILE
+
+    path, has_config = recorded_base_path(reader), HF_CONFIG_FILE in reader.index["files"]
+    if path is not None:
+        return f"{path} (its config.json recorded as {HF_CONFIG_FILE})" if has_config else path
+    if has_config:
+        return f"built from GPT settings (an HF config.json for it recorded as {HF_CONFIG_FILE})"
+    return "not recorded (export needs --hf-config, merge --base)"
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -133,37 +164,46 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite(p, "a previous evaluate output file")
 
     p = command("inspect", _inspect, "print the tensors, shapes, ranks and shard layout of a checkpoint")
-    p.add_argument("checkpoint")
+    _checkpoint_arguments(p)
 
     p = command("verify", _verify, "check every file of a checkpoint against index.json (size, sha256, headers)")
-    p.add_argument("checkpoint")
+    _checkpoint_arguments(p)
 
     p = command("consolidate", _consolidate, "full tensors with Megatron names (--tp 1), or reshard to --tp N")
-    p.add_argument("checkpoint")
+    _checkpoint_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     _overwrite(p, "a previous consolidate output")
 
     p = command("export", _export, "export a checkpoint as a PEFT adapter (adapter_model.safetensors)")
-    p.add_argument("checkpoint")
+    _checkpoint_arguments(p)
     p.add_argument("--format", default="peft", choices=["peft"])
     p.add_argument("--out", required=True)
-    p.add_argument("--hf-config", required=True,
-                   help="the base model's HF directory or config.json (names and q/k/v split come from it)")
+    p.add_argument("--hf-config", default=None,
+                   help="the base model's HF directory or config.json (names and q/k/v split come from it; "
+                        "default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the factors (default: as trained, float32)")
     _overwrite(p, "a previous export")
     _allow_nonfinite(p)
 
     p = command("merge", _merge, "fold the adapter into a Hugging Face base model (streamed)")
-    p.add_argument("checkpoint")
-    p.add_argument("--base", required=True, help="the base model's HF directory")
+    _checkpoint_arguments(p, peft=True)
+    p.add_argument("--base", default=None,
+                   help="the base model's HF directory (default: the one the checkpoint records)")
     p.add_argument("--out", required=True)
     p.add_argument("--safe-merge", action="store_true",
                    help="check every merged weight is finite before writing it (as PEFT's safe_merge)")
     _overwrite(p, "a previous merge output")
     _allow_nonfinite(p)
     return parser
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser, peft: bool = False) -> None:
+    p.add_argument("checkpoint", help="a run's checkpoint directory (its `latest` step, or --step N) or a step "
+                                      "directory" + (", or an exported PEFT adapter directory" if peft else ""))
+    p.add_argument("--step", type=int, default=None,
+                   help="with a run's checkpoint directory: the step-NNNNNN checkpoint of step N")
 
 
 def _overwrite(p: argparse.ArgumentParser, what: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.checkpoint.base_model import BASE_PATH_KEY, BaseModel
 from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
@@ -20,13 +21,20 @@ from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state,
 _GROUP_KEY = "param_groups/"
 
 
-def checkpoint_config(model: AdapterModel, adapter_name: str | None = None) -> dict:
-    """adapter_config.json: the LoraConfig (PEFT field names) plus the parallel layout."""
+CHECKPOINT_ONLY_KEYS = ("adapter_name", "adapter_kind", "tp_size", "pp_size", BASE_PATH_KEY)
+"""adapter_config.json keys that are not LoraConfig fields."""
+
+
+def checkpoint_config(model: AdapterModel, adapter_name: str | None = None, base: BaseModel | None = None) -> dict:
+    """adapter_config.json: the LoraConfig (PEFT field names) plus the parallel layout and, when
+    the base was imported from an HF checkpoint, its path (PEFT's base_model_name_or_path)."""
     name = adapter_name or model.active_adapter
     config = model.peft_config[name].to_dict()
     config.pop("eva_config", None) if config.get("eva_config") is None else None
     config.update(adapter_name=name, adapter_kind=_kind_name(model, name), tp_size=model.groups.tp_size,
                   pp_size=model.groups.pp_size)
+    if base is not None and base.name_or_path is not None:
+        config[BASE_PATH_KEY] = base.name_or_path
     return config
 
 
@@ -38,13 +46,14 @@ def _kind_name(model: AdapterModel, adapter_name: str) -> str:
 
 
 def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                    extra_state: dict | None = None) -> Path:
-    """Save this rank's adapter shards (and optimizer/RNG/extra state) atomically; every rank calls it."""
+                    extra_state: dict | None = None, base: BaseModel | None = None) -> Path:
+    """Save this rank's adapter shards (and optimizer/RNG/extra state) atomically; every rank calls
+    it.  `base`: the base model the checkpoint records (checkpoint/base_model.py)."""
     tensors = model.adapter_state_dict()
     optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
-    return save_sharded(directory, tensors, model.groups, checkpoint_config(model),
+    return save_sharded(directory, tensors, model.groups, checkpoint_config(model, base=base),
                         optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True,
-                        rng_extra=model.tracker_rng_states())
+                        rng_extra=model.tracker_rng_states(), base=base)
 
 
 def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,

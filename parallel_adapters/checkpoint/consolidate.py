@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from parallel_adapters.checkpoint.base_model import copy_base_files
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, CheckpointError, TensorInfo, build_index, replica_owners, shard_file, shard_key
 )
@@ -107,11 +108,12 @@ def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, prog
             overwrite: bool = False) -> Path:
     """Write `directory`'s adapters as a new checkpoint for TP size `tp_size` (same format).
 
-    The PP split and names are kept; train state (per-rank optimizer/RNG) does not carry over to
-    another TP size and is dropped.  The output is checked first (`outputs.check_output_dir`: never
-    an input, its run directory or unrelated data; a previous consolidate output only with
-    `overwrite`) and published atomically like a save, without touching any `latest` pointer; a
-    failure leaves no temporary and no directory it created."""
+    The PP split, names, adapter config and recorded base model (hf_config.json) are kept; train
+    state (per-rank optimizer/RNG) does not carry over to another TP size and is dropped.  The
+    output is checked first (`outputs.check_output_dir`: never an input, its run directory or
+    unrelated data; a previous consolidate output only with `overwrite`) and published atomically
+    like a save, without touching any `latest` pointer; a failure leaves no temporary and no
+    directory it created."""
     if type(tp_size) is not int or tp_size < 1:
         raise CheckpointError(f"tp_size must be a positive int, got {tp_size!r}")
     out = check_output_dir(out_directory, "consolidate",
@@ -123,6 +125,7 @@ def reshard(directory: str | Path, out_directory: str | Path, tp_size: int, prog
             tmp = make_tmp_dir(out)
             files, holders = _write_shards(reader, tmp, tp_size, progress)
             files[CONFIG_FILE] = write_json(tmp / CONFIG_FILE, reader.config())
+            files.update(copy_base_files(reader, tmp))  # the recorded base model travels along
             tensors = {n: _index_entry(info, holders[n]) for n, info in reader.tensors.items()}
             index = build_index(tp_size, reader.pp_size, 1, tensors, files)
             publish(tmp, out, index, update_latest=False)

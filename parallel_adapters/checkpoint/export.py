@@ -31,9 +31,11 @@ import torch
 
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.finite import ALLOW_FLAG, check_config, check_tensor, delta_is_finite
-from parallel_adapters.checkpoint.outputs import StagedDirectory, check_output_dir, checkpoint_inputs
 from parallel_adapters.checkpoint.hf_adapter import (  # noqa: F401  (PEFT_PREFIX, hf_module_adapters: the API)
     PEFT_PREFIX, HFModuleAdapter, ModulePlan, hf_module_adapters, plan_modules, target_modules,
+)
+from parallel_adapters.checkpoint.outputs import (
+    StagedDirectory, check_inputs_apart, check_output_dir, checkpoint_inputs,
 )
 from parallel_adapters.hf.config import LlamaShape, read_hf_config
 from parallel_adapters.user_errors import UserError
@@ -62,7 +64,7 @@ def peft_tensors(adapters: Mapping[str, HFModuleAdapter], dtype: torch.dtype | N
 
 
 def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | Path,
-                hf_config: str | Path | Mapping[str, Any], adapter_config: Mapping[str, Any] | None = None, *,
+                hf_config: str | Path | Mapping[str, Any] | None, adapter_config: Mapping[str, Any] | None = None, *,
                 adapter_name: str | None = None, base_model_name_or_path: str | None = None,
                 dtype: torch.dtype | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write a PEFT adapter directory.
@@ -71,7 +73,8 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     unless `adapter_config` is given) or full factors under Megatron names (then `adapter_config`,
     the adapter's LoraConfig fields as a dict or LoraConfig, is required).
     `hf_config`: the base model's config.json (dict, file or model directory; a directory also
-    becomes base_model_name_or_path unless one is given).
+    becomes base_model_name_or_path unless one is given); None: the one the checkpoint records,
+    with its recorded base path (checkpoint/base_model.py).
 
     `out_dir` is checked first (`outputs.check_output_dir`: never an input, an HF model or unrelated
     data; a previous export only with `overwrite`).  Both files are written into a hidden sibling
@@ -82,10 +85,16 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     from_checkpoint = isinstance(source, (str, Path))
     if adapter_config is None and not from_checkpoint:
         raise ValueError("export_peft: adapter_config is required when source is a tensor dict")
+    if hf_config is None and not from_checkpoint:
+        raise ValueError("export_peft: hf_config is required when source is a tensor dict")
     inputs = checkpoint_inputs(source) if from_checkpoint else []
     if isinstance(hf_config, (str, Path)):
         inputs.append(("Hugging Face base", hf_config if Path(hf_config).is_dir() else Path(hf_config).parent))
     out = check_output_dir(out_dir, "export", inputs, overwrite)
+    if hf_config is None:
+        hf_config, recorded_path = _recorded_base(source)
+        check_inputs_apart(out, "export", [("Hugging Face base", recorded_path)])  # never write into it either
+        base_model_name_or_path = base_model_name_or_path or recorded_path
     hf_cfg = read_hf_config(hf_config)
     if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         base_model_name_or_path = str(hf_config)
@@ -105,6 +114,14 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
                 _write_export(meta, reader.read_full, stored if adapter_config is None else adapter_config, hf_cfg,
                               tmp, options)
     return out  # every shard file verified, the directory renamed into place
+
+
+def _recorded_base(ckpt_dir: str | Path) -> tuple[dict, str | None]:
+    from parallel_adapters.checkpoint.base_model import export_base
+    from parallel_adapters.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(ckpt_dir) as reader:
+        return export_base(reader)
 
 
 @dataclass(frozen=True)
@@ -170,10 +187,11 @@ def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tenso
 
 
 def export_peft_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path,
-                                hf_config: str | Path | Mapping[str, Any], *, adapter_name: str | None = None,
+                                hf_config: str | Path | Mapping[str, Any] | None = None, *, adapter_name: str | None = None,
                                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
                                 overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
-    """consolidate() a sharded checkpoint (any TP/PP) and export it with `export_peft`."""
+    """consolidate() a sharded checkpoint (any TP/PP) and export it with `export_peft` (hf_config
+    None: the base model the checkpoint records)."""
     return export_peft(ckpt_dir, out_dir, hf_config, adapter_name=adapter_name,
                        base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite,
                        allow_nonfinite=allow_nonfinite)

@@ -3,6 +3,8 @@
 One directory per save (docs/design.md section 6)::
 
     <dir>/adapter_config.json                      the caller's config dict
+    <dir>/hf_config.json                           the base model's HF config.json (optional,
+                                                   checkpoint/base_model.py)
     <dir>/index.json                               written LAST: its presence marks a complete save
     <dir>/shards/tp{ii}-pp{jj}.safetensors         DP rank 0 of each (tp, pp) rank
     <dir>/train_state/optim-tp{ii}-pp{jj}-dp{kk}.safetensors / .json   optimizer tensors / scalars
@@ -36,6 +38,7 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 CONFIG_FILE = "adapter_config.json"
+HF_CONFIG_FILE = "hf_config.json"
 SHARDS_DIR = "shards"
 TRAIN_STATE_DIR = "train_state"
 EXTRA_STATE_FILE = f"{TRAIN_STATE_DIR}/extra_state.json"

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from parallel_adapters.adapters.kinds import kind_for_stored_config
+from parallel_adapters.checkpoint.base_model import BASE_FLAG, BASE_PATH_KEY, merge_base
 from parallel_adapters.checkpoint.export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_checkpoint_factors
 from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter, hf_module_adapters
 from parallel_adapters.checkpoint.files import read_json
@@ -29,6 +30,7 @@ from parallel_adapters.hf.files import (
     DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, ShardedSafetensorsWriter, copy_side_files, plan_shards,
     shard_file_names, tensor_nbytes, write_weight_index,
 )
+from parallel_adapters.user_errors import UserError
 
 _CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -69,21 +71,25 @@ def peft_adapters(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[s
     return out
 
 
-def merge_into_hf(source: str | Path, base_hf_dir: str | Path, out_dir: str | Path,
+def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: str | Path,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, adapter_name: str | None = None,
                   progress: bool = True, overwrite: bool = False, allow_nonfinite: bool = False,
                   safe_merge: bool = False) -> Path:
     """Write `base_hf_dir` with the adapter folded in to `out_dir`.
 
     `source`: a sharded adapter checkpoint directory (index.json) or an exported PEFT adapter
-    directory (adapter_model.safetensors).  Output: `model.safetensors`, or shards of at most
-    `max_shard_bytes` + `model.safetensors.index.json`; config, generation config and tokenizer
-    files are copied unchanged.  `out_dir` is checked before anything is read
+    directory (adapter_model.safetensors).  `base_hf_dir` None: the base the source records (a
+    checkpoint's base_model_name_or_path, checkpoint/base_model.py, or the PEFT adapter's).
+    Output: `model.safetensors`, or shards of at most `max_shard_bytes` +
+    `model.safetensors.index.json`; config, generation config and tokenizer files are copied
+    unchanged.  `out_dir` is checked before anything is read beyond the source's config
     (`outputs.check_output_dir`: new or empty, or a previous merge with `overwrite`; never an
     input).  NaN/inf factors or config values are refused unless `allow_nonfinite`; `safe_merge`
     also checks every merged weight before it is written."""
     source = Path(source)
     is_peft = (source / ADAPTER_WEIGHTS_FILE).is_file()
+    if base_hf_dir is None:
+        base_hf_dir = _recorded_peft_base(source) if is_peft else _recorded_checkpoint_base(source)
     inputs = [("PEFT adapter", source)] if is_peft else checkpoint_inputs(source)
     out = check_output_dir(out_dir, "merge", [*inputs, ("Hugging Face base", base_hf_dir)], overwrite)
     if is_peft:
@@ -98,6 +104,23 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path, out_dir: str | Pa
                 check_tensor(f"{module}.{name}", tensor, f"merge: {source}")
     return merge_adapters_into_hf(adapters, base_hf_dir, out, max_shard_bytes, progress,
                                   check_finite=safe_merge and not allow_nonfinite)
+
+
+def _recorded_checkpoint_base(source: Path) -> Path:
+    from parallel_adapters.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(source) as reader:
+        return merge_base(reader)
+
+
+def _recorded_peft_base(peft_dir: Path) -> Path:
+    """A PEFT adapter's base_model_name_or_path, when it is a local HF directory."""
+    config = read_json(peft_dir / ADAPTER_CONFIG_FILE, "PEFT adapter config")
+    path = config.get(BASE_PATH_KEY) if isinstance(config, dict) else None
+    if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
+        raise UserError(f"{peft_dir / ADAPTER_CONFIG_FILE}: base_model_name_or_path {path!r} is not a local HF "
+                        f"directory: pass {BASE_FLAG} with the base model's HF directory")
+    return Path(path)
 
 
 def _check_targets(base: HFCheckpoint, adapters: Mapping[str, HFModuleAdapter]) -> None:

@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import torch
 from tqdm import tqdm
 
-from parallel_adapters.checkpoint.layout import (
-    INDEX_FILE, LATEST_FILE, OLD_MARKER, CheckpointError, rank_key
-)
+from parallel_adapters.checkpoint.base_model import BaseModel
+from parallel_adapters.checkpoint.layout import CheckpointError, rank_key
+from parallel_adapters.checkpoint.locate import resolve_latest  # noqa: F401  (re-exported public API)
 from parallel_adapters.checkpoint.files import fsync_together
 from parallel_adapters.checkpoint.finite import nonfinite_count
 from parallel_adapters.checkpoint.reader import CheckpointReader
@@ -166,14 +166,15 @@ def save_sharded(
     directory: str | Path, tensors: Mapping[str, ShardedTensor], groups: ParallelGroups,
     config: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None = None,
     extra_state: Mapping[str, Any] | None = None, rng_state: bool = True,
-    rng_extra: Mapping[str, torch.Tensor] | None = None,
+    rng_extra: Mapping[str, torch.Tensor] | None = None, base: BaseModel | None = None,
 ) -> Path:
     """Collective save of this rank's adapter shards (+ train state); returns the final directory.
 
     Must be called on EVERY rank with the same `directory`. Raises CheckpointError on all ranks
     together if any rank fails; the previous checkpoint and `<parent>/latest` stay untouched then.
     `rng_extra`: more per-rank RNG states (uint8 tensors) saved with torch's, e.g. the adapters'
-    dropout streams; `load_train_state` returns them in the same dict.
+    dropout streams; `load_train_state` returns them in the same dict.  `base`: the base model
+    to record (checkpoint/base_model.py; its path belongs in `config` as base_model_name_or_path).
     """
     final = Path(directory).absolute()
     rank = group_rank(None)
@@ -204,7 +205,7 @@ def save_sharded(
                                rng_state={**capture_rng_state(), **(rng_extra or {})} if rng_state else None,
                                with_replica_digests=check_replicas)
         if rank == 0:
-            glob = write_global_files(tmp, config, extra_state)
+            glob = write_global_files(tmp, config, extra_state, base)
             rep["files"].update(glob["files"])
             rep["extra_state"] = glob["extra_state"]
         return rep
@@ -233,21 +234,6 @@ def save_sharded(
     if err:
         raise CheckpointError(f"save of {final} failed while publishing: {err}")
     return final
-
-
-def resolve_latest(parent_dir: str | Path) -> Path | None:
-    """The checkpoint `<parent>/latest` names, or None if no save has completed yet."""
-    parent = Path(parent_dir)
-    pointer = parent / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    name = check_plain_name(pointer.read_text(encoding="utf-8").strip(), str(pointer))
-    target = parent / name
-    if not (target / INDEX_FILE).is_file():
-        leftovers = sorted(p.name for p in parent.glob(f".{name}{OLD_MARKER}*"))
-        raise CheckpointError(f"{pointer} names {name!r}, but {target} is not a complete checkpoint"
-                              + (f" (an interrupted replace left {leftovers})" if leftovers else ""))
-    return target
 
 
 def _check_expected(reader: CheckpointReader, expected: Expected, all_names: set[str] | None,

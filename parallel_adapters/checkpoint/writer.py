@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from parallel_adapters.checkpoint.base_model import BaseModel, write_base_files
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, SHARDS_DIR, TRAIN_STATE_DIR,
     CheckpointError, build_index, replica_owners, shard_file, tensor_entry, tmp_dir_for
@@ -82,11 +83,12 @@ def write_rank_files(
         return report
 
 
-def write_global_files(tmp_dir: Path, config: Mapping[str, Any], extra_state: Mapping | None) -> dict:
-    """World rank 0's files (adapter_config.json, extra_state.json) as a report."""
+def write_global_files(tmp_dir: Path, config: Mapping[str, Any], extra_state: Mapping | None,
+                       base: BaseModel | None = None) -> dict:
+    """World rank 0's files (adapter_config.json, extra_state.json, the base's hf_config.json) as a report."""
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{tmp_dir / CONFIG_FILE}: config must be a dict, got {type(config).__name__}")
-    files = {CONFIG_FILE: write_json(tmp_dir / CONFIG_FILE, dict(config))}
+    files = {CONFIG_FILE: write_json(tmp_dir / CONFIG_FILE, dict(config)), **write_base_files(tmp_dir, base)}
     if extra_state is not None:
         if not isinstance(extra_state, Mapping):
             raise CheckpointError(f"{tmp_dir / EXTRA_STATE_FILE}: extra_state must be a dict")

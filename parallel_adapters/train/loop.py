@@ -31,13 +31,15 @@ from tqdm import tqdm
 
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.adapter_io import checkpoint_config, save_checkpoint
+from parallel_adapters.checkpoint.base_model import BaseModel
+from parallel_adapters.checkpoint.locate import CHECKPOINT_NAME
 from parallel_adapters.checkpoint.sharded import save_sharded
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.agreement import agreed
 from parallel_adapters.train import zero_state
 from parallel_adapters.train.data import DataParallelBatches, DataPosition
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.train.run_directory import CHECKED_KEY, CHECKPOINT_NAME, prune_checkpoints
+from parallel_adapters.train.run_directory import CHECKED_KEY, prune_checkpoints
 from parallel_adapters.user_errors import RunFailed, every_rank
 from parallel_adapters.train.schedule import forward_backward, valid_tokens
 
@@ -84,6 +86,9 @@ class LoopSettings:
     stop_step: int | None = None
     """Stop (and checkpoint) after this step although the schedule runs to `steps`: a job with a
     wall-clock limit, resumed later by a fresh launch."""
+    hf_checkpoint: str | None = None
+    """The HF checkpoint the base was imported from (model.hf_checkpoint), which every checkpoint
+    records with its config.json; None: each records a config.json derived from the model."""
 
 
 @dataclass
@@ -165,6 +170,7 @@ def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, se
                disable=not (rank0 and settings.show_progress), dynamic_ncols=True)
     metrics = _MetricsWriter(settings.metrics_path if rank0 else None)
     end = settings.steps if settings.stop_step is None else min(settings.steps, settings.stop_step)
+    base = recorded_base(model, settings.hf_checkpoint) if settings.checkpoint_dir is not None else None
     try:
         for step in range(start_step, end):
             began = time.perf_counter()
@@ -180,7 +186,7 @@ def train_loop(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler, se
             if (step + 1) % settings.log_every == 0 or step + 1 == end:
                 metrics.write(stats)
             if _should_save(settings, step + 1, end):
-                result.last_checkpoint = save_training_checkpoint(model, engine, sampler, settings, step + 1)
+                result.last_checkpoint = save_training_checkpoint(model, engine, sampler, settings, step + 1, base)
     finally:
         bar.close()
     return result
@@ -232,10 +238,23 @@ class _MetricsWriter:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+def recorded_base(model: AdapterModel, hf_checkpoint: str | None) -> BaseModel | None:
+    """What the checkpoints record about the base (checkpoint/base_model.py): the imported HF
+    checkpoint, or a config.json derived from the Megatron model (None where none maps to HF)."""
+    if hf_checkpoint is not None:
+        return BaseModel.from_hf_dir(hf_checkpoint)
+    from parallel_adapters.mcore.hf_bridge import hf_config_from_model
+
+    try:
+        return BaseModel.from_config(hf_config_from_model(model.model))
+    except ValueError:  # not a Llama/Qwen2-shaped model: export then needs --hf-config, as before
+        return None
+
+
 def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBatchSampler,
-                             settings: LoopSettings, step: int) -> Path:
-    """Collective: `<dir>/step-NNNNNN` (adapters, optimizer, RNG, extra state), then prune to
-    keep_last.  Everything is in that one directory, as safetensors + JSON (docs/design.md section 6):
+                             settings: LoopSettings, step: int, base: BaseModel | None = None) -> Path:
+    """Collective: `<dir>/step-NNNNNN` (adapters, optimizer, RNG, extra state, the `base` model's
+    record), then prune to keep_last.  Everything is in that one directory, as safetensors + JSON (docs/design.md section 6):
     the torch engine's AdamW state through adapter_io, DeepSpeed's ZeRO state flattened by
     train/zero_state.py into the same per-rank optimizer state."""
     parent = settings.checkpoint_dir
@@ -245,13 +264,13 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
     optimizer = engine.checkpoint_optimizer()
     if optimizer is not None:
         with engine.gathered_params():
-            path = save_checkpoint(model, parent / name, optimizer, extra_state=extra)
+            path = save_checkpoint(model, parent / name, optimizer, extra_state=extra, base=base)
     else:
         state = agreed(lambda: zero_state.capture(engine), "saving the DeepSpeed state")  # before ZeRO-3 gathers
         with engine.gathered_params():
-            path = save_sharded(parent / name, model.adapter_state_dict(), model.groups, checkpoint_config(model),
-                                optimizer_state=state, extra_state=extra, rng_state=True,
-                                rng_extra=model.tracker_rng_states())
+            path = save_sharded(parent / name, model.adapter_state_dict(), model.groups,
+                                checkpoint_config(model, base=base), optimizer_state=state, extra_state=extra,
+                                rng_state=True, rng_extra=model.tracker_rng_states(), base=base)
     if C.group_rank(None) == 0:
         prune_checkpoints(parent, settings.keep_last)
     return path

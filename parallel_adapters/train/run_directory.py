@@ -14,12 +14,12 @@ is built:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from parallel_adapters.checkpoint.layout import CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE
+from parallel_adapters.checkpoint.locate import list_checkpoints, locate_checkpoint, resolve_latest
 from parallel_adapters.checkpoint.outputs import (
     OUTPUT_MARKER, check_inputs_apart, check_output_dir, is_hf_model_dir, mark_output, output_command,
 )
@@ -28,8 +28,6 @@ from parallel_adapters.distributed.collectives import all_gather_objects
 from parallel_adapters.train.run_config import RunConfig
 from parallel_adapters.user_errors import UserError
 
-CHECKPOINT_NAME = "step-{step:06d}"
-_CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 RUN_COMMAND = "train"
 CHECKED_KEY = "finite_checked"
 """extra_state key: the step's loss and gradient norm were finite, and the save checked its tensors."""
@@ -104,16 +102,6 @@ def hold_checkpoint_directory(config: RunConfig, fresh: bool, overwrite: bool) -
     return lock
 
 
-def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of the step-NNNNNN checkpoints under `parent`, oldest first."""
-    found = []
-    for child in Path(parent).iterdir() if Path(parent).is_dir() else []:
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def passed_checks(step_dir: Path) -> bool:
     """Whether the step was saved by a run that checked it (finite loss, gradients and tensors)."""
     try:
@@ -142,14 +130,9 @@ def resolve_resume(config: RunConfig, resume: bool | str | Path | None) -> Path 
     """None: resume from checkpoint.directory's `latest` if there is one; True: must resume;
     False: never; a path: that checkpoint (or that parent's latest).  Collective: every rank
     takes world rank 0's answer."""
-    from parallel_adapters.checkpoint.sharded import resolve_latest
-
     found: Path | None = None
     if isinstance(resume, (str, Path)):
-        path = Path(resume)
-        found = path if (path / "index.json").is_file() else resolve_latest(path)
-        if found is None:
-            raise ValueError(f"resume: {str(path)!r} is neither a checkpoint nor a directory with a `latest`")
+        found = locate_checkpoint(resume).directory  # a step, or a run directory's `latest`
     elif resume is not False:
         directory = config.checkpoint.directory
         if directory is None and resume is True:

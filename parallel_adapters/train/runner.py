@@ -110,8 +110,10 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
 def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
     """The run's LoraConfig; when resuming, the checkpoint's (EVA may have changed the ranks)."""
     if resume_from is not None:
+        from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
+
         saved = json.loads((resume_from / "adapter_config.json").read_text())
-        saved = {k: v for k, v in saved.items() if k not in ("adapter_name", "adapter_kind", "tp_size", "pp_size")}
+        saved = {k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS}
         saved.update(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
         return LoraConfig.from_dict(saved)
     if config.eva is not None and config.adapter.init_lora_weights != "eva":
@@ -257,7 +259,7 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
         checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
         keep_last=c.keep_last, show_progress=opts.show_progress, extra_state={
             "engine": engine.name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
-        stop_step=opts.stop_at, nonfinite=o.nonfinite)
+        stop_step=opts.stop_at, nonfinite=o.nonfinite, hf_checkpoint=config.model.hf_checkpoint)
     start = int(extra.get("step", 0))
     out = train_loop(model, engine, sampler, loop, start_step=start)
     seconds = sum(s.seconds for s in out.stats)
