@@ -140,7 +140,7 @@ PROFILE_POINTS = {
     "consolidate": ("checkpoint/consolidate.py", "consolidate"),
     "reshard: _write_shards (read, stream-write, fsync, sha256 of output)":
         ("checkpoint/consolidate.py", "_write_shards"),
-    "hf_lora_factors (split qkv/fc1 B)": ("checkpoint/export.py", "hf_lora_factors"),
+    "hf_module_adapters (split qkv/fc1 B)": ("checkpoint/export.py", "hf_module_adapters"),
     "peft_tensors (dtype cast only)": ("checkpoint/export.py", "peft_tensors"),
     "tqdm": ("tqdm/std.py", "__iter__"),
     "torch clone": ("~", "<method 'clone' of 'torch._C.TensorBase' objects>"),
@@ -282,11 +282,11 @@ class Runner:
     """Each step: a callable timed in this process (or on the pool), plus its output's files."""
 
     def __init__(self, pool, work: str, full: dict, ckpt: str) -> None:
-        from parallel_adapters.checkpoint.export import hf_lora_factors, peft_tensors
+        from parallel_adapters.checkpoint.export import hf_module_adapters, peft_tensors
         from parallel_adapters.checkpoint.files import tensor_bytes
 
         self.pool, self.work, self.full, self.ckpt = pool, work, full, ckpt
-        peft = peft_tensors(hf_lora_factors(full, LORA_CONFIG, hf_config()))
+        peft = peft_tensors(hf_module_adapters(full, LORA_CONFIG, hf_config()))
         self.peft_views = [tensor_bytes(t) for t in peft.values()]  # what the export writes, in memory
         self.counter = 0
         self.files: dict[str, dict] = {}

@@ -16,11 +16,12 @@ from torch import nn
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.hosts.embedding import Conv2dHost, EmbeddingHost, VocabParallelEmbeddingHost
 from parallel_adapters.adapters.hosts.linear import HOST_FOR_MODE
 from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.mcore.compat import LinearGeometry, linear_geometry, parallel_mode_of
+from parallel_adapters.mcore.compat import LINEAR_MODES, LinearGeometry, linear_geometry, parallel_mode_of
 
 _OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -86,8 +87,9 @@ def find_targets(model: nn.Module, config: Any) -> list[Target]:
             continue
         gname = names[name]
         candidates.append(gname)
+        mode = module.geometry.parallel_mode if isinstance(module, AdapterHost) else parallel_mode_of(module)
         is_output = gname.split(".")[-1] in _OUTPUT_LAYER_NAMES
-        if not _matches(gname, config.target_modules, all_linear_ok=not is_output):
+        if not _matches(gname, config.target_modules, all_linear_ok=mode in LINEAR_MODES and not is_output):
             continue
         if _matches(gname, config.exclude_modules, all_linear_ok=True):
             continue
@@ -126,7 +128,7 @@ def check_divisible(target: Target, geometry: LinearGeometry) -> None:
     """The base layer's split dimension must divide over the TP ranks (and its stride's blocks)."""
     if geometry.tp_size > 1:
         sharded = geometry.out_features if geometry.parallel_mode == "column" else geometry.in_features
-        if geometry.parallel_mode in ("column", "row") and sharded % (geometry.tp_size * geometry.chunks):
+        if geometry.parallel_mode in ("column", "row", "vocab") and sharded % (geometry.tp_size * geometry.chunks):
             raise ValueError(
                 f"module {target.global_name}: size {sharded} does not divide over "
                 f"{geometry.tp_size} tensor-parallel ranks"
@@ -148,13 +150,26 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
         check_divisible(target, geometry)
         settings = kind.settings(config, target.global_name, geometry)
         if host is None:
-            host = HOST_FOR_MODE[geometry.parallel_mode](module, geometry, target.global_name, autocast_adapter_dtype)
+            host = host_class(geometry.parallel_mode)(module, geometry, target.global_name, autocast_adapter_dtype)
             _replace_module(model, target.name, host)
+        host.tied_weight = _is_tied(model, geometry, target)
         generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
         full = kind.full_tensors(config, geometry, settings.hparams, generator)
         host.add_adapter(adapter_name, kind, settings, full, groups.dp_rank, groups.pp_rank)
         hosts.append(host)
     return hosts
+
+
+def _is_tied(model: nn.Module, geometry: LinearGeometry, target: Target) -> bool:
+    """The word embedding or output layer of a Megatron GPT that shares one table between them."""
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    return tied and (geometry.parallel_mode == "vocab" or target.global_name.split(".")[-1] in _OUTPUT_LAYER_NAMES)
+
+
+def host_class(parallel_mode: str) -> type[AdapterHost]:
+    """The host wrapping a layer of `parallel_mode` (mcore.compat.LinearGeometry)."""
+    hosts = {**HOST_FOR_MODE, "vocab": VocabParallelEmbeddingHost, "embedding": EmbeddingHost, "conv2d": Conv2dHost}
+    return hosts[parallel_mode]
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -115,8 +115,11 @@ class AdapterModel(nn.Module):
         """Fold adapters into the base weights (each rank its own shard; no communication)."""
         for name in adapter_names or []:
             self._require(name)
-        for _, layer in adapted_layers(self.model):
-            names = [n for n in (adapter_names or layer.active_adapters) if layer.has_adapter(n)]
+        layers = [(layer, [n for n in (adapter_names or layer.active_adapters) if layer.has_adapter(n)])
+                  for _, layer in adapted_layers(self.model)]
+        for layer, names in layers:  # refuse before any weight changes
+            layer.check_mergeable([n for n in names if n not in layer.merged_adapters])
+        for layer, names in layers:
             layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:

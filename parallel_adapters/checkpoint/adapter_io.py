@@ -21,7 +21,7 @@ from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state,
 _GROUP_KEY = "param_groups/"
 
 
-CHECKPOINT_ONLY_KEYS = ("adapter_name", "tp_size", "pp_size", BASE_PATH_KEY)
+CHECKPOINT_ONLY_KEYS = ("adapter_name", "adapter_kind", "tp_size", "pp_size", BASE_PATH_KEY)
 """adapter_config.json keys that are not LoraConfig fields."""
 
 
@@ -31,10 +31,18 @@ def checkpoint_config(model: AdapterModel, adapter_name: str | None = None, base
     name = adapter_name or model.active_adapter
     config = model.peft_config[name].to_dict()
     config.pop("eva_config", None) if config.get("eva_config") is None else None
-    config.update(adapter_name=name, tp_size=model.groups.tp_size, pp_size=model.groups.pp_size)
+    config.update(adapter_name=name, adapter_kind=_kind_name(model, name), tp_size=model.groups.tp_size,
+                  pp_size=model.groups.pp_size)
     if base is not None and base.name_or_path is not None:
         config[BASE_PATH_KEY] = base.name_or_path
     return config
+
+
+def _kind_name(model: AdapterModel, adapter_name: str) -> str:
+    kinds = {layer.kinds[adapter_name].name for _, layer in model.adapter_layers() if layer.has_adapter(adapter_name)}
+    if len(kinds) != 1:
+        raise ValueError(f"adapter {adapter_name!r} has kinds {sorted(kinds)} on this rank; expected one")
+    return kinds.pop()
 
 
 def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,

@@ -1,10 +1,9 @@
-"""Offline merge: fold LoRA adapters into a Hugging Face base checkpoint, streaming.
+"""Offline merge: fold an adapter into a Hugging Face base checkpoint, streaming.
 
-    W_merged = W + scaling * B @ A      (float32 or wider accumulate, cast back to W's dtype)
-
-per HF module, with the HF-named factors of the PEFT export (`export.hf_lora_factors`: q/k/v and
-gate/up deltas come from the same row split as the exported adapter), or read back from an
-exported PEFT adapter directory.  The base is opened lazily and read one tensor at a time; output
+Per HF module, by the kind's own rule (`AdapterKind.merged_weight`; LoRA: W + scaling * B @ A,
+accumulated in float32 or wider and cast back to W's dtype), with the HF-named adapters of the
+PEFT export (`hf_adapter.hf_module_adapters`: q/k/v and gate/up come from the same row split as
+the exported adapter), or read back from an exported PEFT adapter directory.  The base is opened lazily and read one tensor at a time; output
 shards are planned up front and written as we go, so memory stays at about one tensor.  The result
 is written into a hidden sibling directory and renamed into place when complete.
 """
@@ -12,22 +11,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from parallel_adapters.adapters.functional import merged_weight
+from parallel_adapters.adapters.kinds import kind_for_stored_config
 from parallel_adapters.checkpoint.base_model import BASE_FLAG, BASE_PATH_KEY, merge_base
-from parallel_adapters.checkpoint.export import (
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, HFLoraFactor, hf_lora_factors, load_checkpoint_factors,
-)
+from parallel_adapters.checkpoint.export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_checkpoint_factors
+from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter, hf_module_adapters
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.finite import check_config, check_tensor
 from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.outputs import StagedDirectory, check_output_dir, checkpoint_inputs
-from parallel_adapters.config import lora_scaling
 from parallel_adapters.hf.config import read_hf_config
 from parallel_adapters.hf.files import (
     DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, ShardedSafetensorsWriter, copy_side_files, plan_shards,
@@ -38,48 +35,39 @@ from parallel_adapters.user_errors import UserError
 _CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-_PEFT_KEY = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
-def _peft_pattern(module: str, pattern: Mapping[str, Any], default: Any) -> Any:
-    """PEFT's get_pattern_key rule: the first key matching a '.'-suffix of the module path."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def peft_factors(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[str, HFLoraFactor]:
-    """HF module -> factors and scaling, read from a PEFT adapter directory (LoRA, no DoRA)."""
+def peft_adapters(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[str, HFModuleAdapter]:
+    """HF module -> its adapter, read from a PEFT adapter directory (any registered kind)."""
     peft_dir = Path(peft_dir)
     config = read_json(peft_dir / ADAPTER_CONFIG_FILE, "PEFT adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{peft_dir / ADAPTER_CONFIG_FILE}: expected a JSON object")
     check_config(config, f"merge: {peft_dir / ADAPTER_CONFIG_FILE}", allow_nonfinite)
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise CheckpointError(f"{peft_dir}: only plain LoRA adapters can be merged (peft_type "
-                              f"{config.get('peft_type')!r}, use_dora {config.get('use_dora')!r})")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        kind = kind_for_stored_config(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{peft_dir}: {exc}") from None
+    by_key = {kind.peft_key(name): name for name in kind.tensor_axes}
+    pattern = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<key>{'|'.join(map(re.escape, by_key))})$")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     weights = peft_dir / ADAPTER_WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt") as fh:
             for key in fh.keys():
-                m = _PEFT_KEY.match(key)
+                m = pattern.match(key)
                 if m is None:
-                    raise CheckpointError(f"{weights}: unsupported tensor {key!r}")
-                pairs.setdefault(m.group("module"), {})[m.group("factor")] = fh.get_tensor(key)
+                    raise CheckpointError(f"{weights}: {key!r} is not a tensor of a {kind.name} adapter")
+                modules.setdefault(m.group("module"), {})[by_key[m.group("key")]] = fh.get_tensor(key)
     except SafetensorError as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
     out = {}
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise CheckpointError(f"{peft_dir}: {module} lacks lora_A or lora_B")
-        r = _peft_pattern(module, config.get("rank_pattern") or {}, config["r"])
-        alpha = _peft_pattern(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
-        if pair["A"].shape[0] != r:
-            raise CheckpointError(f"{peft_dir}: {module} lora_A has {pair['A'].shape[0]} rows, config says r={r}")
-        scaling = lora_scaling(alpha, r, bool(config.get("use_rslora")))
-        out[module] = HFLoraFactor(pair["A"], pair["B"], r, alpha, scaling)
+    for module, tensors in modules.items():
+        try:
+            hparams = kind.peft_hparams(config, module, {n: tuple(t.shape) for n, t in tensors.items()})
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{peft_dir}: {module}: {exc}") from None
+        out[module] = HFModuleAdapter(kind, tensors, hparams, embedding=module.endswith("embed_tokens"))
     return out
 
 
@@ -105,17 +93,17 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: s
     inputs = [("PEFT adapter", source)] if is_peft else checkpoint_inputs(source)
     out = check_output_dir(out_dir, "merge", [*inputs, ("Hugging Face base", base_hf_dir)], overwrite)
     if is_peft:
-        factors = peft_factors(source, allow_nonfinite)
+        adapters = peft_adapters(source, allow_nonfinite)
     else:
         tensors, config = load_checkpoint_factors(source)
         check_config(config, f"merge: {source}", allow_nonfinite)
-        factors = hf_lora_factors(tensors, config, read_hf_config(base_hf_dir), adapter_name)
+        adapters = hf_module_adapters(tensors, config, read_hf_config(base_hf_dir), adapter_name)
     if not allow_nonfinite:
-        for module, f in factors.items():
-            check_tensor(f"{module}.lora_A", f.lora_A, f"merge: {source}")
-            check_tensor(f"{module}.lora_B", f.lora_B, f"merge: {source}")
-    return merge_factors_into_hf(factors, base_hf_dir, out, max_shard_bytes, progress,
-                                 check_finite=safe_merge and not allow_nonfinite)
+        for module, adapter in adapters.items():
+            for name, tensor in adapter.tensors.items():
+                check_tensor(f"{module}.{name}", tensor, f"merge: {source}")
+    return merge_adapters_into_hf(adapters, base_hf_dir, out, max_shard_bytes, progress,
+                                  check_finite=safe_merge and not allow_nonfinite)
 
 
 def _recorded_checkpoint_base(source: Path) -> Path:
@@ -135,28 +123,37 @@ def _recorded_peft_base(peft_dir: Path) -> Path:
     return Path(path)
 
 
-def _check_targets(base: HFCheckpoint, factors: Mapping[str, HFLoraFactor]) -> None:
+def _check_targets(base: HFCheckpoint, adapters: Mapping[str, HFModuleAdapter]) -> None:
+    tied = bool(read_hf_config(base.directory).get("tie_word_embeddings")) and any(
+        m.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head") for m in adapters)
+    if tied:
+        raise CheckpointError(
+            f"{base.directory} ties lm_head to embed_tokens, and the adapter targets one of them: a merge would "
+            "change both (PEFT merges into the shared table anyway and warns). Untie the base first, or load "
+            "the adapter with PEFT unmerged.")
     problems = []
-    for module, f in factors.items():
+    for module, adapter in adapters.items():
         name = module + ".weight"
         if name not in base.weight_map:
             problems.append(f"{name}: not in the base checkpoint")
             continue
-        want = (f.lora_B.shape[0], f.lora_A.shape[1])
-        if base.shape(name) != want:
-            problems.append(f"{name}: base shape {base.shape(name)}, adapter delta {want}")
+        for tensor_name, tensor in adapter.tensors.items():
+            for axis, size in zip(adapter.kind.tensor_axes[tensor_name], base.shape(name)):
+                if axis is not None and tensor.shape[axis] != size:
+                    problems.append(f"{name}: base shape {base.shape(name)}, adapter {tensor_name} "
+                                    f"{tuple(tensor.shape)}")
     if problems:
         raise CheckpointError(f"the adapter does not fit {base.directory}:\n    " + "\n    ".join(problems))
 
 
-def merge_factors_into_hf(factors: Mapping[str, HFLoraFactor], base_hf_dir: str | Path, out_dir: str | Path,
-                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-                          check_finite: bool = False) -> Path:
+def merge_adapters_into_hf(adapters: Mapping[str, HFModuleAdapter], base_hf_dir: str | Path, out_dir: str | Path,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                           check_finite: bool = False) -> Path:
     """Stream every base tensor to `out_dir` (already checked by the caller, see `merge_into_hf`),
-    adding scaling * B @ A where an adapter targets it; `check_finite`: refuse a merged weight with
+    folding in the adapter where one targets it; `check_finite`: refuse a merged weight with
     NaN/inf (the output is then not written)."""
     base = HFCheckpoint(base_hf_dir)
-    _check_targets(base, factors)
+    _check_targets(base, adapters)
     out = Path(out_dir).absolute()
     names = sorted(base.names(), key=lambda n: (base.weight_map[n], n))  # file by file: sequential reads
     layout = [(n, _CODES[base.dtype_code(n)], base.shape(n)) for n in names]
@@ -166,9 +163,9 @@ def merge_factors_into_hf(factors: Mapping[str, HFLoraFactor], base_hf_dir: str 
         writer = ShardedSafetensorsWriter(tmp, layout, shards, files)
         for name in tqdm(names, desc="merge", disable=not progress, leave=False):
             weight = base.read(name)
-            f = factors.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
-            if f is not None:
-                weight = merged_weight(weight, f.lora_A, f.lora_B, f.scaling)
+            adapter = adapters.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+            if adapter is not None:
+                weight = adapter.merged_weight(weight)
                 if check_finite:
                     check_tensor(name, weight, "merge --safe-merge: the merged weight")
             writer.write(name, weight)

@@ -17,6 +17,9 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 
+from parallel_adapters.distributed.geometry import (  # noqa: F401  (re-exported: hosts and EVA use them)
+    EMBEDDING_MODES, LINEAR_MODES, ConvShape, LinearGeometry,
+)
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.ops.dropout import dropout_mask_
@@ -33,27 +36,6 @@ try:  # Transformer Engine is optional; a half-installed TE raises more than Imp
 except Exception:  # noqa: BLE001
     TEColumnParallelLinear = TERowParallelLinear = TELayerNormColumnParallelLinear = ()
     HAVE_TE = False
-
-
-@dataclass(frozen=True)
-class LinearGeometry:
-    """What an adapter needs to know about the frozen linear layer it wraps."""
-
-    parallel_mode: str
-    """"column", "row" or "replicated" (a plain nn.Linear)."""
-    in_features: int
-    """Global input size."""
-    out_features: int
-    """Global output size."""
-    chunks: int
-    """Megatron's partition_stride of the weight (2 for SwiGLU fc1)."""
-    tp_group: Any
-    tp_size: int
-    tp_rank: int
-    sequence_parallel: bool
-    gather_output: bool
-    input_is_parallel: bool
-    skip_bias_add: bool
 
 
 def is_parallel_state_initialized() -> bool:
@@ -100,7 +82,7 @@ def megatron_parallel_groups() -> ParallelGroups:
 
 
 def parallel_mode_of(module: torch.nn.Module) -> str | None:
-    """"column" / "row" / "replicated" for a linear layer we can adapt, else None."""
+    """The parallel mode (LinearGeometry.parallel_mode) of a layer we can adapt, else None."""
     if isinstance(module, TELayerNormColumnParallelLinear):
         return "column_fused_norm"
     if isinstance(module, (ColumnParallelLinear, TEColumnParallelLinear)):
@@ -109,6 +91,12 @@ def parallel_mode_of(module: torch.nn.Module) -> str | None:
         return "row"
     if isinstance(module, torch.nn.Linear):
         return "replicated"
+    if isinstance(module, VocabParallelEmbedding):
+        return "vocab"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Conv2d):
+        return "conv2d"
     return None
 
 
@@ -121,6 +109,8 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
     if mode == "replicated":
         return LinearGeometry("replicated", module.in_features, module.out_features, 1, None, 1, 0,
                               False, False, True, False)
+    if mode in ("vocab", "embedding", "conv2d"):
+        return _lookup_or_conv_geometry(module, mode, groups)
     if mode == "column_fused_norm":
         raise ValueError(
             f"{type(module).__name__} fuses a norm into the linear layer; adapters need the normed "
@@ -143,6 +133,27 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         skip_bias_add=bool(getattr(module, "te_return_bias", False) if te else module.skip_bias_add),
     )
+
+
+def _lookup_or_conv_geometry(module: torch.nn.Module, mode: str, groups: ParallelGroups) -> LinearGeometry:
+    name = type(module).__name__
+    if mode == "vocab":
+        return LinearGeometry("vocab", module.num_embeddings, module.embedding_dim, 1, groups.tp_group,
+                              groups.tp_size, groups.tp_rank,
+                              bool(module.reduce_scatter_embeddings) and groups.tp_size > 1, False, True, False)
+    if mode == "embedding":
+        if module.max_norm is not None or module.sparse:
+            raise ValueError(f"{name} with max_norm or sparse=True cannot take an adapter (the lookup would "
+                             "renormalise or sparsify the adapter's table too)")
+        return LinearGeometry("embedding", module.num_embeddings, module.embedding_dim, 1, None, 1, 0,
+                              False, False, True, False, padding_idx=module.padding_idx)
+    if module.padding_mode != "zeros" or any(d != 1 for d in module.dilation):
+        raise ValueError(f"{name} with padding_mode={module.padding_mode!r}, dilation={module.dilation}: "
+                         "adapters support zero padding and dilation 1 (as PEFT's LoRA computes them)")
+    conv = ConvShape(tuple(module.kernel_size), tuple(module.stride), module.padding, tuple(module.dilation),
+                     module.groups)
+    return LinearGeometry("conv2d", module.in_channels, module.out_channels, 1, None, 1, 0,
+                          False, False, True, False, conv=conv)
 
 
 class TrackerDropout:

@@ -86,9 +86,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _base_parameters(inner: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(global name, parameter) of the base model, adapter factors left out."""
+    """(global name, parameter) of the base model, adapter tensors (of any kind) left out."""
     names = global_parameter_names(inner)
-    return [(names[local], p) for local, p in inner.named_parameters() if ".lora_" not in local]
+    return [(names[local], p) for local, p in inner.named_parameters() if not getattr(p, "adapter_tensor", False)]
 
 
 def _model_mismatches(inner: torch.nn.Module, shape: LlamaShape) -> list[str]:

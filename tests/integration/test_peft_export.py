@@ -154,12 +154,12 @@ def test_partial_coverage_with_rslora_loads_in_peft_like_the_merge(trained, tmp_
     PEFT's forward must equal the merged model's (independent code paths over the same factors)."""
     from peft import PeftModel
 
-    from parallel_adapters.checkpoint.export import hf_lora_factors
+    from parallel_adapters.checkpoint.export import hf_module_adapters
 
     config = {"r": 3, "lora_alpha": 6, "use_rslora": True}
     hf_config = json.loads((trained["hf"] / "config.json").read_text())
-    factors = hf_lora_factors(_synthetic_factors(), config, hf_config)
-    assert factors["model.layers.1.mlp.up_proj"].scaling == pytest.approx(6 / 5 ** 0.5)
+    factors = hf_module_adapters(_synthetic_factors(), config, hf_config)
+    assert factors["model.layers.1.mlp.up_proj"].hparams["scaling"] == pytest.approx(6 / 5 ** 0.5)
     out = export_peft(_synthetic_factors(), tmp_path / "partial", trained["hf"], config)
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["target_modules"] == ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.gate_proj",
@@ -176,14 +176,14 @@ def test_partial_coverage_with_rslora_loads_in_peft_like_the_merge(trained, tmp_
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda t: t | {"decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(160, 48)}, "only lora_A / lora_B"),
+    (lambda t: t | {"decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(160, 48)}, "not a tensor of a lora adapter"),
     (lambda t: {k: v for k, v in t.items() if "linear_proj.lora_B" not in k}, "lora_B is missing"),
     (lambda t: t | {"decoder.layers.1.mlp.linear_fc1.lora_A.default.weight": torch.zeros(5, 40)},
-     "input features"),
+     "along the weight's columns"),
     (lambda t: t | {"decoder.layers.0.self_attention.linear_proj.lora_A.other.weight": torch.zeros(3, 48)},
      "pass adapter_name"),
-    (lambda t: t | {"output_layer.lora_A.default.weight": torch.zeros(2, 48),
-                    "output_layer.lora_B.default.weight": torch.zeros(101, 2)}, "supports"),
+    (lambda t: t | {"decoder.final_layernorm.lora_A.default.weight": torch.zeros(2, 48),
+                    "decoder.final_layernorm.lora_B.default.weight": torch.zeros(48, 2)}, "supports"),
 ])
 def test_export_refuses_what_peft_cannot_represent(trained, tmp_path, mutate, message):
     with pytest.raises(ValueError, match=message):

@@ -112,3 +112,24 @@ def peft_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor) -> dict:
             replicas[name] = all(torch.equal(c, copies[0]) for c in copies)
     save_sharded(ckpt_dir, state, groups, config=config.to_dict(), rng_state=False)
     return {"base": base, "adapted": adapted, "replicas": replicas}
+
+
+def adapter_export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, targets: list[str],
+                       config_fields: dict) -> dict:
+    """TP=2: import, an adapter of `LoraConfig(**config_fields)` on `targets` (non-zero from the
+    start), base / adapted logits, sharded save with the adapter's kind recorded."""
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.checkpoint.adapter_io import checkpoint_config
+    from parallel_adapters.checkpoint.sharded import save_sharded
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    groups = _setup(2, 1)
+    model, _, _ = _imported_model(hf_dir, groups)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, seed=3, **config_fields)
+    adapter = get_adapter_model(model, config, groups=groups)
+    with torch.no_grad():
+        with adapter.disable_adapter():
+            base = gpt_logits(adapter.model, input_ids)
+        adapted = gpt_logits(adapter.model, input_ids)
+    save_sharded(ckpt_dir, adapter.adapter_state_dict(), groups, config=checkpoint_config(adapter), rng_state=False)
+    return {"base": base, "adapted": adapted}

@@ -45,8 +45,10 @@ class AdapterHost(nn.Module):
     def __init__(self, base: nn.Module, geometry: LinearGeometry, module_name: str,
                  autocast_adapter_dtype: bool = True):
         super().__init__()
-        self.weight = base.weight
-        self.factor_dtype = lf.factor_dtype(base.weight.dtype, autocast_adapter_dtype)
+        self.weight = base.weight  # None on an output layer tied to the input embedding (forward's `weight`)
+        dtype = base.weight.dtype if base.weight is not None else base.config.params_dtype
+        self.factor_dtype = lf.factor_dtype(dtype, autocast_adapter_dtype)
+        self._device = base.weight.device if base.weight is not None else next(base.parameters(), torch.empty(0)).device
         self.bias = base_bias(base)
         # Set after weight/bias: the attribute fallback to the base would shadow them otherwise.
         object.__setattr__(self, "_base", base)  # outside the module tree on purpose (see top)
@@ -60,6 +62,8 @@ class AdapterHost(nn.Module):
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None
         self.disabled = False
+        self.tied_weight = False
+        """Set by injection on a tied embedding / output layer: merging is refused."""
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -186,16 +190,26 @@ class AdapterHost(nn.Module):
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
         if not names:
             return
+        self.check_mergeable(names)
         with torch.no_grad():
             merged = self.weight.detach().clone()
             for name in names:
-                merged = lf.fold_delta(merged, self.kinds[name].merged_delta(self.view(name)))
+                merged = self.kinds[name].merged_weight(self.view(name), merged)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives non-finite weights")
             if self._unmerged_weight is None:
                 self._unmerged_weight = self.weight.detach().clone()
             self.weight.copy_(merged)
         self.merged_adapters.extend(names)
+
+    def check_mergeable(self, names: list[str]) -> None:
+        """ValueError if this layer's weight is tied to another layer's (the input embedding and the
+        output layer of a model with tied embeddings): merging would change both layers."""
+        if self.tied_weight and names:
+            raise ValueError(
+                f"{self.module_name}: cannot merge adapter(s) {names}: the input embedding and the output layer "
+                "share one weight (tied embeddings), so a merge would change the other layer too (PEFT merges "
+                "into the shared table anyway and warns). Untie the embeddings first, or keep the adapter unmerged.")
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge base weight."""
@@ -268,8 +282,9 @@ class AdapterHost(nn.Module):
                                  "which the host uses")
 
     def _holder(self, tensor: torch.Tensor, decl: TensorDecl, trainable: bool) -> _Holder:
-        holder = _Holder(tensor.to(device=self.weight.device, dtype=self.factor_dtype).clone())
+        holder = _Holder(tensor.to(device=self._device, dtype=self.factor_dtype).clone())
         holder.weight.requires_grad_(trainable)
+        holder.weight.adapter_tensor = True  # how code below adapters/ (mcore.hf_bridge) tells it from the base
         set_tensor_parallel_attributes(holder.weight, decl.spec)
         return holder
 

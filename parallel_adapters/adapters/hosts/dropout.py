@@ -29,8 +29,8 @@ def input_dropout(p: float, seed: int, stream_prefix: str, module_name: str, ada
     """Megatron layers: a stream of Megatron's RNG tracker (replayed by activation recompute),
     named `<stream_prefix><adapter>/tp-shared` for TP-replicated inputs (the same masks on every
     TP rank, no communication) and `.../tp-rank` (one state per TP rank) for sharded ones.
-    nn.Linear: a private generator per module and call."""
-    if geometry.parallel_mode == "replicated":
+    Plain layers (nn.Linear, nn.Conv2d): a private generator per module and call."""
+    if geometry.parallel_mode in ("replicated", "conv2d"):
         return SeededDropout(p, lf.factor_seed(seed, module_name, adapter_name, f"dp{dp_rank}", "tp0"))
     shared = tp_replicated_input(geometry)
     stream = f"{stream_prefix}{adapter_name}/{'tp-shared' if shared else 'tp-rank'}"

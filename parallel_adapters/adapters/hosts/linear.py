@@ -131,6 +131,7 @@ class ReplicatedHost(AdapterHost):
 
 
 HOST_FOR_MODE = {"column": ColumnParallelHost, "row": RowParallelHost, "replicated": ReplicatedHost}
+"""Linear hosts by parallel mode; `adapters.inject.host_class` adds the lookup and conv hosts."""
 
 
 def _input_columns(view: AdapterView, x: torch.Tensor) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ is an instance of.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Mapping
 
 from parallel_adapters.adapters.kinds.protocol import SLOTS, AdapterKind
 
@@ -51,6 +51,20 @@ def kind_for_config(config: Any) -> AdapterKind:
             return kind
     wanted = " or ".join(f"parallel_adapters.{k.config_class.__name__}" for k in _REGISTRY.values())
     raise ValueError(f"config must be a {wanted}, got {type(config).__name__}")
+
+
+def kind_for_stored_config(config: Mapping[str, Any]) -> AdapterKind:
+    """The kind of a stored adapter config: a checkpoint's (`adapter_kind`; checkpoints written
+    before kinds existed are LoRA) or a PEFT adapter_config.json's (`peft_type`)."""
+    _load_builtins()
+    if "adapter_kind" in config:
+        return get_kind(config["adapter_kind"])
+    peft_type = config.get("peft_type", "LORA")
+    for kind in _REGISTRY.values():
+        if kind.peft_type == peft_type:
+            return kind
+    raise ValueError(f"no registered adapter kind exports peft_type {peft_type!r}; "
+                     f"registered: {sorted(k.peft_type for k in _REGISTRY.values())}")
 
 
 def _load_builtins() -> None:

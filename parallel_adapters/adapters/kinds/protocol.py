@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from parallel_adapters.distributed.sharding import ShardSpec
-from parallel_adapters.mcore.compat import LinearGeometry
+from parallel_adapters.distributed.geometry import LinearGeometry
 
 INPUT_COLUMNS = "input_columns"
 LOCAL_ADDEND = "local_addend"
@@ -107,6 +107,11 @@ class AdapterKind:
     """Prefix of this kind's dropout streams in Megatron's RNG tracker (checkpointed by name)."""
     slot_table: Mapping[str, frozenset[str]] = MappingProxyType({})
     """Parallel mode ("column", "row", "replicated") -> the slots this kind fills there."""
+    tensor_axes: Mapping[str, tuple[int | None, int | None]] = MappingProxyType({})
+    """Every tensor name the kind may declare -> (its axis along the base weight's rows, its axis
+    along the base weight's columns), None where it has neither.  The offline tools need no
+    geometry: export splits a fused module's tensor along its row axis into the HF modules' parts
+    (q/k/v, gate/up; vocabulary padding dropped) and checks the column axis against the HF shape."""
 
     def slots(self, parallel_mode: str) -> frozenset[str]:
         if parallel_mode not in self.slot_table:
@@ -129,6 +134,35 @@ class AdapterKind:
 
     def merged_delta(self, view: AdapterView) -> torch.Tensor:
         """This shard's weight update, shaped like the host's weight shard, float32 or wider."""
+        raise NotImplementedError
+
+    def merged_weight(self, view: AdapterView, weight: torch.Tensor) -> torch.Tensor:
+        """The weight (shard) with the adapter folded in; by default W + merged_delta(view), added in
+        float32 or wider and cast back to W's dtype."""
+        delta = self.merged_delta(view)
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+    # -- offline: checkpoints and PEFT files (no geometry, no process group) -----------------
+
+    def stored_hparams(self, config: Mapping[str, Any], module: str,
+                       shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """One module's hyperparameters from a checkpoint's adapter config and its tensors' shapes
+        (EVA may have changed a module's rank)."""
+        raise NotImplementedError
+
+    def peft_hparams(self, peft_config: Mapping[str, Any], module: str,
+                     shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """One HF module's hyperparameters from a PEFT adapter_config.json (its patterns applied)."""
+        raise NotImplementedError
+
+    def low_rank_factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [r, n], B [m, r]) whose product, times the `scaling` hyperparameter, is the update's
+        magnitude, for kinds that have one (the export checks it cannot overflow); else None."""
+        return None
+
+    def peft_config(self, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
+                    target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
+        """PEFT's adapter_config.json for HF modules with these hyperparameters."""
         raise NotImplementedError
 
     def describe(self, hparams: Mapping[str, Any]) -> str:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from parallel_adapters.checkpoint import files as files_mod, reader as reader_mod
 from parallel_adapters.checkpoint.consolidate import consolidate, iter_full_tensors, reshard
 from parallel_adapters.checkpoint.export import (
-    ADAPTER_WEIGHTS_FILE, export_peft, export_peft_from_checkpoint, hf_lora_factors, peft_tensors,
+    ADAPTER_WEIGHTS_FILE, export_peft, export_peft_from_checkpoint, hf_module_adapters, peft_tensors,
 )
 from parallel_adapters.checkpoint.layout import CheckpointError, replica_owners
 from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
@@ -334,7 +334,7 @@ def _tiny_llama_checkpoint(tmp_path: Path) -> tuple[Path, dict]:
 
 def test_peft_tensors_copy_nothing_and_the_file_holds_every_tensor(tmp_path):
     full = _tiny_llama_factors()
-    factors = hf_lora_factors(full, LORA, HF_CONFIG)
+    factors = hf_module_adapters(full, LORA, HF_CONFIG)
     layer = "model.layers.0"
     a_qkv = full["decoder.layers.0.self_attention.linear_qkv.lora_A.default.weight"]
     out = peft_tensors(factors)

@@ -1,0 +1,77 @@
+"""Hosts for lookup tables and convolutions: Megatron's VocabParallelEmbedding, a plain
+nn.Embedding, a plain nn.Conv2d.
+
+Legend: T tokens, V vocabulary (padded as Megatron pads it), H width, t = TP size.
+
+    host        slots           the ONE collective (forward / backward)
+    vocab       partial_addend  all-reduce of the partial lookup (SP: reduce-scatter along the
+                                sequence) / identity (SP: all-gather), as the base alone
+    embedding   local_addend    none
+    conv2d      local_addend    none
+
+VocabParallelEmbedding, rank i holds rows [i V/t, (i+1) V/t) of the table.  A token outside them
+looks up row 0 and its row of the partial output is zeroed, so the sum over ranks is the one
+real row.  An adapter's addend is added to the partial BEFORE that zeroing and before the
+reduction: it rides inside the base's collective, and the zeroing also stops the gradient of
+the rows a rank does not own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.kinds.protocol import LOCAL_ADDEND, PARTIAL_ADDEND
+from parallel_adapters.distributed import collectives
+
+
+class VocabParallelEmbeddingHost(AdapterHost):
+    """Adapters on Megatron's VocabParallelEmbedding (LoRA: A_i [r, V/t] split like the table's
+    rows, B [H, r] replicated, its gradient partial -> finalize_grads).
+
+    forward: ids -> local ids (masked) -> p_i = partial_addend(lookup(W_i)) -> zero the rows of
+             tokens this rank does not own -> ONE all-reduce ([b, s, H]) or, under SP, ONE
+             reduce-scatter of the [s, b, H] transpose, exactly as VocabParallelEmbedding.
+    """
+
+    SLOTS = frozenset({PARTIAL_ADDEND})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        local, outside = ids, None
+        if g.tp_size > 1:
+            start = self._base.vocab_start_index
+            outside = (ids < start) | (ids >= self._base.vocab_end_index)
+            local = (ids - start).masked_fill(outside, 0)
+        partial = F.embedding(local, self.weight)
+        for view in self._running_views():
+            partial = view.kind.partial_addend(view, local, partial, None)
+        if outside is not None:
+            partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
+        if g.sequence_parallel:
+            return collectives.reduce_scatter_sequence(partial.transpose(0, 1).contiguous(), g.tp_group)
+        return collectives.reduce_from_group(partial, g.tp_group)
+
+
+class EmbeddingHost(AdapterHost):
+    """Adapters on a plain nn.Embedding: y = local_addend(lookup(W)).  Not tensor-parallel."""
+
+    SLOTS = frozenset({LOCAL_ADDEND})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(ids, self.weight, self.geometry.padding_idx)
+        for view in self._running_views():
+            y = view.kind.local_addend(view, ids, y, None)
+        return y
+
+
+class Conv2dHost(AdapterHost):
+    """Adapters on a plain nn.Conv2d: y = local_addend(conv(x, W) + b).  Not tensor-parallel."""
+
+    SLOTS = frozenset({LOCAL_ADDEND})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base._conv_forward(x, self.weight, self.bias)
+        for view in self._running_views():
+            y = view.kind.local_addend(view, x, y, None)
+        return y
