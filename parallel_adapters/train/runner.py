@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -162,8 +163,9 @@ def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -
 
 
 class _EvaBatches:
-    """EVA's data: the training samples under another seed (the training order stays untouched),
-    epoch after epoch without end (EVA stops by itself); `drawn` counts the batches taken."""
+    """EVA's data: the training samples under another seed (the training order stays untouched).
+    One epoch, then the same batches again without end, as PEFT's itertools.cycle does (EVA stops
+    by itself); endless here so that `drawn` counts every batch EVA takes."""
 
     def __init__(self, samples: torch.Tensor, micro_batch: int, groups: Any, seed: int):
         self.args = (samples, micro_batch, groups.dp_rank, groups.dp_size, seed)
@@ -174,9 +176,12 @@ class _EvaBatches:
         from parallel_adapters.train.loop import compute_device
 
         batches, device = DataParallelBatches(*self.args), compute_device()
-        while True:
+        seen = []  # grows only as far as EVA reads
+        for step in itertools.count():
+            if step < batches.steps_per_epoch:
+                seen.append(batches.next_batch())
             self.drawn += 1
-            yield {k: v.to(device) for k, v in batches.next_batch().items()}
+            yield {k: v.to(device) for k, v in seen[step % batches.steps_per_epoch].items()}
 
 
 def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -> int:
