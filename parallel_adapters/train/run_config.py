@@ -52,6 +52,7 @@ class ParallelSection:
     data: Optional[int] = None
     """None: world size / (tensor x pipeline)."""
     sequence_parallel: bool = False
+    """Split activations along the sequence between TP ranks (at tensor=1 there is nothing to split)."""
 
 
 @dataclass(frozen=True)

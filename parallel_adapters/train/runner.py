@@ -136,11 +136,11 @@ def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
 
 def _check_same_adapter(saved: LoraConfig, asked: LoraConfig, resume_from: Path) -> None:
     """A resumed run takes its adapters from the checkpoint: an adapter.* key that differs would be
-    ignored, so it is refused.  EVA's ranks and alphas (rank/alpha_pattern) and the initialisation
-    (init_lora_weights, eva_config) are the checkpoint's own."""
+    ignored, so it is refused.  The initialisation (init_lora_weights, eva_config) and what EVA
+    decided (rank/alpha_pattern; target_modules, when it dropped a layer) are the checkpoint's own."""
     skip = {"init_lora_weights", "eva_config"}
     if saved.init_lora_weights == "eva":
-        skip |= {"rank_pattern", "alpha_pattern"}
+        skip |= {"rank_pattern", "alpha_pattern", "target_modules"}
     for f in dataclasses.fields(LoraConfig):
         if f.name not in skip and getattr(saved, f.name) != getattr(asked, f.name):
             raise ValueError(f"resume: {resume_from} was trained with adapter.{f.name}="

@@ -7,13 +7,15 @@ tests/unit/train/test_run_config_fields.py checks every other key without traini
 """
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.train_jobs import BASE
 
 RUN_KEYS = ("export.peft_dir", "export.verify_with_peft")
 """The keys test_run_config_fields leaves to this module."""
 
 
-def eva_run_job(overrides: list[str]) -> dict:
+def eva_run_job(overrides: list[str], resume: bool = False, stop_at: int | None = None) -> dict:
     """run_training(BASE + overrides) with rank 0's stderr captured (EVA's progress lines)."""
     import contextlib
     import io
@@ -25,8 +27,10 @@ def eva_run_job(overrides: list[str]) -> dict:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        result = run_training(load_run_config(None, BASE + list(overrides)), resume=False, show_progress=True)
+        result = run_training(load_run_config(None, BASE + list(overrides)), resume=resume, show_progress=True,
+                              stop_at=stop_at)
     return {"eva_steps": result.eva_steps, "stderr": err.getvalue(), "rank": result.ranks["rank"],
+            "start_step": result.start_step, "final_step": result.final_step,
             "export_dir": result.export_dir, "peft_diff": result.peft_max_logit_diff}
 
 
@@ -57,3 +61,16 @@ def test_eva_section_turns_eva_on_with_its_step_cap(pool2):
     assert _eva_lines(results)[-1].startswith("EVA stopped at max_steps=3")
 
     assert all(r["export_dir"] is None and r["peft_diff"] is None for r in results)  # the export's control
+
+
+def test_resume_after_eva_keeps_its_adapters_and_refuses_another_rank(pool2, tmp_path):
+    """The checkpoint's adapter config (EVA's ranks) passes the resume check; adapter.r does not."""
+    from tests.harness.pool import JobFailed
+
+    run = ["parallel.tensor=2", "eva.max_steps=3", "optim.steps=2", f"checkpoint.directory={tmp_path}/ck"]
+    first = pool2.run(eva_run_job, run, False, 1)
+    assert [(r["eva_steps"], r["final_step"]) for r in first] == [(3, 1), (3, 1)]
+    second = pool2.run(eva_run_job, run, True)
+    assert [(r["eva_steps"], r["start_step"], r["final_step"]) for r in second] == [(None, 1, 2)] * 2
+    with pytest.raises(JobFailed, match=r"adapter\.r=4, the run config has 8"):
+        pool2.run(eva_run_job, run + ["adapter.r=8"], True)

@@ -250,6 +250,10 @@ def test_resume_takes_the_checkpoints_adapter_and_refuses_another(tmp_path):
 
 def test_resume_after_eva_keeps_evas_ranks(tmp_path):
     config = load_run_config(None, ["adapter.r=4", "eva.max_steps=3"])
-    after_eva = runner.adapter_config(config, None).replace(rank_pattern={"linear_qkv": 6})
+    after_eva = runner.adapter_config(config, None).replace(  # eva/state.py: ranks, and the layers kept
+        rank_pattern={"linear_qkv": 6}, target_modules=("decoder.layers.0.self_attention.linear_qkv",))
     restored = runner.adapter_config(config, _saved_checkpoint(tmp_path, after_eva))
     assert restored.rank_pattern == {"linear_qkv": 6} and restored.init_lora_weights is True
+    assert restored.target_modules == after_eva.target_modules
+    with pytest.raises(ValueError, match=r"adapter\.r=4, the run config has 8"):
+        runner.adapter_config(load_run_config(None, ["eva.max_steps=3"]), tmp_path)
