@@ -184,7 +184,7 @@ class _EvaBatches:
             yield {k: v.to(device) for k, v in seen[step % batches.steps_per_epoch].items()}
 
 
-def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -> int:
+def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, show_progress: bool) -> int:
     """EVA initialisation of the A factors (collective): `eva.initialize.initialize_eva_weights`
     with its default Megatron forward (PP through mcore.schedule.forward_only).  Returns the number
     of EVA steps (one batch each)."""
@@ -193,7 +193,7 @@ def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -
     except ImportError as exc:
         raise ValueError(f"eva: EVA initialisation is not available in this build ({exc})") from None
     batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
-    initialize_eva_weights(model, batches, show_progress_bar=rank0)
+    initialize_eva_weights(model, batches, show_progress_bar=show_progress)  # shown on world rank 0 only
     return batches.drawn
 
 
