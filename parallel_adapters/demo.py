@@ -50,6 +50,7 @@ def summary(result: TrainResult, base_dir: Path, seconds: float) -> str:
     first, last = result.losses[0], result.losses[-1]
     rows = [
         ("base model (HF safetensors)", str(base_dir)),
+        ("EVA initialisation", f"{result.eva_steps} steps"),
         ("loss, first -> last step", f"{first:.3f} -> {last:.3f} ({100 * (first - last) / first:.1f}% lower)"),
         ("steps, throughput", f"{result.final_step}, {result.tokens_per_s:,.0f} tokens/s"),
         ("sharded checkpoint", str(result.last_checkpoint)),

@@ -1,4 +1,5 @@
-"""The `train` command's arguments, shared by `parallel-adapters train` and `-m parallel_adapters.train.runner`.
+"""The `train` command's arguments, shared by `-m parallel_adapters train CONFIG` (`parallel-adapters
+train`) and `-m parallel_adapters.train.runner --config CONFIG`.
 
 Light on purpose (argparse only): the command line is parsed before torch or megatron is imported.
 """

@@ -23,12 +23,10 @@ def engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from:
     from parallel_adapters.train.engine import build_engine
     from parallel_adapters.train.loop import restore_dropout_counters
 
-    o = config.optim
     extra: dict = {}
     if resume_from is not None and config.deepspeed is not None:
         extra = load_checkpoint(model, resume_from, None, restore_rng=False) or {}
-    engine = build_engine(model, o.lr, o.weight_decay, o.grad_clip, config.deepspeed,
-                          layout.micro_batch * layout.accumulation, tp_sum=tp_sum)
+    engine = build_engine(model, **engine_arguments(config, layout), tp_sum=tp_sum)
     if config.deepspeed is not None and (resume_from is not None or config.checkpoint.directory is not None):
         zero_state.check_checkpointing(engine)  # before training, not at the first save
     if resume_from is None:
@@ -48,6 +46,13 @@ def engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from:
     _check_same_data(extra, layout, config, resume_from)
     restore_dropout_counters(model, extra.get("lora_dropout_calls"))
     return engine, extra
+
+
+def engine_arguments(config: RunConfig, layout: Layout) -> dict[str, Any]:
+    """train.engine.build_engine's keyword arguments from the run config (pure)."""
+    o = config.optim
+    return dict(lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, deepspeed_json=config.deepspeed,
+                micro_batch=layout.micro_batch * layout.accumulation)
 
 
 def _check_same_engine(extra: dict, engine: str, config: RunConfig, resume_from: Path) -> None:

@@ -25,6 +25,7 @@ class ModelSection:
     """A Megatron GPT built from these fields, or a Llama-family HF checkpoint imported."""
 
     hf_checkpoint: Optional[str] = None
+    """An HF checkpoint directory: its config.json decides num_layers .. init_seed (setting them is refused)."""
     num_layers: int = 2
     hidden_size: int = 128
     ffn_hidden_size: int = 352
@@ -51,6 +52,7 @@ class ParallelSection:
     data: Optional[int] = None
     """None: world size / (tensor x pipeline)."""
     sequence_parallel: bool = False
+    """Split activations along the sequence between TP ranks (at tensor=1 there is nothing to split)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class CheckpointSection:
     save_every: int = 0
     """Save every N steps (0: only at the end, if a directory is set)."""
     keep_last: int = 2
+    """Checkpoints kept in directory (older ones are deleted after each save)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class ExportSection:
 @dataclass(frozen=True)
 class LoggingSection:
     every: int = 1
+    """Write every N-th step to metrics_jsonl (and the last one)."""
     metrics_jsonl: Optional[str] = None
 
 
@@ -108,6 +112,9 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     adapter: LoraConfig = field(default_factory=LoraConfig)
     eva: Optional[EvaConfig] = None
+    """EVA's settings; a section here turns EVA on whatever adapter.init_lora_weights says (an
+    adapter.eva_config that differs is refused).  null: EVA only with adapter.init_lora_weights=eva,
+    with adapter.eva_config or EvaConfig()'s defaults.  A resumed run does not rerun EVA."""
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: Optional[str] = None

@@ -1,7 +1,9 @@
 """`run_training(config)`: a whole LoRA fine-tune inside an already-launched torchrun process.
 
-    torchrun --standalone --nproc_per_node 2 -m parallel_adapters.train.runner \\
-        --config configs/tiny.yaml [optim.steps=20 ...] [--resume | --resume-from DIR | --no-resume]
+    torchrun --standalone --nproc_per_node 2 -m parallel_adapters train configs/tiny.yaml \\
+        [optim.steps=20 ...] [--resume | --resume-from DIR | --no-resume]
+
+(`-m parallel_adapters.train.runner --config CONFIG ...` is the same command.)
 
 Order, and why: validate the config (no process group needed), start the process group, check the
 layout against its world size, all BEFORE Megatron is imported or anything is built (a bad key or
@@ -14,6 +16,8 @@ checkpoint.directory has a `latest` resumes from it (a relaunched job continues 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -49,6 +53,8 @@ class TrainResult:
     start_step: int = 0
     final_step: int = 0
     tokens_per_s: float = 0.0
+    eva_steps: int | None = None
+    """The batches EVA consumed (its steps), when EVA ran."""
     resumed_from: str | None = None
     last_checkpoint: str | None = None
     export_dir: str | None = None
@@ -67,12 +73,17 @@ class TrainResult:
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
-def _tokenizer(config: RunConfig) -> tuple[Any, int, int]:
-    """(encode function, eos id, vocab size) of data.tokenizer."""
+def tokenizer_kind(config: RunConfig) -> str:
+    """data.tokenizer with "auto" resolved: "hf" when model.hf_checkpoint is set, else "byte"."""
     kind = config.data.tokenizer
     if kind == "auto":
         kind = "hf" if config.model.hf_checkpoint else "byte"
-    if kind == "byte":
+    return kind
+
+
+def _tokenizer(config: RunConfig) -> tuple[Any, int, int]:
+    """(encode function, eos id, vocab size) of data.tokenizer."""
+    if tokenizer_kind(config) == "byte":
         tok = ByteTokenizer()
         return tok.encode, tok.eos_id, tok.vocab_size
     from parallel_adapters.interop.hf_tokenizer import load_hf_tokenizer
@@ -108,17 +119,35 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
-    """The run's LoraConfig; when resuming, the checkpoint's (EVA may have changed the ranks)."""
+    """The run's LoraConfig.  An `eva:` section turns EVA on and configures it, whatever
+    adapter.init_lora_weights says (validate_run_config refuses a differing adapter.eva_config).
+    When resuming, the checkpoint's (EVA may have changed the ranks), after checking that the
+    run config asks for the same adapter."""
     if resume_from is not None:
         from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
 
         saved = json.loads((resume_from / "adapter_config.json").read_text())
         saved = {k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS}
+        _check_same_adapter(LoraConfig.from_dict(saved), config.adapter, resume_from)
         saved.update(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
         return LoraConfig.from_dict(saved)
-    if config.eva is not None and config.adapter.init_lora_weights != "eva":
+    if config.eva is not None:
         return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
     return config.adapter
+
+
+def _check_same_adapter(saved: LoraConfig, asked: LoraConfig, resume_from: Path) -> None:
+    """A resumed run takes its adapters from the checkpoint: an adapter.* key that differs would be
+    ignored, so it is refused.  The initialisation (init_lora_weights, eva_config) and what EVA
+    decided (rank/alpha_pattern; target_modules, when it dropped a layer) are the checkpoint's own."""
+    skip = {"init_lora_weights", "eva_config"}
+    if saved.init_lora_weights == "eva":
+        skip |= {"rank_pattern", "alpha_pattern", "target_modules"}
+    for f in dataclasses.fields(LoraConfig):
+        if f.name not in skip and getattr(saved, f.name) != getattr(asked, f.name):
+            raise ValueError(f"resume: {resume_from} was trained with adapter.{f.name}="
+                             f"{getattr(saved, f.name)!r}, the run config has {getattr(asked, f.name)!r}; "
+                             "a resumed run keeps the checkpoint's adapters (or start fresh: --no-resume)")
 
 
 def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -> tuple[Any, Any]:
@@ -137,29 +166,37 @@ def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -
 
 class _EvaBatches:
     """EVA's data: the training samples under another seed (the training order stays untouched).
-    Re-iterable, as EVA may cycle through it."""
+    One epoch, then the same batches again without end, as PEFT's itertools.cycle does (EVA stops
+    by itself); endless here so that `drawn` counts every batch EVA takes."""
 
     def __init__(self, samples: torch.Tensor, micro_batch: int, groups: Any, seed: int):
         self.args = (samples, micro_batch, groups.dp_rank, groups.dp_size, seed)
+        self.drawn = 0
 
     def __iter__(self):
         from parallel_adapters.train.data import DataParallelBatches
         from parallel_adapters.train.loop import compute_device
 
         batches, device = DataParallelBatches(*self.args), compute_device()
-        for _ in range(batches.steps_per_epoch):
-            yield {k: v.to(device) for k, v in batches.next_batch().items()}
+        seen = []  # grows only as far as EVA reads
+        for step in itertools.count():
+            if step < batches.steps_per_epoch:
+                seen.append(batches.next_batch())
+            self.drawn += 1
+            yield {k: v.to(device) for k, v in seen[step % batches.steps_per_epoch].items()}
 
 
-def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, rank0: bool) -> None:
+def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, show_progress: bool) -> int:
     """EVA initialisation of the A factors (collective): `eva.initialize.initialize_eva_weights`
-    with its default Megatron forward (PP through mcore.schedule.forward_only)."""
+    with its default Megatron forward (PP through mcore.schedule.forward_only).  Returns the number
+    of EVA steps (one batch each)."""
     try:
         from parallel_adapters.eva.initialize import initialize_eva_weights
     except ImportError as exc:
         raise ValueError(f"eva: EVA initialisation is not available in this build ({exc})") from None
     batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
-    initialize_eva_weights(model, batches, show_progress_bar=rank0)
+    initialize_eva_weights(model, batches, show_progress_bar=show_progress)  # shown on world rank 0 only
+    return batches.drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,30 +273,48 @@ def _build_and_train(config: RunConfig, layout: Layout, opts: _Options, groups: 
     model, settings = build_model(config, groups, adapter_config(config, resume_from), rank0)
     if vocab > settings.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} ids but the model's vocabulary is {settings.vocab_size}")
+    eva_steps = None
     if resume_from is None and model.peft_config[model.active_adapter].init_lora_weights == "eva":
-        run_eva(model, samples, config, rank0)
+        eva_steps = run_eva(model, samples, config, rank0 and opts.show_progress)
     engine, extra = engine_and_state(config, model, layout, resume_from, opts.tp_sum)
-    return _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)
+    result = _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)
+    result.eva_steps = eva_steps
+    return result
+
+
+def loop_settings(config: RunConfig, layout: Layout, vocab_size: int, engine_name: str,
+                  show_progress: bool = True, stop_at: int | None = None) -> Any:
+    """The LoopSettings of a run (pure: nothing is built)."""
+    from parallel_adapters.train.loop import LoopSettings
+
+    o, c, log = config.optim, config.checkpoint, config.logging
+    return LoopSettings(
+        steps=o.steps, schedule=LRSchedule(o.lr, o.steps, o.schedule, o.warmup_steps), vocab_size=vocab_size,
+        log_every=log.every, metrics_path=Path(log.metrics_jsonl) if log.metrics_jsonl else None,
+        checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
+        keep_last=c.keep_last, show_progress=show_progress, extra_state={
+            "engine": engine_name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
+        stop_step=stop_at, nonfinite=o.nonfinite, hf_checkpoint=config.model.hf_checkpoint)
+
+
+def batch_sampler(config: RunConfig, layout: Layout, samples: torch.Tensor, dp_rank: int,
+                  position: DataPosition | None = None) -> Any:
+    """This DP rank's GlobalBatchSampler (the training order: seed, batch sizes, position)."""
+    from parallel_adapters.train.loop import GlobalBatchSampler
+
+    return GlobalBatchSampler(samples, layout.micro_batch, dp_rank, layout.data, layout.accumulation,
+                              config.seed, position)
 
 
 def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: torch.Tensor, settings: Any,
            extra: dict, resume_from: Path | None, opts: _Options) -> TrainResult:
     from parallel_adapters.train.finish import export_adapter, verify_with_peft
-    from parallel_adapters.train.loop import GlobalBatchSampler, LoopSettings, train_loop
+    from parallel_adapters.train.loop import train_loop
 
-    o, c = config.optim, config.checkpoint
     g = model.groups
     position = DataPosition(**extra["data_position"]) if "data_position" in extra else None
-    sampler = GlobalBatchSampler(samples, layout.micro_batch, g.dp_rank, g.dp_size, layout.accumulation,
-                                 config.seed, position)
-    metrics = Path(config.logging.metrics_jsonl) if config.logging.metrics_jsonl else None
-    loop = LoopSettings(
-        steps=o.steps, schedule=LRSchedule(o.lr, o.steps, o.schedule, o.warmup_steps),
-        vocab_size=settings.vocab_size, log_every=config.logging.every, metrics_path=metrics,
-        checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
-        keep_last=c.keep_last, show_progress=opts.show_progress, extra_state={
-            "engine": engine.name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
-        stop_step=opts.stop_at, nonfinite=o.nonfinite, hf_checkpoint=config.model.hf_checkpoint)
+    sampler = batch_sampler(config, layout, samples, g.dp_rank, position)
+    loop = loop_settings(config, layout, settings.vocab_size, engine.name, opts.show_progress, opts.stop_at)
     start = int(extra.get("step", 0))
     out = train_loop(model, engine, sampler, loop, start_step=start)
     seconds = sum(s.seconds for s in out.stats)
@@ -269,7 +324,7 @@ def _train(config: RunConfig, layout: Layout, model: Any, engine: Any, samples: 
         tokens_per_s=sum(s.tokens for s in out.stats) / seconds if seconds else 0.0,
         resumed_from=str(resume_from) if resume_from else None,
         last_checkpoint=str(out.last_checkpoint) if out.last_checkpoint else None,
-        metrics_path=str(metrics) if metrics else None,
+        metrics_path=str(loop.metrics_path) if loop.metrics_path else None,
         ranks={"rank": dist.get_rank(), "tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank})
     if opts.return_shards:
         with engine.gathered_params():
@@ -290,7 +345,7 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
     result = run_training(config, resume=args.resume, stop_at=args.stop_at,
                           overwrite=args.overwrite)
     if result.ranks.get("rank") == 0 and result.losses:
-        print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps {result.start_step + 1}.."
+        print((f"EVA: {result.eva_steps} steps; " if result.eva_steps is not None else "") + f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps {result.start_step + 1}.."
               f"{result.final_step} ({result.tokens_per_s:,.0f} tokens/s); checkpoint: {result.last_checkpoint}; "
               f"PEFT adapter: {result.export_dir}"
               + (f" (PEFT reproduces the logits to {result.peft_max_logit_diff:.1e})"
@@ -299,7 +354,8 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    """`-m parallel_adapters.train.runner --config CONFIG [overrides and flags in any order]`."""
+    """`-m parallel_adapters.train.runner --config CONFIG [overrides and flags in any order]`
+    (`-m parallel_adapters train CONFIG ...` is the documented form)."""
     parser = argparse.ArgumentParser(description="LoRA fine-tuning of a Megatron model (run under torchrun).")
     add_train_arguments(parser, config_flag=True)
     args = parser.parse_intermixed_args(argv)

@@ -14,7 +14,13 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.train.run_config import MODEL_DTYPES, RunConfig
+from parallel_adapters.config import EvaConfig
+from parallel_adapters.train.run_config import (MODEL_DTYPES, CheckpointSection, LoggingSection, ModelSection,
+                                                RunConfig)
+
+HF_DECIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "vocab_size", "max_position_embeddings", "rotary_base", "tie_embeddings", "init_seed")
+"""model.* keys that a model.hf_checkpoint decides (architecture and weights)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,29 @@ def validate_run_config(config: RunConfig) -> None:
         raise ValueError("export.verify_with_peft needs export.peft_dir")
     if config.export.peft_dir is not None and c.directory is None:
         raise ValueError("export.peft_dir needs checkpoint.directory (the export reads the final checkpoint)")
+    _no_ignored_keys(config)
+
+
+def _no_ignored_keys(config: RunConfig) -> None:
+    """Refuse a key set away from its default where nothing would read it (it would be ignored)."""
+    m, a = config.model, config.adapter
+    if m.hf_checkpoint is not None:
+        defaults = ModelSection()
+        for key in HF_DECIDES:
+            if getattr(m, key) != getattr(defaults, key):
+                raise ValueError(f"model.{key}={getattr(m, key)!r} is ignored with model.hf_checkpoint (its "
+                                 f"config.json and weights decide it); remove model.{key}")
+    if config.logging.every != LoggingSection().every and config.logging.metrics_jsonl is None:
+        raise ValueError("logging.every needs logging.metrics_jsonl (the per-step log it thins out)")
+    if config.checkpoint.keep_last != CheckpointSection().keep_last and config.checkpoint.directory is None:
+        raise ValueError("checkpoint.keep_last needs checkpoint.directory")
+    inline = a.eva_config if a.eva_config != EvaConfig() else None  # init "eva" fills in EvaConfig()
+    if inline is not None and config.eva is not None and inline != config.eva:
+        raise ValueError("adapter.eva_config and eva both configure EVA, differently; keep one (the eva: section "
+                         "is the run config's place for it)")
+    if inline is not None and config.eva is None and a.init_lora_weights != "eva":
+        raise ValueError(f"adapter.eva_config is ignored with adapter.init_lora_weights={a.init_lora_weights!r}; "
+                         "set adapter.init_lora_weights=eva or use the eva: section")
 
 
 def _finite(config: RunConfig) -> None:

@@ -1,0 +1,259 @@
+"""Every run-config key reaches what it configures, and a key that nothing would read is refused.
+
+Reference: the dataclasses of train/run_config.py, walked section by section, so a key added
+without a case here fails `test_every_key_has_a_case`.  Per key, the object the run builds from the
+config and hands on (runner.adapter_config -> the model, runner.gpt_settings -> build_gpt,
+validate.check_parallel_layout, runner.loop_settings -> train_loop, resume.engine_arguments ->
+build_engine, runner.build_samples / tokenizer_kind / batch_sampler -> the data) must change when
+the key changes.  Keys only a run can show (the export) are checked by
+tests/integration/test_run_config_in_runs.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+
+import pytest
+
+from parallel_adapters.config import EvaConfig, LoraConfig
+from parallel_adapters.train import runner
+from parallel_adapters.train.resume import engine_arguments
+from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
+
+REPO = Path(__file__).resolve().parents[3]
+WORLD = 4
+EVA_ON = ["adapter.init_lora_weights=eva", "eva={}"]  # configs/demo.yaml's form: EVA asked twice
+RUN = "run"  # observed in a run (tests/integration/test_run_config_in_runs.py)
+
+# key: (context overrides for both configs, the changed value, the target that must change)
+CASES: dict[str, tuple[list[str], str, str]] = {
+    "model.hf_checkpoint": (["data.tokenizer=byte"], "{hf}", "gpt"),
+    "model.num_layers": ([], "4", "gpt"),
+    "model.hidden_size": ([], "256", "gpt"),
+    "model.ffn_hidden_size": ([], "512", "gpt"),
+    "model.num_attention_heads": ([], "8", "gpt"),
+    "model.num_query_groups": ([], "4", "gpt"),
+    "model.vocab_size": ([], "300", "gpt"),
+    "model.max_position_embeddings": ([], "512", "gpt"),
+    "model.rotary_base": ([], "500000.0", "gpt"),
+    "model.tie_embeddings": ([], "true", "gpt"),
+    "model.init_seed": ([], "7", "gpt"),
+    "model.dtype": ([], "bfloat16", "gpt"),
+    "model.recompute": ([], "full", "gpt"),
+    "model.attention_dropout": ([], "0.1", "gpt"),
+    "model.hidden_dropout": ([], "0.1", "gpt"),
+    "parallel.tensor": ([], "2", "layout"),
+    "parallel.pipeline": ([], "2", "layout"),
+    "parallel.data": (["parallel.tensor=2"], "4", "layout"),  # a check: 2 x 4 != 4 ranks is refused
+    "parallel.sequence_parallel": (["parallel.tensor=2"], "true", "gpt"),
+    "adapter.r": ([], "16", "lora"),
+    "adapter.lora_alpha": ([], "32", "lora"),
+    "adapter.lora_dropout": ([], "0.1", "lora"),
+    "adapter.target_modules": ([], "[linear_qkv]", "lora"),
+    "adapter.exclude_modules": ([], "[linear_proj]", "lora"),
+    "adapter.layers_to_transform": ([], "[0]", "lora"),
+    "adapter.layers_pattern": ([], "layers", "lora"),
+    "adapter.rank_pattern": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.alpha_pattern": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.use_rslora": ([], "true", "lora"),
+    "adapter.init_lora_weights": ([], "gaussian", "lora"),
+    "adapter.bias": ([], "all", "lora"),
+    "adapter.modules_to_save": ([], "[final_layernorm]", "lora"),
+    "adapter.eva_config": (["adapter.init_lora_weights=eva"], "{rho: 1.5}", "lora"),
+    "adapter.seed": ([], "5", "lora"),
+    "eva.rho": (EVA_ON, "1.5", "lora"),
+    "eva.tau": (EVA_ON, "0.9", "lora"),
+    "eva.use_label_mask": (EVA_ON, "false", "lora"),
+    "eva.label_mask_value": (EVA_ON, "-1", "lora"),
+    "eva.whiten": (EVA_ON, "true", "lora"),
+    "eva.adjust_scaling_factors": (EVA_ON, "false", "lora"),
+    "eva.max_steps": (EVA_ON, "4", "lora"),
+    "eva.sketch_multiple": (EVA_ON, "3.0", "lora"),
+    "data.paths": ([], "[{text}]", "samples"),
+    "data.seq_len": ([], "32", "samples"),
+    "data.tokenizer": (["model.hf_checkpoint={hf}", "data.tokenizer=byte"], "hf", "tokenizer"),
+    "optim.lr": ([], "0.1", "loop"),
+    "optim.schedule": ([], "cosine", "loop"),
+    "optim.warmup_steps": ([], "3", "loop"),
+    "optim.weight_decay": ([], "0.1", "engine"),
+    "optim.grad_clip": ([], "1.0", "engine"),
+    "optim.micro_batch": ([], "2", "layout"),
+    "optim.global_batch": ([], "32", "layout"),
+    "optim.steps": ([], "10", "loop"),
+    "optim.nonfinite": ([], "skip", "loop"),
+    "deepspeed": ([], str(REPO / "configs" / "deepspeed" / "zero1.json"), "engine"),
+    "checkpoint.directory": ([], "{tmp}/ck", "loop"),
+    "checkpoint.save_every": (["checkpoint.directory={tmp}/ck"], "5", "loop"),
+    "checkpoint.keep_last": (["checkpoint.directory={tmp}/ck"], "5", "loop"),
+    "export.peft_dir": ([], "", RUN),
+    "export.verify_with_peft": ([], "", RUN),
+    "seed": ([], "1", "order"),
+    "logging.every": (["logging.metrics_jsonl={tmp}/m.jsonl"], "5", "loop"),
+    "logging.metrics_jsonl": ([], "{tmp}/m.jsonl", "loop"),
+}
+REFUSED = {"parallel.data"}  # the changed value is observable only as a refusal
+
+
+def run_config_keys() -> set[str]:
+    """Every dotted key of RunConfig: a section's fields, or a top-level scalar."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        section = next((a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)),
+                       None)
+        keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)} if section else {f.name}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """{hf}: a Llama config.json (another shape than the defaults); {text}: a small corpus; {tmp}."""
+    from transformers import LlamaConfig
+
+    tmp = tmp_path_factory.mktemp("fields")
+    LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128).save_pretrained(tmp / "hf")
+    (tmp / "text.txt").write_text("a small corpus, other than the shipped one. " * 40)
+    return {"hf": str(tmp / "hf"), "text": str(tmp / "text.txt"), "tmp": str(tmp)}
+
+
+def _load(overrides: list[str], places: dict[str, str]) -> RunConfig:
+    for name, value in places.items():
+        overrides = [o.replace("{" + name + "}", value) for o in overrides]
+    return load_run_config(None, overrides)
+
+
+def _digest(tensor) -> tuple:
+    return tuple(tensor.shape), hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def observe(target: str, config: RunConfig):
+    """What the run builds from `config` for `target` (nothing is trained), or the refusal."""
+    try:
+        validate_run_config(config)
+        layout = check_parallel_layout(WORLD, config)
+    except ValueError as exc:
+        return ("refused", str(exc))
+    if target == "layout":
+        return layout
+    if target == "lora":
+        return runner.adapter_config(config, None)
+    if target == "gpt":
+        return runner.gpt_settings(config, layout.tensor)
+    if target == "loop":
+        return runner.loop_settings(config, layout, 257, "torch")
+    if target == "engine":
+        return engine_arguments(config, layout)
+    if target == "tokenizer":
+        return runner.tokenizer_kind(config)
+    samples = runner.build_samples(config)[0]
+    if target == "samples":
+        return _digest(samples)
+    assert target == "order", target
+    return [_digest(mb["input_ids"]) for mb in runner.batch_sampler(config, layout, samples, 0).next_step()]
+
+
+def test_every_key_has_a_case():
+    keys = run_config_keys()
+    assert not keys - set(CASES), f"run-config keys without a case here: {sorted(keys - set(CASES))}"
+    assert not set(CASES) - keys, f"cases for keys that no longer exist: {sorted(set(CASES) - keys)}"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, case in CASES.items() if case[2] != RUN))
+def test_changing_a_key_changes_its_target(key, places):
+    context, value, target = CASES[key]
+    base, changed = _load(context, places), _load(context + [f"{key}={value}"], places)
+    assert base != changed, f"the override {key}={value} changed nothing in the RunConfig"
+    before, after = observe(target, base), observe(target, changed)
+    assert not _refused(before), before
+    assert _refused(after) == (key in REFUSED), after
+    assert before != after, f"{key}={value} does not reach the {target}"
+
+
+def _refused(observed) -> bool:
+    return isinstance(observed, tuple) and observed[0] == "refused"
+
+
+def test_run_observed_keys_are_run():
+    from tests.integration.test_run_config_in_runs import RUN_KEYS
+
+    assert {k for k, case in CASES.items() if case[2] == RUN} == set(RUN_KEYS)
+
+
+# ----------------------------------------------------------------------------------------------
+# EVA: the eva: section configures it, whatever adapter.init_lora_weights says
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["eva", "true", "false", "gaussian"])
+def test_eva_section_configures_eva_whatever_the_init(init):
+    config = load_run_config(None, [f"adapter.init_lora_weights={init}", "eva.max_steps=4", "eva.rho=1.5"])
+    lora = runner.adapter_config(config, None)
+    assert lora.init_lora_weights == "eva" and lora.eva_config == EvaConfig(max_steps=4, rho=1.5)
+
+
+def test_demo_config_eva_section_is_used():
+    config = load_run_config(REPO / "configs" / "demo.yaml", ["eva.max_steps=4"])
+    assert runner.adapter_config(config, None).eva_config.max_steps == 4
+
+
+def test_inline_eva_config_without_a_section_is_used():
+    config = load_run_config(None, ["adapter.init_lora_weights=eva", "adapter.eva_config={max_steps: 3}"])
+    validate_run_config(config)
+    assert runner.adapter_config(config, None).eva_config == EvaConfig(max_steps=3)
+
+
+def test_same_inline_eva_config_and_section_agree():
+    config = load_run_config(None, ["adapter.init_lora_weights=eva", "adapter.eva_config={max_steps: 3}",
+                                    "eva.max_steps=3"])
+    validate_run_config(config)
+    assert runner.adapter_config(config, None).eva_config == EvaConfig(max_steps=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys that nothing would read are refused, naming them
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,named", [
+    (["adapter.init_lora_weights=eva", "adapter.eva_config={max_steps: 3}", "eva.max_steps=4"],
+     r"adapter\.eva_config and eva"),
+    (["adapter.eva_config={max_steps: 3}"], r"adapter\.eva_config is ignored"),
+    (["model.hf_checkpoint={hf}", "model.num_layers=4"], r"model\.num_layers"),
+    (["model.hf_checkpoint={hf}", "model.init_seed=9"], r"model\.init_seed"),
+    (["logging.every=5"], r"logging\.every needs logging\.metrics_jsonl"),
+    (["checkpoint.keep_last=5"], r"checkpoint\.keep_last needs checkpoint\.directory"),
+])
+def test_a_key_that_would_be_ignored_is_refused(overrides, named, places):
+    with pytest.raises(ValueError, match=named):
+        validate_run_config(_load(overrides, places))
+
+
+def _saved_checkpoint(tmp_path: Path, lora: LoraConfig) -> Path:
+    data = dict(lora.to_dict(), adapter_name="default", tp_size=1, pp_size=1)
+    if data["eva_config"] is None:
+        data.pop("eva_config")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_resume_takes_the_checkpoints_adapter_and_refuses_another(tmp_path):
+    config = load_run_config(None, ["adapter.r=4", "adapter.lora_dropout=0.1"])
+    ckpt = _saved_checkpoint(tmp_path, config.adapter)
+    assert runner.adapter_config(config, ckpt).r == 4
+    other = load_run_config(None, ["adapter.r=4", "adapter.lora_dropout=0.2"])
+    with pytest.raises(ValueError, match=r"adapter\.lora_dropout=0\.1, the run config has 0\.2"):
+        runner.adapter_config(other, ckpt)
+
+
+def test_resume_after_eva_keeps_evas_ranks(tmp_path):
+    config = load_run_config(None, ["adapter.r=4", "eva.max_steps=3"])
+    after_eva = runner.adapter_config(config, None).replace(  # eva/state.py: ranks, and the layers kept
+        rank_pattern={"linear_qkv": 6}, target_modules=("decoder.layers.0.self_attention.linear_qkv",))
+    restored = runner.adapter_config(config, _saved_checkpoint(tmp_path, after_eva))
+    assert restored.rank_pattern == {"linear_qkv": 6} and restored.init_lora_weights is True
+    assert restored.target_modules == after_eva.target_modules
+    with pytest.raises(ValueError, match=r"adapter\.r=4, the run config has 8"):
+        runner.adapter_config(load_run_config(None, ["eva.max_steps=3"]), tmp_path)
