@@ -42,6 +42,9 @@ class LoRAKind(AdapterKind):
         "replicated": frozenset({LOCAL_ADDEND}),
     })
 
+    def accepts(self, config: Any) -> bool:
+        return isinstance(config, LoraConfig) and not config.use_dora  # use_dora: kinds/dora.py
+
     def settings(self, config: LoraConfig, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
         r = pattern_value(module_name, config.rank_pattern, config.r)
         alpha = pattern_value(module_name, config.alpha_pattern, config.lora_alpha)
