@@ -124,3 +124,46 @@ def tp1_job(mode, dropout):
 @pytest.mark.parametrize("mode", ["column", "row"])
 def test_dora_layer_parity_tp1_issues_no_collective(pool2, mode):
     _check(pool2.run(tp1_job, mode, True), mode, False, 1)
+
+
+def dora_merge_job(mode, tp, sp):
+    """PEFT's merge rule W' = f (W + s B A) per shard (a row layer sums its norms once, here),
+    the same output merged, an exact unmerge, and merge_and_unload."""
+    from parallel_adapters.adapters.kinds.dora import MAGNITUDE
+    from parallel_adapters.config import lora_scaling
+    from parallel_adapters.distributed import collectives
+    from parallel_adapters.distributed.sharding import ShardSpec
+
+    model, layer, groups, (w, bias, x, _) = _build(mode, tp, sp, False, False, use_dora=True)
+    model.eval()
+    rank, s = groups.tp_rank, lora_scaling(8, R, False)
+    t = {n: p.detach().clone() for n, p in layer.adapter_tensors("default").items()}
+    full = {d.name: decl_full for d in layer.tensor_decls("default")  # the whole tensors, for the expectation
+            for decl_full in [d.spec.unshard(collectives.all_gather_tensor(t[d.name], groups.tp_group))]}
+    with torch.no_grad():
+        layer.adapter_tensors("default")[MAGNITUDE].mul_(1.5)
+    m = full[MAGNITUDE] * 1.5
+    delta = s * full["lora_B"] @ full["lora_A"]
+    expected = (m / torch.linalg.norm(w + delta, dim=1)).unsqueeze(1) * (w + delta)
+    w_spec = ShardSpec(dim=0 if mode == "column" else 1)
+    seq = ShardSpec(dim=0)
+    x_in = (seq.shard(x, rank, tp) if sp else x) if mode == "column" else ShardSpec(dim=2).shard(x, rank, tp)
+    before = model(x_in)[0].detach()
+    w0 = layer.weight.detach().clone()
+    with counting.counted() as merge_calls:
+        model.merge_adapter()
+    errors = {"merged": (layer.weight - w_spec.shard(expected, rank, tp)).abs().max().item(),
+              "y": (model(x_in)[0] - before).abs().max().item()}
+    model.unmerge_adapter()
+    exact = torch.equal(layer.weight, w0)
+    plain = model.merge_and_unload()
+    errors["unloaded"] = (plain.proj.weight - w_spec.shard(expected, rank, tp)).abs().max().item()
+    assert type(plain.proj).__name__ in ("ColumnParallelLinear", "RowParallelLinear")
+    return errors, exact, dict(merge_calls.calls)
+
+
+@pytest.mark.parametrize("mode,sp", [("column", False), ("row", False), ("row", True)])
+def test_dora_merge_unmerge_tp2(pool2, mode, sp):
+    for errors, exact, calls in pool2.run(dora_merge_job, mode, 2, sp):
+        assert max(errors.values()) < TOL and exact, errors
+        assert calls == ({"all_reduce": 1} if mode == "row" else {}), calls  # the row norms, once per merge
