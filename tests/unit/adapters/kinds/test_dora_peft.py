@@ -154,3 +154,20 @@ def test_adapter_model_handles_the_magnitude():
         model.delete_adapter("plain")
         model.delete_adapter("default")
         assert not list(layer.lora_magnitude_vector.parameters())
+
+
+def test_sharded_checkpoint_round_trips_the_magnitude(tmp_path):
+    """The generic sharded checkpoint saves and restores every declared tensor, the magnitude too."""
+    from parallel_adapters import load_checkpoint, save_checkpoint
+
+    ours, _ = _pair()
+    saved = {n: t.local.clone() for n, t in ours.adapter_state_dict().items()}
+    assert f"q_proj.{MAGNITUDE}.default.weight" in saved
+    save_checkpoint(ours, tmp_path / "ckpt")
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    load_checkpoint(ours, tmp_path / "ckpt")
+    for name, tensor in ours.adapter_state_dict().items():
+        assert torch.equal(tensor.local, saved[name]), name
