@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Adapter-layer benchmark (docs/design.md section 9): frozen base vs ours vs PEFT's LoraParallelLinear.
+"""Adapter-layer benchmark (docs/design.md section 9): frozen base vs ours (LoRA, DoRA) vs PEFT's LoraParallelLinear.
 
 One Llama-style Megatron layer (build_gpt, num_layers=1: RMSNorm, GQA, SwiGLU, RoPE) at TP=2 on
 2 gloo CPU ranks (1 thread each), fp32.  Per forward+backward step of one micro-batch (loss =
@@ -18,7 +18,9 @@ Variants (every one keeps the word embedding trainable, so backward runs through
 2. ours:   parallel_adapters LoRA on linear_qkv, linear_proj, linear_fc1, linear_fc2; plus the
            collectives and time of `finalize_grads()` (once per optimizer step);
 3. peft:   PEFT 0.21.2 LoraParallelLinear on the same linears, with the minimal monkey-patches of
-           benchmarks/_peft_megatron_fixes.py (each one recorded, with the error it fixes).
+           benchmarks/_peft_megatron_fixes.py (each one recorded, with the error it fixes);
+4. dora:   ours with use_dora=True (DoRA: the magnitude, the row norms inside the row layers' reductions);
+5. peft-dora: PEFT's LoraParallelLinear with use_dora=True (it refuses DoRA: recorded as not running).
 
 The variants are built side by side in the same two processes and timed round-robin (the start
 variant rotates every repeat), so machine noise hits all of them alike.  Sizes: hidden 1024, then
@@ -43,7 +45,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-VARIANTS = ("frozen", "ours", "peft")
+VARIANTS = ("frozen", "ours", "peft", "dora", "peft-dora")
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 VOCAB = 256
 TP = 2
@@ -109,33 +111,33 @@ def _build_frozen(shape: dict):
     return base, None
 
 
-def _build_ours(shape: dict):
+def _build_ours(shape: dict, use_dora: bool = False):
     from parallel_adapters import LoraConfig, get_adapter_model
 
     adapter = get_adapter_model(_fresh_base(shape), LoraConfig(
-        r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS))
+        r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS, use_dora=use_dora))
     _train_embedding(adapter.model)
     return adapter.model, adapter.finalize_grads
 
 
-def _peft_model(base, r: int):
+def _peft_model(base, r: int, use_dora: bool = False):
     import copy
 
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     megatron_config = copy.copy(base.config)  # PEFT sets params_dtype on the config it gets
     config = PeftLoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                            megatron_config=megatron_config, megatron_core="megatron.core")
+                            megatron_config=megatron_config, megatron_core="megatron.core", use_dora=use_dora)
     model = get_peft_model(base, config)
     _train_embedding(base)
     return model
 
 
-def _build_peft(shape: dict):
+def _build_peft(shape: dict, use_dora: bool = False):
     from benchmarks import _peft_megatron_fixes as fixes
 
     fixes.apply_fixes()
-    model = _peft_model(_fresh_base(shape), shape["r"])
+    model = _peft_model(_fresh_base(shape), shape["r"], use_dora)
     n_parallel = sum(type(m).__name__ == "LoraParallelLinear" for m in model.modules())
     if n_parallel != len(TARGETS):
         raise RuntimeError(f"expected {len(TARGETS)} LoraParallelLinear modules, got {n_parallel}")
@@ -220,7 +222,8 @@ def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
 
     _setup(shape)
     input_ids, labels = _batch(shape)
-    builders = {"frozen": _build_frozen, "ours": _build_ours, "peft": _build_peft}
+    builders = {"frozen": _build_frozen, "ours": _build_ours, "peft": _build_peft,
+                "dora": lambda s: _build_ours(s, True), "peft-dora": lambda s: _build_peft(s, True)}
     models, errors, trainable, losses = {}, {}, {}, {}
     for name in VARIANTS:
         try:
@@ -316,7 +319,7 @@ def _ratios(variants: dict) -> dict:
     out = {}
     if not frozen.get("runs"):
         return out
-    for name in ("ours", "peft"):
+    for name in VARIANTS[1:]:
         v = variants[name]
         if not v.get("runs"):
             out[f"{name}_vs_frozen"] = None
@@ -407,7 +410,7 @@ def _new_result(args: argparse.Namespace) -> dict:
     from benchmarks._peft_megatron_fixes import CONFIG_NOTES, FIXES
 
     return {
-        "benchmark": "adapter layers: frozen base vs parallel_adapters LoRA vs PEFT LoraParallelLinear",
+        "benchmark": "adapter layers: frozen base vs parallel_adapters LoRA and DoRA vs PEFT LoraParallelLinear",
         "metadata": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),

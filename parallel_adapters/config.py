@@ -81,6 +81,9 @@ class LoraConfig:
     modules_to_save: Union[list, None] = None
     """Extra modules (by name suffix) left trainable and saved with the adapter."""
     eva_config: Union[EvaConfig, None] = None
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
+    y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
     seed: int = 0
     """Seed of the full-matrix initialisation, so every TP size starts from the same adapter."""
 
@@ -96,6 +99,11 @@ class LoraConfig:
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian' or 'eva', "
                 f"got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.init_lora_weights == "eva":
+            raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
+                             "(EVA initialises LoRA factors only)")
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):

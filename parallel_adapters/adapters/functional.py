@@ -119,3 +119,28 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalin
     """W + s B A, accumulated in float32 (or wider) and cast back to W's dtype."""
     return fold_delta(weight, lora_delta(a, b, scaling))
 
+
+
+# -- DoRA (weight-decomposed LoRA): y = m / ||W + s B A||_row * (x W^T + s z B^T) + b ------------
+
+def dora_squared_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Row-wise ||W + s B A||^2 [O], float32 or wider, detached (the norm takes no gradient, as
+    in PEFT and the paper).  On a row-parallel shard (W_i, A_i) this is a partial sum over TP."""
+    with torch.no_grad():
+        full = weight.to(torch.promote_types(weight.dtype, torch.float32)) + lora_delta(a, b, scaling)
+        return full.square().sum(dim=1)
+
+
+def dora_scale(magnitude: torch.Tensor, squared_norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """m / ||W + s B A||_row [O] in `dtype`; differentiable in m only."""
+    return magnitude.to(dtype) / squared_norms.detach().sqrt().to(dtype)
+
+
+def dora_merged_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                      magnitude: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
+    """W' - W for PEFT's merge W' = (m / ||W + s B A||) (W + s B A), float32 or wider."""
+    delta = lora_delta(a, b, scaling)
+    w = weight.to(delta.dtype)
+    factor = magnitude.to(delta.dtype) / squared_norms.to(delta.dtype).sqrt()
+    return factor.unsqueeze(1) * (w + delta) - w
+

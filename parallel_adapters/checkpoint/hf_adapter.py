@@ -53,7 +53,7 @@ class HFModuleAdapter:
         out_features, in_features = (weight.shape[1], weight.shape[0]) if self.embedding else weight.shape[:2]
         geometry = LinearGeometry("embedding" if self.embedding else "replicated", in_features, out_features,
                                   1, None, 1, 0, False, False, True, False)
-        view = AdapterView("merge", self.kind, frozenset(), self.tensors, self.hparams, None, geometry)
+        view = AdapterView("merge", self.kind, frozenset(), self.tensors, self.hparams, None, geometry, weight)
         return self.kind.merged_weight(view, weight)
 
 

@@ -32,11 +32,12 @@ def _full_problem(mode):
     return in_f, out_f, mk(out_f, in_f), mk(out_f), mk(SEQ, BATCH, in_f), mk(SEQ, BATCH, out_f)
 
 
-def _build(mode, tp, sp, gather_output, skip_bias_add, dropout=0.0):
+def _build(mode, tp, sp, gather_output, skip_bias_add, dropout=0.0, use_dora=False):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
     from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.distributed.sharding import ShardSpec
     from parallel_adapters.mcore.compat import initialize_model_parallel
 
     groups = initialize_model_parallel(tp, 1)
@@ -51,15 +52,16 @@ def _build(mode, tp, sp, gather_output, skip_bias_add, dropout=0.0):
     else:
         base = RowParallelLinear(in_f, out_f, config=config, init_method=init, bias=True,
                                  input_is_parallel=True, skip_bias_add=skip_bias_add)
+    w_spec = ShardSpec(dim=0 if mode == "column" else 1)  # as Megatron splits W (DoRA's init reads it)
+    with torch.no_grad():
+        base.weight.copy_(w_spec.shard(w, groups.tp_rank, tp))
+        base.bias.copy_(bias if mode == "row" else w_spec.shard(bias.unsqueeze(1), groups.tp_rank, tp).squeeze(1))
     host = _Host(base)
     lora = LoraConfig(r=R, lora_alpha=8, target_modules=["proj"], init_lora_weights=False, bias="all",
-                      lora_dropout=dropout, seed=3)
+                      lora_dropout=dropout, seed=3, use_dora=use_dora)
     model = get_adapter_model(host, lora, groups=groups)
     layer = model.model.proj
-    w_spec = layer.spec_b if mode == "column" else layer.spec_a  # W is split like the split factor
-    with torch.no_grad():
-        layer.weight.copy_(w_spec.shard(w, groups.tp_rank, tp))
-        layer.bias.copy_(bias if mode == "row" else w_spec.shard(bias.unsqueeze(1), groups.tp_rank, tp).squeeze(1))
+    assert w_spec == (layer.spec_b if mode == "column" else layer.spec_a)  # W is split like the split factor
     return model, layer, groups, (w, bias, x, dy)
 
 

@@ -1,6 +1,7 @@
-"""PEFT export and offline merge of adapters beyond LoRA on the four linears: LoRA on the word
-embedding and the output layer (PEFT's `lora_embedding_A/B` on embed_tokens, `lora_A/B` on
-lm_head), on a Llama and a Qwen2 whose vocabulary (101) does not divide by TP=2, untied and tied.
+"""PEFT export and offline merge of adapters beyond LoRA on the four linears: DoRA (PEFT's
+`lora_magnitude_vector`, split with B's rows into q/k/v and gate/up) and LoRA on the word embedding
+and the output layer (PEFT's `lora_embedding_A/B` on embed_tokens, `lora_A/B` on lm_head), on a
+Llama and a Qwen2 whose vocabulary (101) does not divide by TP=2, untied and tied.
 
 Oracle: PEFT + transformers loading the export onto the same HF model reproduce the Megatron
 adapted logits (fp32, 1e-4) with no key left unloaded; the merged checkpoint reproduces them in
@@ -20,7 +21,10 @@ from tests.mcore import hf_jobs
 
 IDS = sample_ids()
 EMBEDDING_TARGETS = ["linear_qkv", "linear_fc2", "word_embeddings", "output_layer"]
+LINEAR_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 CASES = {  # name: (HF model maker, targets, LoraConfig fields)
+    "llama_dora": (make_tiny_llama, LINEAR_TARGETS, {"use_dora": True, "rank_pattern": {"layers.1.mlp.linear_fc1": 2}}),
+    "qwen2_dora": (make_tiny_qwen2, LINEAR_TARGETS, {"use_dora": True}),
     "llama_embeddings": (make_tiny_llama, EMBEDDING_TARGETS, {}),
     "llama_tied_embeddings": (lambda d: make_tiny_llama(d, tie=True), EMBEDDING_TARGETS, {}),
     "qwen2_embeddings": (make_tiny_qwen2, EMBEDDING_TARGETS, {"rank_pattern": {"output_layer": 2}}),
@@ -48,13 +52,18 @@ def test_peft_reproduces_the_megatron_logits(case):
         peft_model = PeftModel.from_pretrained(model, case["peft"]).eval()
     assert not [w for w in caught if "adapter keys" in str(w.message)], [str(w.message) for w in caught]
     state = peft_model.state_dict()
-    assert state["base_model.model.model.embed_tokens.lora_embedding_A.default"].shape[1] == 101  # no padding rows
-    assert state["base_model.model.lm_head.lora_B.default.weight"].shape[0] == 101
+    config = json.loads((case["peft"] / "adapter_config.json").read_text())
+    if "dora" in case["name"]:
+        assert config["use_dora"] is True
+        magnitudes = [k for k in state if k.endswith("lora_magnitude_vector.default.weight")]
+        assert len(magnitudes) == 2 * 7  # every HF module of 2 layers, q/k/v and gate/up split
+    else:
+        assert state["base_model.model.model.embed_tokens.lora_embedding_A.default"].shape[1] == 101  # no padding
+        assert state["base_model.model.lm_head.lora_B.default.weight"].shape[0] == 101
+        assert {"embed_tokens", "lm_head"} <= set(config["target_modules"])
     with torch.no_grad():
         logits = peft_model(input_ids=IDS).logits.float()
     torch.testing.assert_close(logits, case["adapted"], atol=1e-4, rtol=0)
-    config = json.loads((case["peft"] / "adapter_config.json").read_text())
-    assert {"embed_tokens", "lm_head"} <= set(config["target_modules"])
 
 
 def test_merge_reproduces_the_logits_or_refuses_a_tied_base(case):

@@ -141,7 +141,7 @@ def collectives_job(sp, variant):
         base.embedding.word_embeddings.weight.requires_grad_(True)
         model, finalize = base, None
     else:
-        adapter = get_adapter_model(base, config)
+        adapter = get_adapter_model(base, config.replace(use_dora=variant == "dora"))
         model, finalize = adapter.model, adapter.finalize_grads
     with counting.counted() as step:
         _loss(model, input_ids, labels).backward()
@@ -161,6 +161,9 @@ def test_adapters_add_no_collective(pool2, sp):
     for op, n in ours_calls.items():
         assert n <= base_calls.get(op, 0), f"{op}: adapted {n} > frozen base {base_calls.get(op, 0)}"
     assert finalize_calls == {"all_reduce": 1}
+    # DoRA: its row norms ride inside the row layers' own reductions: LoRA's collectives exactly.
+    dora_calls, _, dora_finalize = pool2.run(collectives_job, sp, "dora")[0]
+    assert dora_calls == ours_calls and dora_finalize == {"all_reduce": 1}
 
 
 def recompute_job(dropout: float):

@@ -14,6 +14,7 @@ unchanged and Megatron code that reads `layer.weight` or other attributes keeps 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -21,7 +22,10 @@ from torch import nn
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.dropout import SeededDropout, input_dropout, tp_replicated_input
-from parallel_adapters.adapters.kinds.protocol import AdapterKind, AdapterSettings, AdapterView, TensorDecl
+from parallel_adapters.adapters.kinds.protocol import (
+    REDUCTION_PAYLOAD, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
+)
+from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.mcore.compat import (
     LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
@@ -86,6 +90,10 @@ class AdapterHost(nn.Module):
         self._declared[name] = tuple(d.name for d in decls)
         self._dropout[name] = (input_dropout(settings.dropout, settings.seed, kind.dropout_stream, self.module_name,
                                              name, g, dp_rank, pp_rank) if settings.dropout > 0 else None)
+        initial = kind.initial_tensors(self._reduced_view(name, self.weight))
+        with torch.no_grad():
+            for tensor_name, local in initial.items():
+                self.adapter_tensors(name)[tensor_name].copy_(local)
         if not self.active_adapters:
             self.active_adapters = [name]
 
@@ -146,17 +154,27 @@ class AdapterHost(nn.Module):
     def input_is_tp_replicated(self) -> bool:
         return tp_replicated_input(self.geometry)
 
-    def _running_views(self) -> list[AdapterView]:
+    def _running_views(self, weight: torch.Tensor | None = None) -> list[AdapterView]:
         if self.disabled:
             return []
-        return [self.view(n) for n in self.active_adapters if n in self.kinds and n not in self.merged_adapters]
+        return [self.view(n, weight) for n in self.active_adapters if n in self.kinds and n not in self.merged_adapters]
 
-    def view(self, name: str) -> AdapterView:
-        """What the kind's slot functions see of adapter `name` on this rank."""
+    def view(self, name: str, weight: torch.Tensor | None = None) -> AdapterView:
+        """What the kind's slot functions see of adapter `name` on this rank (`weight`: the base
+        weight shard it applies to, by default the host's)."""
         kind, dropout = self.kinds[name], self._dropout[name]
         return AdapterView(name, kind, kind.slots(self.geometry.parallel_mode), self.adapter_tensors(name),
                            self.hparams(name), dropout if (dropout is not None and self.training) else None,
-                           self.geometry)
+                           self.geometry, self.weight if weight is None else weight)
+
+    def _reduced_view(self, name: str, weight: torch.Tensor) -> AdapterView:
+        """The view with the kind's `payload_rows` summed over TP: ONE collective, at add and merge
+        time only (never per micro-batch), and only for kinds that fill reduction_payload."""
+        view = self.view(name, weight)
+        if REDUCTION_PAYLOAD not in view.slots:
+            return view
+        rows = view.kind.payload_rows(view).detach().clone().contiguous()
+        return dataclasses.replace(view, reduced=collectives.all_reduce_(rows, self.geometry.tp_group))
 
     def dropout_calls(self) -> dict[str, int]:
         """Masks drawn so far per adapter on an nn.Linear (for resume; Megatron layers' streams are
@@ -176,7 +194,8 @@ class AdapterHost(nn.Module):
         for name in self.kinds:
             tensors = self.adapter_tensors(name)
             for decl in self.tensor_decls(name):
-                if decl.spec.replicated and tensors[decl.name].requires_grad:
+                partial = decl.spec.replicated if decl.partial_grad is None else decl.partial_grad
+                if partial and tensors[decl.name].requires_grad:
                     yield tensors[decl.name]
         # Under sequence parallelism a row layer's bias is added to sequence shards.
         if (self.geometry.parallel_mode == "row" and self.geometry.sequence_parallel
@@ -186,7 +205,8 @@ class AdapterHost(nn.Module):
     # -- merge ---------------------------------------------------------------------------------
 
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W_i += each adapter's per-shard delta: each rank merges its own shard, no communication."""
+        """W_i += each adapter's per-shard delta: each rank merges its own shard, with no
+        communication except for kinds whose delta needs summed rows (DoRA on a row host)."""
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
         if not names:
             return
@@ -194,7 +214,7 @@ class AdapterHost(nn.Module):
         with torch.no_grad():
             merged = self.weight.detach().clone()
             for name in names:
-                merged = self.kinds[name].merged_weight(self.view(name), merged)
+                merged = self.kinds[name].merged_weight(self._reduced_view(name, merged), merged)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives non-finite weights")
             if self._unmerged_weight is None:

@@ -9,19 +9,26 @@ a per-rank partial that `finalize_grads` sums once per optimizer step.  Slots (k
 implemented here; the others raise NotImplementedError when a kind asks for them:
 
     host        slots                          the ONE collective (forward / backward)
-    column      input_columns, local_addend    copy_to (identity / all-reduce of dx), or under SP
-                                               all-gather of [x | columns] / reduce-scatter
-    row         partial_addend                 all-reduce of the partial (SP: reduce-scatter) /
-                                               identity (SP: all-gather)
-    replicated  local_addend                   none
+    column      input_columns, local_addend,   copy_to (identity / all-reduce of dx), or under SP
+                output_scale                   all-gather of [x | columns] / reduce-scatter
+    row         partial_addend,                all-reduce of the partial (SP: reduce-scatter) /
+                reduction_payload,             identity (SP: all-gather); the payload rides
+                output_scale                   inside it (hosts/payload.py)
+    replicated  local_addend, output_scale     none
+
+Per adapter, in order: local_addend, then output_scale (PEFT applies an adapter's scale to the
+output accumulated so far); the bias is added after every output_scale.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
-from parallel_adapters.adapters.kinds.protocol import INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterView
+from parallel_adapters.adapters.kinds.protocol import (
+    INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, AdapterView, ReductionPayload,
+)
 from parallel_adapters.distributed import collectives
 
 
@@ -51,21 +58,19 @@ class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
     Returns (output, bias) where bias is not None only with skip_bias_add.
     """
 
-    SLOTS = frozenset({INPUT_COLUMNS, LOCAL_ADDEND})
+    SLOTS = frozenset({INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE})
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None):
         g = self.geometry
         weight = self.weight if weight is None else weight
-        views = self._running_views()
+        views = self._running_views(weight)
         if g.sequence_parallel:
             x, columns = self._gather_with_input_columns(x, views)
         else:
             x = collectives.copy_to_group(x, g.tp_group)
             columns = [_input_columns(view, x) for view in views]
-        y = F.linear(x, weight, None if g.skip_bias_add else self.bias)
-        for view, cols in zip(views, columns):
-            y = view.kind.local_addend(view, x, y, cols)
+        y = _local_output(x, weight, None if g.skip_bias_add else self.bias, views, columns)
         gather = g.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             y = collectives.gather_last_dim(y, g.tp_group)
@@ -97,22 +102,46 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
     input_is_parallel=False: x is split here (backward: all-gather of dx), as Megatron does.
     """
 
-    SLOTS = frozenset({PARTIAL_ADDEND})
+    SLOTS = frozenset({PARTIAL_ADDEND, REDUCTION_PAYLOAD, OUTPUT_SCALE})
 
     def forward(self, x: torch.Tensor):
         g = self.geometry
         if not g.input_is_parallel:
             x = collectives.scatter_last_dim(x, g.tp_group)
         partial = F.linear(x, self.weight)
-        for view in self._running_views():
-            partial = view.kind.partial_addend(view, x, partial, None)
-        if g.sequence_parallel:
-            y = collectives.reduce_scatter_sequence(partial, g.tp_group)
+        views = self._running_views()
+        payloads: list[ReductionPayload | None] = []
+        for view in views:
+            if PARTIAL_ADDEND in view.slots:
+                partial = view.kind.partial_addend(view, x, partial, None)
+            payloads.append(view.kind.reduction_payload(view, x, partial) if REDUCTION_PAYLOAD in view.slots
+                            else None)
+            if payloads[-1] is not None:
+                partial = payloads[-1].partial
+        if any(p is not None for p in payloads):
+            y, reduced = self._reduce_with_payloads(partial, payloads)
         else:
-            y = collectives.reduce_from_group(partial, g.tp_group)
+            y, reduced = self._reduce(partial), payloads
+        for view, red in zip(views, reduced):
+            if OUTPUT_SCALE in view.slots:
+                y = view.kind.output_scale(view, x, y, red)
         if g.skip_bias_add:
             return y, self.bias
         return (y + self.bias if self.bias is not None else y), None
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        if g.sequence_parallel:
+            return collectives.reduce_scatter_sequence(partial, g.tp_group)
+        return collectives.reduce_from_group(partial, g.tp_group)
+
+    def _reduce_with_payloads(self, partial: torch.Tensor, payloads: list[ReductionPayload | None]):
+        """The ONE reduction carrying the kinds' payloads too; (y, per view: reduced payload or None)."""
+        g = self.geometry
+        flat, layout = payload.pack(partial, [p and p.columns for p in payloads], [p and p.rows for p in payloads],
+                                    g.tp_size if g.sequence_parallel else None)
+        y, columns, rows = payload.unpack(self._reduce(flat), layout)
+        return y, [None if p is None else ReductionPayload(None, c, r) for p, c, r in zip(payloads, columns, rows)]
 
 
 class ReplicatedHost(AdapterHost):
@@ -121,17 +150,29 @@ class ReplicatedHost(AdapterHost):
     Returns a tensor, like the nn.Linear it wraps.
     """
 
-    SLOTS = frozenset({LOCAL_ADDEND})
+    SLOTS = frozenset({LOCAL_ADDEND, OUTPUT_SCALE})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        for view in self._running_views():
-            y = view.kind.local_addend(view, x, y, None)
-        return y
+        views = self._running_views()
+        return _local_output(x, self.weight, self.bias, views, [None] * len(views))
 
 
 HOST_FOR_MODE = {"column": ColumnParallelHost, "row": RowParallelHost, "replicated": ReplicatedHost}
 """Linear hosts by parallel mode; `adapters.inject.host_class` adds the lookup and conv hosts."""
+
+
+def _local_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, views: list[AdapterView],
+                  columns: list[torch.Tensor | None]) -> torch.Tensor:
+    """x W^T, each adapter's local_addend then output_scale, + bias (inside F.linear when no
+    adapter scales the output)."""
+    scaled = any(OUTPUT_SCALE in view.slots for view in views)
+    y = F.linear(x, weight, None if scaled else bias)
+    for view, cols in zip(views, columns):
+        if LOCAL_ADDEND in view.slots:
+            y = view.kind.local_addend(view, x, y, cols)
+        if OUTPUT_SCALE in view.slots:
+            y = view.kind.output_scale(view, x, y, None)
+    return y + bias if (scaled and bias is not None) else y
 
 
 def _input_columns(view: AdapterView, x: torch.Tensor) -> torch.Tensor | None:

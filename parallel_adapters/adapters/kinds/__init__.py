@@ -3,7 +3,7 @@
 A kind is an `AdapterKind` instance (`kinds/protocol.py`).  The built-in kinds register
 themselves when their module is imported, which the first lookup does; `register_kind` adds
 another kind from anywhere.  `get_adapter_model` picks the kind whose `config_class` the config
-is an instance of.
+is an instance of (and that `accepts` it: LoRA and DoRA share LoraConfig, `use_dora` picks).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from parallel_adapters.adapters.kinds.protocol import SLOTS, AdapterKind
 
-_BUILTIN_MODULES = ("parallel_adapters.adapters.kinds.lora",)
+_BUILTIN_MODULES = ("parallel_adapters.adapters.kinds.lora", "parallel_adapters.adapters.kinds.dora")
 _REGISTRY: dict[str, AdapterKind] = {}
 
 
@@ -44,12 +44,12 @@ def kind_names() -> list[str]:
 
 
 def kind_for_config(config: Any) -> AdapterKind:
-    """The registered kind whose config class `config` is an instance of."""
+    """The registered kind that accepts `config` (its config class, and e.g. `use_dora`)."""
     _load_builtins()
     for kind in _REGISTRY.values():
-        if isinstance(config, kind.config_class):
+        if kind.accepts(config):
             return kind
-    wanted = " or ".join(f"parallel_adapters.{k.config_class.__name__}" for k in _REGISTRY.values())
+    wanted = " or ".join(sorted({f"parallel_adapters.{k.config_class.__name__}" for k in _REGISTRY.values()}))
     raise ValueError(f"config must be a {wanted}, got {type(config).__name__}")
 
 
@@ -61,7 +61,7 @@ def kind_for_stored_config(config: Mapping[str, Any]) -> AdapterKind:
         return get_kind(config["adapter_kind"])
     peft_type = config.get("peft_type", "LORA")
     for kind in _REGISTRY.values():
-        if kind.peft_type == peft_type:
+        if kind.peft_type == peft_type and kind.accepts_stored(config):
             return kind
     raise ValueError(f"no registered adapter kind exports peft_type {peft_type!r}; "
                      f"registered: {sorted(k.peft_type for k in _REGISTRY.values())}")

@@ -61,6 +61,9 @@ class LoRAKind(AdapterKind):
         EMBEDDING_A: (1, None), EMBEDDING_B: (None, 0),  # A [r, V], B [H, r]; the table is [V, H]
     })
 
+    def accepts(self, config: Any) -> bool:
+        return isinstance(config, LoraConfig) and not config.use_dora  # use_dora: kinds/dora.py
+
     def settings(self, config: LoraConfig, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
         r = pattern_value(module_name, config.rank_pattern, config.r)
         alpha = pattern_value(module_name, config.alpha_pattern, config.lora_alpha)
@@ -114,6 +117,9 @@ class LoRAKind(AdapterKind):
 
     def describe(self, hparams: Mapping[str, Any]) -> str:
         return f"r={hparams['r']}"
+
+    def accepts_stored(self, config: Mapping[str, Any]) -> bool:
+        return not config.get("use_dora")
 
     def stored_hparams(self, config: Mapping[str, Any], module: str,
                        shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:

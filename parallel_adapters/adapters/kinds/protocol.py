@@ -13,12 +13,21 @@ host's fixed slots, each a pure function of this rank's shards:
     local_addend       y + addend (the kind does the add, so it can   column, replicated: after the
                        fold its scale into it)                        local matmul
     partial_addend     partial + addend                               row: before the ONE reduction
+    reduction_payload  (partial', extra columns, rows): the partial   row: inside the ONE reduction;
+                       (possibly changed), columns [..., c] reduced   every rank gets the rows summed
+                       with it and rows (small, e.g. DoRA's squared   (under SP one copy per
+                       row norms) that come back summed over TP       destination rank), handed to
+                                                                      output_scale
+    output_scale       f(y) per output feature, before the bias       column, replicated: after
+                       (DoRA's m / ||W + s B A||)                     local_addend; row: after the
+                                                                      reduction, with the reduced payload
     input_scale        x * scale (IA3 on the input)                   declared, not implemented yet
-    output_scale       y * scale                                      declared, not implemented yet
     weight_delta       a per-shard delta folded into the base matmul  declared, not implemented yet
-    reduction_payload  a small tensor that rides inside the base's    declared, not implemented yet
-                       all-reduce / reduce-scatter and comes back
-                       summed over TP (DoRA's row norms)
+
+A kind filling reduction_payload also provides `payload_rows(view)`, the input-independent part
+of its rows: the host sums it over TP (one collective, outside the micro-batch) when it adds the
+adapter (`initial_tensors`) and when it merges (`merged_delta`), and hands it over as
+`AdapterView.reduced`.
 
 A host refuses (NotImplementedError, naming the slot) a kind that fills a slot the host does not
 implement; each host lists its slots in `AdapterHost.SLOTS`.
@@ -57,6 +66,10 @@ class TensorDecl:
     """How it is split over TP on this host's parallel mode."""
     spec_attribute: str | None = None
     """If set, the host publishes `spec` under this attribute name (LoRA: `spec_a`, `spec_b`)."""
+    partial_grad: bool | None = None
+    """Whether this rank's gradient is a partial sum over TP that `finalize_grads` must sum; None:
+    exactly when the tensor is replicated (LoRA's A on column hosts, B on row hosts).  DoRA's
+    magnitude on a row host is replicated but its gradient is complete without sequence parallelism."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,22 @@ class AdapterView:
     dropout: Callable[[torch.Tensor], torch.Tensor] | None
     """The host's input dropout for this adapter; None when not training or p = 0."""
     geometry: LinearGeometry
+    weight: torch.Tensor | None = None
+    """The base weight shard the adapter applies to (the forward's, or the running merge's)."""
+    reduced: torch.Tensor | None = None
+    """`payload_rows` summed over TP (set by the host at add and merge time only)."""
+
+
+@dataclass(frozen=True)
+class ReductionPayload:
+    """What a kind puts into (and gets back from) a row host's ONE reduction."""
+
+    partial: torch.Tensor | None = None
+    """The partial output [..., O], possibly changed (None in what the host hands back)."""
+    columns: torch.Tensor | None = None
+    """Extra sequence-shaped columns [..., c], reduced along with the partial (SP: scattered)."""
+    rows: torch.Tensor | None = None
+    """A small tensor, summed over TP; every rank gets the whole sum (SP included)."""
 
 
 class AdapterKind:
@@ -113,6 +142,14 @@ class AdapterKind:
     geometry: export splits a fused module's tensor along its row axis into the HF modules' parts
     (q/k/v, gate/up; vocabulary padding dropped) and checks the column axis against the HF shape."""
 
+    def accepts(self, config: Any) -> bool:
+        """Whether `get_adapter_model` should pick this kind for `config` (default: its type)."""
+        return isinstance(config, self.config_class)
+
+    def accepts_stored(self, config: Mapping[str, Any]) -> bool:
+        """Whether a PEFT adapter_config.json of this kind's `peft_type` is this kind's."""
+        return True
+
     def slots(self, parallel_mode: str) -> frozenset[str]:
         if parallel_mode not in self.slot_table:
             raise ValueError(f"adapter kind {self.name!r} has no form for a {parallel_mode!r} layer")
@@ -133,8 +170,14 @@ class AdapterKind:
         raise NotImplementedError
 
     def merged_delta(self, view: AdapterView) -> torch.Tensor:
-        """This shard's weight update, shaped like the host's weight shard, float32 or wider."""
+        """This shard's weight update, shaped like the host's weight shard, float32 or wider
+        (`view.weight` is the weight it is added to)."""
         raise NotImplementedError
+
+    def initial_tensors(self, view: AdapterView) -> dict[str, torch.Tensor]:
+        """Local shards that replace `full_tensors`' once the base weight is known (DoRA's
+        magnitude); default none."""
+        return {}
 
     def merged_weight(self, view: AdapterView, weight: torch.Tensor) -> torch.Tensor:
         """The weight (shard) with the adapter folded in; by default W + merged_delta(view), added in
@@ -185,3 +228,15 @@ class AdapterKind:
     def partial_addend(self, view: AdapterView, x: torch.Tensor, partial: torch.Tensor,
                        columns: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError(f"adapter kind {self.name!r} does not fill {PARTIAL_ADDEND}")
+
+    def reduction_payload(self, view: AdapterView, x: torch.Tensor, partial: torch.Tensor) -> ReductionPayload:
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {REDUCTION_PAYLOAD}")
+
+    def payload_rows(self, view: AdapterView) -> torch.Tensor:
+        """The input-independent rows of `reduction_payload` (per-rank partials)."""
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {REDUCTION_PAYLOAD}")
+
+    def output_scale(self, view: AdapterView, x: torch.Tensor, y: torch.Tensor,
+                     reduced: ReductionPayload | None) -> torch.Tensor:
+        """f(y) before the bias; `reduced` is the summed payload on a row host, else None."""
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {OUTPUT_SCALE}")

@@ -39,9 +39,35 @@ def test_lora_is_built_in_and_found_by_name_and_config():
     assert kinds.kind_for_config(LoraConfig(r=2)) is LORA
 
 
+def test_use_dora_picks_the_dora_kind():
+    from parallel_adapters.adapters.kinds.dora import DORA, MAGNITUDE
+
+    assert kinds.get_kind("dora") is DORA
+    assert kinds.kind_for_config(LoraConfig(r=2, use_dora=True)) is DORA
+    assert DORA.peft_type == "LORA" and DORA.peft_key(MAGNITUDE) == "lora_magnitude_vector"
+    assert DORA.peft_key("lora_A") == "lora_A.weight" and DORA.hyperparameters == LORA.hyperparameters
+    with pytest.raises(ValueError, match="use_dora=True with init_lora_weights='eva' is not supported"):
+        LoraConfig(use_dora=True, init_lora_weights="eva")
+
+
+@pytest.mark.parametrize("mode,chunks,sp", [("column", 2, True), ("row", 1, False), ("row", 1, True),
+                                            ("replicated", 1, False)])
+def test_dora_declares_the_magnitude_and_when_its_gradient_is_partial(mode, chunks, sp):
+    from parallel_adapters.adapters.kinds.dora import DORA, MAGNITUDE
+    from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
+
+    g = LinearGeometry(mode, 16, 24, chunks, GROUP_OF_ONE, 2, 0, sp, False, True, False)
+    *lora, magnitude = DORA.tensors(g, {"r": 4, "lora_alpha": 8, "scaling": 2.0})
+    assert [d.name for d in lora] == ["lora_A", "lora_B"] and magnitude.name == MAGNITUDE
+    assert magnitude.global_shape == (24,)
+    assert magnitude.spec == (ShardSpec(dim=0, chunks=chunks) if mode == "column" else REPLICATED)
+    # Row: replicated, but the gradient is whole on every rank unless the output is sequence-split.
+    assert magnitude.partial_grad == (sp if mode == "row" else None)
+
+
 def test_unknown_name_and_config_are_refused_naming_what_exists():
-    with pytest.raises(ValueError, match=r"unknown adapter kind 'dora'; registered: \[.*'lora'"):
-        kinds.get_kind("dora")
+    with pytest.raises(ValueError, match=r"unknown adapter kind 'loha'; registered: \['dora', 'lora'"):
+        kinds.get_kind("loha")
     with pytest.raises(ValueError, match="config must be a parallel_adapters.LoraConfig, got dict"):
         kinds.kind_for_config({"r": 2})
 
