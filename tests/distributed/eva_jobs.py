@@ -147,6 +147,24 @@ def block_eva_job(batches: list[dict], per_rank: bool, max_steps: int = 100, tau
             "calls": dict(c.calls), "bytes": dict(c.bytes) if count else {}}
 
 
+def block_no_gather_job(per_rank: list[list[dict]]) -> dict:
+    """gather_distributed_inputs=False under DP = world size: each rank's EVA on its own batches
+    alone, and the same EVA in this process with ParallelGroups.single() (the reference)."""
+    from parallel_adapters import ParallelGroups, get_adapter_model
+    from parallel_adapters.eva.initialize import get_eva_layer_states
+    from tests.harness import counting
+
+    groups = _dp_groups()
+    mine = per_rank[groups.dp_rank]
+    model = get_adapter_model(Block(), lora_config(), groups=groups)
+    with counting.counted() as c:
+        state = get_eva_layer_states(model, mine, gather_distributed_inputs=False, show_progress_bar=False)
+    alone = get_adapter_model(Block(), lora_config(), groups=ParallelGroups.single())
+    reference = get_eva_layer_states(alone, mine, show_progress_bar=False)
+    return {"state": full_state(state, groups), "reference": full_state(reference, ParallelGroups.single()),
+            "calls": dict(c.calls)}
+
+
 def block_reference(batches: list[dict], max_steps: int = 100, tau: float = 0.99, with_steps: bool = False):
     """The same EVA in one process (ParallelGroups.single()) on the whole global batches."""
     from parallel_adapters import ParallelGroups, get_adapter_model
