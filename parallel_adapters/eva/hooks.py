@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from parallel_adapters.checkpoint.export import PEFT_PREFIX
+from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.config import EvaConfig
 from parallel_adapters.distributed.sharding import ShardSpec
 
@@ -67,14 +67,16 @@ def flatten_layer_inputs(layer_input: Any, model_input: Any, layer_name: str) ->
     return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
 
 
-def layer_inputs_fns(fns: Callable | Mapping[str, Callable] | None, names: list[str]) -> dict[str, Callable | None]:
+def layer_inputs_fns(fns: Callable | Mapping[str, Callable] | None, names: list[str], strict: bool = True
+                     ) -> dict[str, Callable | None]:
     """One prepare_layer_inputs_fn per layer: PEFT's dict by module name (with or without
-    "base_model.model."; layers it does not name: None), or one function (or None) for all."""
+    "base_model.model."; layers it does not name: None), or one function (or None) for all.
+    `strict`: a name that is no target is an error (not under PP: it may be another stage's)."""
     if not isinstance(fns, Mapping):
         return {n: fns for n in names}
     by_name = {k.removeprefix(PEFT_PREFIX): f for k, f in fns.items()}
     unknown = sorted(set(by_name) - set(names))
-    if unknown:
+    if unknown and strict:
         raise ValueError(f"prepare_layer_inputs_fn names modules that are not EVA targets: {unknown}; "
                          f"targets: {names}")
     return {n: by_name.get(n) for n in names}

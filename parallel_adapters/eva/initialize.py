@@ -223,7 +223,7 @@ class _EvaRun:
         self._provisional_caps()
         g = self.groups
         self.queue = D.StepQueue(g)
-        fns = layer_inputs_fns(prepare_layer_inputs_fn, list(self.layers))
+        fns = layer_inputs_fns(prepare_layer_inputs_fn, list(self.layers), strict=groups.pp_size == 1)
         self.capture = InputCapture(self.layers, self._sink, fns, g.tp_rank, g.tp_size)
         self.capture.elsewhere = {n for n, s in self.stats.items() if not (s.on_this_rank or s.seq_split)}
 

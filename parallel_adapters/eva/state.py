@@ -9,7 +9,7 @@ import torch
 
 from parallel_adapters.adapters.kinds.lora import replace_factors
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.checkpoint.export import PEFT_PREFIX
+from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig, lora_scaling
