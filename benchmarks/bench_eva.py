@@ -150,7 +150,7 @@ def eva_job(method: str, per_rank: list[list[dict]]) -> dict:
     import torch.distributed as dist
 
     from parallel_adapters import EvaConfig, LoraConfig, ParallelGroups, get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict
+    from parallel_adapters.eva.initialize import get_eva_layer_states
     from tests.harness import counting
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -177,7 +177,7 @@ def eva_job(method: str, per_rank: list[list[dict]]) -> dict:
     t0 = time.perf_counter()
     with counting.counted() as c:
         if method == "ours":
-            state = get_eva_state_dict(adapted, batches, forward_fn=forward, show_progress_bar=False)
+            state = get_eva_layer_states(adapted, batches, forward_fn=forward, show_progress_bar=False)
             comps = {n: s.components.double() for n, s in state.items()}
         else:
             state = peft.get_eva_state_dict(adapted, batches, forward_fn=forward, gather_distributed_inputs=True,
@@ -365,7 +365,7 @@ def llama_job(method: str, hf_dir: str, batches: list[dict], steps: int, profile
     import torch.distributed as dist
 
     from parallel_adapters import EvaConfig, LoraConfig, get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict
+    from parallel_adapters.eva.initialize import get_eva_layer_states
 
     eva = dict(rho=2.0, tau=0.99)
     if method == "peft":  # its statistics: the SVD hooks, inside the forward
@@ -403,7 +403,7 @@ def llama_job(method: str, hf_dir: str, batches: list[dict], steps: int, profile
                             eva_config=EvaConfig(**eva, max_steps=steps))
         adapted = get_adapter_model(model, config, groups=groups)
         loader = _TimedLoader(batches)
-        run = lambda: get_eva_state_dict(adapted, loader, show_progress_bar=False)  # noqa: E731
+        run = lambda: get_eva_layer_states(adapted, loader, show_progress_bar=False)  # noqa: E731
     dist.barrier()
     prof = cProfile.Profile() if profile else None
     began = time.perf_counter()

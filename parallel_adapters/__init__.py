@@ -25,6 +25,7 @@ _EXPORTS = {
     "AdapterKind": "parallel_adapters.adapters.kinds.protocol",
     "register_kind": "parallel_adapters.adapters.kinds",
     "get_eva_state_dict": "parallel_adapters.eva.initialize",
+    "get_eva_layer_states": "parallel_adapters.eva.initialize",
     "initialize_eva_weights": "parallel_adapters.eva.initialize",
     "save_checkpoint": "parallel_adapters.checkpoint.adapter_io",
     "load_checkpoint": "parallel_adapters.checkpoint.adapter_io",

@@ -6,6 +6,7 @@ declared tensors; no kind's tensor names appear in this module."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -20,12 +21,14 @@ from parallel_adapters.adapters.inject import (
 )
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
+from parallel_adapters.adapters import pretrained
 from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.mcore.compat import (
-    megatron_parallel_groups, recomputes_layers, set_tracker_states, tracker_states,
+    is_parallel_state_initialized, is_vocab_parallel_embedding, megatron_parallel_groups, parallel_mode_of,
+    recomputes_layers, set_tracker_states, tracker_states,
 )
 
 
@@ -182,6 +185,25 @@ class AdapterModel(nn.Module):
                 out.update(layer.sharded_tensors(adapter_name))
         return out
 
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """PEFT's adapter directory (adapter_model.safetensors + adapter_config.json, which PEFT's
+        own from_pretrained also reads), from one process (TP = PP = 1); see `pretrained.py`."""
+        pretrained.save_pretrained(self, save_directory, selected_adapters)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        autocast_adapter_dtype: bool = True, groups: ParallelGroups | None = None) -> "AdapterModel":
+        """PEFT's PeftModel.from_pretrained: `model` with the adapter saved in `model_id` (by
+        save_pretrained or by PEFT); frozen unless `is_trainable`."""
+        config = config or pretrained.read_config(model_id, adapter_name)
+        adapted = get_adapter_model(model, config, adapter_name, groups, autocast_adapter_dtype)
+        pretrained.load_adapter_weights(adapted, model_id, adapter_name)
+        if not is_trainable:
+            for param in adapted.parameters():
+                param.requires_grad_(False)
+        return adapted
+
     def tracker_rng_states(self) -> dict[str, torch.Tensor]:
         """This rank's Megatron RNG-tracker states (the adapters' dropout streams and Megatron's
         own, e.g. attention dropout's), keyed "rng-tracker/<name>", for exact resume."""
@@ -264,11 +286,30 @@ def get_adapter_model(model: nn.Module, config: LoraConfig, adapter_name: str = 
     """Wrap `model`'s target layers with adapters of the kind `config` names (LoRA for a
     LoraConfig) and freeze everything else.
 
-    `groups` defaults to Megatron's initialised parallel state (ValueError if there is none).
+    `groups` defaults to Megatron's initialised parallel state; without one, a plain torch model
+    (no Megatron parallel layer) runs as one process, as under PEFT (`default_groups`).
     `autocast_adapter_dtype` (PEFT's argument): on a float16/bfloat16 base, keep the factors in
     float32; they are cast to the activations' dtype where used.  False: the base's dtype.
     """
     if isinstance(model, AdapterModel):
         raise ValueError("model already has adapters: use add_adapter() for another adapter name")
-    groups = groups or megatron_parallel_groups()
+    groups = groups or default_groups(model)
     return AdapterModel(model, config, adapter_name, groups, autocast_adapter_dtype)
+
+
+def default_groups(model: nn.Module) -> ParallelGroups:
+    """Megatron's groups where its parallel state is initialised; else, for a model without
+    Megatron parallel layers, one process (TP=PP=DP=1: no collective at all, torch.distributed
+    need not exist).  A Megatron model without parallel state is an error: its layers' shards
+    would silently be taken for whole tensors."""
+    if is_parallel_state_initialized():
+        return megatron_parallel_groups()
+    for name, module in model.named_modules():
+        if parallel_mode_of(module) not in (None, "replicated") or is_vocab_parallel_embedding(module):
+            raise ValueError(
+                f"{name or type(model).__name__} ({type(module).__name__}) is a Megatron parallel layer but "
+                "Megatron parallel state is not initialised: call "
+                "megatron.core.parallel_state.initialize_model_parallel(...) (or "
+                "parallel_adapters.mcore.compat.initialize_model_parallel) before building adapters, "
+                "or pass groups=")
+    return ParallelGroups.single()

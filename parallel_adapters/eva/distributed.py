@@ -29,7 +29,7 @@ import torch
 
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
-from parallel_adapters.eva.statistics import PCASketch, component_similarity
+from parallel_adapters.eva.statistics import PCASketch, component_similarity, flip_signs
 from parallel_adapters.eva.tp_svd import (F64, Gaussians, _gather, merge_job, row_similarities, tp_svd,
                                           update_job)
 
@@ -266,7 +266,7 @@ class StepQueue:
                 s.absorb(finish(res))
 
 
-def process_step(active: Sequence[LayerStats], groups: ParallelGroups, tau: float) -> None:
+def process_step(active: Sequence[LayerStats], groups: ParallelGroups, tau: float, signed: bool = False) -> None:
     """After a forward (and the queue's flush): merge the step's sketches of every active layer
     into its state and set its convergence flags.  Collective: every rank of a TP/DP group passes
     the same layers in the same order (the active set is decided collectively); each phase is one
@@ -306,22 +306,28 @@ def process_step(active: Sequence[LayerStats], groups: ParallelGroups, tau: floa
         pairs = merges[sharded]
         for (s, (_, finish)), res in zip(pairs, tp_svd([job for _, (job, _) in pairs], *group)):
             s.commit(finish(res))
-    _update_flags(active, tau, tp)
+    _update_flags(active, tau, tp, signed)
 
 
 def _warm(s: LayerStats) -> torch.Tensor | None:
     return s.state.components if s.state is not None else None
 
 
-def _update_flags(active: Sequence[LayerStats], tau: float, tp) -> None:
-    """PEFT's per-component test |cos(previous, current)| >= tau for every layer updated this step."""
+def _update_flags(active: Sequence[LayerStats], tau: float, tp, signed: bool) -> None:
+    """PEFT's per-component test cos(previous, current) >= tau for every layer updated this step,
+    on |cos|: a component whose sign flips has not changed its subspace (and the components of a
+    step are not sign-fixed).  `signed` (a world of one process, where every layer is whole): PEFT
+    to the letter, the signed cosine of the components sign-fixed as PEFT fixes them at every step
+    (svd_flip), so a flip of a component's largest entry counts as not converged."""
     changed = [s for s in active if s.updated and s.sim_prev is not None]
-    sharded = [s for s in changed if s.sharded]
+    sharded = [s for s in changed if s.sharded and not signed]
     sims = dict(zip([s.name for s in sharded],
                     row_similarities([(s.sim_prev, s.state.components) for s in sharded], *tp)))
     for s in changed:
         sim = sims.get(s.name)
-        if sim is None:
+        if sim is None and signed:
+            sim = component_similarity(flip_signs(s.sim_prev), flip_signs(s.state.components), s.cap, absolute=False)
+        elif sim is None:
             sim = component_similarity(s.sim_prev, s.state.components, s.cap, absolute=True)
         s.flags = (sim[: s.cap] >= tau).cpu()
     for s in active:

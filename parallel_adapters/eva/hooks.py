@@ -1,4 +1,5 @@
-"""Capture the inputs of EVA's target layers: token masks, layouts, structural input sharing.
+"""Capture the inputs of EVA's target layers: PEFT's input preparation, token masks, layouts,
+structural input sharing.
 
 Why hooks on the *wrapped* layers: the wrapper sees exactly what its frozen base sees (for a
 column layer the TP-replicated `[S, B, I]`, or this rank's sequence chunk `[S/t, B, I]` under
@@ -16,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.config import EvaConfig
 from parallel_adapters.distributed.sharding import ShardSpec
 
@@ -30,7 +32,9 @@ def token_mask(batch: Mapping[str, torch.Tensor], eva_config: EvaConfig) -> torc
     label_mask_value, so padding and prompt tokens do not shape the components.
     """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError("EVA batches must be dicts with 'input_ids' [B, S] (and optional attention_mask, labels)")
+        raise ValueError("EVA batches must be dicts with 'input_ids' [B, S] (and optional attention_mask, labels) "
+                         "for the default prepare_model_inputs_fn; for other batches pass "
+                         "prepare_model_inputs_fn=None and prepare_layer_inputs_fn=None (every row) or your own")
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -38,6 +42,77 @@ def token_mask(batch: Mapping[str, torch.Tensor], eva_config: EvaConfig) -> torc
     if eva_config.use_label_mask and labels is not None:
         mask = mask & (labels != eva_config.label_mask_value)
     return mask
+
+
+# -- PEFT's input preparation (peft.tuners.lora.eva), by the same names and meanings ----------
+
+def prepare_model_inputs_fn_language_modeling(model_input: Mapping[str, torch.Tensor], peft_config) -> torch.Tensor:
+    """PEFT's default prepare_model_inputs_fn: indices [n, 2] (batch, position) of the kept tokens
+    (`token_mask`).  Inside EVA the mask itself is kept as well (`TokenMask`), so the default
+    row selection works in every layer's layout."""
+    return token_mask(model_input, peft_config.eva_config or EvaConfig()).nonzero()
+
+
+def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """PEFT's default prepare_layer_inputs_fn: the rows of the tokens `model_input` indexes, from a
+    [B, S, I] input.  EVA recognises this function and selects the same tokens in each layer's own
+    layout (Megatron's [S, B, I], sequence-parallel chunks, split inputs) with `masked_rows`."""
+    x = layer_input if isinstance(layer_input, torch.Tensor) else layer_input[0]
+    return x[model_input.T.unbind()]
+
+
+def flatten_layer_inputs(layer_input: Any, model_input: Any, layer_name: str) -> torch.Tensor:
+    """What PEFT does for prepare_layer_inputs_fn=None: every row of the first input, [-1, I]."""
+    x = layer_input if isinstance(layer_input, torch.Tensor) else layer_input[0]
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
+
+
+def layer_inputs_fns(fns: Callable | Mapping[str, Callable] | None, names: list[str], strict: bool = True
+                     ) -> dict[str, Callable | None]:
+    """One prepare_layer_inputs_fn per layer: PEFT's dict by module name (with or without
+    "base_model.model."; layers it does not name: None), or one function (or None) for all.
+    `strict`: a name that is no target is an error (not under PP: it may be another stage's)."""
+    if not isinstance(fns, Mapping):
+        return {n: fns for n in names}
+    by_name = {k.removeprefix(PEFT_PREFIX): f for k, f in fns.items()}
+    unknown = sorted(set(by_name) - set(names))
+    if unknown and strict:
+        raise ValueError(f"prepare_layer_inputs_fn names modules that are not EVA targets: {unknown}; "
+                         f"targets: {names}")
+    return {n: by_name.get(n) for n in names}
+
+
+class TokenMask:
+    """EVA's model input under the default prepare_model_inputs_fn: the [B, S] bool `mask`;
+    custom layer functions receive PEFT's form, `indices` = mask.nonzero() [n, 2]."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self._indices: torch.Tensor | None = None
+
+    @property
+    def indices(self) -> torch.Tensor:
+        if self._indices is None:
+            self._indices = self.mask.nonzero()
+        return self._indices
+
+
+def _as_mask(model_input: Any, x: torch.Tensor, layout: str, seq_chunk: tuple[int, int] | None,
+             name: str) -> torch.Tensor:
+    """The [B, S] bool mask behind a model input: ours, a mask, or PEFT's indices [n, 2]."""
+    if isinstance(model_input, TokenMask):
+        return model_input.mask
+    if isinstance(model_input, torch.Tensor) and model_input.dtype == torch.bool and model_input.ndim == 2:
+        return model_input
+    if isinstance(model_input, torch.Tensor) and model_input.ndim == 2 and model_input.shape[1] == 2 and x.ndim == 3:
+        b, s = (x.shape[1], x.shape[0] * (seq_chunk[1] if seq_chunk else 1)) if layout == "sbh" else x.shape[:2]
+        mask = torch.zeros(b, s, dtype=torch.bool, device=model_input.device)
+        mask[model_input[:, 0], model_input[:, 1]] = True
+        return mask
+    raise ValueError(
+        f"EVA layer {name}: prepare_layer_inputs_fn_language_modeling needs token indices [n, 2] or a [B, S] "
+        f"mask from prepare_model_inputs_fn, got {type(model_input).__name__}; pass prepare_layer_inputs_fn=None "
+        "(every row) or your own")
 
 
 def masked_rows(x: torch.Tensor, mask: torch.Tensor, layout: str, seq_chunk: tuple[int, int] | None,
@@ -82,8 +157,7 @@ class InputCapture:
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], sink: Sink,
-                 prepare_layer_inputs_fn: LayerInputsFn | Mapping[str, LayerInputsFn] | None,
-                 tp_rank: int, tp_size: int):
+                 layer_inputs_fns: Mapping[str, LayerInputsFn | None], tp_rank: int, tp_size: int):
         self.layers = dict(layers)
         self.sink = sink
         self.enabled: set[str] = set()
@@ -96,22 +170,29 @@ class InputCapture:
         self._calls: list[str] = []
         self._captured: set[str] = set()
         self._handles = []
-        self._fns = {n: self._layer_fn(n, layer, prepare_layer_inputs_fn, tp_rank, tp_size)
+        self._fns = {n: self._layer_fn(n, layer, layer_inputs_fns[n], tp_rank, tp_size)
                      for n, layer in self.layers.items()}
 
     @staticmethod
-    def _layer_fn(name: str, layer: torch.nn.Module, custom, tp_rank: int, tp_size: int) -> LayerInputsFn:
-        if isinstance(custom, Mapping):
-            custom = custom.get(name)
-        if custom is not None:  # PEFT's signature: (the layer's positional inputs, model_input, name)
-            return lambda x, model_input, n, args=None: custom(args if args else (x,), model_input, n)
+    def _layer_fn(name: str, layer: torch.nn.Module, fn: LayerInputsFn | None, tp_rank: int, tp_size: int
+                  ) -> LayerInputsFn:
+        """(x, model_input, name, args) -> rows [n, I_local] from `fn` (PEFT's meanings: None = every
+        row; PEFT's language-modeling default = the kept tokens; else the caller's function)."""
+        if fn is not None and fn is not prepare_layer_inputs_fn_language_modeling:
+            # PEFT's signature: (the layer's positional inputs, model_input, name)
+            return lambda x, model_input, n, args=None: fn(args if args else (x,), _peft_form(model_input), n)
         g = layer.geometry
         layout = "sbh" if g.parallel_mode in ("column", "row") else "bsh"
         chunk = (tp_rank, tp_size) if (g.parallel_mode == "column" and g.sequence_parallel) else None
         if g.parallel_mode == "row" and not g.input_is_parallel:  # the layer splits x itself
-            split = ShardSpec(dim=-1, chunks=layer.spec_a.chunks)
-            return lambda x, mask, n, args=None: masked_rows(split.shard(x, tp_rank, tp_size), mask, layout, chunk, n)
-        return lambda x, mask, n, args=None: masked_rows(x, mask, layout, chunk, n)
+            spec = ShardSpec(dim=-1, chunks=layer.spec_a.chunks)
+            local = lambda x: spec.shard(x, tp_rank, tp_size)  # noqa: E731
+        else:
+            local = lambda x: x  # noqa: E731
+        if fn is None:
+            return lambda x, model_input, n, args=None: flatten_layer_inputs(local(x), model_input, n)
+        return lambda x, model_input, n, args=None: masked_rows(
+            local(x), _as_mask(model_input, x, layout, chunk, n), layout, chunk, n)
 
     def attach(self) -> "InputCapture":
         for name, layer in self.layers.items():
@@ -183,3 +264,7 @@ def _version(x: torch.Tensor) -> int:
         return x._version
     except RuntimeError:  # inference tensors have no version counter (and cannot be edited in place)
         return -1
+
+
+def _peft_form(model_input: Any) -> Any:
+    return model_input.indices if isinstance(model_input, TokenMask) else model_input

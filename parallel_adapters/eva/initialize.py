@@ -2,22 +2,24 @@
 
 The algorithm is PEFT's (`peft/tuners/lora/eva.py`): per step, an incremental PCA of every
 target layer's input; a layer converges when the |cosine| of each of its first `rank` components
-between steps is >= tau (PEFT compares signed cosines; a pure sign flip is not a change of
-subspace here); ranks are redistributed over all layers by explained-variance ratio with cap
+between steps is >= tau (a pure sign flip is not a change of subspace; in a world of one process
+the test is PEFT's signed cosine of sign-fixed components, so results equal PEFT's); ranks are redistributed over all layers by explained-variance ratio with cap
 round(r * rho) and budget sum(r); A = top components (whitened if asked), B = 0; alpha is adjusted.
 What is new is that it runs on an AdapterModel under TP, PP and DP without moving activations
 (see `eva/distributed.py` for the wire), and that every decision is collective.
 
 Data contract: every TP and PP rank of one data-parallel replica sees the same batches; each DP
-replica sees its own slice of the global batch.  Batches are dicts with input_ids [B, S] and
-optional attention_mask [B, S] (1 = keep) and labels [B, S].
+replica sees its own slice of the global batch.  With the default input preparation, batches are
+dicts with input_ids [B, S] and optional attention_mask [B, S] (1 = keep) and labels [B, S]; any
+other batch works with PEFT's prepare_model_inputs_fn=None / prepare_layer_inputs_fn=None (every
+row of every layer input) or the caller's own functions.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -25,13 +27,16 @@ import torch
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.config import EvaConfig, LoraConfig
 from parallel_adapters.distributed import collectives as C
-from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.groups import GROUP_OF_ONE, ParallelGroups
 from parallel_adapters.eva import allocation as A
 from parallel_adapters.eva import distributed as D
 from parallel_adapters.eva import tp_svd as T
-from parallel_adapters.eva.hooks import ForwardDone, InputCapture, token_mask
+from parallel_adapters.eva.hooks import (
+    ForwardDone, InputCapture, TokenMask, layer_inputs_fns, prepare_layer_inputs_fn_language_modeling,
+    prepare_model_inputs_fn_language_modeling, token_mask,
+)
 from parallel_adapters.eva.progress import Progress
-from parallel_adapters.eva.state import EvaLayerState, EvaStateDict, load_into_model
+from parallel_adapters.eva.state import EvaLayerState, EvaStateDict, load_into_model, peft_state_dict
 from parallel_adapters.eva.statistics import whiten
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
@@ -54,44 +59,83 @@ class _Layout:
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API
+# Public API (PEFT's signatures; `get_eva_layer_states` is the richer per-rank record)
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def get_eva_state_dict(
     model: AdapterModel,
     dataloader: Iterable,
+    peft_config: LoraConfig | None = None,
     forward_fn: ForwardFn | None = None,
-    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = None,
-    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
+    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+) -> dict[str, torch.Tensor]:
+    """PEFT's result: {"base_model.model.<module>": A [rank, in_features]} (the keys PEFT gives the
+    same module; float64); rank-0 layers [0, in_features].
+
+    `get_eva_layer_states` with the same arguments, then row layers' shards all-gathered over TP
+    (one all-gather per such layer); under PP each stage returns its own layers.  Collective."""
+    states = get_eva_layer_states(model, dataloader, peft_config, forward_fn, prepare_model_inputs_fn,
+                                  prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
+                                  show_progress_bar)
+    return peft_state_dict(states, model.groups)
+
+
+@torch.no_grad()
+def get_eva_layer_states(
+    model: AdapterModel,
+    dataloader: Iterable,
+    peft_config: LoraConfig | None = None,
+    forward_fn: ForwardFn | None = None,
+    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
     show_progress_bar: bool = True,
 ) -> EvaStateDict:
-    """EVA components of this rank's target layers, {global module name: EvaLayerState}.
+    """EVA components of this rank's target layers, {module name: EvaLayerState} (this rank's
+    A shard, singular values, rank, adjusted alpha, convergence).  Collective: call on every rank.
 
-    Collective: call on every rank.  forward_fn(model, batch) defaults to megatron's forward
-    (forward-only schedule under PP) for a Megatron model and to model(**batch without labels)
-    otherwise; without PP that default forward stops as soon as every unconverged layer's input
-    is captured (the layers after it and the LM head cannot change the result);
-    prepare_model_inputs_fn(batch, config) defaults to the token mask [B, S];
-    prepare_layer_inputs_fn(layer_inputs, model_input, name) -> [n, I_local] (PEFT's signature;
-    one callable or a dict by module name) defaults to masked rows in the layer's layout.
+    The arguments are PEFT's, with PEFT's meanings:
+    peft_config: None: the adapter's config (else its eva_config and r drive this run).
+    forward_fn(model, batch): None: megatron's forward for a Megatron model (forward-only
+    schedule under PP), else PEFT's model(**batch) (model(*batch) / model(batch) for a tuple or a
+    tensor); without PP this default stops a forward as soon as every unconverged layer's input
+    is captured (nothing after it can change the result).
+    prepare_model_inputs_fn(batch, config): the default is PEFT's token selection (attention
+    mask, and labels with use_label_mask); None: no preparation (the batch itself).
+    prepare_layer_inputs_fn(layer_inputs, model_input, name) -> [n, I_local], or a dict of them by
+    module name (layers it does not name: None): the default keeps the selected tokens in each
+    layer's own layout; None: every row of the input (PEFT's flatten).
+    gather_distributed_inputs: True: data-parallel ranks pool their statistics (sketches, never
+    activations); False: each DP replica computes from its own batches alone.
     show_progress_bar: on world rank 0, a bar on a terminal, else a line every
     `progress.LOG_EVERY` steps on stderr.
     """
     _check_model(model, adapter_name)
-    config = model.peft_config[adapter_name]
+    config = peft_config or model.peft_config[adapter_name]
     eva = config.eva_config or EvaConfig()
-    run = _EvaRun(model, adapter_name, config, eva, prepare_layer_inputs_fn)
-    run.capture.stop_early = forward_fn is None and model.groups.pp_size == 1  # our forward: nothing after it
-    batches = _cycle(dataloader, model.groups, next(model.parameters()).device)
+    groups = model.groups if gather_distributed_inputs else replace(
+        model.groups, dp_group=GROUP_OF_ONE, dp_size=1, dp_rank=0)
+    run = _EvaRun(model, adapter_name, config, eva, groups, prepare_layer_inputs_fn)
+    run.capture.stop_early = forward_fn is None and groups.pp_size == 1  # our forward: nothing after it
+    batches = _cycle(dataloader, groups, next(model.parameters()).device)
     forward_fn = forward_fn or default_forward_fn(model)
-    prepare = prepare_model_inputs_fn or (lambda batch, cfg: token_mask(batch, eva))
+    if prepare_model_inputs_fn is prepare_model_inputs_fn_language_modeling:
+        prepare = lambda batch: TokenMask(token_mask(batch, eva))  # noqa: E731  (indices for custom layer fns)
+    elif prepare_model_inputs_fn is None:
+        prepare = lambda batch: batch  # noqa: E731
+    else:
+        prepare = lambda batch: prepare_model_inputs_fn(batch, config)  # noqa: E731
     training = model.training
     model.eval()
     try:
         with model.disable_adapter():
-            return run.execute(batches, forward_fn, lambda b: prepare(b, config), show_progress_bar)
+            return run.execute(batches, forward_fn, prepare, show_progress_bar)
     finally:
         run.capture.detach()
         model.train(training)
@@ -103,16 +147,20 @@ def initialize_eva_weights(
     dataloader: Iterable | None = None,
     eva_state_dict: Mapping[str, EvaLayerState | torch.Tensor] | None = None,
     forward_fn: ForwardFn | None = None,
-    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = None,
-    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
+    prepare_model_inputs_fn: Callable[[Any, LoraConfig], Any] | None = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
     show_progress_bar: bool = True,
 ) -> AdapterModel:
-    """Set A to the EVA components (new rank r_l), B to 0, alpha as adjusted; drop rank-0 adapters;
-    record the ranks and alphas in `model.peft_config[adapter_name]` (rank_pattern / alpha_pattern).
+    """PEFT's initialize_lora_eva_weights: A = the EVA components (new rank r_l), B = 0, alpha as
+    adjusted; drop rank-0 adapters; record the ranks and alphas in `model.peft_config[adapter_name]`
+    (rank_pattern / alpha_pattern).
 
-    Collective.  eva_state_dict: as returned by get_eva_state_dict / persist.load_eva_state, or
-    PEFT-style {name: full components [rank, I]}; computed from `dataloader` when None.
+    Collective.  eva_state_dict: from get_eva_layer_states / persist.load_eva_state, or PEFT-style
+    {name: full components [rank, I]} (get_eva_state_dict's, or PEFT's own; names with or without
+    "base_model.model."); computed from `dataloader` (the other arguments as in
+    get_eva_layer_states) when None.
     """
     _check_model(model, adapter_name)
     if model.peft_config[adapter_name].init_lora_weights != "eva":
@@ -120,19 +168,19 @@ def initialize_eva_weights(
     if eva_state_dict is None:
         if dataloader is None:
             raise ValueError("initialize_eva_weights: pass a dataloader or an eva_state_dict")
-        eva_state_dict = get_eva_state_dict(model, dataloader, forward_fn, prepare_model_inputs_fn,
-                                            prepare_layer_inputs_fn, adapter_name, show_progress_bar)
+        eva_state_dict = get_eva_layer_states(model, dataloader, None, forward_fn, prepare_model_inputs_fn,
+                                              prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
+                                              show_progress_bar)
     load_into_model(model, eva_state_dict, adapter_name)
     return model
 
 
 def default_forward_fn(model: AdapterModel) -> ForwardFn:
     """Megatron model (its adapted layers are column/row parallel): model(input_ids, None, None),
-    under PP megatron's forward-only schedule; else model(**batch minus labels), so a Hugging Face
-    model does not compute a loss it does not need."""
+    under PP megatron's forward-only schedule; else PEFT's model(**batch) (`forward_batch`)."""
     modes = {layer.geometry.parallel_mode for _, layer in model.adapter_layers()}
     if not modes & {"column", "row"}:
-        return lambda m, batch: m(**{k: v for k, v in batch.items() if k != "labels"})
+        return forward_batch
     if model.groups.pp_size == 1:
         return lambda m, batch: m.model(batch["input_ids"], None, None)
     from parallel_adapters.mcore.schedule import pipeline_forward_backward
@@ -141,6 +189,13 @@ def default_forward_fn(model: AdapterModel) -> ForwardFn:
         pipeline_forward_backward(m.model, [{"input_ids": batch["input_ids"]}], _no_loss, forward_only=True)
 
     return pipeline_forward
+
+
+def forward_batch(model: torch.nn.Module, batch: Any) -> Any:
+    """PEFT's forward_fn_dict, model(**batch), and for other batches model(*batch) / model(batch)."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
 
 
 def _no_loss(batch: Mapping, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -155,19 +210,21 @@ class _EvaRun:
     """One EVA computation: hooks, per-layer statistics, the collective loop."""
 
     def __init__(self, model: AdapterModel, adapter_name: str, config: LoraConfig, eva: EvaConfig,
-                 prepare_layer_inputs_fn):
-        self.model, self.config, self.eva, self.groups = model, config, eva, model.groups
+                 groups: ParallelGroups, prepare_layer_inputs_fn):
+        self.model, self.config, self.eva, self.groups = model, config, eva, groups
         self.layers = {l.module_name: l for _, l in model.adapter_layers() if adapter_name in l.lora_A}
         self.r = {n: l.r[adapter_name] for n, l in self.layers.items()}
         self.alpha = {n: float(l.lora_alpha[adapter_name]) for n, l in self.layers.items()}
         self.step = 0
+        self.world_of_one = C.group_size(None) == 1  # PEFT's signed convergence test (see D.process_step)
         gaussians = T.Gaussians(config.seed)  # one cache: layers of one shape share their test matrix
-        tp_owners = _tp_owners(self.layers, model.groups.tp_size)
-        self.stats = {n: D.layer_stats(n, l, model.groups, gaussians, tp_owners.get(n)) for n, l in self.layers.items()}
+        tp_owners = _tp_owners(self.layers, groups.tp_size)
+        self.stats = {n: D.layer_stats(n, l, groups, gaussians, tp_owners.get(n)) for n, l in self.layers.items()}
         self._provisional_caps()
         g = self.groups
         self.queue = D.StepQueue(g)
-        self.capture = InputCapture(self.layers, self._sink, prepare_layer_inputs_fn, g.tp_rank, g.tp_size)
+        fns = layer_inputs_fns(prepare_layer_inputs_fn, list(self.layers), strict=groups.pp_size == 1)
+        self.capture = InputCapture(self.layers, self._sink, fns, g.tp_rank, g.tp_size)
         self.capture.elsewhere = {n for n, s in self.stats.items() if not (s.on_this_rank or s.seq_split)}
 
     def _provisional_caps(self) -> None:
@@ -214,7 +271,7 @@ class _EvaRun:
                 layout = self._setup(self.capture.end_probe())
                 rank_dist = dict(layout.caps)
             active = [self.stats[o] for o in self.stats if o in self.capture.enabled]
-            D.process_step(active, self.groups, self.eva.tau)
+            D.process_step(active, self.groups, self.eva.tau, signed=self.world_of_one)
             ratios, flags, has_state = D.decide(self.stats, layout.owners, layout.caps, self.groups,
                                                 self._device())
             if all(has_state.values()):

@@ -9,6 +9,8 @@ import torch
 
 from parallel_adapters.adapters.kinds.lora import replace_factors
 from parallel_adapters.adapters.model import AdapterModel
+from parallel_adapters.adapters.pretrained import PEFT_PREFIX
+from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig, lora_scaling
 from parallel_adapters.distributed import collectives as C
@@ -36,8 +38,25 @@ class EvaLayerState:
 EvaStateDict = dict[str, EvaLayerState]
 
 
+def peft_state_dict(state: EvaStateDict, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """PEFT's form of `state`: {"base_model.model.<name>": full components [rank, in_features]}
+    (float64, as PEFT's from its second step on).  Row layers' shards are all-gathered over TP (collective, in `state`'s order,
+    which is the same on every TP rank)."""
+    out = {}
+    for name, s in state.items():
+        comps = s.components
+        if s.rank == 0:
+            comps = comps.new_zeros(0, s.in_features)
+        elif not s.spec.replicated and groups.tp_size > 1:
+            comps = s.spec.unshard(C.all_gather_tensor(comps.contiguous(), groups.tp_group))
+        out[PEFT_PREFIX + name] = comps
+    return out
+
+
 def load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name: str) -> None:
-    """PEFT's _load_eva_state_dict for sharded layers; then the config's patterns (all stages)."""
+    """PEFT's _load_eva_state_dict for sharded layers; then the config's patterns (all stages).
+    Names may carry PEFT's "base_model.model." prefix."""
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
     config = model.peft_config[adapter_name]
     eva = config.eva_config or EvaConfig()
     result: dict[str, tuple[int, float]] = {}

@@ -58,7 +58,7 @@ def empty_sketch(
     )
 
 
-def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
+def flip_signs(vt: torch.Tensor) -> torch.Tensor:
     """Make the largest-|.| entry of each row positive (sklearn svd_flip, u_based_decision=False)."""
     if vt.shape[0] == 0:
         return vt
@@ -74,7 +74,7 @@ def _svd(
     """Singular values and sign-fixed right singular vectors (exact, or PEFT's randomized SVD)."""
     if not lowrank:
         _, s, vt = torch.linalg.svd(a, full_matrices=False)
-        return s, _flip_signs(vt)
+        return s, flip_signs(vt)
     oversampled = 2 * q if lowrank_q is None else lowrank_q
     if oversampled < q:
         raise ValueError(f"lowrank_q={oversampled} must be >= q={q}")
@@ -83,7 +83,7 @@ def _svd(
         if seed is not None:
             torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(a, q=oversampled, niter=niter)
-    return s, _flip_signs(v.mH)
+    return s, flip_signs(v.mH)
 
 
 def _truncate(s: torch.Tensor, vt: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,7 +121,7 @@ def block_eva_job(batches: list[dict], per_rank: bool, max_steps: int = 100, tau
     else every rank takes its DP slice of the global batches.  mask_rank: that rank's attention
     mask is all zeros.  Returns ranks, full components, warnings and collective counts."""
     from parallel_adapters import get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict
+    from parallel_adapters.eva.initialize import get_eva_layer_states
     from tests.harness import counting
 
     groups = _dp_groups()
@@ -139,7 +139,7 @@ def block_eva_job(batches: list[dict], per_rank: bool, max_steps: int = 100, tau
 
     with warnings.catch_warnings(record=True) as caught, counting.counted() as c:
         warnings.simplefilter("always")
-        state = get_eva_state_dict(model, mine, forward_fn=forward, show_progress_bar=False)
+        state = get_eva_layer_states(model, mine, forward_fn=forward, show_progress_bar=False)
         gathered.append(counting.snapshot()["all_gather_into_tensor"]["bytes"])
     return {"state": full_state(state, groups), "steps": len(gathered) - 1,
             "step_bytes": [b - a for a, b in zip(gathered, gathered[1:])],
@@ -147,15 +147,33 @@ def block_eva_job(batches: list[dict], per_rank: bool, max_steps: int = 100, tau
             "calls": dict(c.calls), "bytes": dict(c.bytes) if count else {}}
 
 
+def block_no_gather_job(per_rank: list[list[dict]]) -> dict:
+    """gather_distributed_inputs=False under DP = world size: each rank's EVA on its own batches
+    alone, and the same EVA in this process with ParallelGroups.single() (the reference)."""
+    from parallel_adapters import ParallelGroups, get_adapter_model
+    from parallel_adapters.eva.initialize import get_eva_layer_states
+    from tests.harness import counting
+
+    groups = _dp_groups()
+    mine = per_rank[groups.dp_rank]
+    model = get_adapter_model(Block(), lora_config(), groups=groups)
+    with counting.counted() as c:
+        state = get_eva_layer_states(model, mine, gather_distributed_inputs=False, show_progress_bar=False)
+    alone = get_adapter_model(Block(), lora_config(), groups=ParallelGroups.single())
+    reference = get_eva_layer_states(alone, mine, show_progress_bar=False)
+    return {"state": full_state(state, groups), "reference": full_state(reference, ParallelGroups.single()),
+            "calls": dict(c.calls)}
+
+
 def block_reference(batches: list[dict], max_steps: int = 100, tau: float = 0.99, with_steps: bool = False):
     """The same EVA in one process (ParallelGroups.single()) on the whole global batches."""
     from parallel_adapters import ParallelGroups, get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict
+    from parallel_adapters.eva.initialize import get_eva_layer_states
 
     model = get_adapter_model(Block(), lora_config(tau=tau, max_steps=max_steps), groups=ParallelGroups.single())
     steps = []
     forward = lambda m, b: (steps.append(1), m(**{k: v for k, v in b.items() if k != "labels"}))  # noqa: E731
-    state = full_state(get_eva_state_dict(model, batches, forward_fn=forward, show_progress_bar=False),
+    state = full_state(get_eva_layer_states(model, batches, forward_fn=forward, show_progress_bar=False),
                        ParallelGroups.single())
     return (state, len(steps)) if with_steps else state
 
@@ -193,7 +211,7 @@ def gpt_eva(tp: int, pp: int, sp: bool, batches: list[dict], targets=GPT_TARGETS
     """EVA on the GPT at TP x PP (DP = the rest), every DP rank on its slice of the global batches.
     single=True: the world-1 reference (TP=PP=1 model, ParallelGroups.single(), whole batches)."""
     from parallel_adapters import ParallelGroups, get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict
+    from parallel_adapters.eva.initialize import get_eva_layer_states
     from tests.harness import counting
 
     model, groups = _gpt(tp, pp, sp)
@@ -206,7 +224,7 @@ def gpt_eva(tp: int, pp: int, sp: bool, batches: list[dict], targets=GPT_TARGETS
     mine = dp_slice(batches, groups.dp_rank, groups.dp_size)
     with warnings.catch_warnings(record=True) as caught, counting.counted() as c:
         warnings.simplefilter("always")
-        state = get_eva_state_dict(adapted, mine, show_progress_bar=False)
+        state = get_eva_layer_states(adapted, mine, show_progress_bar=False)
     full = {}
     for stage in _gather_pp(full_state(state, groups), groups):
         full.update(stage)
@@ -230,7 +248,7 @@ def gpt_persist_job(directory: str, batches: list[dict]) -> dict:
     """TP=2: EVA -> save -> load -> initialize (B = 0, logits unchanged); then the same directory
     loaded into a TP=1 model (DP=2) must give the same full A (row components resharded)."""
     from parallel_adapters import get_adapter_model
-    from parallel_adapters.eva.initialize import get_eva_state_dict, initialize_eva_weights
+    from parallel_adapters.eva.initialize import get_eva_layer_states, initialize_eva_weights
     from parallel_adapters.eva.persist import load_eva_state, save_eva_state
     from parallel_adapters.mcore import compat
     from parallel_adapters.mcore.gpt import gpt_logits
@@ -240,7 +258,7 @@ def gpt_persist_job(directory: str, batches: list[dict]) -> dict:
     adapted = get_adapter_model(model, lora_config(GPT_TARGETS), groups=groups)
     with torch.no_grad():
         before = gpt_logits(adapted.model, ids)
-    state = get_eva_state_dict(adapted, batches, show_progress_bar=False)
+    state = get_eva_layer_states(adapted, batches, show_progress_bar=False)
     save_eva_state(directory, state, groups, adapted.peft_config["default"].to_dict())
     loaded = load_eva_state(directory, groups)
     same_loaded = all(torch.equal(loaded[n].components, s.components) and loaded[n].rank == s.rank

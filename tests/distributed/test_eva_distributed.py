@@ -32,6 +32,13 @@ def assert_same_state(state: dict, reference: dict, sim: float = SIM) -> None:
             assert s >= sim, (name, s)
 
 
+def block_reference(pool, batches, **kw):
+    """The world-1 run (ParallelGroups.single(), whole batches), computed on a pool rank: in a
+    multi-rank world EVA's convergence test is |cos|, as in the runs it is compared with (a process
+    that is the whole world uses PEFT's signed test instead)."""
+    return pool.run(J.block_reference, batches, **kw)[0]
+
+
 def check_gpt(results: list[dict]) -> None:
     reference = results[0]["reference"]
     for r in results:
@@ -83,7 +90,7 @@ def test_gpt_eva_state_saves_loads_reshards_and_initializes(pool2, tmp_path):
 # ------------------------------------------------------------------- plain nn.Linear block, DP=2
 
 def test_block_dp2_matches_world1_and_the_wire_is_sketches_only(pool2):
-    reference = J.block_reference(BLOCK_BATCHES)
+    reference = block_reference(pool2, BLOCK_BATCHES)
     results = pool2.run(J.block_eva_job, BLOCK_BATCHES, False)
     steps = results[0]["steps"]
     for r in results:
@@ -105,10 +112,10 @@ def test_block_ranks_that_would_converge_at_different_steps_agree(pool2):
     per_rank = [J.token_batches(12, 4, 32, seed=1, vocab=64), J.token_batches(12, 4, 32, seed=2)]
     union = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(*per_rank)]
     results = pool2.run(J.block_eva_job, per_rank, True)
-    steps_alone = [J.block_reference(b, with_steps=True)[1] for b in per_rank]
+    steps_alone = [block_reference(pool2, b, with_steps=True)[1] for b in per_rank]
     assert steps_alone[0] != steps_alone[1], steps_alone
     assert results[0]["steps"] == results[1]["steps"]
-    assert_same_state(results[0]["state"], J.block_reference(union))
+    assert_same_state(results[0]["state"], block_reference(pool2, union))
     torch.testing.assert_close(results[0]["state"], results[1]["state"], rtol=0, atol=0)
 
 
@@ -123,6 +130,19 @@ def test_block_layer_that_never_converges_stops_at_the_cap_with_a_warning(pool2)
 def test_block_fully_masked_rank(pool2):
     """Rank 1 contributes no token at all: the result is the world-1 run on rank 0's data."""
     results = pool2.run(J.block_eva_job, BLOCK_BATCHES, False, mask_rank=1)
-    reference = J.block_reference(J.dp_slice(BLOCK_BATCHES, 0, 2))
+    reference = block_reference(pool2, J.dp_slice(BLOCK_BATCHES, 0, 2))
     for r in results:
         assert_same_state(r["state"], reference)
+
+
+def test_block_without_gathering_each_rank_computes_alone(pool2):
+    """PEFT's gather_distributed_inputs=False: no DP exchange, each rank's result is its own data's."""
+    per_rank = [J.token_batches(12, 4, 32, seed=1, vocab=64), J.token_batches(12, 4, 32, seed=2)]
+    results = pool2.run(J.block_no_gather_job, per_rank)
+    for r in results:
+        assert r["calls"] == {}
+        for name, (k, alpha, comps) in r["state"].items():
+            ref = r["reference"][name]
+            assert (k, alpha) == ref[:2], name
+            torch.testing.assert_close(comps, ref[2], rtol=0, atol=0)
+    assert any(not torch.equal(results[0]["state"][n][2], results[1]["state"][n][2]) for n in results[0]["state"])

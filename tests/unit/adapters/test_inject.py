@@ -183,12 +183,12 @@ def test_config_is_not_mutated():
     assert config.to_dict() == snapshot
 
 
-def test_megatron_model_without_parallel_state_is_refused():
+def test_plain_model_without_parallel_state_runs_as_one_process():
+    """As under PEFT; a Megatron model is refused instead (tests/unit/adapters/test_world_one.py)."""
     from parallel_adapters.mcore.compat import destroy_model_parallel
 
     destroy_model_parallel()
-    with pytest.raises(ValueError, match="parallel state is not initialised"):
-        get_adapter_model(_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert get_adapter_model(_model(), LoraConfig(r=2, target_modules=["q_proj"])).groups == SINGLE
 
 
 def test_module_size_that_tp_does_not_divide_is_named():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from parallel_adapters import ParallelGroups, get_adapter_model
-from parallel_adapters.eva.initialize import get_eva_state_dict
+from parallel_adapters.eva.initialize import get_eva_layer_states
 from tests.distributed.eva_jobs import gap_table, lora_config, token_batches
 
 
@@ -33,7 +33,7 @@ def test_rows_that_view_the_input_are_copied_before_the_forward_goes_on():
     for how, fn in (("view", lambda args, mask, name: args[0].reshape(-1, 32)),
                     ("copy", lambda args, mask, name: args[0].reshape(-1, 32).clone())):
         model = get_adapter_model(EditsInPlace(), lora_config(("first", "second"), r=2), groups=ParallelGroups.single())
-        states[how] = get_eva_state_dict(model, batches, prepare_layer_inputs_fn=fn, show_progress_bar=False)
+        states[how] = get_eva_layer_states(model, batches, prepare_layer_inputs_fn=fn, show_progress_bar=False)
     view, copy = states["view"]["first"], states["copy"]["first"]
     assert view.rank > 0 and float(view.singular_values[0]) > 1.0
     torch.testing.assert_close(view.components, copy.components, atol=0, rtol=0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from parallel_adapters import ParallelGroups, get_adapter_model
-from parallel_adapters.eva.initialize import get_eva_state_dict, initialize_eva_weights
+from parallel_adapters.eva.initialize import get_eva_layer_states, get_eva_state_dict, initialize_eva_weights
 from parallel_adapters.eva.statistics import subspace_similarity
 from tests.distributed.eva_jobs import TARGETS, Block, gap_table, lora_config, token_batches
 
@@ -31,7 +31,7 @@ def _counting_forward(counter: list):
 def run_ours(base, config, batches=BATCHES):
     model = get_adapter_model(copy.deepcopy(base), config, groups=ParallelGroups.single())
     steps: list = []
-    state = get_eva_state_dict(model, batches, forward_fn=_counting_forward(steps), show_progress_bar=False)
+    state = get_eva_layer_states(model, batches, forward_fn=_counting_forward(steps), show_progress_bar=False)
     return model, state, len(steps)
 
 
@@ -91,7 +91,7 @@ def test_default_forward_stops_once_every_layer_is_captured(base):
     down = dict((l.module_name, l) for _, l in model.adapter_layers())["down_proj"]
     ran = []
     down.register_forward_hook(lambda *args: ran.append(1))
-    state = get_eva_state_dict(model, BATCHES, show_progress_bar=False)
+    state = get_eva_layer_states(model, BATCHES, show_progress_bar=False)
     assert whole_steps > 2 and len(ran) == 1  # the probe's forward only
     for name, s in state.items():
         assert s.rank == whole[name].rank and torch.equal(s.components, whole[name].components), name
@@ -212,7 +212,7 @@ def test_step_cap_warns_naming_the_layer():
     model = get_adapter_model(Block(extra_noise_layer=True), lora_config(TARGETS + ("noise_proj",), max_steps=5),
                               groups=ParallelGroups.single())
     with pytest.warns(UserWarning, match=r"max_steps=5.*noise_proj"):
-        state = get_eva_state_dict(model, BATCHES, show_progress_bar=False)
+        state = get_eva_layer_states(model, BATCHES, show_progress_bar=False)
     assert not state["noise_proj"].converged and state["noise_proj"].rank > 0
     assert state["q_proj"].converged
 

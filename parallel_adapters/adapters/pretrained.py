@@ -1,0 +1,112 @@
+"""PEFT's `save_pretrained` / `from_pretrained` for an AdapterModel in one process (TP = PP = 1).
+
+The directory is the one PEFT writes and reads: `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` (the adapter name left out, as PEFT saves it) and
+`adapter_config.json` (PEFT's LoraConfig fields, `peft_type` "LORA"); adapters other than
+"default" go to a sub-directory of their name.  Only the factors travel (no trained biases or
+modules_to_save).  Sharded (TP/PP) models use the sharded checkpoints (`save_checkpoint`) and
+`export_peft` instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from parallel_adapters.config import EvaConfig, LoraConfig
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_OUR_ONLY = {"seed"}  # LoraConfig fields that PEFT's LoraConfig does not have
+_PEFT_EVA = {"rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors"}
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False}
+"""PEFT fields whose other values change the adapter's math: loading refuses them."""
+
+
+def adapter_directory(directory: str | Path, adapter_name: str) -> Path:
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def peft_config_dict(config: LoraConfig) -> dict[str, Any]:
+    """adapter_config.json: our LoraConfig in PEFT's fields (PEFT's LoraConfig loads it)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _OUR_ONLY}
+    if data.get("eva_config") is not None:
+        data["eva_config"] = {k: v for k, v in data["eva_config"].items() if k in _PEFT_EVA}
+    data.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
+    return data
+
+
+def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
+    """A LoraConfig from PEFT's adapter_config.json fields (PEFT's other bookkeeping fields are
+    ignored; fields that would change the adapter's math are refused, naming them)."""
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
+    bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
+    if bad:
+        raise ValueError(f"{source}: unsupported LoRA settings {bad}")
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    kept = {k: v for k, v in data.items() if k in known}
+    if isinstance(kept.get("eva_config"), dict):
+        eva_known = {f.name for f in dataclasses.fields(EvaConfig)}
+        kept["eva_config"] = EvaConfig(**{k: v for k, v in kept["eva_config"].items() if k in eva_known})
+    return LoraConfig.from_dict(kept)
+
+
+def save_pretrained(model: Any, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+    """Write each selected adapter (default: all) in PEFT's format; one process only."""
+    _require_one_process(model, "save_pretrained")
+    for name in selected_adapters or list(model.peft_config):
+        model._require(name)
+        out = adapter_directory(directory, name)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(_peft_tensors(model, name), str(out / WEIGHTS_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps(peft_config_dict(model.peft_config[name]), indent=2) + "\n")
+
+
+def read_config(directory: str | Path, adapter_name: str) -> LoraConfig:
+    path = adapter_directory(directory, adapter_name) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter_config.json (written by save_pretrained)")
+    return config_from_peft_dict(json.loads(path.read_text()), str(path))
+
+
+@torch.no_grad()
+def load_adapter_weights(model: Any, directory: str | Path, adapter_name: str) -> None:
+    """Copy the saved tensors of `adapter_name` into `model`; every expected key must be there."""
+    path = adapter_directory(directory, adapter_name) / WEIGHTS_FILE
+    saved = load_file(str(path))
+    targets = _peft_tensors(model, adapter_name, live=True)
+    missing = sorted(set(targets) - set(saved))
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for key, param in targets.items():
+        if tuple(saved[key].shape) != tuple(param.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(saved[key].shape)}, the model needs {tuple(param.shape)}")
+        param.copy_(saved[key])
+
+
+def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT's keys -> this adapter's tensors (the parameters themselves when `live`, else
+    contiguous detached copies for the file)."""
+    config = model.peft_config[adapter_name]
+    if config.bias != "none" or config.modules_to_save:
+        raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained carry the adapter factors "
+                         "only, not trained biases or modules_to_save; use save_checkpoint / load_checkpoint")
+    out: dict[str, torch.Tensor] = {}
+    for _, layer in model.adapter_layers():
+        if layer.has_adapter(adapter_name):
+            for tensor_name, param in layer.adapter_tensors(adapter_name).items():
+                out[f"{PEFT_PREFIX}{layer.module_name}.{tensor_name}.weight"] = param
+    return out if live else {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _require_one_process(model: Any, what: str) -> None:
+    g = model.groups
+    if g.tp_size > 1 or g.pp_size > 1:
+        raise ValueError(f"{what} writes whole tensors from one process (TP={g.tp_size}, PP={g.pp_size}); "
+                         "use save_checkpoint, then export_peft, for a sharded model")
