@@ -100,8 +100,9 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     out: dict[str, torch.Tensor] = {}
     for _, layer in model.adapter_layers():
         if layer.has_adapter(adapter_name):
+            kind = layer.kinds[adapter_name]
             for tensor_name, param in layer.adapter_tensors(adapter_name).items():
-                out[f"{PEFT_PREFIX}{layer.module_name}.{tensor_name}.weight"] = param
+                out[f"{PEFT_PREFIX}{layer.module_name}.{kind.peft_key(tensor_name)}"] = param
     return out if live else {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 

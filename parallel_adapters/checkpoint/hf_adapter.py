@@ -24,11 +24,11 @@ import torch
 
 from parallel_adapters.adapters.kinds import AdapterKind, kind_for_stored_config
 from parallel_adapters.adapters.kinds.protocol import AdapterView
+from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.distributed.geometry import LinearGeometry
 from parallel_adapters.hf.config import LlamaShape
 from parallel_adapters.hf.mapping import HF_LINEAR_NAMES, expected_hf_shapes, hf_modules, row_segments, split_rows
 
-PEFT_PREFIX = "base_model.model."
 EMBEDDING_MODULE = "embedding.word_embeddings"
 _VOCAB_MODULES = {EMBEDDING_MODULE: "model.embed_tokens", "output_layer": "lm_head"}
 

@@ -36,7 +36,7 @@ from parallel_adapters.eva.hooks import (
     prepare_model_inputs_fn_language_modeling, token_mask,
 )
 from parallel_adapters.eva.progress import Progress
-from parallel_adapters.eva.state import EvaLayerState, EvaStateDict, load_into_model, peft_state_dict
+from parallel_adapters.eva.state import EvaLayerState, EvaStateDict, eva_layers, load_into_model, peft_state_dict
 from parallel_adapters.eva.statistics import whiten
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
@@ -212,7 +212,7 @@ class _EvaRun:
     def __init__(self, model: AdapterModel, adapter_name: str, config: LoraConfig, eva: EvaConfig,
                  groups: ParallelGroups, prepare_layer_inputs_fn):
         self.model, self.config, self.eva, self.groups = model, config, eva, groups
-        self.layers = {l.module_name: l for _, l in model.adapter_layers() if adapter_name in l.lora_A}
+        self.layers = {l.module_name: l for _, l in eva_layers(model, adapter_name)}
         self.r = {n: l.r[adapter_name] for n, l in self.layers.items()}
         self.alpha = {n: float(l.lora_alpha[adapter_name]) for n, l in self.layers.items()}
         self.step = 0

@@ -10,6 +10,7 @@ import torch
 from parallel_adapters.adapters.kinds.lora import replace_factors
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.adapters.pretrained import PEFT_PREFIX
+from parallel_adapters.distributed.geometry import LINEAR_MODES
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.config import EvaConfig, lora_scaling
@@ -53,6 +54,14 @@ def peft_state_dict(state: EvaStateDict, groups: ParallelGroups) -> dict[str, to
     return out
 
 
+def eva_layers(model: AdapterModel, adapter_name: str) -> list[tuple[str, Any]]:
+    """The hosts EVA initialises: LoRA on linear layers.  Others keep their default init, as PEFT
+    leaves embeddings and convolutions (its UNSUPPORTED_LORA_MODULES)."""
+    return [(n, layer) for n, layer in model.adapter_layers()
+            if layer.has_adapter(adapter_name) and layer.geometry.parallel_mode in LINEAR_MODES
+            and "lora_A" in layer.adapter_tensors(adapter_name)]
+
+
 def load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name: str) -> None:
     """PEFT's _load_eva_state_dict for sharded layers; then the config's patterns (all stages).
     Names may carry PEFT's "base_model.model." prefix."""
@@ -61,9 +70,7 @@ def load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name:
     eva = config.eva_config or EvaConfig()
     result: dict[str, tuple[int, float]] = {}
     missing = []
-    for _, layer in model.adapter_layers():
-        if adapter_name not in layer.lora_A:
-            continue
+    for _, layer in eva_layers(model, adapter_name):
         name, r0, alpha0 = layer.module_name, layer.r[adapter_name], float(layer.lora_alpha[adapter_name])
         entry = state.get(name)
         if entry is None:

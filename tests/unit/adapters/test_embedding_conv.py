@@ -137,3 +137,31 @@ def test_refused_layers_are_named():
     model.conv = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(ValueError, match="conv.*groups=2"):
         get_adapter_model(model, LoraConfig(r=2, target_modules=["conv"]), groups=SINGLE)
+
+
+class _EmbedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, input_ids):
+        return self.proj(self.emb(input_ids))
+
+
+def test_eva_initialises_linear_layers_and_leaves_tables_as_peft_does():
+    """PEFT's EVA skips embeddings (UNSUPPORTED_LORA_MODULES): their adapter keeps its default init."""
+    from parallel_adapters import initialize_eva_weights
+
+    torch.manual_seed(0)
+    model = get_adapter_model(_EmbedMLP(), LoraConfig(r=2, target_modules=["emb", "proj"], init_lora_weights="eva"),
+                              groups=SINGLE)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batches = [{"input_ids": torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(i))}
+               for i in range(6)]
+    initialize_eva_weights(model, batches, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None,
+                           show_progress_bar=False)
+    after = dict(model.named_parameters())
+    assert not torch.equal(after["model.proj.lora_A.default.weight"], before["model.proj.lora_A.default.weight"])
+    for name in ("model.emb.lora_embedding_A.default.weight", "model.emb.lora_embedding_B.default.weight"):
+        assert torch.equal(after[name], before[name]), name
