@@ -260,7 +260,7 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
     parent = settings.checkpoint_dir
     name = CHECKPOINT_NAME.format(step=step)
     extra = dict(settings.extra_state, step=step, data_position=vars(sampler.position),
-                 lora_dropout_calls=dropout_counters(model), **{CHECKED_KEY: True})
+                 adapter_dropout_calls=dropout_counters(model), **{CHECKED_KEY: True})
     optimizer = engine.checkpoint_optimizer()
     if optimizer is not None:
         with engine.gathered_params():

@@ -44,7 +44,7 @@ def engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from:
         if rng is not None:
             restore_all_rng(model, rng)
     _check_same_data(extra, layout, config, resume_from)
-    restore_dropout_counters(model, extra.get("lora_dropout_calls"))
+    restore_dropout_counters(model, extra.get("adapter_dropout_calls", extra.get("lora_dropout_calls")))  # older saves
     return engine, extra
 
 

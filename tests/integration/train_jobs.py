@@ -45,7 +45,10 @@ def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: 
     from parallel_adapters.train.run_config import load_run_config
     from parallel_adapters.train.runner import run_training
 
-    config = load_run_config(None, BASE + list(overrides))
+    base = BASE
+    if any(o.startswith("model.hf_checkpoint=") for o in overrides):  # its config.json sets the architecture
+        base = [b for b in BASE if not b.startswith(("model.num_", "model.hidden_", "model.ffn_", "model.max_"))]
+    config = load_run_config(None, base + list(overrides))
     with _no_torch_files(forbid_torch_files):
         result = run_training(config, resume=resume, show_progress=False, return_adapter_shards=True,
                               tp_sum=tp_sum, stop_at=stop_at)
