@@ -29,9 +29,8 @@ What it patches (each a small named function below, applied once):
    made the identity for its duration only (with tied embeddings and PP > 1 it moves the last
    stage's copy of the table with `weight.data.cuda()` before all-reducing it).
 8. `transformer.moe.moe_utils.te_general_gemm` -> None when Transformer Engine is absent: the
-   router's gating linear tests `te_general_gemm is not None` (unless the router runs in fp64),
-   yet without TE the name is never bound, so every MoE forward raised NameError.  None selects
-   its own torch.mm path.
+   router's gating linear tests `te_general_gemm is not None` first, yet without TE the name is
+   never bound, so every MoE forward raised NameError.  None selects its torch.mm path.
 """
 from __future__ import annotations
 

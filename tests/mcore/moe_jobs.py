@@ -182,14 +182,28 @@ def collectives_job(ep: int, input_ids: torch.Tensor, labels: torch.Tensor, step
     return counts
 
 
-def layout_errors_job() -> dict[str, str]:
-    """build_gpt's ValueError message for MoE layouts it refuses ('' if it built)."""
+def layout_errors_job() -> dict:
+    """build_gpt's ValueError message for MoE layouts it refuses ('' if it built), and what a
+    default MoE build has."""
     cases = {
         "experts_per_rank": ((1, 2, 1), {"num_moe_experts": 3}),
         "tp_without_sp": ((2, 1, 2), {}),
         "alltoall_on_cpu": ((1, 2, 1), {"moe_token_dispatcher_type": "alltoall"}),
     }
-    return {name: _build_error(*layout, **kw) for name, (layout, kw) in cases.items()}
+    out = {name: _build_error(*layout, **kw) for name, (layout, kw) in cases.items()}
+    return {**out, **_defaults()}
+
+
+def _defaults() -> dict:
+    """What a default MoE build on the CPU has: no TE gemm, aux loss off, allgather dispatcher."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    _setup(1, 2, 1, 1, 1234)
+    mlp = build_gpt(_settings(False)).decoder.layers[0].mlp
+    return {"te_general_gemm": moe_utils.te_general_gemm, "aux_loss": mlp.router.is_aux_loss_enabled(),
+            "dispatcher": type(mlp.token_dispatcher).__name__, "experts": type(mlp.experts).__name__}
 
 
 def _build_error(tp: int, ep: int, etp: int, **kw) -> str:

@@ -46,11 +46,14 @@ def test_moe_settings_are_checked():
     GPTSettings(moe_router_topk=9)  # dense: the MoE fields are ignored
 
 
-def test_layout_errors(pool2):
+def test_layout_errors_and_cpu_defaults(pool2):
     for messages in pool2.run(jobs.layout_errors_job):
         assert "expert_parallel=2" in messages["experts_per_rank"]
         assert "sequence_parallel" in messages["tp_without_sp"]
         assert "allgather" in messages["alltoall_on_cpu"]
+        assert messages["te_general_gemm"] is None  # the CPU shim (mcore/cpu.py)
+        assert messages["aux_loss"] is False
+        assert (messages["dispatcher"], messages["experts"]) == ("MoEAllGatherTokenDispatcher", "SequentialMLP")
 
 
 # ---------------------------------------------------------------------------------- parity
