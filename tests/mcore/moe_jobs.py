@@ -99,29 +99,21 @@ def _store_routing(maps: dict, layer: int, module, args, output) -> None:
     maps[layer] = output[1].detach().clone()  # TopKRouter returns (probs, routing_map)
 
 
-def _lm_step(loss_scale: float, vocab: int, data_iterator, model):
-    ids, labels = next(data_iterator)
-    return model(ids, None, None, runtime_gather_output=True), partial(_mean_loss, loss_scale, vocab, labels)
-
-
-def _mean_loss(loss_scale: float, vocab: int, labels: torch.Tensor, logits: torch.Tensor):
+def _mean_loss(loss_scale: float, vocab: int, batch: dict, logits: torch.Tensor):
     # in the logits' dtype: megatron's labels= loss would cast float64 logits to float32
-    loss = F.cross_entropy(logits[..., :vocab].flatten(0, 1), labels.flatten())
+    loss = F.cross_entropy(logits[..., :vocab].flatten(0, 1), batch["labels"].flatten())
     return loss * loss_scale, {"loss": loss.detach().clone()}  # megatron divides the first in place
 
 
 def _train_step(model, groups, input_ids, labels, num_microbatches: int) -> torch.Tensor | None:
-    """Forward+backward of this DP rank's rows through megatron's schedule; the global mean loss
-    on the last stage (None elsewhere)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """Forward+backward of this DP rank's rows through the project's pipeline schedule; the
+    global mean loss on the last stage (None elsewhere)."""
+    from parallel_adapters.mcore.schedule import pipeline_forward_backward
 
     ids, lab = _dp_slice(input_ids, groups), _dp_slice(labels, groups)
-    micro = list(zip(ids.chunk(num_microbatches), lab.chunk(num_microbatches)))
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(_lm_step, 1.0 / groups.dp_size, model.unpadded_vocab_size),
-        data_iterator=iter(micro), model=[model], num_microbatches=num_microbatches,
-        seq_length=ids.shape[1], micro_batch_size=ids.shape[0] // num_microbatches, forward_only=False,
-    )
+    micro = [{"input_ids": i, "labels": t} for i, t in zip(ids.chunk(num_microbatches), lab.chunk(num_microbatches))]
+    loss_fn = partial(_mean_loss, 1.0 / groups.dp_size, model.unpadded_vocab_size)
+    reports = pipeline_forward_backward(model, micro, loss_fn)
     if not groups.is_last_stage:
         return None
     loss = torch.stack([r["loss"] for r in reports]).mean()
