@@ -33,6 +33,19 @@ class ParallelGroups:
     pp_rank: int = 0
     dp_size: int = 1
     dp_rank: int = 0
+    ep_group: Any = GROUP_OF_ONE
+    """Expert-parallel group: the ranks that hold different experts of one MoE layer."""
+    etp_group: Any = GROUP_OF_ONE
+    """Expert-tensor-parallel group: the ranks that split one expert's weights."""
+    expert_dp_group: Any = GROUP_OF_ONE
+    """Expert-data-parallel group: the ranks that hold the same expert shard (its gradients
+    reduce over this group, not over dp_group)."""
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    expert_dp_size: int = 1
+    expert_dp_rank: int = 0
 
     @classmethod
     def single(cls) -> "ParallelGroups":

@@ -42,13 +42,18 @@ def is_parallel_state_initialized() -> bool:
     return parallel_state.model_parallel_is_initialized()
 
 
-def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> ParallelGroups:
-    """(Re)create Megatron's TP/PP/DP groups on an initialised torch.distributed world."""
+def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+                              expert_tensor_parallel: int | None = None) -> ParallelGroups:
+    """(Re)create Megatron's TP/PP/DP groups, and the expert EP/ETP/expert-DP groups of MoE
+    layers, on an initialised torch.distributed world.  `expert_tensor_parallel=None` means the
+    TP size (Megatron's default)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
     )
     return megatron_parallel_groups()
 
@@ -78,6 +83,15 @@ def megatron_parallel_groups() -> ParallelGroups:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        expert_dp_size=ps.get_expert_data_parallel_world_size(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 

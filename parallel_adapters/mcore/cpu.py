@@ -28,6 +28,9 @@ What it patches (each a small named function below, applied once):
 7. `LanguageModule.setup_embeddings_and_output_layer` -> the same method with `Tensor.cuda`
    made the identity for its duration only (with tied embeddings and PP > 1 it moves the last
    stage's copy of the table with `weight.data.cuda()` before all-reducing it).
+8. `transformer.moe.moe_utils.te_general_gemm` -> None when Transformer Engine is absent: the
+   router's gating linear tests `te_general_gemm is not None` first, yet without TE the name is
+   never bound, so every MoE forward raised NameError.  None selects its torch.mm path.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from megatron.core.parallel_state import (
 from megatron.core.pipeline_parallel import p2p_communication, schedules
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer import utils as transformer_utils
+from megatron.core.transformer.moe import moe_utils
 
 _ENABLED = False
 _CPU = torch.device("cpu")
@@ -77,6 +81,7 @@ def enable_cpu_mode() -> None:
     _patch_causal_masks()
     _patch_pipeline_factories()
     _patch_shared_embedding_setup()
+    _patch_moe_router_gemm()
     _ENABLED = True
 
 
@@ -280,3 +285,9 @@ def _patch_shared_embedding_setup() -> None:
             original(self)
 
     LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
+def _patch_moe_router_gemm() -> None:
+    # RouterGatingLinearFunction reads te_general_gemm, bound only by its TE import.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -1,4 +1,5 @@
-"""A Llama-style megatron GPTModel (RMSNorm, SwiGLU, GQA, RoPE, no bias) with TP/PP-invariant init.
+"""A Llama-style megatron GPTModel (RMSNorm, SwiGLU, GQA, RoPE, no bias, optionally MoE) with
+TP/PP/EP-invariant init.
 
 Weights are a function of (settings.seed, global parameter name) only: every parameter's FULL
 tensor is drawn from its own generator and each rank keeps its slice, following megatron's
@@ -7,6 +8,10 @@ So the model built at TP=1, PP=1 and at any TP x PP from the same settings holds
 weights, which makes "same logits as TP=1" a test of the parallel code and nothing else.
 (megatron's own CPU init draws from one shared stream, so a pipeline stage that skips the
 embedding, or a different vocab padding, shifts every later weight.)
+
+With `num_moe_experts` set, every MLP is megatron's MoE layer (mcore/moe.py): each expert's full
+tensors are drawn under its global name, so an expert is the same whichever EP rank holds it
+and however ETP splits it.
 
 Layout: the vocabulary is padded with zero rows to a multiple of `vocab_pad_multiple`
 (GPTModel does not pad; the vocab must split over TP); `gpt_logits` slices the padding off.
@@ -26,7 +31,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
-from parallel_adapters.mcore import compat, cpu
+from parallel_adapters.mcore import compat, cpu, moe
 from parallel_adapters.mcore.norms import SequenceParallelNorm
 from parallel_adapters.mcore.schedule import forward_only
 
@@ -67,6 +72,20 @@ class GPTSettings:
     recompute: str | None = None
     """Activation recompute: None, "full" (every layer's activations recomputed in backward) or
     "selective" (the attention scores only)."""
+    num_moe_experts: int | None = None
+    """Routed experts per layer; None builds dense MLPs.  Otherwise every MLP is megatron's MoE
+    layer, its experts split over the expert-parallel sizes of the parallel state (mcore/moe.py)."""
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    """One expert's intermediate size; None means ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Intermediate size of a shared expert that sees every token; None: no shared expert."""
+    moe_token_dispatcher_type: str = "allgather"
+    """Megatron's token dispatcher; only "allgather" runs on the CPU."""
+    moe_router_dtype: str | None = None
+    """Router logits/probabilities in "fp32", "fp64", or None: the activation dtype."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing loss coefficient; 0 switches the auxiliary loss off."""
 
     def __post_init__(self) -> None:
         if self.recompute not in (None, "full", "selective"):
@@ -80,6 +99,7 @@ class GPTSettings:
             raise ValueError("GPTSettings.hidden_size must divide by num_attention_heads when kv_channels is None")
         if self.vocab_pad_multiple < 1:
             raise ValueError(f"GPTSettings.vocab_pad_multiple must be >= 1, got {self.vocab_pad_multiple}")
+        moe.check_moe_settings(self)
 
     @property
     def head_dim(self) -> int:
@@ -138,12 +158,15 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe.moe_config_fields(settings),
     )
 
 
 def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
-    """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot (and MoE MLPs
+    with SequentialMLP experts when config.num_moe_experts is set)."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm")
     spec.submodules.input_layernorm = SequenceParallelNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     num_layers = get_num_layers_to_build(config)  # this pipeline stage's share
@@ -168,6 +191,7 @@ def build_gpt(
         )
     if not torch.cuda.is_available() and not cpu.cpu_mode_enabled():
         raise RuntimeError("build_gpt without CUDA: call parallel_adapters.mcore.cpu.enable_cpu_mode() first")
+    moe.check_moe_layout(settings)
     config = gpt_transformer_config(settings)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(
@@ -195,25 +219,28 @@ def build_gpt(
 # ----------------------------------------------------------------------------------------------
 
 def param_shard_spec(param: torch.Tensor) -> ShardSpec:
-    """How megatron split this parameter over TP (from its tensor_model_parallel attributes)."""
+    """How megatron split this parameter (from its tensor_model_parallel attributes): over TP, or
+    for a routed expert's weight over ETP (`moe.split_group` says which group)."""
     if not getattr(param, "tensor_model_parallel", False):
         return REPLICATED
     return ShardSpec(dim=int(param.partition_dim), chunks=int(getattr(param, "partition_stride", 1)))
 
 
 def global_parameter_names(model: GPTModel) -> dict[str, str]:
-    """Local name -> name in the PP=1 model (pipeline stages number their layers from 0)."""
-    layer_prefix = {}
+    """Local name -> name in the PP=1, EP=1 model (pipeline stages number their layers from 0;
+    expert-parallel ranks their experts: local expert i becomes its global index)."""
+    layers = {}
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         for i, layer in enumerate(decoder.layers):
-            layer_prefix[f"decoder.layers.{i}."] = f"decoder.layers.{layer.layer_number - 1}."
+            layers[f"decoder.layers.{i}."] = (f"decoder.layers.{layer.layer_number - 1}.", layer)
     names = {}
     for name, _ in model.named_parameters():
         out = name
         if name.startswith("decoder.layers."):
             local = ".".join(name.split(".")[:3]) + "."
-            out = layer_prefix[local] + name[len(local):]
+            prefix, layer = layers[local]
+            out = prefix + moe.global_expert_suffix(layer, name[len(local):])
         names[name] = out
     return names
 
@@ -245,17 +272,18 @@ def full_parameter_init(settings: GPTSettings, name: str, full_shape: tuple[int,
 
 @torch.no_grad()
 def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
-    """Overwrite every parameter with this rank's slice of `full_parameter_init`."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    """Overwrite every parameter with this rank's slice of `full_parameter_init` (experts: of
+    the expert's full tensor, split over ETP)."""
+    groups = compat.megatron_parallel_groups()
     names = global_parameter_names(model)
     for local_name, param in model.named_parameters():
         name = names[local_name]
         if settings.tie_embeddings and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"  # the last stage's copy of the shared table
         spec = param_shard_spec(param)
-        full = full_parameter_init(settings, name, spec.global_shape(param.shape, tp))
-        param.copy_(spec.shard(full, tp_rank, tp).to(param.dtype))
+        _, size, rank = moe.split_group(name, groups)
+        full = full_parameter_init(settings, name, spec.global_shape(param.shape, size))
+        param.copy_(spec.shard(full, rank, size).to(param.dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Megatron's mixture-of-experts MLP in our GPT (mcore/gpt.py): config fields, layout checks,
+global expert names and which group splits an expert's weights.
+
+A MoE layer (megatron's `MoELayer`, local spec, `moe_grouped_gemm=False`) holds:
+- `mlp.router.weight` [experts, hidden]: replicated over every group (under sequence
+  parallelism its gradient is partial over TP, marked `sequence_parallel` like the norms);
+- `mlp.experts.local_experts.{i}.linear_fc1/linear_fc2`: EP rank e holds experts
+  e*num_local .. (e+1)*num_local-1 (`MoELayer.local_expert_indices`), each split over the
+  expert-tensor-parallel (ETP) group exactly as a dense MLP is split over TP
+  (fc1 [gate_i; up_i] by rows, fc2 by columns); gradients reduce over expert-DP, not DP;
+- `mlp.shared_experts.*` (optional): a dense MLP split over TP, run on every token.
+
+Global names are the names in the model built at EP=1, PP=1: local expert i of a layer is
+renamed to its global index, so a weight's name (and so its seeded init and its checkpoint key)
+does not depend on which rank holds it.
+
+Token dispatch is megatron's "allgather" dispatcher: the routed tokens are all-gathered over the
+expert tensor-and-model-parallel group (ETP x EP) and the expert outputs reduce-scattered back;
+no capacity factor, so no token is ever dropped and routing is the same at every layout.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from megatron.core import parallel_state
+
+from parallel_adapters.distributed.groups import ParallelGroups
+
+if TYPE_CHECKING:
+    from parallel_adapters.mcore.gpt import GPTSettings
+
+DISPATCHERS = ("allgather", "alltoall", "flex")
+ROUTER_DTYPES = (None, "fp32", "fp64")
+_LOCAL_EXPERTS = "mlp.experts.local_experts."
+
+
+def check_moe_settings(settings: "GPTSettings") -> None:
+    """ValueError naming the field for an impossible MoE setting (no parallel state needed)."""
+    experts = settings.num_moe_experts
+    if experts is None:
+        return
+    if experts < 1:
+        raise ValueError(f"GPTSettings.num_moe_experts must be >= 1 or None, got {experts}")
+    if not 1 <= settings.moe_router_topk <= experts:
+        raise ValueError(
+            f"GPTSettings.moe_router_topk={settings.moe_router_topk} must be in 1..num_moe_experts={experts}")
+    if settings.moe_token_dispatcher_type not in DISPATCHERS:
+        raise ValueError(f"GPTSettings.moe_token_dispatcher_type must be one of {DISPATCHERS}, "
+                         f"got {settings.moe_token_dispatcher_type!r}")
+    if settings.moe_router_dtype not in ROUTER_DTYPES:
+        raise ValueError(f"GPTSettings.moe_router_dtype must be one of {ROUTER_DTYPES}, got {settings.moe_router_dtype!r}")
+    if settings.moe_aux_loss_coeff < 0:
+        raise ValueError(f"GPTSettings.moe_aux_loss_coeff must be >= 0, got {settings.moe_aux_loss_coeff}")
+
+
+def check_moe_layout(settings: "GPTSettings") -> None:
+    """ValueError for a MoE model the initialised parallel state cannot build or train here."""
+    if settings.num_moe_experts is None:
+        return
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if settings.num_moe_experts % ep:
+        raise ValueError(f"GPTSettings.num_moe_experts={settings.num_moe_experts} must divide by "
+                         f"expert_parallel={ep}")
+    if tp > 1 and not settings.sequence_parallel:
+        # megatron's MoELayer refuses to train at TP > 1 without it (moe_layer.py)
+        raise ValueError("GPTSettings.sequence_parallel must be True for a MoE model at tensor_parallel > 1")
+    if not torch.cuda.is_available() and settings.moe_token_dispatcher_type != "allgather":
+        raise ValueError(f"GPTSettings.moe_token_dispatcher_type={settings.moe_token_dispatcher_type!r} needs CUDA "
+                         "(megatron creates CUDA streams for it); use 'allgather' on the CPU")
+
+
+def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
+    """The TransformerConfig fields of the MoE layers ({} for a dense model), with the EP/ETP
+    sizes of the initialised parallel state and every fusion off (TE-only or torch.compile)."""
+    if settings.num_moe_experts is None:
+        return {}
+    return {
+        "num_moe_experts": settings.num_moe_experts,
+        "moe_router_topk": settings.moe_router_topk,
+        "moe_ffn_hidden_size": settings.moe_ffn_hidden_size or settings.ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": settings.moe_shared_expert_intermediate_size,
+        "moe_token_dispatcher_type": settings.moe_token_dispatcher_type,
+        "moe_router_dtype": settings.moe_router_dtype,
+        "moe_aux_loss_coeff": settings.moe_aux_loss_coeff,
+        "moe_expert_capacity_factor": None,  # drop no token: routing is layout-independent
+        "moe_grouped_gemm": False,  # SequentialMLP: one ColumnParallel/RowParallel pair per expert
+        "moe_permute_fusion": False,
+        "moe_router_fusion": False,
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
+    }
+
+
+def is_expert_parameter(name: str) -> bool:
+    """A routed expert's weight (split over ETP, reduced over expert-DP); shared experts are not."""
+    return _LOCAL_EXPERTS in name
+
+
+def global_expert_suffix(layer: torch.nn.Module, suffix: str) -> str:
+    """`suffix` (a parameter name inside a transformer layer) with a local expert index replaced
+    by the global one: EP rank e's local expert i is expert e * num_local + i."""
+    if not suffix.startswith(_LOCAL_EXPERTS):
+        return suffix
+    index, rest = suffix[len(_LOCAL_EXPERTS):].split(".", 1)
+    return f"{_LOCAL_EXPERTS}{layer.mlp.local_expert_indices[int(index)]}.{rest}"
+
+
+def split_group(name: str, groups: ParallelGroups) -> tuple[Any, int, int]:
+    """(group, size, rank) of the group that splits parameter `name` (global name) along its
+    partition_dim: expert tensor parallel for routed experts, tensor parallel otherwise."""
+    if is_expert_parameter(name):
+        return groups.etp_group, groups.etp_size, groups.etp_rank
+    return groups.tp_group, groups.tp_size, groups.tp_rank
