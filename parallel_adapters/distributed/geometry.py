@@ -46,3 +46,6 @@ class LinearGeometry:
     """nn.Embedding's padding row (no gradient flows into it)."""
     conv: ConvShape | None = None
     """nn.Conv2d's window."""
+    attention: tuple[int, int, int] | None = None
+    """(attention heads, query groups, head size) of the Megatron model the layer belongs to, where
+    known: how a fused linear_qkv's rows divide into q/k/v (adapter kinds that scale parts of them)."""
