@@ -17,7 +17,9 @@ other rows keep scale 1 and train nothing; TP splits whole query groups (and eac
 l_i is the targeted rows of W_i and no collective is needed.
 
 Merging is exact: W' = W * l (rows or columns), and with output scaling b' = b * l (PEFT's rule);
-unmerging restores the saved copies.
+unmerging restores the saved copies.  Export: a fused module's vector is split into the HF
+modules it covers (linear_qkv with k, v: k_proj and v_proj; q_proj gets no adapter, as in PEFT's
+default); an input-scaling vector on linear_fc1 goes to gate_proj and up_proj alike.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class IA3Kind(AdapterKind):
     peft_type = "IA3"
     hyperparameters = ("ia3_feedforward", "ia3_parts")
     slot_table = MappingProxyType({mode: frozenset({OUTPUT_SCALE, INPUT_SCALE}) for mode in LINEAR_MODES})
-    tensor_axes = MappingProxyType({IA3_L: (0, None)})  # output scaling; export is not wired yet
+    tensor_axes = MappingProxyType({IA3_L: (0, None)})  # output scaling; `axes` says per module
 
     def settings(self, config: IA3Config, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
         if geometry.parallel_mode not in LINEAR_MODES:
@@ -102,6 +104,57 @@ class IA3Kind(AdapterKind):
 
     def peft_key(self, tensor_name: str) -> str:
         return tensor_name
+
+    # -- offline: checkpoints and PEFT files ---------------------------------------------------
+
+    def axes(self, tensor_name: str, hparams: Mapping[str, Any]) -> tuple[int | None, int | None]:
+        return (None, 1) if hparams["ia3_feedforward"] else (0, None)  # [1, I] / [O, 1]
+
+    def hf_parts(self, hparams: Mapping[str, Any]) -> tuple[str, ...] | None:
+        parts = hparams["ia3_parts"]
+        return None if parts is None else tuple(f"{p}_proj" for p in parts)
+
+    def hf_module_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        return {**hparams, "ia3_parts": None}  # an HF module's vector covers all its rows
+
+    def stored_hparams(self, config: Mapping[str, Any], module: str,
+                       shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        feedforward = is_feedforward(module, _targets(config.get("feedforward_modules")))
+        leaf = module.rsplit(".", 1)[-1]
+        parts = None if feedforward else (config.get("fused_parts") or {}).get(leaf)
+        parts = None if parts is None or tuple(parts) == IA3_FUSED_PARTS[leaf] else tuple(parts)
+        _check_orientation(module, shapes, feedforward)
+        return {"ia3_feedforward": feedforward, "ia3_parts": parts}
+
+    def peft_hparams(self, peft_config: Mapping[str, Any], module: str,
+                     shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """PEFT's rule for feedforward_modules: a regex (full match) or any name the module's ends with."""
+        patterns = peft_config.get("feedforward_modules")
+        if isinstance(patterns, str):
+            feedforward = re.fullmatch(patterns, module) is not None
+        else:
+            feedforward = any(module.endswith(p) for p in patterns or ())
+        _check_orientation(module, shapes, feedforward)
+        return {"ia3_feedforward": feedforward, "ia3_parts": None}
+
+    def peft_config(self, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
+                    target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
+        """PEFT's IA3Config fields; feedforward_modules in target_modules' own terms (types or paths)."""
+        feedforward = []
+        for target in target_modules:
+            flags = {h["ia3_feedforward"] for m, h in modules.items() if m == target or m.endswith("." + target)}
+            if len(flags) > 1:
+                raise ValueError(f"IA3 export: the {target} modules are feedforward in some layers and not in others; "
+                                 "PEFT's feedforward_modules names types or paths as target_modules does")
+            if flags == {True}:
+                feedforward.append(target)
+        return {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
+            "target_modules": target_modules, "feedforward_modules": feedforward, "exclude_modules": None,
+            "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None, "inference_mode": True,
+            "revision": None,
+        }
 
     # -- merge ---------------------------------------------------------------------------------
 
@@ -159,6 +212,19 @@ def is_feedforward(module_name: str, patterns: Any) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, module_name) is not None
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def _targets(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_orientation(module: str, shapes: Mapping[str, tuple[int, ...]], feedforward: bool) -> None:
+    shape = shapes.get(IA3_L)
+    if shape is None or len(shapes) != 1:
+        raise ValueError(f"{module}: an IA3 adapter has exactly {IA3_L} (have {sorted(shapes)})")
+    if len(shape) != 2 or shape[1 if not feedforward else 0] != 1:
+        want = "[1, in] (input scaling, feedforward)" if feedforward else "[out, 1] (output scaling)"
+        raise ValueError(f"{module}: {IA3_L} has shape {shape}, expected {want}")
 
 
 def _check_fused(module_name: str, leaf: str, geometry: LinearGeometry) -> None:

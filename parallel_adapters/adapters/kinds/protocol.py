@@ -197,6 +197,20 @@ class AdapterKind:
 
     # -- offline: checkpoints and PEFT files (no geometry, no process group) -----------------
 
+    def axes(self, tensor_name: str, hparams: Mapping[str, Any]) -> tuple[int | None, int | None]:
+        """`tensor_axes[tensor_name]` for a module of these hyperparameters (IA3's vector runs along
+        the rows when it scales the output, along the columns when it scales the input)."""
+        return self.tensor_axes[tensor_name]
+
+    def hf_parts(self, hparams: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The HF modules (last names, "k_proj") of a fused Megatron module that this adapter covers,
+        its row-axis tensors holding only their rows; None: all of them."""
+        return None
+
+    def hf_module_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyperparameters of one HF module's share of a Megatron module's adapter (default: the same)."""
+        return dict(hparams)
+
     def stored_hparams(self, config: Mapping[str, Any], module: str,
                        shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         """One module's hyperparameters from a checkpoint's adapter config and its tensors' shapes
