@@ -133,6 +133,13 @@ def untargeted_rows_job():
         mask = fused_row_mask(host.geometry, host.ia3_parts["default"])
         out[name] = (torch.equal(y[..., ~mask], y0[..., ~mask]), torch.allclose(y[..., mask], 2 * y0[..., mask]),
                      int(mask.sum()), host.adapter_tensors("default")["ia3_l"].shape)
+    try:  # PEFT's format has no fused modules: the sharded checkpoint + export_peft route splits them
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_pretrained(tmp)
+        out["save_pretrained"] = "written"
+    except ValueError as exc:
+        out["save_pretrained"] = str(exc)
     return out
 
 
@@ -141,3 +148,4 @@ def test_untargeted_rows_keep_scale_one(pool2):
     assert out["qkv"][:2] == (True, True) and out["qkv"][2] == 2 * 2 * 16  # k, v: 2 groups x head size 16
     assert out["qkv"][3] == (64, 1)
     assert out["fc1"][:2] == (True, True) and out["fc1"][3] == (128, 1)  # the up half of 2 x 128 rows
+    assert "linear_qkv: adapter 'default' covers only parts of a fused module" in out["save_pretrained"]

@@ -149,3 +149,22 @@ def test_configs_round_trip_through_dicts():
     for config in (IA3Config(fused_parts={"linear_qkv": ["v", "k"]}), LoHaConfig(r=2, layers_to_transform=1)):
         assert type(config).from_dict(config.to_dict()) == config
     assert IA3Config(fused_parts={"linear_qkv": ["v", "k"]}).fused_parts == {"linear_qkv": ("k", "v")}
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha"])
+def test_save_pretrained_loads_in_peft_and_back(kind, tmp_path):
+    """Our save_pretrained directory loads in PEFT (same outputs) and in our from_pretrained."""
+    from parallel_adapters.adapters.model import AdapterModel
+
+    ours, _ = _pair(kind)
+    ours.eval()
+    x = torch.randn(2, IN_F)
+    expected = ours(x).detach()
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = Two()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    _close(theirs(x).detach(), expected, "PEFT from our directory")
+    again = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(again.peft_config["default"]) is type(ours.peft_config["default"])
+    _close(again(x).detach(), expected, "ours from our directory")
