@@ -7,6 +7,7 @@ transformer layer indices, so a pipeline stage filters on the layers it actually
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -146,6 +147,8 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
             host, geometry = module, module.geometry
         else:
             geometry = linear_geometry(module, groups)
+            if geometry.parallel_mode == "vocab":
+                geometry = dataclasses.replace(geometry, vocab_size=getattr(model, "unpadded_vocab_size", None))
             host = None
         check_divisible(target, geometry)
         settings = kind.settings(config, target.global_name, geometry)

@@ -46,3 +46,5 @@ class LinearGeometry:
     """nn.Embedding's padding row (no gradient flows into it)."""
     conv: ConvShape | None = None
     """nn.Conv2d's window."""
+    vocab_size: int | None = None
+    """A padded table's real vocabulary (Megatron's word embedding): rows past it are padding."""

@@ -138,10 +138,7 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
     def _reduce_with_payloads(self, partial: torch.Tensor, payloads: list[ReductionPayload | None]):
         """The ONE reduction carrying the kinds' payloads too; (y, per view: reduced payload or None)."""
         g = self.geometry
-        flat, layout = payload.pack(partial, [p and p.columns for p in payloads], [p and p.rows for p in payloads],
-                                    g.tp_size if g.sequence_parallel else None)
-        y, columns, rows = payload.unpack(self._reduce(flat), layout)
-        return y, [None if p is None else ReductionPayload(None, c, r) for p, c, r in zip(payloads, columns, rows)]
+        return payload.reduce_with_payloads(partial, payloads, self._reduce, g.tp_size if g.sequence_parallel else None)
 
 
 class ReplicatedHost(AdapterHost):

@@ -98,6 +98,8 @@ class LoRAKind(AdapterKind):
         r, init, mode = hparams["r"], config.init_lora_weights, geometry.parallel_mode
         if mode in EMBEDDING_MODES:
             a, b = ecm.init_lora_embedding(geometry.in_features, geometry.out_features, r, init, generator)
+            # A table's padding rows: no lookup reaches them, and DoRA's column norms must not count them.
+            a[:, geometry.vocab_size or geometry.in_features:] = 0
             return {EMBEDDING_A: a, EMBEDDING_B: b}
         if geometry.conv is not None:
             a, b = ecm.init_lora_conv(geometry.out_features, geometry.in_features, geometry.conv, r, init, generator)

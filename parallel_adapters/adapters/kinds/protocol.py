@@ -146,6 +146,10 @@ class AdapterKind:
         """Whether `get_adapter_model` should pick this kind for `config` (default: its type)."""
         return isinstance(config, self.config_class)
 
+    def axes(self, tensor_name: str, embedding: bool) -> tuple[int | None, int | None]:
+        """`tensor_axes[tensor_name]` on a linear layer or, `embedding`, on a lookup table."""
+        return self.tensor_axes[tensor_name]
+
     def accepts_stored(self, config: Mapping[str, Any]) -> bool:
         """Whether a PEFT adapter_config.json of this kind's `peft_type` is this kind's."""
         return True
