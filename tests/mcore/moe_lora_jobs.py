@@ -66,11 +66,12 @@ def _step(adapter, groups, input_ids, labels, num_microbatches: int) -> torch.Te
 
 
 def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labels: torch.Tensor,
-              sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5) -> dict:
+              sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5,
+              use_dora: bool = False) -> dict:
     """Losses over `steps` AdamW steps and the consolidated adapter after them (all sizes 1:
     the world-1 reference on every rank)."""
     world_one = (tp, ep, etp, pp) == (1, 1, 1, 1)
-    adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one)
+    adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora)
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -107,14 +108,18 @@ def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, lab
     return out
 
 
-def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1) -> dict:
-    """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint into a model whose
-    adapter was drawn from another seed: does every tensor this rank holds come back exactly?"""
+def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int | None = None) -> dict:
+    """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint (at EP=load_ep, by
+    default the same) into a model whose adapter was drawn from another seed: does every tensor
+    this rank holds come back exactly (compared with the saving seed's full adapter)?"""
     from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
 
     saved, groups = _adapted(tp, ep, etp, 1, tp > 1)
     path = save_checkpoint(saved, directory)
-    other, _ = _adapted(tp, ep, etp, 1, tp > 1, lora_seed=1)
+    load_ep = ep if load_ep is None else load_ep
+    if load_ep != ep:  # the same adapter drawn at the loading layout (init is layout-independent)
+        saved, _ = _adapted(tp, load_ep, etp, 1, tp > 1)
+    other, _ = _adapted(tp, load_ep, etp, 1, tp > 1, lora_seed=1)
     before = other.adapter_state_dict()
     want = saved.adapter_state_dict()
     differed = all(not torch.equal(before[n].local, want[n].local) for n in want if "lora_A" in n)

@@ -116,3 +116,39 @@ def test_expert_lora_adds_no_collective(request, pool_name, tp, ep):
             assert n <= b["step"].get(op, 0), f"{op}: adapted {n} > frozen base {b['step'].get(op, 0)}"
         assert o["finalize_dp0"] == ({"all_reduce": plain} if plain else {})
         assert o["finalize_dp1"] == {"all_reduce": averaged}
+
+
+@pytest.mark.parametrize("pool_name, tp, ep, etp", [("pool2", 1, 2, 1), ("pool4", 2, 2, 2)])
+def test_sharded_checkpoint_round_trips_expert_adapters(request, tmp_path, pool_name, tp, ep, etp):
+    """save_checkpoint / load_checkpoint at the same layout: every rank gets back exactly the
+    shards it saved, each EP rank its own experts (written by expert-DP rank 0 of each EP rank)."""
+    pool = request.getfixturevalue(pool_name)
+    ranks = pool.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), ep, etp, tp)
+    experts = set()
+    for r in ranks:
+        assert r["differed"] and all(r["equal"].values()), [n for n, ok in r["equal"].items() if not ok]
+        experts |= {n.split(".")[6] for n in r["names"] if ".local_experts." in n}
+    assert experts == {"0", "1", "2", "3"}
+
+
+def test_checkpoint_saved_at_ep2_loads_at_ep1(pool2, tmp_path):
+    """Names carry the global expert index, so EP 1 ranks find every expert's tensors in the
+    files EP 2 wrote (expert-TP = TP = 1 on both sides)."""
+    for r in pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 2, 1, 1, load_ep=1):
+        assert r["differed"] and all(r["equal"].values())
+        assert {n.split(".")[6] for n in r["names"] if ".local_experts." in n} == {"0", "1", "2", "3"}
+
+
+@pytest.mark.parametrize("pool_name, tp, ep", [("pool2", 1, 2), ("pool4", 2, 2)])
+def test_dora_on_experts_matches_world_one(request, pool_name, tp, ep):
+    """DoRA through the same hosts at expert-TP 1 (its row norms need no reduction there)."""
+    pool = request.getfixturevalue(pool_name)
+    ref = request.getfixturevalue("pool2").run(jobs.train_job, 1, 1, 1, 1, *_batch(), use_dora=True)[0]
+    assert any("lora_magnitude_vector" in n and "local_experts" in n for n in ref["adapter"])
+    ranks = pool.run(jobs.train_job, tp, ep, 1, 1, *_batch(), sequence_parallel=tp > 1, use_dora=True)
+    _assert_matches_reference(ranks, ref)
+
+
+def test_dora_on_expert_row_layers_is_refused_at_expert_tp2(pool2):
+    for message in pool2.run(jobs.dora_expert_etp_job):
+        assert "local_experts" in message and "linear_fc2" in message and "reduction_payload" in message
