@@ -48,3 +48,8 @@ class LinearGeometry:
     """nn.Conv2d's window."""
     vocab_size: int | None = None
     """A padded table's real vocabulary (Megatron's word embedding): rows past it are padding."""
+    expert: bool = False
+    """A routed MoE expert's layer (Megatron's `is_expert`): tp_group/size/rank are the EXPERT
+    tensor-parallel group's, and the layer issues no collective of its own (Megatron's
+    `explicit_expert_comm`: the token dispatcher all-gathers its input and reduce-scatters its
+    output over expert-TP x EP), so a host runs local math only and adds nothing either."""

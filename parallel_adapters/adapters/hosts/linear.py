@@ -15,6 +15,9 @@ implemented here; the others raise NotImplementedError when a kind asks for them
                 reduction_payload,             identity (SP: all-gather); the payload rides
                 output_scale                   inside it (hosts/payload.py)
     replicated  local_addend, output_scale     none
+    MoE expert  as column / row (no payload    none of its own: Megatron's token dispatcher
+    (column or  rows at expert-TP > 1)         all-gathers the input and reduce-scatters the
+    row)                                       output over expert-TP x EP (geometry.expert)
 
 Per adapter, in order: local_addend, then output_scale (PEFT applies an adapter's scale to the
 output accumulated so far); the bias is added after every output_scale.
@@ -68,7 +71,8 @@ class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
         if g.sequence_parallel:
             x, columns = self._gather_with_input_columns(x, views)
         else:
-            x = collectives.copy_to_group(x, g.tp_group)
+            if not g.expert:  # an expert's dx is summed by the dispatcher's reduce-scatter
+                x = collectives.copy_to_group(x, g.tp_group)
             columns = [_input_columns(view, x) for view in views]
         y = _local_output(x, weight, None if g.skip_bias_add else self.bias, views, columns)
         gather = g.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -129,8 +133,19 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
             return y, self.bias
         return (y + self.bias if self.bias is not None else y), None
 
+    def add_adapter(self, name, kind, settings, full_tensors, dp_rank: int = 0, pp_rank: int = 0) -> None:
+        g = self.geometry
+        if g.expert and g.tp_size > 1 and REDUCTION_PAYLOAD in kind.slots(g.parallel_mode):
+            raise NotImplementedError(
+                f"{self.module_name}: adapter kind {kind.name!r} needs rows summed over expert-tensor-parallel "
+                f"ranks ({REDUCTION_PAYLOAD}), but an expert layer's output is reduced by Megatron's token "
+                "dispatcher, where nothing can ride; use expert_tensor_parallel=1 or another kind")
+        super().add_adapter(name, kind, settings, full_tensors, dp_rank, pp_rank)
+
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         g = self.geometry
+        if g.expert:  # the dispatcher's reduce-scatter sums the partials (over expert-TP x EP)
+            return partial
         if g.sequence_parallel:
             return collectives.reduce_scatter_sequence(partial, g.tp_group)
         return collectives.reduce_from_group(partial, g.tp_group)
