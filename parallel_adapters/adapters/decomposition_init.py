@@ -16,7 +16,7 @@ same on each), so the collectives pair up.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
@@ -30,11 +30,11 @@ from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.sharding import ShardSpec
 
 
-def initialize_from_weights(hosts: Sequence[AdapterHost], config: LoraConfig, adapter_name: str,
+def initialize_from_weights(hosts: Sequence[AdapterHost], config: Any, adapter_name: str,
                             show_progress: bool = True) -> None:
     """Run the decomposition `config.init_lora_weights` names on every host holding `adapter_name`
     (nothing for other inits)."""
-    method = decomposition_init(config.init_lora_weights)
+    method = decomposition_init(getattr(config, "init_lora_weights", None))  # other kinds' configs: none
     if method is None:
         return
     hosts = [h for h in hosts if h.has_adapter(adapter_name)]

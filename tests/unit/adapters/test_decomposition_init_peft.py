@@ -158,3 +158,17 @@ def test_from_pretrained_keeps_the_residual_base(tmp_path):
         assert torch.equal(getattr(loaded.model, name).weight, getattr(ours.model, name).weight)
         assert torch.equal(getattr(loaded.model, name).lora_A["default"].weight,
                            getattr(ours.model, name).lora_A["default"].weight)
+
+
+def test_refresh_initial_tensors_follows_new_factors():
+    """The host step that gives DoRA its magnitude from the residual and the new factors."""
+    model = get_adapter_model(Stack(), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["up"], use_dora=True,
+                                                  init_lora_weights=False), groups=ParallelGroups.single())
+    host = model.model.up
+    tensors = {n: t.detach().clone() for n, t in host.adapter_tensors("default").items()}
+    tensors["lora_B"] = torch.randn_like(tensors["lora_B"])
+    host.replace_tensors("default", tensors, host.hparams("default"))
+    host.refresh_initial_tensors("default")
+    s, a, b = host.scaling["default"], tensors["lora_A"], tensors["lora_B"]
+    _assert_close(host.lora_magnitude_vector["default"].weight.detach(),
+                  torch.linalg.norm(host.weight.detach() + s * b @ a, dim=1), "magnitude")
