@@ -19,10 +19,11 @@ from parallel_adapters.adapters.inject import (
     unwrap_all,
     wrap_targets,
 )
+from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
 from parallel_adapters.adapters import pretrained
-from parallel_adapters.config import LoraConfig
+from parallel_adapters.config import LoraConfig, decomposition_init
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
@@ -72,7 +73,8 @@ class AdapterModel(nn.Module):
         kind = kind_for_config(config)
         targets = find_targets(self.model, config)
         check_patterns_match(config, kind, targets, local_only=self.groups.pp_size > 1)
-        wrap_targets(self.model, config, kind, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
+        hosts = wrap_targets(self.model, config, kind, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
+        initialize_from_weights(hosts, config, adapter_name)  # PiSSA / OLoRA only: W_i <- the residual
         self.peft_config[adapter_name] = config
         self._set_trainable()
 
@@ -210,6 +212,8 @@ class AdapterModel(nn.Module):
         """PEFT's PeftModel.from_pretrained: `model` with the adapter saved in `model_id` (by
         save_pretrained or by PEFT); frozen unless `is_trainable`."""
         config = config or pretrained.read_config(model_id, adapter_name)
+        if decomposition_init(config.init_lora_weights) is not None:  # the saved factors pair with a residual
+            config = config.replace(init_lora_weights=True)           # base the caller passes: keep W as given
         adapted = get_adapter_model(model, config, adapter_name, groups, autocast_adapter_dtype)
         pretrained.load_adapter_weights(adapted, model_id, adapter_name)
         if not is_trainable:

@@ -33,9 +33,9 @@ from parallel_adapters.adapters.kinds import register_kind
 from parallel_adapters.adapters.kinds.protocol import (
     INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
 )
-from parallel_adapters.config import LoraConfig, lora_scaling, pattern_value
+from parallel_adapters.config import LoraConfig, decomposition_init, lora_scaling, pattern_value
 from parallel_adapters.distributed.sharding import REPLICATED
-from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LinearGeometry
+from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LINEAR_MODES, LinearGeometry
 
 LORA_A, LORA_B = "lora_A", "lora_B"  # tensor names: `<module>.lora_A.<adapter>.weight`, as PEFT
 EMBEDDING_A, EMBEDDING_B = "lora_embedding_A", "lora_embedding_B"  # PEFT: `<module>.lora_embedding_A` (no .weight)
@@ -75,6 +75,11 @@ class LoRAKind(AdapterKind):
         if geometry.conv is not None and geometry.conv.groups != 1:
             raise ValueError(f"module {module_name}: LoRA on a Conv2d with groups={geometry.conv.groups} is not "
                              "supported (PEFT cannot merge it either); exclude it with exclude_modules")
+        if decomposition_init(config.init_lora_weights) is not None and (
+                geometry.parallel_mode not in LINEAR_MODES or geometry.conv is not None):
+            raise ValueError(f"module {module_name}: LoraConfig.init_lora_weights={config.init_lora_weights!r} "
+                             f"applies to linear layers only (as PEFT's), not to a {geometry.parallel_mode!r} "
+                             "layer; exclude it with exclude_modules")
         hparams = {"r": r, "lora_alpha": alpha, "scaling": lora_scaling(alpha, r, config.use_rslora)}
         lookup = geometry.parallel_mode in EMBEDDING_MODES
         return AdapterSettings(hparams, 0.0 if lookup else config.lora_dropout, config.seed)  # PEFT drops no ids
