@@ -75,7 +75,10 @@ class LoraConfig:
     """Rank-stabilised scaling: lora_alpha / sqrt(r)."""
     init_lora_weights: Union[bool, str] = True
     """True: A Kaiming-uniform, B zero.  "gaussian": A ~ N(0, 1/r), B zero.  False: both random.
-    "eva": data-driven A (see EvaConfig), B zero."""
+    "eva": data-driven A (see EvaConfig), B zero.  "pissa": A, B from the top-r singular triplets
+    of W, W replaced by the residual W - s B A; "pissa_niter_K": the same from a randomized SVD
+    with K subspace iterations; "olora": A, B from a QR of W, W replaced by W - s B A (PEFT's
+    PiSSA / OLoRA; computed on the TP shards without gathering W: adapters/decomposition_init.py)."""
     bias: str = "none"
     """"none", "all" (train every bias) or "lora_only" (train biases of adapted layers)."""
     modules_to_save: Union[list, None] = None
@@ -94,11 +97,15 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian", "eva"):
+        if self.init_lora_weights not in (True, False, "gaussian", "eva") and (
+                decomposition_init(self.init_lora_weights) is None):
             raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False, 'gaussian' or 'eva', "
-                f"got {self.init_lora_weights!r}"
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'eva', 'pissa', "
+                f"'pissa_niter_<K>' or 'olora', got {self.init_lora_weights!r}"
             )
+        if decomposition_init(self.init_lora_weights) is not None and self.eva_config is not None:
+            raise ValueError(f"LoraConfig.eva_config is set but init_lora_weights={self.init_lora_weights!r}: "
+                             "EVA and a weight decomposition both initialise the factors; drop eva_config")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.use_dora and self.init_lora_weights == "eva":
@@ -264,6 +271,20 @@ class LoHaConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "LoHaConfig":
         return cls(**_known_fields(cls, data))
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def decomposition_init(init_lora_weights: Any) -> tuple[str, int | None] | None:
+    """("pissa", None) for "pissa" (exact SVD), ("pissa", K) for "pissa_niter_K" (randomized SVD,
+    K subspace iterations), ("olora", None) for "olora"; None for any other value."""
+    if not isinstance(init_lora_weights, str):
+        return None
+    if init_lora_weights in ("pissa", "olora"):
+        return init_lora_weights, None
+    match = _PISSA_NITER.fullmatch(init_lora_weights)
+    return ("pissa", int(match.group(1))) if match else None
 
 
 def pattern_key_matches(key: str, module_name: str) -> bool:

@@ -111,7 +111,7 @@ def heldout_perplexities(config: RunConfig, checkpoint: Path, tokens: Path) -> t
     from parallel_adapters.mcore import compat, cpu, schedule
     from parallel_adapters.mcore.gpt import gpt_logits
     from parallel_adapters.train.evaluate import read_token_file
-    from parallel_adapters.train.runner import adapter_config, build_model
+    from parallel_adapters.train.runner import build_model, saved_adapter_config
     from parallel_adapters.train.validate import check_parallel_layout
 
     sequences = read_token_file(tokens)
@@ -121,7 +121,7 @@ def heldout_perplexities(config: RunConfig, checkpoint: Path, tokens: Path) -> t
     groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline)
     try:
         schedule.seed_model_parallel_rngs(config.seed)
-        model, _ = build_model(config, groups, adapter_config(config, checkpoint), False)
+        model, _ = build_model(config, groups, saved_adapter_config(checkpoint), False)
         load_checkpoint(model, checkpoint, restore_rng=False)
         model.eval()
         with torch.no_grad():

@@ -7,6 +7,7 @@ transformer layer indices, so a pipeline stage filters on the layers it actually
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -22,6 +23,7 @@ from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import LINEAR_MODES, LinearGeometry, linear_geometry, parallel_mode_of
+from parallel_adapters.mcore.moe import global_expert_modules
 
 _OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -37,7 +39,10 @@ class Target:
 
 
 def global_module_names(model: nn.Module) -> dict[str, str]:
-    """Local module path -> path with global layer indices (Megatron's 1-based `layer_number`)."""
+    """Local module path -> path with global layer indices (Megatron's 1-based `layer_number`) and
+    global expert indices (EP rank e's local expert i is expert e * num_local + i), i.e. the
+    path in the model built at PP = EP = 1."""
+    experts = global_expert_modules(model)
     offsets: dict[str, str] = {}
     for name, module in model.named_modules():
         number = getattr(module, "layer_number", None)
@@ -46,13 +51,18 @@ def global_module_names(model: nn.Module) -> dict[str, str]:
             offsets[name] = f"{match.group(1)}layers.{number - 1}"
     mapping = {}
     for name, _ in model.named_modules():
-        mapped = name
-        for local, global_ in offsets.items():
-            if name == local or name.startswith(local + "."):
-                mapped = global_ + name[len(local):]
-                break
-        mapping[name] = mapped
+        mapping[name] = _renamed(_renamed(name, experts), offsets)
     return mapping
+
+
+def _renamed(name: str, prefixes: dict[str, str]) -> str:
+    """`name` with its shortest leading path found in `prefixes` renamed (the outermost layer)."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        head = ".".join(parts[:i])
+        if head in prefixes:
+            return ".".join([prefixes[head], *parts[i:]])
+    return name
 
 
 def _matches(name: str, patterns, *, all_linear_ok: bool) -> bool:
@@ -146,6 +156,8 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
             host, geometry = module, module.geometry
         else:
             geometry = linear_geometry(module, groups)
+            if geometry.parallel_mode == "vocab":
+                geometry = dataclasses.replace(geometry, vocab_size=getattr(model, "unpadded_vocab_size", None))
             host = None
         check_divisible(target, geometry)
         settings = kind.settings(config, target.global_name, geometry)
@@ -155,9 +167,17 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
         host.tied_weight = _is_tied(model, geometry, target)
         generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
         full = kind.full_tensors(config, geometry, settings.hparams, generator)
-        host.add_adapter(adapter_name, kind, settings, full, groups.dp_rank, groups.pp_rank)
+        host.add_adapter(adapter_name, kind, settings, full, _data_rank(groups, geometry), groups.pp_rank)
         hosts.append(host)
     return hosts
+
+
+def _data_rank(groups: ParallelGroups, geometry: LinearGeometry) -> int:
+    """Which data this layer sees, for its dropout seeds: the DP rank, or for a routed expert
+    (whose tokens come from the whole expert-TP x EP group) its expert-DP and EP ranks."""
+    if geometry.expert:
+        return groups.expert_dp_rank * groups.ep_size + groups.ep_rank
+    return groups.dp_rank
 
 
 def _is_tied(model: nn.Module, geometry: LinearGeometry, target: Target) -> bool:

@@ -19,13 +19,15 @@ from parallel_adapters.adapters.inject import (
     unwrap_all,
     wrap_targets,
 )
+from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
 from parallel_adapters.adapters import pretrained
-from parallel_adapters.config import LoraConfig
+from parallel_adapters.config import LoraConfig, decomposition_init
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
+from parallel_adapters.mcore.moe import is_expert_parameter
 from parallel_adapters.mcore.compat import (
     is_parallel_state_initialized, is_vocab_parallel_embedding, megatron_parallel_groups, parallel_mode_of,
     recomputes_layers, set_tracker_states, tracker_states,
@@ -71,7 +73,8 @@ class AdapterModel(nn.Module):
         kind = kind_for_config(config)
         targets = find_targets(self.model, config)
         check_patterns_match(config, kind, targets, local_only=self.groups.pp_size > 1)
-        wrap_targets(self.model, config, kind, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
+        hosts = wrap_targets(self.model, config, kind, self.groups, adapter_name, targets, self.autocast_adapter_dtype)
+        initialize_from_weights(hosts, config, adapter_name)  # PiSSA / OLoRA only: W_i <- the residual
         self.peft_config[adapter_name] = config
         self._set_trainable()
 
@@ -149,21 +152,33 @@ class AdapterModel(nn.Module):
     # -- training ------------------------------------------------------------------------------
 
     def finalize_grads(self, data_parallel: bool = False) -> None:
-        """Sum over TP the gradients that are per-rank partials (replicated tensors): one all-reduce.
+        """Sum the per-rank partial gradients of replicated tensors over the group that splits
+        their layer: TP for dense layers, expert-TP for routed MoE experts.  One coalesced
+        all-reduce per distinct group of size > 1, so one for a dense model and at most two for a
+        MoE model (one when TP and expert-TP hold the same ranks).
 
-        With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper), also average every
-        trainable gradient over the data-parallel group: one more coalesced all-reduce.
+        With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper, each rank's loss the
+        mean over its own rows), also make every trainable gradient the global mean's: sum it over
+        its data-parallel group, routed experts' over expert-DP and the rest over DP (one more
+        coalesced all-reduce per distinct group of size > 1), then divide by the DP size for both
+        (as Megatron's DDP scales experts: an expert's local gradient already sums the tokens of
+        every rank in its expert-TP x EP group).
         """
-        collectives.all_reduce_coalesced_(self._grads(self._partial_grad_params()), self.groups.tp_group)
-        if data_parallel and self.groups.dp_size > 1:
-            grads = self._grads(p for p in self.parameters() if p.requires_grad)
-            collectives.all_reduce_coalesced_(grads, self.groups.dp_group)
-            for grad in grads:
-                grad.div_(self.groups.dp_size)
-
-    def _partial_grad_params(self):
-        for _, layer in adapted_layers(self.model):
-            yield from layer.partial_grad_parameters()
+        partial = [(layer.geometry.tp_group, self._grads(layer.partial_grad_parameters()))
+                   for _, layer in adapted_layers(self.model)]
+        for group, grads in _by_ranks(partial):
+            collectives.all_reduce_coalesced_(grads, group)
+        if not data_parallel:
+            return
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        expert = self._grads(p for n, p in trainable if is_expert_parameter(n))
+        dense = self._grads(p for n, p in trainable if not is_expert_parameter(n))
+        g = self.groups
+        for group, grads in _by_ranks([(g.dp_group, dense), (g.expert_dp_group, expert)]):
+            collectives.all_reduce_coalesced_(grads, group)
+        if g.dp_size > 1:
+            for grad in dense + expert:
+                grad.div_(g.dp_size)
 
     @staticmethod
     def _grads(params) -> list[torch.Tensor]:
@@ -197,6 +212,9 @@ class AdapterModel(nn.Module):
         """PEFT's PeftModel.from_pretrained: `model` with the adapter saved in `model_id` (by
         save_pretrained or by PEFT); frozen unless `is_trainable`."""
         config = config or pretrained.read_config(model_id, adapter_name)
+        # PiSSA/OLoRA factors pair with the residual base the caller passes: keep W as given
+        if decomposition_init(getattr(config, "init_lora_weights", None)) is not None:  # LoRA's field only
+            config = config.replace(init_lora_weights=True)
         adapted = get_adapter_model(model, config, adapter_name, groups, autocast_adapter_dtype)
         pretrained.load_adapter_weights(adapted, model_id, adapter_name)
         if not is_trainable:
@@ -263,6 +281,16 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"{type(config).__name__}.modules_to_save entry {suffix!r} matches no module")
             for module in matched:
                 yield from module.parameters()
+
+
+def _by_ranks(entries: list[tuple[object, list[torch.Tensor]]]) -> list[tuple[object, list[torch.Tensor]]]:
+    """(group, gradients) pairs merged by the ranks their group holds, dropping groups of one and
+    empty lists: one collective per distinct set of ranks."""
+    merged: dict[tuple[int, ...], tuple[object, list[torch.Tensor]]] = {}
+    for group, grads in entries:
+        if grads and collectives.group_size(group) > 1:
+            merged.setdefault(collectives.group_ranks(group), (group, []))[1].extend(grads)
+    return list(merged.values())
 
 
 def _require_input_grads(model: nn.Module):

@@ -53,7 +53,14 @@ def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
     optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
     return save_sharded(directory, tensors, model.groups, checkpoint_config(model, base=base),
                         optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True,
-                        rng_extra=model.tracker_rng_states(), base=base)
+                        rng_extra=model.tracker_rng_states(), base=base, expert_names=_expert_names(model))
+
+
+def _expert_names(model: AdapterModel) -> set[str]:
+    """The active adapter's tensors on routed MoE experts (held per EP rank)."""
+    name = model.active_adapter
+    return {n for _, layer in model.adapter_layers() if layer.geometry.expert and layer.has_adapter(name)
+            for n in layer.sharded_tensors(name)}
 
 
 def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,

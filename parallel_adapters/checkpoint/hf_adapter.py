@@ -84,7 +84,7 @@ class ModulePlan:
         """HF module -> its adapter, from this module's full tensors (by the kind's names)."""
         parts: dict[str, dict[str, torch.Tensor]] = {hf: {} for hf in self.hf_modules}
         for name, tensor in tensors.items():
-            row_axis = self.kind.axes(name, self.hparams)[0]
+            row_axis = self.kind.axes(name, self.module == EMBEDDING_MODULE, self.hparams)[0]
             if row_axis is None:
                 for hf in self.hf_modules:
                     parts[hf][name] = tensor.detach()
@@ -156,7 +156,7 @@ def plan_modules(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[st
             targets = tuple(t for t in targets if t.rsplit(".", 1)[-1] in parts)
         segments: tuple = ()
         for name, dims in shapes.items():
-            row_axis, col_axis = kind.axes(name, hparams)
+            row_axis, col_axis = kind.axes(name, module == EMBEDDING_MODULE, hparams)
             if row_axis is not None:
                 vocab_shape = dataclasses.replace(shape, tie_word_embeddings=False)  # lm_head rows, tied or not
                 segments = (tuple(row_segments(module, vocab_shape, dims[row_axis], "")) if parts is None

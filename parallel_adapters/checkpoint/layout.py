@@ -82,6 +82,12 @@ def shard_file(tp_rank: int, pp_rank: int) -> str:
     return f"{SHARDS_DIR}/{shard_key(tp_rank, pp_rank)}.safetensors"
 
 
+def expert_shard_file(tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+    """The file of the routed-expert tensors held by expert-parallel rank `ep_rank` (the index maps
+    each tensor by its global name, so a loader at another EP size finds its experts by name)."""
+    return f"{SHARDS_DIR}/{shard_key(tp_rank, pp_rank)}-ep{ep_rank:02d}.safetensors"
+
+
 def optim_files(tp_rank: int, pp_rank: int, dp_rank: int) -> tuple[str, str]:
     """(tensors, scalars) relative paths of one rank's optimizer state."""
     stem = f"{TRAIN_STATE_DIR}/optim-{rank_key(tp_rank, pp_rank, dp_rank)}"
@@ -101,13 +107,15 @@ def tmp_dir_for(final: Path, token: str | None = None) -> Path:
 # Index: one tensor's entry
 # ----------------------------------------------------------------------------------------------
 
-def tensor_entry(t: ShardedTensor, name: str, tp_rank: int, tp_size: int, pp_rank: int) -> dict:
-    """The index entry a writer rank contributes for `name` (its own file only)."""
+def tensor_entry(t: ShardedTensor, name: str, tp_rank: int, tp_size: int, pp_rank: int,
+                 rel: str | None = None) -> dict:
+    """The index entry a writer rank contributes for `name` (its own file `rel`, by default its
+    shard file)."""
     return {
         "global_shape": [int(s) for s in t.global_shape],
         "dtype": dtype_name(t.local.dtype),
         "shard": t.spec.to_json(),
-        "files": {shard_key(tp_rank, pp_rank): shard_file(tp_rank, pp_rank)},
+        "files": {shard_key(tp_rank, pp_rank): rel or shard_file(tp_rank, pp_rank)},
     }
 
 

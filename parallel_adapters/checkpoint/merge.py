@@ -138,7 +138,7 @@ def _check_targets(base: HFCheckpoint, adapters: Mapping[str, HFModuleAdapter]) 
             problems.append(f"{name}: not in the base checkpoint")
             continue
         for tensor_name, tensor in adapter.tensors.items():
-            for axis, size in zip(adapter.kind.axes(tensor_name, adapter.hparams), base.shape(name)):
+            for axis, size in zip(adapter.kind.axes(tensor_name, adapter.embedding, adapter.hparams), base.shape(name)):
                 if axis is not None and tensor.shape[axis] != size:
                     problems.append(f"{name}: base shape {base.shape(name)}, adapter {tensor_name} "
                                     f"{tuple(tensor.shape)}")

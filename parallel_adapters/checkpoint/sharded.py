@@ -26,7 +26,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -44,7 +44,7 @@ from parallel_adapters.checkpoint.writer import (  # noqa: F401  (tensor_digest:
     assemble_index, make_tmp_dir, publish, replica_digests, tensor_digest, write_global_files, write_rank_files,
 )
 from parallel_adapters.distributed.agreement import raise_listed, raise_together
-from parallel_adapters.distributed.collectives import all_gather_objects, group_rank, group_size
+from parallel_adapters.distributed.collectives import all_gather_objects, group_rank, group_ranks, group_size
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 from parallel_adapters.storage.paths import check_plain_name
@@ -114,6 +114,17 @@ def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) 
                                   "refusing to save it (the previous checkpoints are kept)")
 
 
+def _check_expert_split(groups: ParallelGroups) -> None:
+    """The index records one TP split per tensor: expert-TP must be the TP group itself."""
+    if groups.etp_size != groups.tp_size or (groups.tp_size > 1 and group_ranks(groups.etp_group)
+                                             != group_ranks(groups.tp_group)):
+        raise CheckpointError(
+            f"expert adapters split over expert_tensor_parallel={groups.etp_size} ranks "
+            f"{group_ranks(groups.etp_group)}, but the checkpoint index records one split, over "
+            f"tensor_parallel={groups.tp_size} ranks {group_ranks(groups.tp_group)}: save with "
+            "expert_tensor_parallel equal to tensor_parallel (a per-tensor split group is not implemented)")
+
+
 def _compare_replicas(gathered: list[tuple[int, dict | None]]) -> str | None:
     """Message describing how one TP group's replicated tensors disagree, or None.
     `gathered`: (global rank, name -> digest or None if that rank failed) in TP rank order."""
@@ -167,6 +178,7 @@ def save_sharded(
     config: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None = None,
     extra_state: Mapping[str, Any] | None = None, rng_state: bool = True,
     rng_extra: Mapping[str, torch.Tensor] | None = None, base: BaseModel | None = None,
+    expert_names: Collection[str] = (),
 ) -> Path:
     """Collective save of this rank's adapter shards (+ train state); returns the final directory.
 
@@ -175,6 +187,8 @@ def save_sharded(
     `rng_extra`: more per-rank RNG states (uint8 tensors) saved with torch's, e.g. the adapters'
     dropout streams; `load_train_state` returns them in the same dict.  `base`: the base model
     to record (checkpoint/base_model.py; its path belongs in `config` as base_model_name_or_path).
+    `expert_names`: the routed MoE experts' tensors, held per EP rank and written by expert-DP
+    rank 0 of each; their expert-TP split must be the TP split (the index records one).
     """
     final = Path(directory).absolute()
     rank = group_rank(None)
@@ -183,6 +197,8 @@ def save_sharded(
     def prepare() -> str | None:
         check_plain_name(final.name, "checkpoint directory")
         _check_inputs(tensors, groups)
+        if expert_names:
+            _check_expert_split(groups)
         return str(make_tmp_dir(final)) if rank == 0 else None
 
     tmp_str, err = _guard(who, prepare)
@@ -203,7 +219,8 @@ def save_sharded(
                                pp_rank=groups.pp_rank, dp_rank=groups.dp_rank,
                                optimizer_state=optimizer_state,
                                rng_state={**capture_rng_state(), **(rng_extra or {})} if rng_state else None,
-                               with_replica_digests=check_replicas)
+                               with_replica_digests=check_replicas, expert_names=expert_names,
+                               ep_rank=groups.ep_rank, expert_dp_rank=groups.expert_dp_rank)
         if rank == 0:
             glob = write_global_files(tmp, config, extra_state, base)
             rep["files"].update(glob["files"])

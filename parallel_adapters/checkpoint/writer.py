@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
 from parallel_adapters.checkpoint.base_model import BaseModel, write_base_files
 from parallel_adapters.checkpoint.layout import (
     CONFIG_FILE, EXTRA_STATE_FILE, INDEX_FILE, LATEST_FILE, SHARDS_DIR, TRAIN_STATE_DIR,
-    CheckpointError, build_index, replica_owners, shard_file, tensor_entry, tmp_dir_for
+    CheckpointError, build_index, expert_shard_file, replica_owners, shard_file, tensor_entry, tmp_dir_for
 )
 from parallel_adapters.checkpoint.files import (
     fsync_dirs, fsync_together, tensor_bytes, write_json, write_safetensors, write_text_atomic
@@ -57,21 +57,27 @@ def write_rank_files(
     tmp_dir: Path, tensors: Mapping[str, ShardedTensor], *, tp_rank: int, tp_size: int, pp_rank: int,
     dp_rank: int, optimizer_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, torch.Tensor] | None = None, with_replica_digests: bool = False,
+    expert_names: Collection[str] = (), ep_rank: int = 0, expert_dp_rank: int = 0,
 ) -> dict:
     """One rank's files; returns its report (index entries, file records) for world rank 0.
 
-    Only DP rank 0 writes adapter tensors, each replicated one from a single TP rank.  Every
+    Only DP rank 0 writes adapter tensors, each replicated one from a single TP rank; the
+    routed-expert tensors named in `expert_names` (split over expert-TP, which must be the TP
+    split) are written by expert-DP rank 0 of each EP rank instead, into its own file.  Every
     file's record comes from the bytes this rank wrote.  `with_replica_digests`: also report
     "replica_digests" (see `replica_digests`) for the TP-replica check.
     """
     with fsync_together():  # every file's fsync overlaps the hashing and writing that follow
         report: dict[str, Any] = {"tensors": {}, "files": {}, "optimizer": {}, "rng": {}}
-        if dp_rank == 0:
-            order = shard_file_order(tensors, tp_rank, tp_size)
+        experts = set(expert_names)
+        parts = [(dp_rank == 0, {n: t for n, t in tensors.items() if n not in experts}, shard_file(tp_rank, pp_rank)),
+                 (expert_dp_rank == 0, {n: t for n, t in tensors.items() if n in experts},
+                  expert_shard_file(tp_rank, pp_rank, ep_rank))]
+        for writes, held, rel in parts:
+            order = shard_file_order(held, tp_rank, tp_size) if writes else []
             if order:
-                rel = shard_file(tp_rank, pp_rank)
                 report["files"][rel] = write_safetensors(tmp_dir / rel, {n: t.local for n, t in order})
-                report["tensors"] = {n: tensor_entry(t, n, tp_rank, tp_size, pp_rank) for n, t in order}
+                report["tensors"].update({n: tensor_entry(t, n, tp_rank, tp_size, pp_rank, rel) for n, t in order})
         if with_replica_digests:
             report["replica_digests"] = replica_digests(tensors)
         if optimizer_state is not None:

@@ -29,6 +29,16 @@ def group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
+def group_ranks(group: Any) -> tuple[int, ...]:
+    """The global ranks of `group`, in group order (no communication): two group objects over the
+    same ranks (Megatron's TP and expert-TP groups when the sizes match) can share one collective."""
+    if group is GROUP_OF_ONE:
+        return (group_rank(None),)
+    if group is None:
+        return tuple(range(group_size(None)))
+    return tuple(dist.get_process_group_ranks(group))
+
+
 def _device_for(group: Any) -> torch.device:
     """Where a small bookkeeping tensor must live for this group's backend (NCCL: the GPU)."""
     if dist.get_backend(group) == "nccl":

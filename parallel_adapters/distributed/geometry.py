@@ -46,6 +46,13 @@ class LinearGeometry:
     """nn.Embedding's padding row (no gradient flows into it)."""
     conv: ConvShape | None = None
     """nn.Conv2d's window."""
+    vocab_size: int | None = None
+    """A padded table's real vocabulary (Megatron's word embedding): rows past it are padding."""
+    expert: bool = False
+    """A routed MoE expert's layer (Megatron's `is_expert`): tp_group/size/rank are the EXPERT
+    tensor-parallel group's, and the layer issues no collective of its own (Megatron's
+    `explicit_expert_comm`: the token dispatcher all-gathers its input and reduce-scatters its
+    output over expert-TP x EP), so a host runs local math only and adds nothing either."""
     attention: tuple[int, int, int] | None = None
     """(attention heads, query groups, head size) of the Megatron model the layer belongs to, where
     known: how a fused linear_qkv's rows divide into q/k/v (adapter kinds that scale parts of them)."""

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from parallel_adapters.adapters.kinds.lora import replace_factors
+from parallel_adapters.adapters.kinds.lora import LORA_A, replace_factors
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.distributed.geometry import LINEAR_MODES
@@ -59,7 +59,7 @@ def eva_layers(model: AdapterModel, adapter_name: str) -> list[tuple[str, Any]]:
     leaves embeddings and convolutions (its UNSUPPORTED_LORA_MODULES)."""
     return [(n, layer) for n, layer in model.adapter_layers()
             if layer.has_adapter(adapter_name) and layer.geometry.parallel_mode in LINEAR_MODES
-            and "lora_A" in layer.adapter_tensors(adapter_name)]
+            and LORA_A in layer.adapter_tensors(adapter_name)]
 
 
 def load_into_model(model: AdapterModel, state: Mapping[str, Any], adapter_name: str) -> None:

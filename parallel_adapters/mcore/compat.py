@@ -134,18 +134,22 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
         raise ValueError(f"{type(module).__name__} is not a linear layer that adapters can wrap")
     weight = module.weight
     te = HAVE_TE and isinstance(module, (TEColumnParallelLinear, TERowParallelLinear))
+    expert = bool(getattr(module, "is_expert", False))
+    group, size, rank = _split_group(module, groups, expert)
     return LinearGeometry(
         parallel_mode=mode,
         in_features=module.in_features if te else module.input_size,
         out_features=module.out_features if te else module.output_size,
         chunks=int(getattr(weight, "partition_stride", 1)),
-        tp_group=groups.tp_group,
-        tp_size=groups.tp_size,
-        tp_rank=groups.tp_rank,
-        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and groups.tp_size > 1,
+        tp_group=group,
+        tp_size=size,
+        tp_rank=rank,
+        # an expert layer never gathers along the sequence: the dispatcher hands it whole tokens
+        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and size > 1 and not expert,
         gather_output=bool(getattr(module, "gather_output", False)),
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         skip_bias_add=bool(getattr(module, "te_return_bias", False) if te else module.skip_bias_add),
+        expert=expert,
         attention=_attention_shape(getattr(module, "config", None)),
     )
 
@@ -158,6 +162,20 @@ def _attention_shape(config: Any) -> tuple[int, int, int] | None:
     groups = getattr(config, "num_query_groups", None) or heads
     head_size = getattr(config, "kv_channels", None) or config.hidden_size // heads
     return heads, groups, head_size
+
+
+def _split_group(module: torch.nn.Module, groups: ParallelGroups, expert: bool) -> tuple[Any, int, int]:
+    """(group, size, rank) splitting this layer's weight: Megatron builds a routed expert's
+    linear layers on the expert-tensor-parallel group (`SequentialMLP` passes `expt_tp`), every
+    other layer on the tensor-parallel group.  ValueError if `groups` disagree with the layer."""
+    group, size, rank = ((groups.etp_group, groups.etp_size, groups.etp_rank) if expert
+                         else (groups.tp_group, groups.tp_size, groups.tp_rank))
+    own = getattr(module, "tp_group", None)
+    if own is not None and hasattr(own, "size") and own.size() != size:
+        which = "expert_tensor_parallel" if expert else "tensor_parallel"
+        raise ValueError(f"{type(module).__name__} is split over {own.size()} ranks, but the given "
+                         f"ParallelGroups say {which}={size}: build adapters with the model's own groups")
+    return group, size, rank
 
 
 def _lookup_or_conv_geometry(module: torch.nn.Module, mode: str, groups: ParallelGroups) -> LinearGeometry:

@@ -107,6 +107,20 @@ def global_expert_suffix(layer: torch.nn.Module, suffix: str) -> str:
     return f"{_LOCAL_EXPERTS}{layer.mlp.local_expert_indices[int(index)]}.{rest}"
 
 
+def global_expert_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Local module path of each routed expert (`...mlp.experts.local_experts.<i>`) -> the same
+    path with its global expert index (read from the MoE layer's `local_expert_indices`)."""
+    out = {}
+    for name, module in model.named_modules():
+        indices = getattr(module, "local_expert_indices", None)
+        experts = getattr(getattr(module, "experts", None), "local_experts", None)
+        if indices is None or experts is None:
+            continue
+        prefix = f"{name}.experts.local_experts." if name else "experts.local_experts."
+        out.update({f"{prefix}{i}": f"{prefix}{indices[i]}" for i in range(len(experts))})
+    return out
+
+
 def split_group(name: str, groups: ParallelGroups) -> tuple[Any, int, int]:
     """(group, size, rank) of the group that splits parameter `name` (global name) along its
     partition_dim: expert tensor parallel for routed experts, tensor parallel otherwise."""

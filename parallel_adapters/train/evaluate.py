@@ -26,7 +26,7 @@ from parallel_adapters.checkpoint.outputs import check_output_file, checkpoint_i
 from parallel_adapters.train.run_config import RunConfig
 from parallel_adapters.user_errors import alike_on_every_rank
 from parallel_adapters.train.process_group import init_distributed
-from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, adapter_config, build_model
+from parallel_adapters.train.runner import DEFAULT_TIMEOUT_S, build_model, saved_adapter_config
 from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
 
 
@@ -76,7 +76,7 @@ def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path
             cpu.enable_cpu_mode()
         groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline)
         schedule.seed_model_parallel_rngs(config.seed)
-        model, settings = build_model(config, groups, adapter_config(config, checkpoint), dist.get_rank() == 0)
+        model, settings = build_model(config, groups, saved_adapter_config(checkpoint), dist.get_rank() == 0)
         load_checkpoint(model, checkpoint, restore_rng=False)
         model.eval()
         too_big = [int(s.max()) for s in sequences if int(s.max()) >= settings.vocab_size]

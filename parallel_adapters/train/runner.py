@@ -124,16 +124,25 @@ def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
     When resuming, the checkpoint's (EVA may have changed the ranks), after checking that the
     run config asks for the same adapter."""
     if resume_from is not None:
-        from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
-
-        saved = json.loads((resume_from / "adapter_config.json").read_text())
-        saved = {k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS}
-        _check_same_adapter(LoraConfig.from_dict(saved), config.adapter, resume_from)
-        saved.update(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
-        return LoraConfig.from_dict(saved)
+        stored = _stored_adapter_config(resume_from)
+        _check_same_adapter(stored, config.adapter, resume_from)
+        return stored.replace(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
     if config.eva is not None:
         return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
     return config.adapter
+
+
+def saved_adapter_config(checkpoint: Path) -> LoraConfig:
+    """A checkpoint's LoraConfig, to build the adapters its weights are then loaded into
+    (evaluate): the run config's adapter section does not apply."""
+    return _stored_adapter_config(checkpoint).replace(init_lora_weights=True, eva_config=None)
+
+
+def _stored_adapter_config(checkpoint: Path) -> LoraConfig:
+    from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
+
+    saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    return LoraConfig.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
 
 
 def _check_same_adapter(saved: LoraConfig, asked: LoraConfig, resume_from: Path) -> None:

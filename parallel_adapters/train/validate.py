@@ -14,7 +14,7 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.config import EvaConfig
+from parallel_adapters.config import EvaConfig, decomposition_init
 from parallel_adapters.train.run_config import (MODEL_DTYPES, CheckpointSection, LoggingSection, ModelSection,
                                                 RunConfig)
 
@@ -85,6 +85,10 @@ def validate_run_config(config: RunConfig) -> None:
                "checkpoint.keep_last": c.keep_last, "model.num_layers": m.num_layers,
                "model.hidden_size": m.hidden_size, "model.vocab_size": m.vocab_size,
                "model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups})
+    if decomposition_init(config.adapter.init_lora_weights) is not None:
+        raise ValueError(f"adapter.init_lora_weights={config.adapter.init_lora_weights!r} is not available in "
+                         "training runs yet: it rewrites the base weights, which checkpoints and resume do not "
+                         "carry; use it through get_adapter_model")
     if o.global_batch is not None and o.global_batch < 1:
         raise ValueError(f"optim.global_batch must be >= 1, got {o.global_batch}")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),

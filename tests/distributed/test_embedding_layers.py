@@ -33,7 +33,7 @@ def _full_problem():
     return w, ids, torch.randn(*out_shape, generator=g, dtype=torch.float64)
 
 
-def _build(tp, sp):
+def _build(tp, sp, use_dora=False):
     from megatron.core.tensor_parallel import VocabParallelEmbedding
     from megatron.core.transformer import TransformerConfig
 
@@ -48,12 +48,19 @@ def _build(tp, sp):
     w, ids, dy = _full_problem()
     with torch.no_grad():
         base.weight.copy_(w[base.vocab_start_index:base.vocab_end_index])
-    lora = LoraConfig(r=R, lora_alpha=6, target_modules=["word_embeddings"], init_lora_weights=False, seed=5)
+    lora = LoraConfig(r=R, lora_alpha=6, target_modules=["word_embeddings"], init_lora_weights=False, seed=5,
+                      use_dora=use_dora)
     model = get_adapter_model(_Host(base), lora, groups=groups)
+    if use_dora:  # move the magnitude off its initial norms (a replicated tensor: alike on every rank)
+        with torch.no_grad():
+            m = model.model.word_embeddings.lora_magnitude_vector["default"].weight
+            m.add_(0.3 * torch.cos(7 * m))
     return model, model.model.word_embeddings, groups, (w, ids, dy)
 
 
-def _dense_reference(w, ids, dy):
+def _dense_reference(w, ids, dy, magnitude=None):
+    """LoRA: y = W[ids] + s A^T[ids] B^T.  DoRA (PEFT's DoraEmbeddingLayer): y scaled per width
+    column by m / ||W + s (B A)^T||, the norm down the table's columns, detached."""
     from parallel_adapters.adapters import embedding_conv_math as ecm
     from parallel_adapters.adapters import functional as lf
 
@@ -61,16 +68,23 @@ def _dense_reference(w, ids, dy):
     a, b = ecm.init_lora_embedding(VOCAB, WIDTH, R, False, generator)
     a, b = a.requires_grad_(), b.requires_grad_()
     y = F.embedding(ids, w) + 2.0 * (a.t()[ids] @ b.t())  # s = 6 / 3
+    grads = [a, b]
+    if magnitude is not None:
+        m = magnitude.clone().requires_grad_()
+        norm = (w + 2.0 * (b @ a).t()).norm(dim=0).detach()
+        y = y * (m / norm)
+        grads.append(m)
     y.backward(dy)
-    return y.detach(), a.grad, b.grad
+    return (y.detach(), *(t.grad for t in grads))
 
 
-def embedding_parity_job(tp, sp):
+def embedding_parity_job(tp, sp, use_dora=False):
     from parallel_adapters.distributed.sharding import ShardSpec
 
-    model, host, groups, (w, ids, dy) = _build(tp, sp)
+    model, host, groups, (w, ids, dy) = _build(tp, sp, use_dora)
     rank = groups.tp_rank
-    y_ref, da_ref, db_ref = _dense_reference(w, ids, dy)
+    magnitude = host.lora_magnitude_vector["default"].weight.detach() if use_dora else None
+    y_ref, da_ref, db_ref, *dm_ref = _dense_reference(w, ids, dy, magnitude)
     # Megatron's layout: [b, s, h] without SP; the [s, b, h] transpose, sequence-sharded, with it.
     local = (lambda t: ShardSpec(dim=0).shard(t.transpose(0, 1), rank, tp)) if sp else (lambda t: t)  # noqa: E731
     with counting.counted() as fwd_bwd:
@@ -86,6 +100,8 @@ def embedding_parity_job(tp, sp):
         "dB": (b.grad - db_ref).abs().max().item(),
         "A shape": float(tuple(a.shape) != (R, VOCAB // tp)),
     }
+    if use_dora:
+        errors["dm"] = (host.lora_magnitude_vector["default"].weight.grad - dm_ref[0]).abs().max().item()
     return errors, dict(fwd_bwd.calls), dict(finalize.calls), bool(a.tensor_model_parallel)
 
 
@@ -101,6 +117,18 @@ def test_vocab_parallel_embedding_tp4(pool4, sp):
 
 def test_vocab_parallel_embedding_tp1(pool2):
     _check(pool2.run(embedding_parity_job, 1, False), 1, False)
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
+def test_dora_on_vocab_parallel_embedding(pool2, tp, sp):
+    """DoRA's norms are partial over the table's row shards: they ride inside the embedding's one
+    reduction (no collective added), m's gradient summed by finalize_grads only under SP."""
+    _check(pool2.run(embedding_parity_job, tp, sp, True), tp, sp)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_dora_on_vocab_parallel_embedding_tp4(pool4, sp):
+    _check(pool4.run(embedding_parity_job, 4, sp, True), 4, sp)
 
 
 def _check(results, tp, sp):

@@ -38,8 +38,10 @@ def _build(mode, tp, sp, gather_output, skip_bias_add, dropout=0.0, use_dora=Fal
 
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.distributed.sharding import ShardSpec
+    from parallel_adapters.mcore import cpu
     from parallel_adapters.mcore.compat import initialize_model_parallel
 
+    cpu.enable_cpu_mode()  # the dropout streams live in Megatron's RNG tracker, which wants CUDA otherwise
     groups = initialize_model_parallel(tp, 1)
     config = TransformerConfig(num_layers=1, hidden_size=IN_F, num_attention_heads=4, use_cpu_initialization=True,
                                params_dtype=torch.float64, sequence_parallel=sp, gradient_accumulation_fusion=False,

@@ -50,12 +50,12 @@ def make_tiny_llama(directory: str | Path, tie: bool = False, seed: int = 0, max
                            **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
 
-def make_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
+def make_tiny_qwen2(directory: str | Path, seed: int = 0, **shape) -> Path:
     """The same awkward shape as a Qwen2ForCausalLM: biases on q/k/v, none elsewhere."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _save_perturbed(Qwen2ForCausalLM, Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **TINY),
-                           directory, seed)
+    config = Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **(TINY | shape))
+    return _save_perturbed(Qwen2ForCausalLM, config, directory, seed)
 
 
 def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ LINEAR_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 CASES = {  # name: (HF model maker, targets, LoraConfig fields)
     "llama_dora": (make_tiny_llama, LINEAR_TARGETS, {"use_dora": True, "rank_pattern": {"layers.1.mlp.linear_fc1": 2}}),
     "qwen2_dora": (make_tiny_qwen2, LINEAR_TARGETS, {"use_dora": True}),
+    "qwen2_dora_embeddings": (make_tiny_qwen2, LINEAR_TARGETS + EMBEDDING_TARGETS[2:], {"use_dora": True}),
     "llama_embeddings": (make_tiny_llama, EMBEDDING_TARGETS, {}),
     "llama_tied_embeddings": (lambda d: make_tiny_llama(d, tie=True), EMBEDDING_TARGETS, {}),
     "qwen2_embeddings": (make_tiny_qwen2, EMBEDDING_TARGETS, {"rank_pattern": {"output_layer": 2}}),
@@ -56,8 +57,8 @@ def test_peft_reproduces_the_megatron_logits(case):
     if "dora" in case["name"]:
         assert config["use_dora"] is True
         magnitudes = [k for k in state if k.endswith("lora_magnitude_vector.default.weight")]
-        assert len(magnitudes) == 2 * 7  # every HF module of 2 layers, q/k/v and gate/up split
-    else:
+        assert len(magnitudes) == 2 * 7 + 2 * ("embeddings" in case["name"])  # q/k/v and gate/up split
+    if "embeddings" in case["name"]:
         assert state["base_model.model.model.embed_tokens.lora_embedding_A.default"].shape[1] == 101  # no padding
         assert state["base_model.model.lm_head.lora_B.default.weight"].shape[0] == 101
         assert {"embed_tokens", "lm_head"} <= set(config["target_modules"])

@@ -107,7 +107,8 @@ def test_a_nan_loss_stops_before_saving_or_pruning(tmp_path):
 
 
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+    """Three ranks find the same bad key: one line, exit code non-zero, nothing created."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m",
            "parallel_adapters", "train", str(ROOT / "configs/tiny.yaml"), "optim.steps=2", "optim.warmup_steps=5",
            f"checkpoint.directory={tmp_path / 'ckpt'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path)

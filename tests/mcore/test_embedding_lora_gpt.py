@@ -1,10 +1,12 @@
 """LoRA on the word embedding and on the output layer of a tiny Megatron GPT (the vocabulary, 100,
-is padded to 104 rows), untied and tied.
+is padded to 104 rows), untied and tied; and DoRA (use_dora=True) on all four linears, the word
+embedding and the output layer.
 
 Oracle: the same model at TP=1 from the same seed.  TP=2 with sequence parallelism off and on
-gives the same losses over five AdamW steps and the same consolidated adapter gradients (fp32,
-1e-5); the adapted model issues no more collectives than the frozen base with the word
-embedding trainable, and finalize_grads is one all-reduce.  A tied output layer is adapted in
+gives the same losses over five AdamW steps, the same consolidated adapter gradients and the same
+consolidated adapter weights after them (fp32, 1e-5), and so does PP=2; the adapted model issues
+no more collectives than the frozen base with the word embedding trainable, and finalize_grads is
+one all-reduce.  A tied output layer is adapted in
 its projection only (as PEFT adapts `lm_head` only) and refuses to merge.
 """
 import pytest
@@ -15,9 +17,11 @@ from tests.harness import counting
 from tests.mcore.test_lora_gpt import STEPS, _batch, _loss
 
 TARGETS = ["linear_qkv", "word_embeddings", "output_layer"]
+DORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "word_embeddings", "output_layer"]
+VARIANTS = {"untied": (False, False), "tied": (True, False), "dora": (False, True)}  # name: (tied, use_dora)
 
 
-def _adapted(tp, sp, tied):
+def _adapted(tp, sp, tied, use_dora=False):
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.mcore import cpu
     from parallel_adapters.mcore.compat import initialize_model_parallel
@@ -28,25 +32,26 @@ def _adapted(tp, sp, tied):
     cpu.model_parallel_seed(1234)
     base = build_gpt(GPTSettings(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                                  num_query_groups=2, vocab_size=100, sequence_parallel=sp, tie_embeddings=tied))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, seed=0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=DORA_TARGETS if use_dora else TARGETS,
+                        init_lora_weights=False, seed=0, use_dora=use_dora)
     return get_adapter_model(base, config), groups
 
 
-def _consolidated_grads(adapter, groups):
-    """Every adapter tensor's full gradient: gathered over TP, unsharded with its declared spec."""
+def _consolidated(adapter, groups, what="grad"):
+    """Every adapter tensor's full gradient (or value): gathered over TP, unsharded with its spec."""
     out = {}
     for _, layer in adapter.adapter_layers():
         tensors = layer.adapter_tensors("default")
         for decl in layer.tensor_decls("default"):
-            grad = tensors[decl.name].grad.contiguous()
+            grad = (tensors[decl.name].grad if what == "grad" else tensors[decl.name].detach()).contiguous()
             pieces = [torch.empty_like(grad) for _ in range(groups.tp_size)]
             dist.all_gather(pieces, grad, group=groups.tp_group)
             out[f"{layer.module_name}.{decl.name}"] = decl.spec.unshard(pieces)
     return out
 
 
-def training_job(tp, sp, tied):
-    adapter, groups = _adapted(tp, sp, tied)
+def training_job(tp, sp, tied, use_dora=False):
+    adapter, groups = _adapted(tp, sp, tied, use_dora)
     input_ids, labels = _batch()
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses, first_grads = [], None
@@ -56,32 +61,35 @@ def training_job(tp, sp, tied):
         loss.backward()
         adapter.finalize_grads()
         if step == 0:
-            first_grads = _consolidated_grads(adapter, groups)
+            first_grads = _consolidated(adapter, groups)
         optimizer.step()
         losses.append(loss.item())
-    return losses, first_grads
+    return losses, first_grads, _consolidated(adapter, groups, "value")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def tp1_reference(request, pool2):
-    return request.param, pool2.run(training_job, 1, False, request.param)[0]
+    return request.param, pool2.run(training_job, 1, False, *VARIANTS[request.param])[0]
 
 
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_matches_tp1(pool2, tp1_reference, sp):
-    tied, (ref_losses, ref_grads) = tp1_reference
+    variant, (ref_losses, ref_grads, ref_weights) = tp1_reference
     assert ref_losses[-1] < ref_losses[0] - 1e-3, "the reference must actually train"
     assert {"embedding.word_embeddings.lora_embedding_A", "output_layer.lora_B"} <= set(ref_grads)
-    for losses, grads in pool2.run(training_job, 2, sp, tied):
+    if variant == "dora":
+        assert sum("lora_magnitude_vector" in n for n in ref_grads) == 2 * 4 + 2
+    for losses, grads, weights in pool2.run(training_job, 2, sp, *VARIANTS[variant]):
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
         assert grads.keys() == ref_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
             assert grad.abs().max() > 0, f"{name}: zero gradient makes the comparison vacuous"
+            torch.testing.assert_close(weights[name], ref_weights[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def collectives_job(sp, variant):
-    adapter, _ = _adapted(2, sp, False)
+    adapter, _ = _adapted(2, sp, False, use_dora=variant == "dora")
     input_ids, labels = _batch()
     model, finalize = adapter.model, adapter.finalize_grads
     if variant == "frozen_base":
@@ -103,11 +111,12 @@ def collectives_job(sp, variant):
 @pytest.mark.parametrize("sp", [False, True])
 def test_embedding_and_output_adapters_add_no_collective(pool2, sp):
     base_calls, _ = pool2.run(collectives_job, sp, "frozen_base")[0]
-    ours_calls, finalize_calls = pool2.run(collectives_job, sp, "lora")[0]
-    assert sum(base_calls.values()) > 0
-    for op, n in ours_calls.items():
-        assert n <= base_calls.get(op, 0), f"{op}: adapted {n} > frozen base {base_calls.get(op, 0)}"
-    assert finalize_calls == {"all_reduce": 1}
+    for variant in ("lora", "dora"):
+        ours_calls, finalize_calls = pool2.run(collectives_job, sp, variant)[0]
+        assert sum(base_calls.values()) > 0
+        for op, n in ours_calls.items():
+            assert n <= base_calls.get(op, 0), f"{variant} {op}: adapted {n} > frozen base {base_calls.get(op, 0)}"
+        assert finalize_calls == {"all_reduce": 1}, variant
 
 
 def tied_merge_job():
@@ -150,9 +159,10 @@ def test_untied_merge_and_unload(pool2, sp):
         assert changes > 1e-3 and merge_error < 1e-5
 
 
-def pipeline_job(pp, tied):
-    """One forward+backward through Megatron's pipeline schedule (TP=1): the mean loss (last stage)
-    and this stage's adapter gradients under their global names."""
+def pipeline_job(pp, tied, use_dora=False):
+    """Five AdamW steps through Megatron's pipeline schedule (TP=1, two micro-batches): the mean
+    losses (last stage), this stage's adapter gradients at the first step and its adapter weights
+    after the last, under their global names."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from parallel_adapters import LoraConfig, get_adapter_model
@@ -166,27 +176,39 @@ def pipeline_job(pp, tied):
     settings = GPTSettings(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                            num_query_groups=2, vocab_size=100, tie_embeddings=tied)
     cpu.model_parallel_seed(settings.seed)
-    adapter = get_adapter_model(build_gpt(settings), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                init_lora_weights=False, seed=0), groups=groups)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=DORA_TARGETS if use_dora else TARGETS,
+                        init_lora_weights=False, seed=0, use_dora=use_dora)
+    adapter = get_adapter_model(build_gpt(settings), config, groups=groups)
     input_ids, labels = _batch()
-    micro = list(zip(input_ids.chunk(2), labels.chunk(2)))
-    losses = get_forward_backward_func()(forward_step_func=_lm_step, data_iterator=iter(micro),
-                                         model=[adapter.model], num_microbatches=2, seq_length=input_ids.shape[1],
-                                         micro_batch_size=1, forward_only=False)
-    grads = {f"{layer.module_name}.{name}": t.grad.clone() for _, layer in adapter.adapter_layers()
-             for name, t in layer.adapter_tensors("default").items()}
-    loss = torch.stack([d["loss"] for d in losses]).mean().item() if groups.is_last_stage else None
-    return loss, grads
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    tensors = {f"{layer.module_name}.{name}": t for _, layer in adapter.adapter_layers()
+               for name, t in layer.adapter_tensors("default").items()}
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        micro = list(zip(input_ids.chunk(2), labels.chunk(2)))
+        out = get_forward_backward_func()(forward_step_func=_lm_step, data_iterator=iter(micro),
+                                          model=[adapter.model], num_microbatches=2, seq_length=input_ids.shape[1],
+                                          micro_batch_size=1, forward_only=False)
+        adapter.finalize_grads()
+        if step == 0:
+            first_grads = {n: t.grad.clone() for n, t in tensors.items()}
+        optimizer.step()
+        if groups.is_last_stage:
+            losses.append(torch.stack([d["loss"] for d in out]).mean().item())
+    return losses, first_grads, {n: t.detach().clone() for n, t in tensors.items()}
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_pp2_matches_pp1(pool2, tied):
-    ref_loss, ref_grads = pool2.run(pipeline_job, 1, tied)[0]
-    stages = pool2.run(pipeline_job, 2, tied)
-    assert stages[1][0] == pytest.approx(ref_loss, rel=1e-6)
-    grads = {**stages[0][1], **stages[1][1]}
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pp2_matches_pp1(pool2, variant):
+    ref_losses, ref_grads, ref_weights = pool2.run(pipeline_job, 1, *VARIANTS[variant])[0]
+    stages = pool2.run(pipeline_job, 2, *VARIANTS[variant])
+    assert ref_losses[-1] < ref_losses[0] - 1e-3, "the reference must actually train"
+    assert stages[1][0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+    grads, weights = {**stages[0][1], **stages[1][1]}, {**stages[0][2], **stages[1][2]}
     assert grads.keys() == ref_grads.keys() and "output_layer.lora_A" in grads
     assert "embedding.word_embeddings.lora_embedding_B" in stages[0][1]
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
         assert grad.abs().max() > 0, name
+        torch.testing.assert_close(weights[name], ref_weights[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -8,6 +8,7 @@ ALLOWED lists; docs/design.md section 3):
 
     user_errors, config, ops, storage,    leaves: user-error types, PEFT-style configs, pure tensor
     distributed                           ops, files on disk, groups/collectives/ShardSpec/agreement
+    decompose                             QR/SVD of TP-sharded weights (PiSSA, OLoRA) without gathering them
     hf                                    Hugging Face config, names, files (no megatron)
     mcore                                 the only megatron importer
     adapters                              LoRA layers, injection, AdapterModel
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "parallel_adapters"
-ORDER = ["user_errors", "config", "ops", "storage", "distributed", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
+ORDER = ["user_errors", "config", "ops", "storage", "distributed", "decompose", "hf", "mcore", "adapters", "checkpoint", "eva", "interop",
          "train", "demo", "real_demo", "cli", "__main__"]
 """Top-level packages and modules of parallel_adapters, bottom first."""
 ALLOWED: dict[str, set[str]] = {
@@ -33,9 +34,10 @@ ALLOWED: dict[str, set[str]] = {
     "ops": set(),
     "storage": set(),
     "distributed": {"user_errors"},
+    "decompose": {"distributed"},
     "hf": {"distributed", "storage"},
     "mcore": {"distributed", "hf", "ops"},
-    "adapters": {"config", "distributed", "mcore", "ops"},
+    "adapters": {"config", "decompose", "distributed", "mcore", "ops"},
     "checkpoint": {"adapters", "config", "distributed", "hf", "storage", "user_errors"},
     "eva": {"adapters", "checkpoint", "config", "distributed", "mcore"},
     "interop": set(),

@@ -91,12 +91,17 @@ class AdapterHost(nn.Module):
         self._declared[name] = tuple(d.name for d in decls)
         self._dropout[name] = (input_dropout(settings.dropout, settings.seed, kind.dropout_stream, self.module_name,
                                              name, g, dp_rank, pp_rank) if settings.dropout > 0 else None)
-        initial = kind.initial_tensors(self._reduced_view(name, self.weight))
+        self.refresh_initial_tensors(name)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def refresh_initial_tensors(self, name: str) -> None:
+        """Set the tensors the kind derives from the base weight (`initial_tensors`: DoRA's
+        magnitude), at add time and again after an initialisation changed the weight or factors."""
+        initial = self.kinds[name].initial_tensors(self._reduced_view(name, self.weight))
         with torch.no_grad():
             for tensor_name, local in initial.items():
                 self.adapter_tensors(name)[tensor_name].copy_(local)
-        if not self.active_adapters:
-            self.active_adapters = [name]
 
     def replace_tensors(self, name: str, local: Mapping[str, torch.Tensor], hparams: Mapping[str, Any]) -> None:
         """Swap in new SHARDS of adapter `name`'s tensors (shapes may follow new hyperparameters,

@@ -28,12 +28,15 @@ def input_dropout(p: float, seed: int, stream_prefix: str, module_name: str, ada
                   geometry: LinearGeometry, dp_rank: int, pp_rank: int) -> SeededDropout | TrackerDropout:
     """Megatron layers: a stream of Megatron's RNG tracker (replayed by activation recompute),
     named `<stream_prefix><adapter>/tp-shared` for TP-replicated inputs (the same masks on every
-    TP rank, no communication) and `.../tp-rank` (one state per TP rank) for sharded ones.
+    TP rank, no communication) and `.../tp-rank` (one state per TP rank) for sharded ones; routed
+    MoE experts use `.../expert-tp-shared` and `.../expert-tp-rank` (`dp_rank`: the expert data rank).
     Plain layers (nn.Linear, nn.Conv2d): a private generator per module and call."""
     if geometry.parallel_mode in ("replicated", "conv2d"):
         return SeededDropout(p, lf.factor_seed(seed, module_name, adapter_name, f"dp{dp_rank}", "tp0"))
     shared = tp_replicated_input(geometry)
-    stream = f"{stream_prefix}{adapter_name}/{'tp-shared' if shared else 'tp-rank'}"
+    # routed experts draw from their own streams: expert-TP peers must agree on them, DP peers not
+    group = "expert-" if geometry.expert else ""
+    stream = f"{stream_prefix}{adapter_name}/{group}{'tp-shared' if shared else 'tp-rank'}"
     rank_key = "tp-shared" if shared else f"tp{geometry.tp_rank}"
     return TrackerDropout(p, stream, lf.factor_seed(seed, stream, f"dp{dp_rank}", f"pp{pp_rank}", rank_key))
 

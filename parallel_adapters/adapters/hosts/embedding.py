@@ -3,11 +3,13 @@ nn.Embedding, a plain nn.Conv2d.
 
 Legend: T tokens, V vocabulary (padded as Megatron pads it), H width, t = TP size.
 
-    host        slots           the ONE collective (forward / backward)
-    vocab       partial_addend  all-reduce of the partial lookup (SP: reduce-scatter along the
-                                sequence) / identity (SP: all-gather), as the base alone
-    embedding   local_addend    none
-    conv2d      local_addend    none
+    host        slots               the ONE collective (forward / backward)
+    vocab       partial_addend,     all-reduce of the partial lookup (SP: reduce-scatter along the
+                reduction_payload,  sequence) / identity (SP: all-gather), as the base alone; a
+                output_scale        kind's payload rides inside it (hosts/payload.py)
+    embedding   local_addend,       none
+                output_scale
+    conv2d      local_addend        none
 
 VocabParallelEmbedding, rank i holds rows [i V/t, (i+1) V/t) of the table.  A token outside them
 looks up row 0 and its row of the partial output is zeroed, so the sum over ranks is the one
@@ -20,8 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
-from parallel_adapters.adapters.kinds.protocol import LOCAL_ADDEND, PARTIAL_ADDEND
+from parallel_adapters.adapters.kinds.protocol import (
+    LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, ReductionPayload,
+)
 from parallel_adapters.distributed import collectives
 
 
@@ -34,7 +39,7 @@ class VocabParallelEmbeddingHost(AdapterHost):
              reduce-scatter of the [s, b, H] transpose, exactly as VocabParallelEmbedding.
     """
 
-    SLOTS = frozenset({PARTIAL_ADDEND})
+    SLOTS = frozenset({PARTIAL_ADDEND, REDUCTION_PAYLOAD, OUTPUT_SCALE})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -44,24 +49,47 @@ class VocabParallelEmbeddingHost(AdapterHost):
             outside = (ids < start) | (ids >= self._base.vocab_end_index)
             local = (ids - start).masked_fill(outside, 0)
         partial = F.embedding(local, self.weight)
-        for view in self._running_views():
-            partial = view.kind.partial_addend(view, local, partial, None)
+        views = self._running_views()
+        payloads: list[ReductionPayload | None] = []
+        for view in views:
+            if PARTIAL_ADDEND in view.slots:
+                partial = view.kind.partial_addend(view, local, partial, None)
+            payloads.append(view.kind.reduction_payload(view, local, partial) if REDUCTION_PAYLOAD in view.slots
+                            else None)
+            if payloads[-1] is not None:
+                partial = payloads[-1].partial
         if outside is not None:
             partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
         if g.sequence_parallel:
-            return collectives.reduce_scatter_sequence(partial.transpose(0, 1).contiguous(), g.tp_group)
+            partial = partial.transpose(0, 1).contiguous()  # [b, s, H] -> [s, b, H], as Megatron
+        if any(p is not None for p in payloads):
+            y, reduced = payload.reduce_with_payloads(partial, payloads, self._reduce,
+                                                      g.tp_size if g.sequence_parallel else None)
+        else:
+            y, reduced = self._reduce(partial), payloads
+        for view, red in zip(views, reduced):
+            if OUTPUT_SCALE in view.slots:
+                y = view.kind.output_scale(view, local, y, red)
+        return y
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        if g.sequence_parallel:
+            return collectives.reduce_scatter_sequence(partial, g.tp_group)
         return collectives.reduce_from_group(partial, g.tp_group)
 
 
 class EmbeddingHost(AdapterHost):
     """Adapters on a plain nn.Embedding: y = local_addend(lookup(W)).  Not tensor-parallel."""
 
-    SLOTS = frozenset({LOCAL_ADDEND})
+    SLOTS = frozenset({LOCAL_ADDEND, OUTPUT_SCALE})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = F.embedding(ids, self.weight, self.geometry.padding_idx)
-        for view in self._running_views():
+        for view in self._running_views():  # as the linear hosts: each adapter's addend, then its scale
             y = view.kind.local_addend(view, ids, y, None)
+            if OUTPUT_SCALE in view.slots:
+                y = view.kind.output_scale(view, ids, y, None)
         return y
 
 

@@ -18,6 +18,9 @@ implemented here; the others raise NotImplementedError when a kind asks for them
                 weight_delta
     replicated  local_addend, output_scale,    none
                 input_scale, weight_delta
+    MoE expert  as column / row (no payload    none of its own: Megatron's token dispatcher
+    (column or  rows at expert-TP > 1)         all-gathers the input and reduce-scatters the
+    row)                                       output over expert-TP x EP (geometry.expert)
 
 Before the base matmul: every input_scale on the input this rank multiplies (column: the whole
 input, after the all-gather / copy_to; row: x_i), and the matmul runs on W_i + the weight_deltas.
@@ -74,7 +77,8 @@ class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
         if g.sequence_parallel:
             x, columns = self._gather_with_input_columns(x, views)
         else:
-            x = collectives.copy_to_group(x, g.tp_group)
+            if not g.expert:  # an expert's dx is summed by the dispatcher's reduce-scatter
+                x = collectives.copy_to_group(x, g.tp_group)
             columns = [_input_columns(view, x) for view in views]
         x = _scaled_input(x, views)  # the whole input: a replicated scale, no collective
         y = _local_output(x, weight, None if g.skip_bias_add else self.bias, views, columns)
@@ -137,8 +141,19 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
             return y, self.bias
         return (y + self.bias if self.bias is not None else y), None
 
+    def add_adapter(self, name, kind, settings, full_tensors, dp_rank: int = 0, pp_rank: int = 0) -> None:
+        g = self.geometry
+        if g.expert and g.tp_size > 1 and REDUCTION_PAYLOAD in kind.slots(g.parallel_mode):
+            raise NotImplementedError(
+                f"{self.module_name}: adapter kind {kind.name!r} needs rows summed over expert-tensor-parallel "
+                f"ranks ({REDUCTION_PAYLOAD}), but an expert layer's output is reduced by Megatron's token "
+                "dispatcher, where nothing can ride; use expert_tensor_parallel=1 or another kind")
+        super().add_adapter(name, kind, settings, full_tensors, dp_rank, pp_rank)
+
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         g = self.geometry
+        if g.expert:  # the dispatcher's reduce-scatter sums the partials (over expert-TP x EP)
+            return partial
         if g.sequence_parallel:
             return collectives.reduce_scatter_sequence(partial, g.tp_group)
         return collectives.reduce_from_group(partial, g.tp_group)
@@ -146,10 +161,7 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
     def _reduce_with_payloads(self, partial: torch.Tensor, payloads: list[ReductionPayload | None]):
         """The ONE reduction carrying the kinds' payloads too; (y, per view: reduced payload or None)."""
         g = self.geometry
-        flat, layout = payload.pack(partial, [p and p.columns for p in payloads], [p and p.rows for p in payloads],
-                                    g.tp_size if g.sequence_parallel else None)
-        y, columns, rows = payload.unpack(self._reduce(flat), layout)
-        return y, [None if p is None else ReductionPayload(None, c, r) for p, c, r in zip(payloads, columns, rows)]
+        return payload.reduce_with_payloads(partial, payloads, self._reduce, g.tp_size if g.sequence_parallel else None)
 
 
 class ReplicatedHost(AdapterHost):

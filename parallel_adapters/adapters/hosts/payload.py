@@ -10,8 +10,11 @@ functions: `pack` before the collective, `unpack` after it; the collective is th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from parallel_adapters.adapters.kinds.protocol import ReductionPayload
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,14 @@ def unpack(reduced: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[to
         rows.append(reduced[offset:offset + count].detach().view(shape))
         offset += count
     return y, columns, rows
+
+
+def reduce_with_payloads(partial: torch.Tensor, payloads: list[ReductionPayload | None],
+                         reduce: Callable[[torch.Tensor], torch.Tensor], scatter_ranks: int | None,
+                         ) -> tuple[torch.Tensor, list[ReductionPayload | None]]:
+    """The host's ONE reduction (`reduce`) carrying the kinds' payloads too: (y, per kind the
+    reduced payload, or None where it sent none)."""
+    flat, layout = pack(partial, [p and p.columns for p in payloads], [p and p.rows for p in payloads],
+                        scatter_ranks)
+    y, columns, rows = unpack(reduce(flat), layout)
+    return y, [None if p is None else ReductionPayload(None, c, r) for p, c, r in zip(payloads, columns, rows)]

@@ -31,24 +31,26 @@ import torch.nn.functional as F
 
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.kinds import register_kind
-from parallel_adapters.adapters.kinds.lora import LORA_A, LORA_B, LoRAKind
+from parallel_adapters.adapters.kinds.lora import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LoRAKind
 from parallel_adapters.adapters.kinds.protocol import (
     INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE, REDUCTION_PAYLOAD, AdapterView, ReductionPayload, TensorDecl,
 )
 from parallel_adapters.config import LoraConfig
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
-from parallel_adapters.distributed.geometry import LinearGeometry
+from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LinearGeometry
 
 MAGNITUDE = "lora_magnitude_vector"  # `<module>.lora_magnitude_vector.<adapter>.weight`, as PEFT's module
 
 
 class DoRAKind(LoRAKind):
     name = "dora"
-    tensor_axes = MappingProxyType({LORA_A: (None, 1), LORA_B: (0, None), MAGNITUDE: (0, None)})
+    tensor_axes = MappingProxyType({**LoRAKind.tensor_axes, MAGNITUDE: (0, None)})
     slot_table = MappingProxyType({
         "column": frozenset({INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE}),
         "row": frozenset({REDUCTION_PAYLOAD, OUTPUT_SCALE}),
         "replicated": frozenset({LOCAL_ADDEND, OUTPUT_SCALE}),
+        "vocab": frozenset({REDUCTION_PAYLOAD, OUTPUT_SCALE}),
+        "embedding": frozenset({LOCAL_ADDEND, OUTPUT_SCALE}),
     })
 
     def accepts(self, config: Any) -> bool:
@@ -57,7 +59,7 @@ class DoRAKind(LoRAKind):
     def tensors(self, geometry: LinearGeometry, hparams: Mapping[str, Any]) -> tuple[TensorDecl, ...]:
         mode = geometry.parallel_mode
         spec = ShardSpec(dim=0, chunks=geometry.chunks) if mode == "column" else REPLICATED
-        partial = geometry.sequence_parallel if mode == "row" else None
+        partial = geometry.sequence_parallel if mode in _REDUCED_MODES else None
         return (*super().tensors(geometry, hparams),
                 TensorDecl(MAGNITUDE, (geometry.out_features,), spec, partial_grad=partial))
 
@@ -73,9 +75,11 @@ class DoRAKind(LoRAKind):
 
     def merged_delta(self, view: AdapterView) -> torch.Tensor:
         """(f - 1) W_i + f s B A on this shard (PEFT's merge W' = f (W + s B A))."""
-        t = view.tensors
-        return lf.dora_merged_delta(view.weight, t[LORA_A], t[LORA_B], view.hparams["scaling"], t[MAGNITUDE],
-                                    self._squared_norms(view))
+        a, b = _factors(view)
+        norms, m, s = self._squared_norms(view), view.tensors[MAGNITUDE], view.hparams["scaling"]
+        if view.geometry.parallel_mode in EMBEDDING_MODES:  # the table [V, H]: the norm runs down its columns
+            return lf.dora_merged_delta(view.weight.t(), a, b, s, m, norms).t()
+        return lf.dora_merged_delta(view.weight, a, b, s, m, norms)
 
     def accepts_stored(self, config: Mapping[str, Any]) -> bool:
         return bool(config.get("use_dora"))
@@ -87,6 +91,11 @@ class DoRAKind(LoRAKind):
     def peft_hparams(self, peft_config: Mapping[str, Any], module: str,
                      shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         return super().peft_hparams(peft_config, module, _without_magnitude(module, shapes))
+
+    def axes(self, tensor_name: str, embedding: bool,
+             hparams: Mapping[str, Any] | None = None) -> tuple[int | None, int | None]:
+        """A table's magnitude has one entry per width column (PEFT's DoraEmbeddingLayer)."""
+        return (None, 0) if embedding and tensor_name == MAGNITUDE else super().axes(tensor_name, embedding, hparams)
 
     def peft_key(self, tensor_name: str) -> str:
         return MAGNITUDE if tensor_name == MAGNITUDE else super().peft_key(tensor_name)
@@ -114,9 +123,11 @@ class DoRAKind(LoRAKind):
         return y * f if reduced.columns is None else y + f * reduced.columns
 
     def payload_rows(self, view: AdapterView) -> torch.Tensor:
-        """This shard's ||W_i + s B A_i||^2 [O], a partial sum over TP."""
-        t = view.tensors
-        return lf.dora_squared_norms(view.weight, t[LORA_A], t[LORA_B], view.hparams["scaling"])
+        """This shard's ||W_i + s B A_i||^2 [O], a partial sum over TP (a table's: per width column,
+        over this rank's vocabulary rows)."""
+        a, b = _factors(view)
+        weight = view.weight.t() if view.geometry.parallel_mode in EMBEDDING_MODES else view.weight
+        return lf.dora_squared_norms(weight, a, b, view.hparams["scaling"])
 
     def reduction_payload(self, view: AdapterView, x: torch.Tensor, partial: torch.Tensor) -> ReductionPayload:
         """Dropout 0 / eval: partial + s z_i B^T, rows n_i^2 (output_scale multiplies by f).
@@ -134,7 +145,7 @@ class DoRAKind(LoRAKind):
 
     def _squared_norms(self, view: AdapterView) -> torch.Tensor:
         """||W + s B A||^2 per local output row: summed over TP (`view.reduced`) on a row host."""
-        if view.geometry.parallel_mode == "row":
+        if view.geometry.parallel_mode in _REDUCED_MODES:
             if view.reduced is None:
                 raise ValueError("a DoRA norm on a row-parallel layer needs the rows summed over TP")
             return view.reduced
@@ -142,6 +153,15 @@ class DoRAKind(LoRAKind):
 
     def _scale(self, view: AdapterView, dtype: torch.dtype) -> torch.Tensor:
         return lf.dora_scale(view.tensors[MAGNITUDE], self.payload_rows(view), dtype)
+
+
+_REDUCED_MODES = ("row", "vocab")
+"""Hosts whose norms are partial over TP (the weight's columns, or a table's rows, are split)."""
+
+
+def _factors(view: AdapterView) -> tuple[torch.Tensor, torch.Tensor]:
+    t = view.tensors
+    return (t[EMBEDDING_A], t[EMBEDDING_B]) if EMBEDDING_A in t else (t[LORA_A], t[LORA_B])
 
 
 def _without_magnitude(module: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

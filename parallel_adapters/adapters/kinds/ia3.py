@@ -107,7 +107,8 @@ class IA3Kind(AdapterKind):
 
     # -- offline: checkpoints and PEFT files ---------------------------------------------------
 
-    def axes(self, tensor_name: str, hparams: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    def axes(self, tensor_name: str, embedding: bool,
+             hparams: Mapping[str, Any] | None = None) -> tuple[int | None, int | None]:
         return (None, 1) if hparams["ia3_feedforward"] else (0, None)  # [1, I] / [O, 1]
 
     def hf_parts(self, hparams: Mapping[str, Any]) -> tuple[str, ...] | None:

@@ -33,9 +33,9 @@ from parallel_adapters.adapters.kinds import register_kind
 from parallel_adapters.adapters.kinds.protocol import (
     INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
 )
-from parallel_adapters.config import LoraConfig, lora_scaling, pattern_value
+from parallel_adapters.config import LoraConfig, decomposition_init, lora_scaling, pattern_value
 from parallel_adapters.distributed.sharding import REPLICATED
-from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LinearGeometry
+from parallel_adapters.distributed.geometry import EMBEDDING_MODES, LINEAR_MODES, LinearGeometry
 
 LORA_A, LORA_B = "lora_A", "lora_B"  # tensor names: `<module>.lora_A.<adapter>.weight`, as PEFT
 EMBEDDING_A, EMBEDDING_B = "lora_embedding_A", "lora_embedding_B"  # PEFT: `<module>.lora_embedding_A` (no .weight)
@@ -75,6 +75,11 @@ class LoRAKind(AdapterKind):
         if geometry.conv is not None and geometry.conv.groups != 1:
             raise ValueError(f"module {module_name}: LoRA on a Conv2d with groups={geometry.conv.groups} is not "
                              "supported (PEFT cannot merge it either); exclude it with exclude_modules")
+        if decomposition_init(config.init_lora_weights) is not None and (
+                geometry.parallel_mode not in LINEAR_MODES or geometry.conv is not None):
+            raise ValueError(f"module {module_name}: LoraConfig.init_lora_weights={config.init_lora_weights!r} "
+                             f"applies to linear layers only (as PEFT's), not to a {geometry.parallel_mode!r} "
+                             "layer; exclude it with exclude_modules")
         hparams = {"r": r, "lora_alpha": alpha, "scaling": lora_scaling(alpha, r, config.use_rslora)}
         lookup = geometry.parallel_mode in EMBEDDING_MODES
         return AdapterSettings(hparams, 0.0 if lookup else config.lora_dropout, config.seed)  # PEFT drops no ids
@@ -98,6 +103,8 @@ class LoRAKind(AdapterKind):
         r, init, mode = hparams["r"], config.init_lora_weights, geometry.parallel_mode
         if mode in EMBEDDING_MODES:
             a, b = ecm.init_lora_embedding(geometry.in_features, geometry.out_features, r, init, generator)
+            # A table's padding rows: no lookup reaches them, and DoRA's column norms must not count them.
+            a[:, geometry.vocab_size or geometry.in_features:] = 0
             return {EMBEDDING_A: a, EMBEDDING_B: b}
         if geometry.conv is not None:
             a, b = ecm.init_lora_conv(geometry.out_features, geometry.in_features, geometry.conv, r, init, generator)

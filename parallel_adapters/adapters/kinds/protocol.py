@@ -152,6 +152,13 @@ class AdapterKind:
         """Whether `get_adapter_model` should pick this kind for `config` (default: its type)."""
         return isinstance(config, self.config_class)
 
+    def axes(self, tensor_name: str, embedding: bool,
+             hparams: Mapping[str, Any] | None = None) -> tuple[int | None, int | None]:
+        """`tensor_axes[tensor_name]` on a linear layer or, `embedding`, on a lookup table, for a
+        module of these hyperparameters (IA3's vector runs along the rows when it scales the
+        output, along the columns when it scales the input)."""
+        return self.tensor_axes[tensor_name]
+
     def accepts_stored(self, config: Mapping[str, Any]) -> bool:
         """Whether a PEFT adapter_config.json of this kind's `peft_type` is this kind's."""
         return True
@@ -196,11 +203,6 @@ class AdapterKind:
         return bias
 
     # -- offline: checkpoints and PEFT files (no geometry, no process group) -----------------
-
-    def axes(self, tensor_name: str, hparams: Mapping[str, Any]) -> tuple[int | None, int | None]:
-        """`tensor_axes[tensor_name]` for a module of these hyperparameters (IA3's vector runs along
-        the rows when it scales the output, along the columns when it scales the input)."""
-        return self.tensor_axes[tensor_name]
 
     def hf_parts(self, hparams: Mapping[str, Any]) -> tuple[str, ...] | None:
         """The HF modules (last names, "k_proj") of a fused Megatron module that this adapter covers,

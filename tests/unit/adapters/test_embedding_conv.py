@@ -165,3 +165,34 @@ def test_eva_initialises_linear_layers_and_leaves_tables_as_peft_does():
     assert not torch.equal(after["model.proj.lora_A.default.weight"], before["model.proj.lora_A.default.weight"])
     for name in ("model.emb.lora_embedding_A.default.weight", "model.emb.lora_embedding_B.default.weight"):
         assert torch.equal(after[name], before[name]), name
+
+
+def test_dora_on_embedding_and_linear_matches_peft():
+    """DoRA (use_dora=True) on nn.Embedding: PEFT's DoraEmbeddingLayer, one magnitude per width
+    column, the norm taken down the table's columns; outputs, gradients and merged weights."""
+    torch.manual_seed(0)
+    base = Net()
+    fields = dict(r=2, lora_alpha=3, target_modules=["emb", "head"], init_lora_weights=False, use_dora=True)
+    ours = get_adapter_model(_clone(base), LoraConfig(**fields), groups=SINGLE)
+    theirs = peft.get_peft_model(_clone(base), peft.LoraConfig(**fields))
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.add_(0.3 * torch.cos(7 * param))  # off its initial norms, so the scale matters
+        initial = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                theirs_params[_peft_name(name)].copy_(param)
+    assert initial["model.emb.lora_magnitude_vector.default.weight"].shape == (6,)
+    ids, image = _inputs()
+    y_ours, y_theirs = ours(ids, image), theirs(ids, image)
+    torch.testing.assert_close(y_ours, y_theirs, atol=1e-6, rtol=0)
+    (y_ours ** 2).sum().backward()
+    (y_theirs ** 2).sum().backward()
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, theirs_params[_peft_name(name)].grad, atol=1e-6, rtol=0, msg=name)
+    merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+    for name in ("emb.weight", "head.weight"):
+        torch.testing.assert_close(merged_ours.state_dict()[name], merged_theirs.state_dict()[name], atol=1e-6, rtol=0)

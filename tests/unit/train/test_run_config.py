@@ -127,3 +127,10 @@ def test_validation_imports_neither_megatron_nor_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_weight_rewriting_inits_are_refused_in_runs(init):
+    """They rewrite the base weights, which checkpoints and resume do not carry yet."""
+    with pytest.raises(ValueError, match=rf"adapter\.init_lora_weights='{init}' is not available in training runs"):
+        validate_run_config(_config(f"adapter.init_lora_weights={init}"))

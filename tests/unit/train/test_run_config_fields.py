@@ -60,6 +60,7 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.rank_pattern": ([], "{linear_qkv: 4}", "lora"),
     "adapter.alpha_pattern": ([], "{linear_qkv: 4}", "lora"),
     "adapter.use_rslora": ([], "true", "lora"),
+    "adapter.use_dora": ([], "true", "lora"),
     "adapter.init_lora_weights": ([], "gaussian", "lora"),
     "adapter.bias": ([], "all", "lora"),
     "adapter.modules_to_save": ([], "[final_layernorm]", "lora"),

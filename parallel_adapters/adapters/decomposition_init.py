@@ -1,0 +1,72 @@
+"""Initialise LoRA adapters from their base weights (PEFT's `init_lora_weights="pissa"`,
+`"pissa_niter_K"`, `"olora"`), each TP rank from its own weight shard (docs/design.md section 4b).
+
+Runs once, when the adapter is added (`AdapterModel.add_adapter`), after every target got its
+host: per host, in model order, the factors come from `decompose.pissa` / `decompose.olora`
+(collectives over the host's TP group only, never W itself), replace the placeholder factors,
+and the residual W_i - s (B A)_i (this shard's part of s B A) is written into the frozen base
+shard, computed in float32 or wider from the factors as stored and cast back to W's dtype (as
+PEFT).  Kinds that derive tensors from the weight (DoRA's magnitude, which PEFT allows with both
+inits) recompute them from the residual and the new factors.  A progress bar over the layers
+shows on world rank 0.
+
+Every rank of a TP group reaches the same hosts in the same order (the model's structure is the
+same on each), so the collectives pair up.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from parallel_adapters.adapters import functional as lf
+from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.kinds.lora import LORA_A, LORA_B
+from parallel_adapters.config import LoraConfig, decomposition_init
+from parallel_adapters.decompose import olora, pissa
+from parallel_adapters.distributed import collectives
+from parallel_adapters.distributed.sharding import ShardSpec
+
+
+def initialize_from_weights(hosts: Sequence[AdapterHost], config: Any, adapter_name: str,
+                            show_progress: bool = True) -> None:
+    """Run the decomposition `config.init_lora_weights` names on every host holding `adapter_name`
+    (nothing for other inits)."""
+    method = decomposition_init(getattr(config, "init_lora_weights", None))  # other kinds' configs: none
+    if method is None:
+        return
+    hosts = [h for h in hosts if h.has_adapter(adapter_name)]
+    enabled = show_progress and collectives.group_rank(None) == 0 and len(hosts) > 1
+    for host in tqdm(hosts, desc=f"{config.init_lora_weights} init", disable=not enabled, leave=False):
+        _initialize_host(host, method, config, adapter_name)
+
+
+def _initialize_host(host: AdapterHost, method: tuple[str, int | None], config: LoraConfig,
+                     adapter_name: str) -> None:
+    g = host.geometry
+    hparams = host.hparams(adapter_name)
+    r, scaling = hparams["r"], hparams["scaling"]
+    weight = host.weight.detach()
+    in_spec = ShardSpec(dim=0, chunks=g.chunks) if g.parallel_mode == "row" else ShardSpec()
+    in_index = in_spec.shard(torch.arange(g.in_features, device=weight.device), g.tp_rank, g.tp_size)
+    name, niter = method
+    if name == "olora":
+        a, b = olora.olora_factors(weight, g.parallel_mode, r, in_index, g.tp_group)
+    else:
+        seed = lf.factor_seed(config.seed, host.module_name, adapter_name, "pissa")
+        generator = torch.Generator().manual_seed(seed)
+        a, b, report = pissa.pissa_factors(weight, g.parallel_mode, r, scaling, niter, generator, in_index,
+                                           g.tp_group)
+        if not report.converged:
+            warnings.warn(f"{host.module_name}: PiSSA's SVD did not converge in {report.iterations} iterations "
+                          f"(subspace moved {report.distance:.2e} in the last one; the top-{r} singular values "
+                          "are nearly tied): the factors span an approximate top-r subspace", stacklevel=3)
+    tensors = {n: t.detach().clone() for n, t in host.adapter_tensors(adapter_name).items()}
+    tensors[LORA_A], tensors[LORA_B] = a, b
+    host.replace_tensors(adapter_name, tensors, hparams)
+    stored = host.adapter_tensors(adapter_name)
+    with torch.no_grad():
+        host.weight.copy_(lf.fold_delta(host.weight, -lf.lora_delta(stored[LORA_A], stored[LORA_B], scaling)))
+    host.refresh_initial_tensors(adapter_name)

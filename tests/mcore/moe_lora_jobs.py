@@ -1,0 +1,138 @@
+"""Multi-rank jobs for tests/mcore/test_moe_lora_gpt.py (module-level, plain args, run by WorkerPool).
+
+Each DP rank's loss is the mean over its own rows; `finalize_grads(data_parallel=True)` turns
+every gradient into the global mean loss's (dense adapters summed over DP, expert adapters over
+expert-DP, both divided by the DP size), which the world-1 run computes directly.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from tests.harness import counting
+from tests.mcore import moe_jobs
+
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+FP64 = {"params_dtype": torch.float64}
+
+
+def _adapted(tp: int, ep: int, etp: int, pp: int, sequence_parallel: bool, world_one: bool = False,
+             lora_seed: int = 0, **lora_kw):
+    """This rank's MoE GPT stage (float64) with LoRA on attention and every MLP linear layer."""
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.distributed.groups import ParallelGroups
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    groups = moe_jobs._setup(tp, ep, etp, pp, 1234)
+    if world_one:
+        groups = ParallelGroups.single()  # every rank alone is world size 1
+    base = build_gpt(moe_jobs._settings(sequence_parallel, **FP64))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, seed=lora_seed, **lora_kw)
+    return get_adapter_model(base, config, groups=groups), groups
+
+
+def consolidated_adapter(adapter, groups) -> dict[str, torch.Tensor]:
+    """Global name -> full adapter tensor, gathered over the group that splits its layer (expert-TP
+    for routed experts, TP otherwise) and unsharded by its ShardSpec."""
+    from parallel_adapters.mcore.moe import split_group
+
+    out = {}
+    for name, t in adapter.adapter_state_dict().items():
+        group, size, _ = split_group(name, groups)
+        pieces = [t.local.detach().clone()]
+        if not t.spec.replicated and size > 1:
+            pieces = [torch.empty_like(t.local) for _ in range(size)]
+            dist.all_gather(pieces, t.local.detach().contiguous(), group=group)
+        out[name] = t.spec.unshard(pieces)
+    return out
+
+
+def _step(adapter, groups, input_ids, labels, num_microbatches: int) -> torch.Tensor | None:
+    """Forward+backward of this DP rank's rows (loss: their mean); the global mean loss on the
+    last stage (None elsewhere)."""
+    from parallel_adapters.mcore.schedule import pipeline_forward_backward
+
+    ids, lab = moe_jobs._dp_slice(input_ids, groups), moe_jobs._dp_slice(labels, groups)
+    micro = [{"input_ids": i, "labels": t} for i, t in zip(ids.chunk(num_microbatches), lab.chunk(num_microbatches))]
+    loss_fn = partial(moe_jobs._mean_loss, 1.0, adapter.model.unpadded_vocab_size)
+    reports = pipeline_forward_backward(adapter.model, micro, loss_fn)
+    if not groups.is_last_stage:
+        return None
+    loss = torch.stack([r["loss"] for r in reports]).mean()
+    moe_jobs._reduce(loss, groups.dp_group, groups.dp_size)
+    return loss / groups.dp_size
+
+
+def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labels: torch.Tensor,
+              sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5,
+              use_dora: bool = False) -> dict:
+    """Losses over `steps` AdamW steps and the consolidated adapter after them (all sizes 1:
+    the world-1 reference on every rank)."""
+    world_one = (tp, ep, etp, pp) == (1, 1, 1, 1)
+    adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora)
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = _step(adapter, groups, input_ids, labels, num_microbatches)
+        adapter.finalize_grads(data_parallel=True)
+        optimizer.step()
+        losses.append(None if loss is None else loss.item())
+    return {"losses": losses, "adapter": consolidated_adapter(adapter, groups),
+            "held": sorted(adapter.adapter_state_dict()), "ep_rank": groups.ep_rank,
+            "trainable": sum(p.numel() for p in adapter.parameters() if p.requires_grad)}
+
+
+def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP 1: the
+    frozen base with the embedding trainable, or the model with expert LoRA; and, with LoRA, of
+    finalize_grads without and with data-parallel averaging."""
+    adapter, groups = _adapted(tp, ep, 1, 1, tp > 1)
+    model = adapter.model
+    if variant == "frozen_base":
+        model = adapter.unload()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.embedding.word_embeddings.weight.requires_grad_(True)
+    ids, lab = moe_jobs._dp_slice(input_ids, groups), moe_jobs._dp_slice(labels, groups)
+    with counting.counted() as step:
+        model(ids, None, None, labels=lab).mean().backward()
+    out = {"step": dict(step.calls)}
+    if variant != "frozen_base":
+        for data_parallel in (False, True):
+            with counting.counted() as fin:
+                adapter.finalize_grads(data_parallel=data_parallel)
+            out[f"finalize_dp{int(data_parallel)}"] = dict(fin.calls)
+    return out
+
+
+def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int | None = None) -> dict:
+    """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint (at EP=load_ep, by
+    default the same) into a model whose adapter was drawn from another seed: does every tensor
+    this rank holds come back exactly (compared with the saving seed's full adapter)?"""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
+
+    saved, groups = _adapted(tp, ep, etp, 1, tp > 1)
+    path = save_checkpoint(saved, directory)
+    load_ep = ep if load_ep is None else load_ep
+    if load_ep != ep:  # the same adapter drawn at the loading layout (init is layout-independent)
+        saved, _ = _adapted(tp, load_ep, etp, 1, tp > 1)
+    other, _ = _adapted(tp, load_ep, etp, 1, tp > 1, lora_seed=1)
+    before = other.adapter_state_dict()
+    want = saved.adapter_state_dict()
+    differed = all(not torch.equal(before[n].local, want[n].local) for n in want if "lora_A" in n)
+    load_checkpoint(other, path, restore_rng=False)
+    got = other.adapter_state_dict()
+    return {"differed": differed, "names": sorted(want),
+            "equal": {n: torch.equal(got[n].local, want[n].local) for n in want}}
+
+
+def dora_expert_etp_job() -> str:
+    """DoRA on expert fc2 (a row layer) at expert-TP 2: the NotImplementedError message."""
+    try:
+        _adapted(1, 1, 2, 1, False, use_dora=True)
+    except NotImplementedError as exc:
+        return str(exc)
+    return ""
