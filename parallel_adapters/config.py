@@ -1,4 +1,4 @@
-"""Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`).
+"""Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`, `IA3Config`, `LoHaConfig`).
 
 Field names and defaults follow Hugging Face PEFT so that a PEFT user is at home and so that
 `adapter_config.json` round-trips.  Validation raises ValueError naming the field.  Configs are
@@ -148,6 +148,131 @@ class LoraConfig:
         return cls(**data)
 
 
+IA3_FUSED_PARTS = {"linear_qkv": ("q", "k", "v"), "linear_fc1": ("gate", "up")}
+"""Megatron's fused linears and the HF modules (parts) their rows hold, as IA3Config.fused_parts names them."""
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    """(IA)^3 settings, PEFT's `IA3Config` fields: a learned vector scales a targeted module's
+    output, or its input where the module is a feedforward module.
+
+    Megatron fuses q/k/v into `linear_qkv` and SwiGLU's gate/up into `linear_fc1`; PEFT scales
+    HF modules one by one (its Llama default: k_proj, v_proj, and down_proj on the input).
+    `fused_parts` says which parts of a fused module's OUTPUT rows are scaled: the vector holds
+    those rows only; the other rows keep scale 1 and train nothing."""
+
+    target_modules: TargetModules = ("linear_qkv", "linear_fc2")
+    """As LoraConfig.target_modules (Megatron names; default: PEFT's Llama default k, v, down)."""
+    feedforward_modules: TargetModules = ("linear_fc2",)
+    """Targeted modules whose INPUT is scaled (list: name or '.'-suffix match; str: full regex)."""
+    exclude_modules: TargetModules = None
+    fused_parts: dict = field(default_factory=lambda: {"linear_qkv": ("k", "v")})
+    """Fused module leaf name -> the parts whose output rows are scaled ("linear_qkv": any of
+    "q", "k", "v"; "linear_fc1": "gate", "up"); a fused module not named here: all its rows."""
+    init_ia3_weights: bool = True
+    """True: ones (the identity).  False: standard normal, as PEFT."""
+    fan_in_fan_out: bool = False
+    """Only False: Megatron and nn.Linear weights are [out, in]."""
+    modules_to_save: Union[list, None] = None
+    seed: int = 0
+    """Seed of the initialisation (init_ia3_weights=False), so every TP size starts alike."""
+
+    layers_to_transform = None  # not fields: PEFT's IA3Config has neither; find_targets reads them
+    layers_pattern = None
+    bias = "none"
+
+    def __post_init__(self) -> None:
+        _check_targets("IA3Config", self.target_modules)
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"IA3Config.init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        if self.fan_in_fan_out:
+            raise ValueError("IA3Config.fan_in_fan_out=True is not supported: Megatron and nn.Linear weights "
+                             "are [out, in] (it is for GPT-2's Conv1D)")
+        ff, targets = self.feedforward_modules, self.target_modules
+        if isinstance(ff, (list, tuple)) and isinstance(targets, (list, tuple)) and not set(ff) <= set(targets):
+            raise ValueError(f"IA3Config.feedforward_modules {sorted(set(ff) - set(targets))} are not in "
+                             f"target_modules {list(targets)}")
+        parts = {}
+        for module, names in self.fused_parts.items():
+            if module not in IA3_FUSED_PARTS:
+                raise ValueError(f"IA3Config.fused_parts key {module!r}: fused modules are {sorted(IA3_FUSED_PARTS)}")
+            names = (names,) if isinstance(names, str) else tuple(names)
+            bad = [n for n in names if n not in IA3_FUSED_PARTS[module]]
+            if bad or not names or len(set(names)) != len(names):
+                raise ValueError(f"IA3Config.fused_parts[{module!r}] = {list(names)}: give distinct parts "
+                                 f"among {list(IA3_FUSED_PARTS[module])}")
+            parts[module] = tuple(n for n in IA3_FUSED_PARTS[module] if n in names)  # canonical order
+        object.__setattr__(self, "fused_parts", parts)
+        _canonical_targets(self, ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"))
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["fused_parts"] = {k: list(v) for k, v in data["fused_parts"].items()}
+        for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
+            data[name] = _jsonable_targets(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IA3Config":
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class LoHaConfig:
+    """LoHa settings, PEFT's `LoHaConfig` fields: dW = (alpha / r) (w1a w1b) * (w2a w2b), the
+    Hadamard product of two rank-r products (linear layers; no Conv2d here)."""
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    """Only 0: a per-row mask over the whole weight would need the TP ranks' RNG agreed (refused)."""
+    module_dropout: float = 0.0
+    """Only 0: skipping the adapter per step needs one draw shared by every TP rank (refused)."""
+    target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
+    exclude_modules: TargetModules = None
+    layers_to_transform: Union[int, list, None] = None
+    layers_pattern: Union[str, list, None] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    init_weights: bool = True
+    """True: w1a, w1b, w2a Kaiming-uniform, w2b zero (dW = 0).  False: all four Kaiming-uniform."""
+    modules_to_save: Union[list, None] = None
+    seed: int = 0
+    """Seed of the full-tensor initialisation, so every TP size starts from the same adapter."""
+
+    bias = "none"  # not a field: PEFT's LoHaConfig has none
+
+    def __post_init__(self) -> None:
+        _check_positive_int("r", self.r, "LoHaConfig")
+        _check_positive_number("alpha", self.alpha, "LoHaConfig")
+        for name in ("rank_dropout", "module_dropout"):
+            value = getattr(self, name)
+            if value != 0:
+                raise ValueError(f"LoHaConfig.{name}={value!r} is not supported under tensor parallelism yet "
+                                 "(its random mask would have to agree across the TP ranks sharing a factor); use 0")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"LoHaConfig.init_weights must be True or False, got {self.init_weights!r}")
+        _check_targets("LoHaConfig", self.target_modules)
+        for key, value in self.rank_pattern.items():
+            _check_positive_int(f"rank_pattern[{key!r}]", value, "LoHaConfig")
+        for key, value in self.alpha_pattern.items():
+            _check_positive_number(f"alpha_pattern[{key!r}]", value, "LoHaConfig")
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+        _canonical_targets(self, ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"))
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"):
+            data[name] = _jsonable_targets(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoHaConfig":
+        return cls(**_known_fields(cls, data))
+
+
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -184,11 +309,31 @@ def _jsonable_targets(targets: TargetModules):
     return list(targets) if isinstance(targets, tuple) else targets
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def _check_positive_int(name: str, value: Any, owner: str = "LoraConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"LoraConfig.{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
-def _check_positive_number(name: str, value: Any) -> None:
+def _check_positive_number(name: str, value: Any, owner: str = "LoraConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"LoraConfig.{name} must be > 0, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+def _check_targets(owner: str, targets: TargetModules) -> None:
+    if targets is None or (isinstance(targets, (list, tuple)) and not targets):
+        raise ValueError(f"{owner}.target_modules must name at least one module")
+
+
+def _canonical_targets(config: Any, names: tuple[str, ...]) -> None:
+    """Lists become tuples, so equal configs compare equal."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, list):
+            object.__setattr__(config, name, tuple(value))
+
+
+def _known_fields(cls: type, data: dict) -> dict:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+    return dict(data)

@@ -212,8 +212,9 @@ class AdapterModel(nn.Module):
         """PEFT's PeftModel.from_pretrained: `model` with the adapter saved in `model_id` (by
         save_pretrained or by PEFT); frozen unless `is_trainable`."""
         config = config or pretrained.read_config(model_id, adapter_name)
-        if decomposition_init(config.init_lora_weights) is not None:  # the saved factors pair with a residual
-            config = config.replace(init_lora_weights=True)           # base the caller passes: keep W as given
+        # PiSSA/OLoRA factors pair with the residual base the caller passes: keep W as given
+        if decomposition_init(getattr(config, "init_lora_weights", None)) is not None:  # LoRA's field only
+            config = config.replace(init_lora_weights=True)
         adapted = get_adapter_model(model, config, adapter_name, groups, autocast_adapter_dtype)
         pretrained.load_adapter_weights(adapted, model_id, adapter_name)
         if not is_trainable:

@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.config import EvaConfig, LoraConfig
+from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoraConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-_OUR_ONLY = {"seed"}  # LoraConfig fields that PEFT's LoraConfig does not have
+_OUR_ONLY = {"seed", "fused_parts"}  # our config fields that PEFT's configs do not have
+_OTHER_KINDS = {"IA3": IA3Config, "LOHA": LoHaConfig}
+"""peft_type -> our config, for the kinds beyond LoRA (their fields are PEFT's)."""
+_OTHER_UNSUPPORTED = {"IA3": {"fan_in_fan_out": False}, "LOHA": {"use_effective_conv2d": False}}
 _PEFT_EVA = {"rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors"}
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False}
 """PEFT fields whose other values change the adapter's math: loading refuses them."""
@@ -32,20 +35,32 @@ def adapter_directory(directory: str | Path, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-def peft_config_dict(config: LoraConfig) -> dict[str, Any]:
-    """adapter_config.json: our LoraConfig in PEFT's fields (PEFT's LoraConfig loads it)."""
+def peft_config_dict(config: Any) -> dict[str, Any]:
+    """adapter_config.json: our config in PEFT's fields (PEFT's LoraConfig / IA3Config /
+    LoHaConfig loads it).  IA3's fused_parts has no PEFT field; an adapter covering only parts of a
+    fused module is refused by `_peft_tensors`."""
     data = {k: v for k, v in config.to_dict().items() if k not in _OUR_ONLY}
     if data.get("eva_config") is not None:
         data["eva_config"] = {k: v for k, v in data["eva_config"].items() if k in _PEFT_EVA}
-    data.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
+    peft_type = next((t for t, cls in _OTHER_KINDS.items() if isinstance(config, cls)), "LORA")
+    data.update(peft_type=peft_type, task_type=None, base_model_name_or_path=None, inference_mode=True)
     return data
 
 
 def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     """A LoraConfig from PEFT's adapter_config.json fields (PEFT's other bookkeeping fields are
     ignored; fields that would change the adapter's math are refused, naming them)."""
-    if data.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{source}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type in _OTHER_KINDS:
+        cls = _OTHER_KINDS[peft_type]
+        bad = {k: data[k] for k, default in _OTHER_UNSUPPORTED[peft_type].items() if data.get(k, default) != default}
+        if bad:
+            raise ValueError(f"{source}: unsupported {peft_type} settings {bad}")
+        known = {f.name for f in dataclasses.fields(cls)} - _OUR_ONLY
+        kept = {k: v for k, v in data.items() if k in known}
+        return cls.from_dict({**kept, "fused_parts": {}} if cls is IA3Config else kept)
+    if peft_type != "LORA":
+        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3 and LOHA adapters load")
     bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
     if bad:
         raise ValueError(f"{source}: unsupported LoRA settings {bad}")
@@ -101,6 +116,10 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     for _, layer in model.adapter_layers():
         if layer.has_adapter(adapter_name):
             kind = layer.kinds[adapter_name]
+            if kind.hf_parts(layer.hparams(adapter_name)) is not None:
+                raise ValueError(f"{layer.module_name}: adapter {adapter_name!r} covers only parts of a fused module "
+                                 "(IA3Config.fused_parts); save_checkpoint then export_peft splits it into PEFT's "
+                                 "modules")
             for tensor_name, param in layer.adapter_tensors(adapter_name).items():
                 out[f"{PEFT_PREFIX}{layer.module_name}.{kind.peft_key(tensor_name)}"] = param
     return out if live else {k: v.detach().contiguous().clone() for k, v in out.items()}

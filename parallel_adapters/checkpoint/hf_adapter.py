@@ -27,7 +27,9 @@ from parallel_adapters.adapters.kinds.protocol import AdapterView
 from parallel_adapters.adapters.pretrained import PEFT_PREFIX
 from parallel_adapters.distributed.geometry import LinearGeometry
 from parallel_adapters.hf.config import LlamaShape
-from parallel_adapters.hf.mapping import HF_LINEAR_NAMES, expected_hf_shapes, hf_modules, row_segments, split_rows
+from parallel_adapters.hf.mapping import (
+    HF_LINEAR_NAMES, expected_hf_shapes, expected_rows, hf_modules, row_segments, split_rows,
+)
 
 EMBEDDING_MODULE = "embedding.word_embeddings"
 _VOCAB_MODULES = {EMBEDDING_MODULE: "model.embed_tokens", "output_layer": "lm_head"}
@@ -56,6 +58,14 @@ class HFModuleAdapter:
         view = AdapterView("merge", self.kind, frozenset(), self.tensors, self.hparams, None, geometry, weight)
         return self.kind.merged_weight(view, weight)
 
+    def merged_bias(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The HF bias with this adapter folded in (IA3 scales it; most kinds leave it)."""
+        geometry = LinearGeometry("replicated", weight.shape[1], weight.shape[0], 1, None, 1, 0, False, False, True,
+                                  False)
+        view = AdapterView("merge", self.kind, frozenset(), self.tensors, self.hparams, None, geometry, weight,
+                           bias=bias)
+        return self.kind.merged_bias(view, bias)
+
 
 @dataclass(frozen=True)
 class ModulePlan:
@@ -74,7 +84,7 @@ class ModulePlan:
         """HF module -> its adapter, from this module's full tensors (by the kind's names)."""
         parts: dict[str, dict[str, torch.Tensor]] = {hf: {} for hf in self.hf_modules}
         for name, tensor in tensors.items():
-            row_axis = self.kind.axes(name, self.module == EMBEDDING_MODULE)[0]
+            row_axis = self.kind.axes(name, self.module == EMBEDDING_MODULE, self.hparams)[0]
             if row_axis is None:
                 for hf in self.hf_modules:
                     parts[hf][name] = tensor.detach()
@@ -83,7 +93,8 @@ class ModulePlan:
             for hf in self.hf_modules:
                 parts[hf][name] = rows[hf].movedim(0, row_axis)
         embedding = self.module == EMBEDDING_MODULE
-        return {hf: HFModuleAdapter(self.kind, parts[hf], self.hparams, embedding) for hf in self.hf_modules}
+        hparams = self.kind.hf_module_hparams(self.hparams)
+        return {hf: HFModuleAdapter(self.kind, parts[hf], hparams, embedding) for hf in self.hf_modules}
 
 
 def adapter_hf_modules(module: str, shape: LlamaShape) -> tuple[str, ...]:
@@ -139,18 +150,34 @@ def plan_modules(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[st
         except ValueError as exc:
             raise ValueError(f"cannot export the adapter on {module!r}: {exc}") from None
         shapes = {name: tuple(tensors[key].shape) for name, key in keys.items()}
+        hparams = kind.stored_hparams(adapter_config, module, shapes)
+        parts = kind.hf_parts(hparams)
+        if parts is not None:
+            targets = tuple(t for t in targets if t.rsplit(".", 1)[-1] in parts)
         segments: tuple = ()
         for name, dims in shapes.items():
-            row_axis, col_axis = kind.axes(name, module == EMBEDDING_MODULE)
+            row_axis, col_axis = kind.axes(name, module == EMBEDDING_MODULE, hparams)
             if row_axis is not None:
                 vocab_shape = dataclasses.replace(shape, tie_word_embeddings=False)  # lm_head rows, tied or not
-                segments = tuple(row_segments(module, vocab_shape, dims[row_axis], ""))
+                segments = (tuple(row_segments(module, vocab_shape, dims[row_axis], "")) if parts is None
+                            else _covered_segments(module, shape, parts, dims[row_axis]))
             if col_axis is not None and dims[col_axis] != _hf_columns(targets[0], shape):
                 raise ValueError(f"{module}: {name} has {dims[col_axis]} along the weight's columns, the HF config "
                                  f"implies {_hf_columns(targets[0], shape)}")
-        plans.append(ModulePlan(module, kind, keys, kind.stored_hparams(adapter_config, module, shapes),
-                                targets, segments))
+        plans.append(ModulePlan(module, kind, keys, hparams, targets, segments))
     return plans
+
+
+def _covered_segments(module: str, shape: LlamaShape, parts: tuple[str, ...], rows: int) -> tuple:
+    """The row segments of a tensor holding only the rows of HF modules `parts` (in W's row order)."""
+    kept, start = [], 0
+    for seg in row_segments(module, shape, expected_rows(module, shape), ""):
+        if seg.hf_name is not None and seg.hf_name.rsplit(".", 1)[-1] in parts:
+            kept.append(dataclasses.replace(seg, start=start, stop=start + seg.stop - seg.start))
+            start += seg.stop - seg.start
+    if start != rows:
+        raise ValueError(f"{module}: {rows} rows, the HF config implies {start} for {', '.join(parts)}")
+    return tuple(kept)
 
 
 def hf_module_adapters(tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],

@@ -138,7 +138,7 @@ def _check_targets(base: HFCheckpoint, adapters: Mapping[str, HFModuleAdapter]) 
             problems.append(f"{name}: not in the base checkpoint")
             continue
         for tensor_name, tensor in adapter.tensors.items():
-            for axis, size in zip(adapter.kind.axes(tensor_name, adapter.embedding), base.shape(name)):
+            for axis, size in zip(adapter.kind.axes(tensor_name, adapter.embedding, adapter.hparams), base.shape(name)):
                 if axis is not None and tensor.shape[axis] != size:
                     problems.append(f"{name}: base shape {base.shape(name)}, adapter {tensor_name} "
                                     f"{tuple(tensor.shape)}")
@@ -168,6 +168,9 @@ def merge_adapters_into_hf(adapters: Mapping[str, HFModuleAdapter], base_hf_dir:
                 weight = adapter.merged_weight(weight)
                 if check_finite:
                     check_tensor(name, weight, "merge --safe-merge: the merged weight")
+            elif name.endswith(".bias") and name.removesuffix(".bias") in adapters:  # IA3 scales it
+                module = name.removesuffix(".bias")
+                weight = adapters[module].merged_bias(base.read(module + ".weight"), weight)
             writer.write(name, weight)
         writer.close()
         if len(files) > 1:

@@ -53,3 +53,6 @@ class LinearGeometry:
     tensor-parallel group's, and the layer issues no collective of its own (Megatron's
     `explicit_expert_comm`: the token dispatcher all-gathers its input and reduce-scatters its
     output over expert-TP x EP), so a host runs local math only and adds nothing either."""
+    attention: tuple[int, int, int] | None = None
+    """(attention heads, query groups, head size) of the Megatron model the layer belongs to, where
+    known: how a fused linear_qkv's rows divide into q/k/v (adapter kinds that scale parts of them)."""

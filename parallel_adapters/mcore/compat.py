@@ -150,7 +150,18 @@ def linear_geometry(module: torch.nn.Module, groups: ParallelGroups) -> LinearGe
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         skip_bias_add=bool(getattr(module, "te_return_bias", False) if te else module.skip_bias_add),
         expert=expert,
+        attention=_attention_shape(getattr(module, "config", None)),
     )
+
+
+def _attention_shape(config: Any) -> tuple[int, int, int] | None:
+    """(heads, query groups, head size) from a TransformerConfig (None without one)."""
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        return None
+    groups = getattr(config, "num_query_groups", None) or heads
+    head_size = getattr(config, "kv_channels", None) or config.hidden_size // heads
+    return heads, groups, head_size
 
 
 def _split_group(module: torch.nn.Module, groups: ParallelGroups, expert: bool) -> tuple[Any, int, int]:

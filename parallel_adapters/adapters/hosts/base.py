@@ -65,6 +65,7 @@ class AdapterHost(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None
+        self._unmerged_bias: torch.Tensor | None = None
         self.disabled = False
         self.tied_weight = False
         """Set by injection on a tied embedding / output layer: merging is refused."""
@@ -170,7 +171,7 @@ class AdapterHost(nn.Module):
         kind, dropout = self.kinds[name], self._dropout[name]
         return AdapterView(name, kind, kind.slots(self.geometry.parallel_mode), self.adapter_tensors(name),
                            self.hparams(name), dropout if (dropout is not None and self.training) else None,
-                           self.geometry, self.weight if weight is None else weight)
+                           self.geometry, self.weight if weight is None else weight, bias=self.bias)
 
     def _reduced_view(self, name: str, weight: torch.Tensor) -> AdapterView:
         """The view with the kind's `payload_rows` summed over TP: ONE collective, at add and merge
@@ -218,13 +219,19 @@ class AdapterHost(nn.Module):
         self.check_mergeable(names)
         with torch.no_grad():
             merged = self.weight.detach().clone()
+            bias = None if self.bias is None else self.bias.detach().clone()
             for name in names:
-                merged = self.kinds[name].merged_weight(self._reduced_view(name, merged), merged)
-            if safe_merge and not torch.isfinite(merged).all():
+                view = self._reduced_view(name, merged)
+                merged = self.kinds[name].merged_weight(view, merged)
+                bias = None if bias is None else self.kinds[name].merged_bias(view, bias)
+            if safe_merge and not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
                 raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives non-finite weights")
             if self._unmerged_weight is None:
                 self._unmerged_weight = self.weight.detach().clone()
+                self._unmerged_bias = None if self.bias is None else self.bias.detach().clone()
             self.weight.copy_(merged)
+            if bias is not None:
+                self.bias.copy_(bias)  # IA3 scales the bias with the output
         self.merged_adapters.extend(names)
 
     def check_mergeable(self, names: list[str]) -> None:
@@ -242,12 +249,14 @@ class AdapterHost(nn.Module):
             return
         with torch.no_grad():
             self.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+            if self._unmerged_bias is not None:
+                self.bias.copy_(self._unmerged_bias)
+        self._unmerged_weight = self._unmerged_bias = None
         self.merged_adapters = []
 
     def forget_unmerge(self) -> None:
         """Drop the pre-merge copy (the merge becomes permanent)."""
-        self._unmerged_weight = None
+        self._unmerged_weight = self._unmerged_bias = None
 
     # -- Megatron / state-dict compatibility ----------------------------------------------------
 

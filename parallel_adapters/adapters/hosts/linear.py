@@ -10,15 +10,20 @@ implemented here; the others raise NotImplementedError when a kind asks for them
 
     host        slots                          the ONE collective (forward / backward)
     column      input_columns, local_addend,   copy_to (identity / all-reduce of dx), or under SP
-                output_scale                   all-gather of [x | columns] / reduce-scatter
+                output_scale, input_scale,     all-gather of [x | columns] / reduce-scatter
+                weight_delta
     row         partial_addend,                all-reduce of the partial (SP: reduce-scatter) /
                 reduction_payload,             identity (SP: all-gather); the payload rides
-                output_scale                   inside it (hosts/payload.py)
-    replicated  local_addend, output_scale     none
+                output_scale, input_scale,     inside it (hosts/payload.py)
+                weight_delta
+    replicated  local_addend, output_scale,    none
+                input_scale, weight_delta
     MoE expert  as column / row (no payload    none of its own: Megatron's token dispatcher
     (column or  rows at expert-TP > 1)         all-gathers the input and reduce-scatters the
     row)                                       output over expert-TP x EP (geometry.expert)
 
+Before the base matmul: every input_scale on the input this rank multiplies (column: the whole
+input, after the all-gather / copy_to; row: x_i), and the matmul runs on W_i + the weight_deltas.
 Per adapter, in order: local_addend, then output_scale (PEFT applies an adapter's scale to the
 output accumulated so far); the bias is added after every output_scale.
 """
@@ -30,7 +35,8 @@ import torch.nn.functional as F
 from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds.protocol import (
-    INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, AdapterView, ReductionPayload,
+    INPUT_COLUMNS, INPUT_SCALE, LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, WEIGHT_DELTA,
+    AdapterView, ReductionPayload,
 )
 from parallel_adapters.distributed import collectives
 
@@ -61,7 +67,7 @@ class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
     Returns (output, bias) where bias is not None only with skip_bias_add.
     """
 
-    SLOTS = frozenset({INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE})
+    SLOTS = frozenset({INPUT_COLUMNS, LOCAL_ADDEND, OUTPUT_SCALE, INPUT_SCALE, WEIGHT_DELTA})
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None):
@@ -74,6 +80,7 @@ class ColumnParallelHost(_MegatronStateMixin, AdapterHost):
             if not g.expert:  # an expert's dx is summed by the dispatcher's reduce-scatter
                 x = collectives.copy_to_group(x, g.tp_group)
             columns = [_input_columns(view, x) for view in views]
+        x = _scaled_input(x, views)  # the whole input: a replicated scale, no collective
         y = _local_output(x, weight, None if g.skip_bias_add else self.bias, views, columns)
         gather = g.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
@@ -106,14 +113,15 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
     input_is_parallel=False: x is split here (backward: all-gather of dx), as Megatron does.
     """
 
-    SLOTS = frozenset({PARTIAL_ADDEND, REDUCTION_PAYLOAD, OUTPUT_SCALE})
+    SLOTS = frozenset({PARTIAL_ADDEND, REDUCTION_PAYLOAD, OUTPUT_SCALE, INPUT_SCALE, WEIGHT_DELTA})
 
     def forward(self, x: torch.Tensor):
         g = self.geometry
         if not g.input_is_parallel:
             x = collectives.scatter_last_dim(x, g.tp_group)
-        partial = F.linear(x, self.weight)
         views = self._running_views()
+        x = _scaled_input(x, views)  # x_i: a scale split like W's columns
+        partial = F.linear(x, _delta_weight(self.weight, views))
         payloads: list[ReductionPayload | None] = []
         for view in views:
             if PARTIAL_ADDEND in view.slots:
@@ -162,10 +170,11 @@ class ReplicatedHost(AdapterHost):
     Returns a tensor, like the nn.Linear it wraps.
     """
 
-    SLOTS = frozenset({LOCAL_ADDEND, OUTPUT_SCALE})
+    SLOTS = frozenset({LOCAL_ADDEND, OUTPUT_SCALE, INPUT_SCALE, WEIGHT_DELTA})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = self._running_views()
+        x = _scaled_input(x, views)
         return _local_output(x, self.weight, self.bias, views, [None] * len(views))
 
 
@@ -178,7 +187,7 @@ def _local_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x W^T, each adapter's local_addend then output_scale, + bias (inside F.linear when no
     adapter scales the output)."""
     scaled = any(OUTPUT_SCALE in view.slots for view in views)
-    y = F.linear(x, weight, None if scaled else bias)
+    y = F.linear(x, _delta_weight(weight, views), None if scaled else bias)
     for view, cols in zip(views, columns):
         if LOCAL_ADDEND in view.slots:
             y = view.kind.local_addend(view, x, y, cols)
@@ -189,3 +198,18 @@ def _local_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _input_columns(view: AdapterView, x: torch.Tensor) -> torch.Tensor | None:
     return view.kind.input_columns(view, x) if INPUT_COLUMNS in view.slots else None
+
+
+def _scaled_input(x: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
+    for view in views:
+        if INPUT_SCALE in view.slots:
+            x = view.kind.input_scale(view, x)
+    return x
+
+
+def _delta_weight(weight: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
+    """W_i + every weight_delta (in the deltas' dtype when wider, cast back to W's for the matmul)."""
+    deltas = [view.kind.weight_delta(view) for view in views if WEIGHT_DELTA in view.slots]
+    if not deltas:
+        return weight
+    return (weight.to(deltas[0].dtype) + sum(deltas)).to(weight.dtype)

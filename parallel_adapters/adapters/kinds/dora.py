@@ -92,9 +92,10 @@ class DoRAKind(LoRAKind):
                      shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         return super().peft_hparams(peft_config, module, _without_magnitude(module, shapes))
 
-    def axes(self, tensor_name: str, embedding: bool) -> tuple[int | None, int | None]:
+    def axes(self, tensor_name: str, embedding: bool,
+             hparams: Mapping[str, Any] | None = None) -> tuple[int | None, int | None]:
         """A table's magnitude has one entry per width column (PEFT's DoraEmbeddingLayer)."""
-        return (None, 0) if embedding and tensor_name == MAGNITUDE else super().axes(tensor_name, embedding)
+        return (None, 0) if embedding and tensor_name == MAGNITUDE else super().axes(tensor_name, embedding, hparams)
 
     def peft_key(self, tensor_name: str) -> str:
         return MAGNITUDE if tensor_name == MAGNITUDE else super().peft_key(tensor_name)

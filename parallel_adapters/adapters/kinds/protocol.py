@@ -19,10 +19,14 @@ host's fixed slots, each a pure function of this rank's shards:
                        row norms) that come back summed over TP       destination rank), handed to
                                                                       output_scale
     output_scale       f(y) per output feature, before the bias       column, replicated: after
-                       (DoRA's m / ||W + s B A||)                     local_addend; row: after the
-                                                                      reduction, with the reduced payload
-    input_scale        x * scale (IA3 on the input)                   declared, not implemented yet
-    weight_delta       a per-shard delta folded into the base matmul  declared, not implemented yet
+                       (DoRA's m / ||W + s B A||; IA3's l, which      local_addend; row: after the
+                       scales the bias too: `view.bias`)              reduction, with the reduced payload
+    input_scale        x * scale (IA3 on the input)                   column: on the whole input (after
+                                                                      the SP all-gather / copy_to);
+                                                                      row: on x_i before the matmul;
+                                                                      replicated: before the matmul
+    weight_delta       dW_i, this shard's weight update (LoHa),       column, row, replicated: the base
+                       shaped like W_i                                matmul runs on W_i + dW_i
 
 A kind filling reduction_payload also provides `payload_rows(view)`, the input-independent part
 of its rows: the host sums it over TP (one collective, outside the micro-batch) when it adds the
@@ -102,6 +106,8 @@ class AdapterView:
     """The base weight shard the adapter applies to (the forward's, or the running merge's)."""
     reduced: torch.Tensor | None = None
     """`payload_rows` summed over TP (set by the host at add and merge time only)."""
+    bias: torch.Tensor | None = None
+    """The base bias shard (column: b_i like W's rows; row, replicated: whole), or None."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,11 @@ class AdapterKind:
         """Whether `get_adapter_model` should pick this kind for `config` (default: its type)."""
         return isinstance(config, self.config_class)
 
-    def axes(self, tensor_name: str, embedding: bool) -> tuple[int | None, int | None]:
-        """`tensor_axes[tensor_name]` on a linear layer or, `embedding`, on a lookup table."""
+    def axes(self, tensor_name: str, embedding: bool,
+             hparams: Mapping[str, Any] | None = None) -> tuple[int | None, int | None]:
+        """`tensor_axes[tensor_name]` on a linear layer or, `embedding`, on a lookup table, for a
+        module of these hyperparameters (IA3's vector runs along the rows when it scales the
+        output, along the columns when it scales the input)."""
         return self.tensor_axes[tensor_name]
 
     def accepts_stored(self, config: Mapping[str, Any]) -> bool:
@@ -189,7 +198,20 @@ class AdapterKind:
         delta = self.merged_delta(view)
         return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
+    def merged_bias(self, view: AdapterView, bias: torch.Tensor) -> torch.Tensor:
+        """The bias (shard) with the adapter folded in; by default unchanged (IA3 scales it)."""
+        return bias
+
     # -- offline: checkpoints and PEFT files (no geometry, no process group) -----------------
+
+    def hf_parts(self, hparams: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The HF modules (last names, "k_proj") of a fused Megatron module that this adapter covers,
+        its row-axis tensors holding only their rows; None: all of them."""
+        return None
+
+    def hf_module_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyperparameters of one HF module's share of a Megatron module's adapter (default: the same)."""
+        return dict(hparams)
 
     def stored_hparams(self, config: Mapping[str, Any], module: str,
                        shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -244,3 +266,11 @@ class AdapterKind:
                      reduced: ReductionPayload | None) -> torch.Tensor:
         """f(y) before the bias; `reduced` is the summed payload on a row host, else None."""
         raise NotImplementedError(f"adapter kind {self.name!r} does not fill {OUTPUT_SCALE}")
+
+    def input_scale(self, view: AdapterView, x: torch.Tensor) -> torch.Tensor:
+        """x scaled per input feature (this host's input: whole on column hosts, x_i on row hosts)."""
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {INPUT_SCALE}")
+
+    def weight_delta(self, view: AdapterView) -> torch.Tensor:
+        """dW_i, added to `view.weight` for the base matmul (differentiable in the kind's tensors)."""
+        raise NotImplementedError(f"adapter kind {self.name!r} does not fill {WEIGHT_DELTA}")

@@ -18,7 +18,7 @@ from parallel_adapters import ParallelGroups, get_adapter_model
 from parallel_adapters.adapters import kinds
 from parallel_adapters.adapters.hosts.linear import ColumnParallelHost, ReplicatedHost, RowParallelHost
 from parallel_adapters.adapters.kinds.protocol import (
-    INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, WEIGHT_DELTA, AdapterKind, AdapterSettings, TensorDecl,
+    INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings, TensorDecl,
 )
 from parallel_adapters.distributed.groups import GROUP_OF_ONE
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
@@ -266,8 +266,9 @@ def test_host_bookkeeping_is_generic_over_declared_tensors():
                                       (ReplicatedHost, "replicated")])
 def test_hosts_refuse_slots_they_do_not_implement(cls, mode):
     host = cls(nn.Linear(IN_F, OUT_F), _geometry(mode, 1, 0), "proj")
-    with pytest.raises(NotImplementedError, match=rf"\['{WEIGHT_DELTA}'\], which {cls.__name__} does not implement"):
-        host.add_adapter("a", Fills(WEIGHT_DELTA), AdapterSettings({"h": 1}), {})
+    missing = LOCAL_ADDEND if mode == "row" else PARTIAL_ADDEND
+    with pytest.raises(NotImplementedError, match=rf"\['{missing}'\], which {cls.__name__} does not implement"):
+        host.add_adapter("a", Fills(missing), AdapterSettings({"h": 1}), {})
     if mode != "column":
         with pytest.raises(NotImplementedError, match=INPUT_COLUMNS):
             host.add_adapter("a", Fills(INPUT_COLUMNS), AdapterSettings({"h": 1}), {})

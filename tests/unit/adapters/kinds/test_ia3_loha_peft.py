@@ -1,0 +1,170 @@
+"""IA3 and LoHa at world size 1 on plain nn.Linear layers against Hugging Face PEFT's own IA3 and
+LoHa (the oracle): the same base and adapter tensor values (random, so scales are not 1 and LoHa's
+w2b is not 0), fp32.  Outputs and gradients (input and every adapter tensor) within 1e-6 of each
+tensor's largest entry; merge_and_unload gives PEFT's merged weights and biases (IA3 scales the
+bias of an output-scaled layer); merge then unmerge restores the base exactly.  Also PEFT's
+initial values (IA3: ones; LoHa: dW = 0) and the configs' validation.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from parallel_adapters import IA3Config, LoHaConfig, ParallelGroups, get_adapter_model
+
+peft = pytest.importorskip("peft")
+
+IN_F, OUT_F, R = 16, 12, 4
+NAMES = ("q_proj", "v_proj")
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(IN_F, OUT_F)
+        self.v_proj = nn.Linear(OUT_F, IN_F)
+
+    def forward(self, x):
+        return self.v_proj(torch.tanh(self.q_proj(x)))
+
+
+def _close(a, b, name):
+    error, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
+    assert error <= 1e-6 * scale, f"{name}: {error} (largest entry {scale})"
+
+
+def _configs(kind):
+    if kind == "ia3":  # q_proj scales its output (and bias), v_proj its input
+        return (IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=["v_proj"]),
+                peft.IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=["v_proj"]))
+    kw = dict(r=R, alpha=6, target_modules=list(NAMES), rank_pattern={"v_proj": 2})
+    return LoHaConfig(**kw), peft.LoHaConfig(**kw)
+
+
+def _pair(kind):
+    torch.manual_seed(0)
+    base = Two()
+    ours_config, peft_config = _configs(kind)
+    ours = get_adapter_model(copy.deepcopy(base), ours_config, groups=ParallelGroups.single())
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    for name in NAMES:
+        o, p = getattr(ours.model, name), getattr(theirs.base_model.model, name)
+        for tensor_name, param in o.adapter_tensors("default").items():
+            theirs_param = getattr(p, tensor_name)["default"]
+            assert theirs_param.shape == param.shape, (name, tensor_name)
+            with torch.no_grad():  # IA3: scales around 1; LoHa: dW of the base's order
+                param.copy_((1 if kind == "ia3" else 0) + 0.5 * torch.randn(param.shape))
+                theirs_param.copy_(param)
+    return ours, theirs
+
+
+def _grads(model, x, names):
+    params = dict(model.named_parameters())
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), [x.grad] + [params[n].grad.clone() for n in names]
+
+
+def _adapter_names(model, prefix):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix))
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha"])
+def test_outputs_and_gradients_match_peft(kind):
+    ours, theirs = _pair(kind)
+    x = torch.randn(3, 5, IN_F)
+    ours_names = _adapter_names(ours, "model.")
+    theirs_names = [n.replace("base_model.model.", "model.").replace(".default", ".default.weight")
+                    for n in _adapter_names(theirs, "base_model.")]
+    assert ours_names == sorted(theirs_names) and ours_names  # the same tensors, PEFT's names
+    y_ours, g_ours = _grads(ours, x, ours_names)
+    y_theirs, g_theirs = _grads(theirs, x, _adapter_names(theirs, "base_model."))
+    _close(y_ours, y_theirs, "y")
+    theirs_by_name = dict(zip(theirs_names, g_theirs[1:]))
+    _close(g_ours[0], g_theirs[0], "dx")
+    for name, grad in zip(ours_names, g_ours[1:]):
+        _close(grad, theirs_by_name[name], name)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha"])
+def test_merge_matches_peft_and_unmerge_is_exact(kind):
+    ours, theirs = _pair(kind)
+    x = torch.randn(4, IN_F)
+    before = ours(x).detach()
+    w0 = {n: (getattr(ours.model, n).weight.clone(), getattr(ours.model, n).bias.clone()) for n in NAMES}
+    ours.merge_adapter()
+    _close(ours(x), before, "merged output")
+    ours.unmerge_adapter()
+    for n in NAMES:
+        layer = getattr(ours.model, n)
+        assert torch.equal(layer.weight, w0[n][0]) and torch.equal(layer.bias, w0[n][1]), n
+    plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
+    for n in NAMES:
+        _close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
+        _close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
+    if kind == "ia3":  # the output-scaled layer's bias is scaled, the input-scaled one's is not
+        assert not torch.equal(plain.q_proj.bias, w0["q_proj"][1]) and torch.equal(plain.v_proj.bias, w0["v_proj"][1])
+
+
+def test_initial_values_are_peft_s():
+    ia3 = get_adapter_model(Two(), IA3Config(target_modules=list(NAMES), feedforward_modules=["v_proj"]),
+                            groups=ParallelGroups.single())
+    assert torch.equal(ia3.model.q_proj.ia3_l["default"].weight, torch.ones(OUT_F, 1))
+    assert torch.equal(ia3.model.v_proj.ia3_l["default"].weight, torch.ones(1, OUT_F))
+    loha = get_adapter_model(Two(), LoHaConfig(r=R, target_modules=list(NAMES)), groups=ParallelGroups.single())
+    t = loha.model.q_proj.adapter_tensors("default")
+    assert torch.equal(t["hada_w2_b"], torch.zeros(R, IN_F)) and t["hada_w1_a"].abs().max() > 0
+    bound = 1 / R ** 0.5  # Kaiming-uniform(a=sqrt(5)) on [O, r]
+    assert t["hada_w1_a"].abs().max() <= bound and t["hada_w1_a"].shape == (OUT_F, R)
+    random = get_adapter_model(Two(), LoHaConfig(r=R, target_modules=list(NAMES), init_weights=False),
+                               groups=ParallelGroups.single())
+    assert random.model.q_proj.adapter_tensors("default")["hada_w2_b"].abs().max() > 0
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(fan_in_fan_out=True), "IA3Config.fan_in_fan_out"),
+    (dict(target_modules=["a"], feedforward_modules=["b"]), "IA3Config.feedforward_modules"),
+    (dict(fused_parts={"linear_qkv": ["x"]}), r"IA3Config.fused_parts\['linear_qkv'\]"),
+    (dict(fused_parts={"linear_proj": ["k"]}), "IA3Config.fused_parts key 'linear_proj'"),
+    (dict(target_modules=[]), "IA3Config.target_modules"),
+])
+def test_ia3_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        IA3Config(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(r=0), "LoHaConfig.r"), (dict(alpha=-1), "LoHaConfig.alpha"),
+    (dict(rank_dropout=0.1), "LoHaConfig.rank_dropout"), (dict(module_dropout=0.5), "LoHaConfig.module_dropout"),
+    (dict(rank_pattern={"x": 0}), r"LoHaConfig.rank_pattern\['x'\]"),
+])
+def test_loha_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LoHaConfig(**kwargs)
+
+
+def test_configs_round_trip_through_dicts():
+    for config in (IA3Config(fused_parts={"linear_qkv": ["v", "k"]}), LoHaConfig(r=2, layers_to_transform=1)):
+        assert type(config).from_dict(config.to_dict()) == config
+    assert IA3Config(fused_parts={"linear_qkv": ["v", "k"]}).fused_parts == {"linear_qkv": ("k", "v")}
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha"])
+def test_save_pretrained_loads_in_peft_and_back(kind, tmp_path):
+    """Our save_pretrained directory loads in PEFT (same outputs) and in our from_pretrained."""
+    from parallel_adapters.adapters.model import AdapterModel
+
+    ours, _ = _pair(kind)
+    ours.eval()
+    x = torch.randn(2, IN_F)
+    expected = ours(x).detach()
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = Two()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    _close(theirs(x).detach(), expected, "PEFT from our directory")
+    again = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(again.peft_config["default"]) is type(ours.peft_config["default"])
+    _close(again(x).detach(), expected, "ours from our directory")
