@@ -38,6 +38,7 @@ from parallel_adapters.hf.mapping import (
 )
 from parallel_adapters.mcore.compat import megatron_parallel_groups
 from parallel_adapters.mcore.gpt import GPTSettings, global_parameter_names, param_shard_spec
+from parallel_adapters.mcore.moe import split_group
 
 __all__ = ["gpt_settings_from_hf", "gpt_config_from_hf", "import_hf_checkpoint", "export_hf_checkpoint",
            "hf_config_from_model"]
@@ -56,9 +57,22 @@ def gpt_settings_from_hf(hf_dir: str | Path | Mapping[str, Any], **overrides: An
         num_attention_heads=shape.num_heads, num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim,
         vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
         rotary_base=shape.rope_theta, norm_epsilon=shape.rms_norm_eps, tie_embeddings=shape.tie_word_embeddings,
-        attention_dropout=shape.attention_dropout, add_qkv_bias=shape.qkv_bias,
+        attention_dropout=shape.attention_dropout, add_qkv_bias=shape.qkv_bias, qk_layernorm=shape.qk_norm,
+        **_moe_settings(shape),
     )
     return replace(settings, **overrides)
+
+
+def _moe_settings(shape: LlamaShape) -> dict[str, Any]:
+    """The GPTSettings MoE fields that route as transformers does.  HF: softmax over all experts
+    (float32), top-k, then (norm_topk_prob / Mixtral) renormalise the k.  Megatron's router does
+    top-k on the logits then softmax over the k (the same numbers as renormalising), or with
+    moe_router_pre_softmax softmax over all then top-k (the same as not renormalising); it too
+    takes the softmax in float32.  No capacity factor (no token dropped), as transformers."""
+    if not shape.num_experts:
+        return {}
+    return dict(num_moe_experts=shape.num_experts, moe_router_topk=shape.moe_topk,
+                moe_ffn_hidden_size=shape.moe_intermediate_size, moe_router_pre_softmax=not shape.norm_topk_prob)
 
 
 gpt_config_from_hf = gpt_settings_from_hf
@@ -110,7 +124,17 @@ def _model_mismatches(inner: torch.nn.Module, shape: LlamaShape) -> list[str]:
         "gated_linear_unit": (bool(c.gated_linear_unit), True),
         "add_bias_linear": (bool(c.add_bias_linear), False),
         "add_qkv_bias (q/k/v biases: qwen2)": (bool(getattr(c, "add_qkv_bias", False)), shape.qkv_bias),
+        "qk_layernorm (q_norm / k_norm: qwen3)": (bool(c.qk_layernorm), shape.qk_norm),
+        "num_moe_experts / num_experts": (c.num_moe_experts or 0, shape.num_experts),
     }
+    if shape.num_experts:
+        pairs.update({
+            "moe_router_topk / num_experts_per_tok": (c.moe_router_topk, shape.moe_topk),
+            "moe_ffn_hidden_size / moe_intermediate_size": (c.moe_ffn_hidden_size, shape.moe_intermediate_size),
+            "moe_router_pre_softmax / not norm_topk_prob": (bool(c.moe_router_pre_softmax), not shape.norm_topk_prob),
+            "moe_shared_expert_intermediate_size": (c.moe_shared_expert_intermediate_size, None),
+            "moe_router_score_function": (c.moe_router_score_function, "softmax"),
+        })
     return [f"{k}: model {m!r}, Hugging Face {h!r}" for k, (m, h) in pairs.items() if m != h]
 
 
@@ -139,8 +163,9 @@ def import_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, groups: Par
     params = _base_parameters(inner)
     for name, param in tqdm(params, desc="import HF", disable=not progress, leave=False):
         spec = param_shard_spec(param)
-        global_shape = spec.global_shape(param.shape, groups.tp_size)
-        row_ranges, col_ranges = local_ranges(spec, global_shape, groups.tp_rank, groups.tp_size)
+        _, size, rank = split_group(name, groups)  # a routed expert is split over ETP, the rest over TP
+        global_shape = spec.global_shape(param.shape, size)
+        row_ranges, col_ranges = local_ranges(spec, global_shape, rank, size)
         local = hf_to_megatron_tensor(name, read, shape, global_shape[0], row_ranges, col_ranges)
         if tuple(local.shape) != tuple(param.shape):
             raise ValueError(f"{name}: read {tuple(local.shape)} from {hf_dir}, this rank's parameter is "
