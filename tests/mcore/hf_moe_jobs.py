@@ -27,9 +27,10 @@ def _store(maps: dict, layer: int, module, args, output) -> None:
 
 
 def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int | None = None,
-               export_dir: str | None = None) -> dict:
+               export_dir: str | None = None, derive_config: bool = True) -> dict:
     """Logits, routing (this TP rank's sequence slice under SP: [seq/tp, batch, experts], as the
-    router sees it), elements read vs held, and an optional export_hf_checkpoint."""
+    router sees it), elements read vs held, and an optional export_hf_checkpoint (config.json
+    derived from the model, or copied from hf_dir)."""
     from parallel_adapters.mcore.gpt import gpt_logits
     from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
 
@@ -45,7 +46,7 @@ def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int 
     batch = input_ids.shape[0]
     routing = {k: (m.reshape(-1, batch, m.shape[-1]), p.reshape(-1, batch, p.shape[-1])) for k, (m, p) in maps.items()}
     if export_dir is not None:
-        export_hf_checkpoint(model, export_dir, groups, hf_config=hf_dir)
+        export_hf_checkpoint(model, export_dir, groups, hf_config=None if derive_config else hf_dir)
     return {
         "logits": logits, "routing": routing, "settings": dataclasses.asdict(settings),
         "elements_read": read, "elements_held": sum(p.numel() for p in model.parameters()),

@@ -4,7 +4,9 @@ Oracle: transformers' own model on the same file.  The Megatron model built by
 `gpt_settings_from_hf` + `import_hf_checkpoint` must give its logits (float32, 1e-4) and route
 every token to the same experts with the same probabilities, at TP 2 x EP 2 (4 ranks, sequence
 parallel, ETP = TP: each expert split inside like a dense MLP), TP 2 x EP 2 x ETP 1 and TP 1 x EP 2; each rank must
-read exactly its own slices (its experts only).  Megatron computes the router's softmax in
+read exactly its own slices (its experts only).  `export_hf_checkpoint` (experts gathered over
+ETP, then over EP) must give back the original tensors bit for bit, with a config.json derived
+from the model that transformers loads to the same logits.  Megatron computes the router's softmax in
 float32 whatever the model dtype (`topk_routing_with_score_function`), as transformers does.
 The layouts are checked on one process against explicit constructions.
 """
@@ -136,8 +138,18 @@ def _padding_elements(tp_rank, tp, hidden, vocab=101, padded=104):
     return max(0, hi - max(lo, vocab)) * hidden * 2  # embedding and output layer
 
 
-def _check(results, hf_dir, tp, moe=True):
+def _check_export(export, hf_dir, reference):
+    original, exported = _state(hf_dir), _state(export)
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[n], original[n]) for n in original)
+    assert _shape(export) == _shape(hf_dir)
+    torch.testing.assert_close(hf_logits(export, IDS), reference, atol=1e-6, rtol=0)
+
+
+def _check(results, hf_dir, tp, moe=True, export=None):
     reference = hf_logits(hf_dir, IDS)
+    if export is not None:
+        _check_export(export, hf_dir, reference)
     routing = hf_routing(hf_dir, IDS) if moe else {}
     seq = IDS.shape[1]
     for r in results:
@@ -158,26 +170,30 @@ def _check(results, hf_dir, tp, moe=True):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_qwen3_matches_transformers(pool2, qwen3, tp):
-    results = pool2.run(jobs.import_job, str(qwen3), tp, 1, IDS)
+def test_qwen3_matches_transformers_and_round_trips(pool2, qwen3, tp, tmp_path):
+    export = tmp_path / "export"
+    results = pool2.run(jobs.import_job, str(qwen3), tp, 1, IDS, None, str(export))
     assert results[0]["settings"]["qk_layernorm"] and results[0]["settings"]["kv_channels"] == 16
-    _check(results, qwen3, tp, moe=False)
+    _check(results, qwen3, tp, moe=False, export=export)
 
 
 @pytest.mark.parametrize("fixture", ["qwen3_moe", "qwen3_moe_norm", "mixtral"])
-def test_moe_matches_transformers_at_tp2_ep2(request, pool4, fixture):
-    hf_dir = request.getfixturevalue(fixture)
-    results = pool4.run(jobs.import_job, str(hf_dir), 2, 2, IDS)
+def test_moe_matches_transformers_and_round_trips_at_tp2_ep2(request, pool4, fixture, tmp_path):
+    hf_dir, export = request.getfixturevalue(fixture), tmp_path / "export"
+    results = pool4.run(jobs.import_job, str(hf_dir), 2, 2, IDS, None, str(export))
     assert results[0]["settings"]["sequence_parallel"]
-    _check(results, hf_dir, 2)
+    _check(results, hf_dir, 2, export=export)
 
 
-def test_moe_with_unsplit_experts_at_tp2_ep2_etp1(pool4, qwen3_moe):
+def test_moe_with_unsplit_experts_at_tp2_ep2_etp1(pool4, qwen3_moe, tmp_path):
     """ETP 1: every expert whole on its EP rank while attention is split over TP 2."""
-    _check(pool4.run(jobs.import_job, str(qwen3_moe), 2, 2, IDS, 1), qwen3_moe, 2)
+    export = tmp_path / "export"
+    results = pool4.run(jobs.import_job, str(qwen3_moe), 2, 2, IDS, 1, str(export), False)
+    _check(results, qwen3_moe, 2, export=export)
+    assert read_hf_config(export) == read_hf_config(qwen3_moe)  # copied, not derived
 
 
 @pytest.mark.parametrize("fixture", ["qwen3_moe", "mixtral"])
-def test_moe_matches_transformers_at_tp1_ep2(request, pool2, fixture):
-    hf_dir = request.getfixturevalue(fixture)
-    _check(pool2.run(jobs.import_job, str(hf_dir), 1, 2, IDS), hf_dir, 1)
+def test_moe_matches_transformers_and_round_trips_at_tp1_ep2(request, pool2, fixture, tmp_path):
+    hf_dir, export = request.getfixturevalue(fixture), tmp_path / "export"
+    _check(pool2.run(jobs.import_job, str(hf_dir), 1, 2, IDS, None, str(export)), hf_dir, 1, export=export)
