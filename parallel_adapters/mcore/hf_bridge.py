@@ -1,4 +1,5 @@
-"""Llama-family Hugging Face checkpoints <-> a Megatron GPT built by `gpt.build_gpt`, at any TP/PP.
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3; MoE: Qwen3-MoE, Mixtral) <-> a Megatron
+GPT built by `gpt.build_gpt`, at any TP/PP (MoE: any TP x EP x ETP x PP).
 
 - `gpt_settings_from_hf(hf_dir)`: the GPTSettings that reproduce the HF architecture (unsupported
   features such as biases, scaled RoPE or sliding windows are refused with the field's name).

@@ -13,11 +13,11 @@ import torch
 from tests.mcore.hf_jobs import _imported_model
 
 
-def _setup(tp: int, ep: int, etp: int | None):
+def _setup(tp: int, ep: int, etp: int | None, pp: int = 1):
     from parallel_adapters.mcore import compat, cpu
 
     cpu.enable_cpu_mode()
-    groups = compat.initialize_model_parallel(tp, 1, expert_parallel=ep, expert_tensor_parallel=etp)
+    groups = compat.initialize_model_parallel(tp, pp, expert_parallel=ep, expert_tensor_parallel=etp)
     cpu.model_parallel_seed(1234)
     return groups
 
@@ -27,14 +27,14 @@ def _store(maps: dict, layer: int, module, args, output) -> None:
 
 
 def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int | None = None,
-               export_dir: str | None = None, derive_config: bool = True) -> dict:
+               export_dir: str | None = None, derive_config: bool = True, pp: int = 1) -> dict:
     """Logits, routing (this TP rank's sequence slice under SP: [seq/tp, batch, experts], as the
     router sees it), elements read vs held, and an optional export_hf_checkpoint (config.json
     derived from the model, or copied from hf_dir)."""
     from parallel_adapters.mcore.gpt import gpt_logits
     from parallel_adapters.mcore.hf_bridge import export_hf_checkpoint
 
-    groups = _setup(tp, ep, etp)
+    groups = _setup(tp, ep, etp, pp)
     model, settings, read = _imported_model(hf_dir, groups, overrides={"sequence_parallel": tp > 1})
     maps: dict = {}
     handles = [layer.mlp.router.register_forward_hook(partial(_store, maps, layer.layer_number - 1))
@@ -50,6 +50,6 @@ def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int 
     return {
         "logits": logits, "routing": routing, "settings": dataclasses.asdict(settings),
         "elements_read": read, "elements_held": sum(p.numel() for p in model.parameters()),
-        "tp_rank": groups.tp_rank, "ep_rank": groups.ep_rank, "hidden": settings.hidden_size,
+        "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "ep_rank": groups.ep_rank, "hidden": settings.hidden_size,
         "param_names": [n for n, _ in model.named_parameters()],
     }

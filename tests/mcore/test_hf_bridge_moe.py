@@ -118,6 +118,15 @@ def test_unsupported_configs_are_refused_by_name(request, fixture, change, field
         LlamaShape.from_config(cfg)
 
 
+def test_peft_export_refuses_expert_adapters(qwen3_moe):
+    from parallel_adapters.checkpoint.hf_adapter import adapter_hf_modules
+
+    shape = _shape(qwen3_moe)
+    assert adapter_hf_modules("decoder.layers.0.self_attention.linear_qkv", shape)[0].endswith("q_proj")
+    with pytest.raises(ValueError, match="routed experts"):
+        adapter_hf_modules("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1", shape)
+
+
 def test_settings_route_as_transformers(qwen3_moe, qwen3_moe_norm, mixtral):
     from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
 
@@ -197,3 +206,18 @@ def test_moe_with_unsplit_experts_at_tp2_ep2_etp1(pool4, qwen3_moe, tmp_path):
 def test_moe_matches_transformers_and_round_trips_at_tp1_ep2(request, pool2, fixture, tmp_path):
     hf_dir, export = request.getfixturevalue(fixture), tmp_path / "export"
     _check(pool2.run(jobs.import_job, str(hf_dir), 1, 2, IDS, None, str(export)), hf_dir, 1, export=export)
+
+
+def test_mixtral_pipeline_parallel_import_and_per_stage_export(pool4, mixtral, tmp_path):
+    """PP 2 x EP 2: each stage reads its layers' local experts; each stage writes its own files."""
+    export = tmp_path / "export"
+    results = pool4.run(jobs.import_job, str(mixtral), 1, 2, IDS, None, str(export), True, 2)
+    reference = hf_logits(mixtral, IDS)
+    for r in results:
+        if r["pp_rank"] == 0:
+            assert r["logits"] is None and set(r["routing"]) == {0}
+        else:
+            torch.testing.assert_close(r["logits"], reference, atol=1e-4, rtol=0)
+            assert set(r["routing"]) == {1}
+    assert (export / "model.safetensors.index.json").is_file()
+    _check_export(export, mixtral, reference)
