@@ -105,6 +105,8 @@ def adapter_hf_modules(module: str, shape: LlamaShape) -> tuple[str, ...]:
     if module.rsplit(".", 1)[-1] not in HF_LINEAR_NAMES:
         raise ValueError(f"PEFT export supports adapters on {sorted(HF_LINEAR_NAMES)}, word_embeddings and "
                          "output_layer only")
+    if ".experts." in module:  # transformers 5 holds experts as fused 3-D parameters, not per-expert Linears
+        raise ValueError(f"{module}: PEFT export of adapters on routed experts is not supported")
     return hf_modules(module, shape)
 
 

@@ -1,7 +1,9 @@
 """Llama-family Hugging Face config.json: read, validate, and reduce to the numbers the layout needs.
 
-Pure (no megatron, no transformers).  Llama, Mistral and Qwen2 (the same layers plus biases on
-q/k/v).  Whatever GPTSettings cannot express (other biases, scaled or
+Pure (no megatron, no transformers).  Llama, Mistral, Qwen2 (the same layers plus biases on
+q/k/v), Qwen3 (RMSNorm on each query/key head: q_norm / k_norm, head_dim free of hidden/heads),
+and the mixture-of-experts families Qwen3-MoE (Qwen3 attention, every MLP a routed MoE) and
+Mixtral (Mistral attention, every MLP a routed MoE).  Whatever GPTSettings cannot express (other biases, scaled or
 partial RoPE, sliding-window attention, other activations, quantization) is refused with a
 ValueError naming the config.json field, rather than silently approximated.  transformers 5
 keeps the RoPE theta under `rope_parameters.rope_theta`; older files under `rope_theta`.
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+MOE_TYPES = ("qwen3_moe", "mixtral")
 
 
 
@@ -35,6 +39,16 @@ class LlamaShape:
     attention_dropout: float = 0.0
     qkv_bias: bool = False
     """Biases on q_proj / k_proj / v_proj only (Qwen2)."""
+    model_type: str = "llama"
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every query and key head before RoPE (Qwen3: q_norm / k_norm)."""
+    num_experts: int = 0
+    """Routed experts per layer (every layer); 0: dense MLPs."""
+    moe_topk: int = 0
+    moe_intermediate_size: int = 0
+    """One expert's intermediate size (Mixtral: its intermediate_size)."""
+    norm_topk_prob: bool = False
+    """The top-k routing probabilities are renormalised to sum to 1 (Mixtral always does)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -65,8 +79,38 @@ class LlamaShape:
             max_position_embeddings=_int_field(cfg, "max_position_embeddings", where),
             rope_theta=_rope_theta(cfg, where), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
-            qkv_bias=cfg.get("model_type") == "qwen2",
+            qkv_bias=cfg.get("model_type") == "qwen2", model_type=cfg["model_type"],
+            qk_norm=cfg["model_type"] in QK_NORM_TYPES, **_moe_fields(cfg, where),
         )
+
+
+def _moe_fields(cfg: Mapping[str, Any], where: str) -> dict:
+    """num_experts .. norm_topk_prob of a MoE family ({} for a dense one); what Megatron's
+    MoE layer cannot reproduce is refused by name."""
+    model_type = cfg["model_type"]
+    if model_type not in MOE_TYPES:
+        return {}
+    experts_field = "num_experts" if "num_experts" in cfg else "num_local_experts"  # both spellings occur
+    experts = _int_field(cfg, experts_field, where)
+    topk = _int_field(cfg, "num_experts_per_tok", where)
+    if topk > experts:
+        raise ValueError(f"{where}: num_experts_per_tok={topk} exceeds {experts_field}={experts}")
+    if model_type == "mixtral":
+        if cfg.get("router_jitter_noise"):
+            raise ValueError(f"{where}: field 'router_jitter_noise'={cfg['router_jitter_noise']!r} is not "
+                             "supported (it scales the experts' input too; Megatron's jitter does not)")
+        return dict(num_experts=experts, moe_topk=topk, norm_topk_prob=True,
+                    moe_intermediate_size=_int_field(cfg, "intermediate_size", where))
+    if cfg.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{where}: field 'decoder_sparse_step'={cfg['decoder_sparse_step']!r} is not supported "
+                         "(every layer must be MoE: 1)")
+    if cfg.get("mlp_only_layers"):
+        raise ValueError(f"{where}: field 'mlp_only_layers'={cfg['mlp_only_layers']!r} is not supported "
+                         "(dense layers between MoE layers)")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{where}: field 'shared_expert_intermediate_size' is not supported")
+    return dict(num_experts=experts, moe_topk=topk, norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                moe_intermediate_size=_int_field(cfg, "moe_intermediate_size", where))
 
 
 def read_hf_config(source: str | Path | Mapping[str, Any]) -> dict:
@@ -131,5 +175,9 @@ def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
     window = cfg.get("sliding_window")
     if window is not None and cfg.get("use_sliding_window", True) and window < cfg.get("max_position_embeddings", 0):
         raise ValueError(f"{where}: field 'sliding_window'={window} is not supported (full causal attention only)")
+    layer_types = cfg.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"{where}: field 'layer_types' has {sorted(set(layer_types))}; only 'full_attention' "
+                         "is supported")
     if cfg.get("quantization_config"):
         raise ValueError(f"{where}: field 'quantization_config' is set; quantized checkpoints are not supported")

@@ -22,12 +22,24 @@ Name table (N = global layer index; tensors end in ".weight"):
     decoder.layers.N.mlp.linear_fc1      model.layers.N.mlp.{gate,up}_proj
     decoder.layers.N.mlp.linear_fc2      model.layers.N.mlp.down_proj
     decoder.final_layernorm              model.norm
+    decoder.layers.N.self_attention.q_layernorm / k_layernorm   ...self_attn.q_norm / k_norm (Qwen3)
+
+Mixture of experts (E = global expert index; M = mlp (Qwen3-MoE) or block_sparse_moe (Mixtral);
+gate / up / down = gate_proj / up_proj / down_proj (Qwen3-MoE) or w1 / w3 / w2 (Mixtral)):
+
+    decoder.layers.N.mlp.router                           model.layers.N.M.gate
+    decoder.layers.N.mlp.experts.local_experts.E.linear_fc1   model.layers.N.M.experts.E.{gate,up}
+    decoder.layers.N.mlp.experts.local_experts.E.linear_fc2   model.layers.N.M.experts.E.down
+
+This is the checkpoint layout (the Hub's, and what transformers 5 `save_pretrained` writes back
+from its fused in-memory `experts.gate_up_proj` [E, 2 ffn, H] / `experts.down_proj` [E, H, ffn]).
     output_layer                         lm_head (model.embed_tokens when tied; absent from HF file)
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -42,14 +54,32 @@ HF_LINEAR_NAMES: dict[str, tuple[str, ...]] = {
     "linear_fc2": ("down_proj",),
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_LAYER_MODULES = {
+_ATTENTION = {
     "input_layernorm": ("input_layernorm",),
     "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attention.linear_proj": ("self_attn.o_proj",),
     "pre_mlp_layernorm": ("post_attention_layernorm",),
-    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.linear_fc2": ("mlp.down_proj",),
 }
+_QK_NORM = {"self_attention.q_layernorm": ("self_attn.q_norm",), "self_attention.k_layernorm": ("self_attn.k_norm",)}
+_DENSE_MLP = {"mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"), "mlp.linear_fc2": ("mlp.down_proj",)}
+_MOE_NAMES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+              "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+"""model_type -> (the MoE block's module, an expert's gate, up and down linears)."""
+EXPERT_PREFIX = "mlp.experts.local_experts."
+
+
+@lru_cache(maxsize=16)
+def _layer_modules(shape: LlamaShape) -> dict[str, tuple[str, ...]]:
+    """Megatron module inside a layer -> its HF module(s) inside the layer."""
+    out = dict(_ATTENTION) | (_QK_NORM if shape.qk_norm else {})
+    if not shape.num_experts:
+        return out | _DENSE_MLP
+    block, gate, up, down = _MOE_NAMES[shape.model_type]
+    out["mlp.router"] = (f"{block}.gate",)
+    for e in range(shape.num_experts):
+        out[f"{EXPERT_PREFIX}{e}.linear_fc1"] = (f"{block}.experts.{e}.{gate}", f"{block}.experts.{e}.{up}")
+        out[f"{EXPERT_PREFIX}{e}.linear_fc2"] = (f"{block}.experts.{e}.{down}",)
+    return out
 
 RowRanges = Sequence[tuple[int, int]]
 Reader = Callable[[str, int, int, "RowRanges | None"], torch.Tensor]
@@ -81,10 +111,11 @@ def hf_modules(megatron_module: str, shape: LlamaShape) -> tuple[str, ...]:
     if megatron_module == "decoder.final_layernorm":
         return ("model.norm",)
     match = _LAYER.match(megatron_module)
-    if match and match.group(2) in _LAYER_MODULES and int(match.group(1)) < shape.num_layers:
-        return tuple(f"model.layers.{match.group(1)}.{m}" for m in _LAYER_MODULES[match.group(2)])
+    modules = _layer_modules(shape)
+    if match and match.group(2) in modules and int(match.group(1)) < shape.num_layers:
+        return tuple(f"model.layers.{match.group(1)}.{m}" for m in modules[match.group(2)])
     raise ValueError(f"no Hugging Face counterpart for Megatron module {megatron_module!r} "
-                     f"(a Llama model with {shape.num_layers} layers)")
+                     f"(a {shape.model_type} model with {shape.num_layers} layers)")
 
 
 def split_parameter_name(name: str) -> tuple[str, str]:
@@ -97,7 +128,7 @@ def megatron_parameter_names(shape: LlamaShape) -> list[str]:
     """Every parameter name (global, PP=1) of the Megatron model for `shape`."""
     names = ["embedding.word_embeddings.weight"]
     for i in range(shape.num_layers):
-        names += [f"decoder.layers.{i}.{m}.weight" for m in _LAYER_MODULES]
+        names += [f"decoder.layers.{i}.{m}.weight" for m in _layer_modules(shape)]
         if shape.qkv_bias:
             names.append(f"decoder.layers.{i}.self_attention.linear_qkv.bias")
     names.append("decoder.final_layernorm.weight")
@@ -108,6 +139,11 @@ def megatron_parameter_names(shape: LlamaShape) -> list[str]:
 
 def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint for `shape`, with its shape."""
+    return dict(_hf_shapes(shape))
+
+
+@lru_cache(maxsize=16)
+def _hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     h, i, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h)}
     for n in range(shape.num_layers):
@@ -118,9 +154,19 @@ def expected_hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (shape.num_kv_heads * hd, h),
             p + "self_attn.v_proj.weight": (shape.num_kv_heads * hd, h),
             p + "self_attn.o_proj.weight": (h, shape.num_heads * hd),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
         })
+        if shape.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if not shape.num_experts:
+            out.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                        p + "mlp.down_proj.weight": (h, i)})
+        else:
+            block, gate, up, down = _MOE_NAMES[shape.model_type]
+            ei = shape.moe_intermediate_size
+            out[f"{p}{block}.gate.weight"] = (shape.num_experts, h)
+            for e in range(shape.num_experts):
+                x = f"{p}{block}.experts.{e}."
+                out.update({f"{x}{gate}.weight": (ei, h), f"{x}{up}.weight": (ei, h), f"{x}{down}.weight": (h, ei)})
         if shape.qkv_bias:
             out.update({p + "self_attn.q_proj.bias": (shape.num_heads * hd,),
                         p + "self_attn.k_proj.bias": (shape.num_kv_heads * hd,),
@@ -144,7 +190,7 @@ def row_segments(megatron_module: str, shape: LlamaShape, rows: int, suffix: str
     if leaf == "linear_qkv":
         return _qkv_segments(names, shape, rows, megatron_module)
     if leaf == "linear_fc1":
-        half = shape.intermediate_size
+        half = _fc1_half(megatron_module, shape)
         _check_rows(megatron_module, rows, 2 * half)
         return [Segment(0, half, names[0]), Segment(half, 2 * half, names[1])]
     if megatron_module in ("embedding.word_embeddings", "output_layer"):
@@ -152,9 +198,14 @@ def row_segments(megatron_module: str, shape: LlamaShape, rows: int, suffix: str
             raise ValueError(f"{megatron_module}: {rows} rows cannot hold vocab_size={shape.vocab_size}")
         pad = [Segment(shape.vocab_size, rows, None)] if rows > shape.vocab_size else []
         return [Segment(0, shape.vocab_size, names[0])] + pad
-    expected = expected_hf_shapes(shape)[names[0].removesuffix(suffix) + ".weight"][0]
+    expected = _hf_shapes(shape)[names[0].removesuffix(suffix) + ".weight"][0]
     _check_rows(megatron_module, rows, expected)
     return [Segment(0, rows, names[0])]
+
+
+def _fc1_half(megatron_module: str, shape: LlamaShape) -> int:
+    """Rows of gate (= of up) in linear_fc1: an expert's or the dense MLP's intermediate size."""
+    return shape.moe_intermediate_size if EXPERT_PREFIX in megatron_module else shape.intermediate_size
 
 
 def _qkv_segments(names: list[str], shape: LlamaShape, rows: int, module: str) -> list[Segment]:
@@ -296,5 +347,5 @@ def expected_rows(megatron_module: str, shape: LlamaShape, padded_vocab: int | N
     if leaf == "linear_qkv":
         return shape.qkv_rows
     if leaf == "linear_fc1":
-        return 2 * shape.intermediate_size
-    return expected_hf_shapes(shape)[hf_modules(megatron_module, shape)[0] + ".weight"][0]
+        return 2 * _fc1_half(megatron_module, shape)
+    return _hf_shapes(shape)[hf_modules(megatron_module, shape)[0] + ".weight"][0]

@@ -86,6 +86,11 @@ class GPTSettings:
     """Router logits/probabilities in "fp32", "fp64", or None: the activation dtype."""
     moe_aux_loss_coeff: float = 0.0
     """Load-balancing loss coefficient; 0 switches the auxiliary loss off."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts, then top-k (the top-k probabilities do not sum to 1: Qwen3-MoE with
+    norm_topk_prob=false); False: top-k logits, then softmax over those k (= renormalised)."""
+    qk_layernorm: bool = False
+    """RMSNorm (weight over head_dim) on every query and key head before RoPE (Qwen3)."""
 
     def __post_init__(self) -> None:
         if self.recompute not in (None, "full", "selective"):
@@ -137,6 +142,7 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=settings.add_bias_linear,
         add_qkv_bias=settings.add_qkv_bias,
+        qk_layernorm=settings.qk_layernorm,
         attention_dropout=settings.attention_dropout,
         hidden_dropout=settings.hidden_dropout,
         init_method_std=settings.init_method_std,
@@ -166,7 +172,10 @@ def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
     """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot (and MoE MLPs
     with SequentialMLP experts when config.num_moe_experts is set)."""
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                    normalization="RMSNorm")
+                                    normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    if config.qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelNorm
     spec.submodules.input_layernorm = SequenceParallelNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     num_layers = get_num_layers_to_build(config)  # this pipeline stage's share

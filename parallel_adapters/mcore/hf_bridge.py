@@ -1,4 +1,5 @@
-"""Llama-family Hugging Face checkpoints <-> a Megatron GPT built by `gpt.build_gpt`, at any TP/PP.
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3; MoE: Qwen3-MoE, Mixtral) <-> a Megatron
+GPT built by `gpt.build_gpt`, at any TP/PP (MoE: any TP x EP x ETP x PP).
 
 - `gpt_settings_from_hf(hf_dir)`: the GPTSettings that reproduce the HF architecture (unsupported
   features such as biases, scaled RoPE or sliding windows are refused with the field's name).
@@ -33,11 +34,12 @@ from parallel_adapters.hf.files import (
     tensor_nbytes, write_weight_index,
 )
 from parallel_adapters.hf.mapping import (
-    expected_hf_shapes, hf_to_megatron_tensor, local_ranges, megatron_to_hf_tensors, row_segments,
+    EXPERT_PREFIX, expected_hf_shapes, hf_to_megatron_tensor, local_ranges, megatron_to_hf_tensors, row_segments,
     split_parameter_name,
 )
 from parallel_adapters.mcore.compat import megatron_parallel_groups
 from parallel_adapters.mcore.gpt import GPTSettings, global_parameter_names, param_shard_spec
+from parallel_adapters.mcore.moe import is_expert_parameter, split_group
 
 __all__ = ["gpt_settings_from_hf", "gpt_config_from_hf", "import_hf_checkpoint", "export_hf_checkpoint",
            "hf_config_from_model"]
@@ -56,9 +58,22 @@ def gpt_settings_from_hf(hf_dir: str | Path | Mapping[str, Any], **overrides: An
         num_attention_heads=shape.num_heads, num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim,
         vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
         rotary_base=shape.rope_theta, norm_epsilon=shape.rms_norm_eps, tie_embeddings=shape.tie_word_embeddings,
-        attention_dropout=shape.attention_dropout, add_qkv_bias=shape.qkv_bias,
+        attention_dropout=shape.attention_dropout, add_qkv_bias=shape.qkv_bias, qk_layernorm=shape.qk_norm,
+        **_moe_settings(shape),
     )
     return replace(settings, **overrides)
+
+
+def _moe_settings(shape: LlamaShape) -> dict[str, Any]:
+    """The GPTSettings MoE fields that route as transformers does.  HF: softmax over all experts
+    (float32), top-k, then (norm_topk_prob / Mixtral) renormalise the k.  Megatron's router does
+    top-k on the logits then softmax over the k (the same numbers as renormalising), or with
+    moe_router_pre_softmax softmax over all then top-k (the same as not renormalising); it too
+    takes the softmax in float32.  No capacity factor (no token dropped), as transformers."""
+    if not shape.num_experts:
+        return {}
+    return dict(num_moe_experts=shape.num_experts, moe_router_topk=shape.moe_topk,
+                moe_ffn_hidden_size=shape.moe_intermediate_size, moe_router_pre_softmax=not shape.norm_topk_prob)
 
 
 gpt_config_from_hf = gpt_settings_from_hf
@@ -110,7 +125,17 @@ def _model_mismatches(inner: torch.nn.Module, shape: LlamaShape) -> list[str]:
         "gated_linear_unit": (bool(c.gated_linear_unit), True),
         "add_bias_linear": (bool(c.add_bias_linear), False),
         "add_qkv_bias (q/k/v biases: qwen2)": (bool(getattr(c, "add_qkv_bias", False)), shape.qkv_bias),
+        "qk_layernorm (q_norm / k_norm: qwen3)": (bool(c.qk_layernorm), shape.qk_norm),
+        "num_moe_experts / num_experts": (c.num_moe_experts or 0, shape.num_experts),
     }
+    if shape.num_experts:
+        pairs.update({
+            "moe_router_topk / num_experts_per_tok": (c.moe_router_topk, shape.moe_topk),
+            "moe_ffn_hidden_size / moe_intermediate_size": (c.moe_ffn_hidden_size, shape.moe_intermediate_size),
+            "moe_router_pre_softmax / not norm_topk_prob": (bool(c.moe_router_pre_softmax), not shape.norm_topk_prob),
+            "moe_shared_expert_intermediate_size": (c.moe_shared_expert_intermediate_size, None),
+            "moe_router_score_function": (c.moe_router_score_function, "softmax"),
+        })
     return [f"{k}: model {m!r}, Hugging Face {h!r}" for k, (m, h) in pairs.items() if m != h]
 
 
@@ -139,8 +164,9 @@ def import_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, groups: Par
     params = _base_parameters(inner)
     for name, param in tqdm(params, desc="import HF", disable=not progress, leave=False):
         spec = param_shard_spec(param)
-        global_shape = spec.global_shape(param.shape, groups.tp_size)
-        row_ranges, col_ranges = local_ranges(spec, global_shape, groups.tp_rank, groups.tp_size)
+        _, size, rank = split_group(name, groups)  # a routed expert is split over ETP, the rest over TP
+        global_shape = spec.global_shape(param.shape, size)
+        row_ranges, col_ranges = local_ranges(spec, global_shape, rank, size)
         local = hf_to_megatron_tensor(name, read, shape, global_shape[0], row_ranges, col_ranges)
         if tuple(local.shape) != tuple(param.shape):
             raise ValueError(f"{name}: read {tuple(local.shape)} from {hf_dir}, this rank's parameter is "
@@ -148,19 +174,44 @@ def import_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, groups: Par
         param.copy_(local.to(param.dtype))
 
 
+def _family(c) -> dict[str, Any]:
+    """The model_type-specific config.json fields: Llama; Qwen2 (q/k/v biases); Qwen3 (q/k norms);
+    Qwen3-MoE (q/k norms, MoE); Mixtral (MoE)."""
+    qwen2, qk, moe = bool(getattr(c, "add_qkv_bias", False)), bool(c.qk_layernorm), bool(c.num_moe_experts)
+    if qwen2 and (qk or moe):
+        raise ValueError("hf_config_from_model: q/k/v biases with q/k norms or experts match no supported family")
+    if moe and c.moe_shared_expert_intermediate_size:
+        raise ValueError("hf_config_from_model: shared experts match no supported family (Qwen3-MoE, Mixtral)")
+    if moe and not qk and c.moe_router_pre_softmax:
+        raise ValueError("hf_config_from_model: Mixtral always renormalises the top-k; moe_router_pre_softmax "
+                         "must be False")
+    routing = {"num_experts_per_tok": c.moe_router_topk}
+    if moe and qk:
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "use_sliding_window": False,
+                "attention_bias": False, "num_experts": c.num_moe_experts, **routing,
+                "moe_intermediate_size": c.moe_ffn_hidden_size, "norm_topk_prob": not c.moe_router_pre_softmax,
+                "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if moe:
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": c.num_moe_experts,
+                **routing, "intermediate_size": c.moe_ffn_hidden_size, "router_jitter_noise": 0.0}
+    if qk:
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                "attention_bias": False}
+    if qwen2:
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False}
+
+
 def hf_config_from_model(model: torch.nn.Module) -> dict:
-    """A transformers-5 Llama (or, with q/k/v biases, Qwen2) config.json describing a model built
-    by `build_gpt`."""
+    """A transformers-5 config.json (Llama, Qwen2, Qwen3, Qwen3-MoE or Mixtral) describing a model
+    built by `build_gpt`."""
     inner = _unwrap(model)
     c = inner.config
     if c.normalization != "RMSNorm" or not c.gated_linear_unit or c.add_bias_linear:
         raise ValueError("hf_config_from_model: only RMSNorm + SwiGLU models without biases (but on "
-                         "q/k/v: Qwen2) map to Llama / Qwen2")
-    qwen2 = bool(getattr(c, "add_qkv_bias", False))
-    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if qwen2 \
-        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False}
+                         "q/k/v: Qwen2) map to a Hugging Face family")
+    family = _family(c)
     return {
-        **family,
         "hidden_size": c.hidden_size, "intermediate_size": c.ffn_hidden_size,
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_attention_heads,
         "num_key_value_heads": c.num_query_groups or c.num_attention_heads, "head_dim": c.kv_channels,
@@ -171,22 +222,37 @@ def hf_config_from_model(model: torch.nn.Module) -> dict:
         "hidden_act": "silu",
         "attention_dropout": float(c.attention_dropout), "initializer_range": c.init_method_std,
         "dtype": str(c.params_dtype).removeprefix("torch."),
+        **family,
     }
 
 
-def _stage_layout(params, shape: LlamaShape, tp_size: int, dtype: torch.dtype | None) -> list:
-    """(HF name, dtype, shape) of every HF tensor this stage writes, in writing order."""
+def _ep_names(name: str, shape: LlamaShape, groups: ParallelGroups) -> list[str]:
+    """Global names of `name` on every EP rank, in EP-rank order: a routed expert's local index i
+    is expert e * num_local + i on EP rank e; any other parameter is the same everywhere ([name])."""
+    if not is_expert_parameter(name) or groups.ep_size == 1:
+        return [name]
+    head, rest = name.split(EXPERT_PREFIX, 1)
+    index, tail = rest.split(".", 1)
+    local = shape.num_experts // groups.ep_size
+    i = int(index) - groups.ep_rank * local
+    return [f"{head}{EXPERT_PREFIX}{e * local + i}.{tail}" for e in range(groups.ep_size)]
+
+
+def _stage_layout(params, shape: LlamaShape, groups: ParallelGroups, dtype: torch.dtype | None) -> list:
+    """(HF name, dtype, shape) of every HF tensor this stage writes, in writing order (a local
+    expert's weights are followed by those of the same local expert of the other EP ranks)."""
     layout = []
     for name, param in params:
         module, leaf = split_parameter_name(name)
         if module == "output_layer" and shape.tie_word_embeddings:
             continue
-        global_shape = param_shard_spec(param).global_shape(param.shape, tp_size)
-        sizes: dict[str, int] = {}
-        for seg in row_segments(module, shape, global_shape[0], "." + leaf):
-            if seg.hf_name is not None:
-                sizes[seg.hf_name] = sizes.get(seg.hf_name, 0) + seg.stop - seg.start
-        layout += [(n, dtype or param.dtype, (rows, *global_shape[1:])) for n, rows in sizes.items()]
+        global_shape = param_shard_spec(param).global_shape(param.shape, split_group(name, groups)[1])
+        for global_name in _ep_names(name, shape, groups):
+            sizes: dict[str, int] = {}
+            for seg in row_segments(split_parameter_name(global_name)[0], shape, global_shape[0], "." + leaf):
+                if seg.hf_name is not None:
+                    sizes[seg.hf_name] = sizes.get(seg.hf_name, 0) + seg.stop - seg.start
+            layout += [(n, dtype or param.dtype, (rows, *global_shape[1:])) for n, rows in sizes.items()]
     return layout
 
 
@@ -207,7 +273,7 @@ def export_hf_checkpoint(model: torch.nn.Module, out_dir: str | Path, groups: Pa
     if problems:
         raise ValueError("export_hf_checkpoint: the model does not match hf_config:\n    " + "\n    ".join(problems))
     params = _base_parameters(inner)
-    layout = _stage_layout(params, shape, groups.tp_size, dtype)
+    layout = _stage_layout(params, shape, groups, dtype)
     shards = plan_shards(layout, max_shard_bytes)
     stage_files = C.all_gather_objects((groups.pp_rank, len(shards)), None)
     per_stage = dict(stage_files)
@@ -220,7 +286,7 @@ def export_hf_checkpoint(model: torch.nn.Module, out_dir: str | Path, groups: Pa
             writer = ShardedSafetensorsWriter(out, layout, shards, names)
         except OSError as exc:
             error = f"rank {C.group_rank(None)}: {exc}"
-    if groups.dp_rank == 0:
+    if groups.dp_rank == 0 or shape.num_experts:  # EP ranks span DP: all take part in the expert gathers
         error = _write_stage(params, shape, groups, writer, dtype, progress) or error
     raise_together(error, f"export_hf_checkpoint to {out}", error_type=OSError)  # no writer left waiting
     stage_bytes = sum(tensor_nbytes(d, s) for _, d, s in layout)
@@ -246,12 +312,16 @@ def _write_stage(params, shape: LlamaShape, groups: ParallelGroups, writer, dtyp
             continue
         spec = param_shard_spec(param)
         local = param.detach()
-        full = local if spec.replicated else spec.unshard(C.all_gather_tensor(local.contiguous(), groups.tp_group))
+        group = split_group(name, groups)[0]  # ETP for a routed expert, else TP
+        full = local if spec.replicated else spec.unshard(C.all_gather_tensor(local.contiguous(), group))
+        names = _ep_names(name, shape, groups)
+        fulls = C.all_gather_tensor(full.contiguous(), groups.ep_group) if len(names) > 1 else [full]
         if writer is None or error is not None:
             continue
         try:
-            for hf_name, tensor in megatron_to_hf_tensors(name, full, shape).items():
-                writer.write(hf_name, tensor.to(dtype or tensor.dtype))
+            for global_name, tensor in zip(names, fulls):
+                for hf_name, hf_tensor in megatron_to_hf_tensors(global_name, tensor, shape).items():
+                    writer.write(hf_name, hf_tensor.to(dtype or hf_tensor.dtype))
         except (OSError, ValueError) as exc:
             error = f"rank {C.group_rank(None)}, {name}: {exc}"
     if writer is not None and error is None:

@@ -83,6 +83,7 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
         "moe_shared_expert_intermediate_size": settings.moe_shared_expert_intermediate_size,
         "moe_token_dispatcher_type": settings.moe_token_dispatcher_type,
         "moe_router_dtype": settings.moe_router_dtype,
+        "moe_router_pre_softmax": settings.moe_router_pre_softmax,
         "moe_aux_loss_coeff": settings.moe_aux_loss_coeff,
         "moe_expert_capacity_factor": None,  # drop no token: routing is layout-independent
         "moe_grouped_gemm": False,  # SequentialMLP: one ColumnParallel/RowParallel pair per expert

@@ -1,4 +1,5 @@
-"""A tiny Hugging Face Llama (and Qwen2) with an awkward shape, saved locally (no download).
+"""A tiny Hugging Face Llama (and Qwen2, Qwen3, Qwen3-MoE, Mixtral) with an awkward shape, saved
+locally (no download).
 
 Awkward on purpose, so that a wrong layout cannot pass by symmetry: grouped-query attention
 (4 heads, 2 KV heads, head_dim 12 -> hidden 48, not a power of two), vocab 101 (no TP size
@@ -30,6 +31,8 @@ def _save_perturbed(model_cls, config, directory: str | Path, seed: int, **save_
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
             elif name.endswith(".bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=g))
+            elif name.endswith("mlp.gate.weight"):  # a MoE router: logits ~ 3 apart, no near-ties
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))
     model.save_pretrained(out, **save_kwargs)
     return out
 
@@ -56,6 +59,61 @@ def make_tiny_qwen2(directory: str | Path, seed: int = 0, **shape) -> Path:
 
     config = Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **(TINY | shape))
     return _save_perturbed(Qwen2ForCausalLM, config, directory, seed)
+
+
+QWEN3 = TINY | dict(head_dim=16)
+"""head_dim 16 with hidden 48 and 4 heads: not hidden / heads (Qwen3 sets it freely)."""
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=24)
+
+
+def make_tiny_qwen3(directory: str | Path, seed: int = 0, **shape) -> Path:
+    """A tiny Qwen3ForCausalLM: RMSNorm over head_dim on every query / key head (q_norm, k_norm)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(tie_word_embeddings=False, use_sliding_window=False, **(QWEN3 | shape))
+    return _save_perturbed(Qwen3ForCausalLM, config, directory, seed)
+
+
+def make_tiny_qwen3_moe(directory: str | Path, seed: int = 0, norm_topk_prob: bool = False, **shape) -> Path:
+    """A tiny Qwen3MoeForCausalLM: Qwen3 attention, every MLP 4 experts (top-2, 24 wide)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(tie_word_embeddings=False, use_sliding_window=False, num_experts=4,
+                            norm_topk_prob=norm_topk_prob, **(QWEN3 | MOE | shape))
+    return _save_perturbed(Qwen3MoeForCausalLM, config, directory, seed)
+
+
+def make_tiny_mixtral(directory: str | Path, seed: int = 0, **shape) -> Path:
+    """A tiny MixtralForCausalLM: Llama attention, every MLP 4 experts (top-2, intermediate 24)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    fields = TINY | dict(intermediate_size=MOE["moe_intermediate_size"], num_local_experts=4,
+                         num_experts_per_tok=MOE["num_experts_per_tok"])
+    config = MixtralConfig(tie_word_embeddings=False, **(fields | shape))
+    return _save_perturbed(MixtralForCausalLM, config, directory, seed)
+
+
+def hf_routing(hf_dir: str | Path, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (bool map [batch, seq, experts], routing probabilities [batch, seq, experts]) of
+    the saved MoE model's routers (transformers' `mlp.gate`)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(layer, module, args, output):
+        logits, scores, indices = output
+        probs = torch.zeros_like(logits).scatter(1, indices, scores.to(logits.dtype))
+        shape = (*input_ids.shape, logits.shape[-1])
+        out[layer] = (probs.ne(0).reshape(shape), probs.reshape(shape))
+
+    handles = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o))
+               for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    for h in handles:
+        h.remove()
+    return out
 
 
 def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,14 @@ def _setup(tp: int, pp: int):
     return groups
 
 
-def _imported_model(hf_dir: str, groups, init_weights: bool = True):
-    """build_gpt(gpt_settings_from_hf) + import_hf_checkpoint, counting the elements read."""
+def _imported_model(hf_dir: str, groups, init_weights: bool = True, overrides: dict | None = None):
+    """build_gpt(gpt_settings_from_hf(hf_dir, **overrides)) + import_hf_checkpoint, counting the
+    elements read."""
     from parallel_adapters.hf.files import HFCheckpoint
     from parallel_adapters.mcore.gpt import build_gpt
     from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf, import_hf_checkpoint
 
-    settings = gpt_settings_from_hf(hf_dir)
+    settings = gpt_settings_from_hf(hf_dir, **(overrides or {}))
     model = build_gpt(settings, init_weights=init_weights)
     original, counted = HFCheckpoint.read, [0]
 
