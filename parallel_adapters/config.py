@@ -270,12 +270,12 @@ class LoKrConfig:
     alpha: float = 8
     rank_dropout: float = 0.0  # only 0, as LoHaConfig
     module_dropout: float = 0.0  # only 0, as LoHaConfig
-    use_effective_conv2d: bool = False  # Conv2d only: ignored on linear layers, as PEFT does
+    use_effective_conv2d: bool = False  # only False: it shapes Conv2d adapters, and no conv is adapted here
     decompose_both: bool = False
     """Also write w1 as a rank-r product (when r is under half its larger side)."""
     decompose_factor: int = -1
     """PEFT's `factorization` divider: -1 picks factors near the square root."""
-    rank_dropout_scale: bool = False
+    rank_dropout_scale: bool = False  # only False: it scales rank_dropout, which is 0
     target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
     exclude_modules: TargetModules = None
     layers_to_transform: Union[int, list, None] = None
@@ -298,9 +298,12 @@ class LoKrConfig:
                 self.decompose_factor < 1 and self.decompose_factor != -1):
             raise ValueError(f"LoKrConfig.decompose_factor must be -1 or a positive integer, "
                              f"got {self.decompose_factor!r}")
-        for name in ("decompose_both", "rank_dropout_scale", "use_effective_conv2d"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoKrConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.decompose_both, bool):
+            raise ValueError(f"LoKrConfig.decompose_both must be True or False, got {self.decompose_both!r}")
+        for name in ("rank_dropout_scale", "use_effective_conv2d"):  # would be ignored: refused
+            if getattr(self, name) is not False:
+                raise ValueError(f"LoKrConfig.{name}={getattr(self, name)!r} is not supported (linear layers, "
+                                 "rank_dropout 0); use False")
         _check_lycoris(self)
 
     to_dict = LoHaConfig.to_dict

@@ -32,7 +32,9 @@ from typing import Any, Mapping
 import torch
 
 from parallel_adapters.adapters.kinds import register_kind
-from parallel_adapters.adapters.kinds.protocol import WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl
+from parallel_adapters.adapters.kinds.protocol import (
+    WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
+)
 from parallel_adapters.config import LoKrConfig, pattern_value
 from parallel_adapters.distributed.geometry import LINEAR_MODES, LinearGeometry
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
@@ -203,7 +205,8 @@ def _from_shapes(module: str, shapes: Mapping[str, tuple[int, ...]], r: int, alp
                          f"(lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b, all 2-D)")
     o1, i1 = shapes[W1] if w1_whole else (shapes[W1A][0], shapes[W1B][1])
     o2, i2 = shapes[W2] if w2_whole else (shapes[W2A][0], shapes[W2B][1])
-    ranks = {s[1] for n, s in shapes.items() if n.endswith("_a")} | {s[0] for n, s in shapes.items() if n.endswith("_b")}
+    ranks = ({s[1] for n, s in shapes.items() if n.endswith("_a")}
+             | {s[0] for n, s in shapes.items() if n.endswith("_b")})
     if ranks - {r}:
         raise ValueError(f"{module}: the LoKr factors have rank {sorted(ranks)}, the adapter config says r={r}")
     return {"r": r, "alpha": alpha, "scaling": alpha / r, "lokr_factors": (o1, o2, i1, i2),
