@@ -164,8 +164,8 @@ class LoKrKind(AdapterKind):
         leaf = module.rsplit(".", 1)[-1]
         if leaf in _NOT_EXPORTED:
             raise ValueError(f"{module}: a LoKr adapter on {leaf} has no exact PEFT form ({_NOT_EXPORTED[leaf]}, "
-                             "and PEFT factorises each HF module on its own); target linear_proj / linear_fc2 for a "
-                             "PEFT export, or merge the adapter into the model instead")
+                             "and PEFT factorises each HF module on its own); the PEFT export and the offline merge take "
+                             "LoKr on linear_proj / linear_fc2 only (merge_adapter merges it in Megatron)")
         r = pattern_value(module, config.get("rank_pattern") or {}, config.get("r", 8))
         alpha = pattern_value(module, config.get("alpha_pattern") or {}, config.get("alpha", 8))
         return _from_shapes(module, shapes, r, alpha)
