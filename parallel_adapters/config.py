@@ -1,4 +1,5 @@
-"""Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`, `IA3Config`, `LoHaConfig`).
+"""Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`, `IA3Config`, `LoHaConfig`,
+`LoKrConfig`).
 
 Field names and defaults follow Hugging Face PEFT so that a PEFT user is at home and so that
 `adapter_config.json` round-trips.  Validation raises ValueError naming the field.  Configs are
@@ -244,23 +245,9 @@ class LoHaConfig:
     bias = "none"  # not a field: PEFT's LoHaConfig has none
 
     def __post_init__(self) -> None:
-        _check_positive_int("r", self.r, "LoHaConfig")
-        _check_positive_number("alpha", self.alpha, "LoHaConfig")
-        for name in ("rank_dropout", "module_dropout"):
-            value = getattr(self, name)
-            if value != 0:
-                raise ValueError(f"LoHaConfig.{name}={value!r} is not supported under tensor parallelism yet "
-                                 "(its random mask would have to agree across the TP ranks sharing a factor); use 0")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"LoHaConfig.init_weights must be True or False, got {self.init_weights!r}")
-        _check_targets("LoHaConfig", self.target_modules)
-        for key, value in self.rank_pattern.items():
-            _check_positive_int(f"rank_pattern[{key!r}]", value, "LoHaConfig")
-        for key, value in self.alpha_pattern.items():
-            _check_positive_number(f"alpha_pattern[{key!r}]", value, "LoHaConfig")
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-        _canonical_targets(self, ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"))
+        _check_lycoris(self)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -270,6 +257,59 @@ class LoHaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoHaConfig":
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class LoKrConfig:
+    """LoKr settings, PEFT's `LoKrConfig` fields: dW = (alpha / r) (w1 kron w2), out = o1 o2 and
+    in = i1 i2 by PEFT's `factorization(dim, decompose_factor)`; a factor is a rank-r product when
+    r is under half its larger side (w1 only with `decompose_both`).  Linear layers only."""
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0  # only 0, as LoHaConfig
+    module_dropout: float = 0.0  # only 0, as LoHaConfig
+    use_effective_conv2d: bool = False  # only False: it shapes Conv2d adapters, and no conv is adapted here
+    decompose_both: bool = False
+    """Also write w1 as a rank-r product (when r is under half its larger side)."""
+    decompose_factor: int = -1
+    """PEFT's `factorization` divider: -1 picks factors near the square root."""
+    rank_dropout_scale: bool = False  # only False: it scales rank_dropout, which is 0
+    target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
+    exclude_modules: TargetModules = None
+    layers_to_transform: Union[int, list, None] = None
+    layers_pattern: Union[str, list, None] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    init_weights: Union[bool, str] = True
+    """True: w1 (or w1_a) zero, the rest Kaiming-uniform; "lycoris": w2 (or w2_b) zero instead;
+    False: all random."""
+    modules_to_save: Union[list, None] = None
+    seed: int = 0
+    """Seed of the full-tensor initialisation, so every TP size starts from the same adapter."""
+
+    bias = "none"  # not a field: PEFT's LoKrConfig has none
+
+    def __post_init__(self) -> None:
+        if self.init_weights not in (True, False, "lycoris"):
+            raise ValueError(f"LoKrConfig.init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
+        if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) or (
+                self.decompose_factor < 1 and self.decompose_factor != -1):
+            raise ValueError(f"LoKrConfig.decompose_factor must be -1 or a positive integer, "
+                             f"got {self.decompose_factor!r}")
+        if not isinstance(self.decompose_both, bool):
+            raise ValueError(f"LoKrConfig.decompose_both must be True or False, got {self.decompose_both!r}")
+        for name in ("rank_dropout_scale", "use_effective_conv2d"):  # would be ignored: refused
+            if getattr(self, name) is not False:
+                raise ValueError(f"LoKrConfig.{name}={getattr(self, name)!r} is not supported (linear layers, "
+                                 "rank_dropout 0); use False")
+        _check_lycoris(self)
+
+    to_dict = LoHaConfig.to_dict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoKrConfig":
         return cls(**_known_fields(cls, data))
 
 
@@ -330,6 +370,26 @@ def _canonical_targets(config: Any, names: tuple[str, ...]) -> None:
         value = getattr(config, name)
         if isinstance(value, list):
             object.__setattr__(config, name, tuple(value))
+
+
+def _check_lycoris(config: Any) -> None:
+    """The checks LoHaConfig and LoKrConfig share (PEFT's LyCORIS fields)."""
+    owner = type(config).__name__
+    _check_positive_int("r", config.r, owner)
+    _check_positive_number("alpha", config.alpha, owner)
+    for name in ("rank_dropout", "module_dropout"):
+        value = getattr(config, name)
+        if value != 0:
+            raise ValueError(f"{owner}.{name}={value!r} is not supported under tensor parallelism yet "
+                             "(its random mask would have to agree across the TP ranks sharing a factor); use 0")
+    _check_targets(owner, config.target_modules)
+    for key, value in config.rank_pattern.items():
+        _check_positive_int(f"rank_pattern[{key!r}]", value, owner)
+    for key, value in config.alpha_pattern.items():
+        _check_positive_number(f"alpha_pattern[{key!r}]", value, owner)
+    if isinstance(config.layers_to_transform, int):
+        object.__setattr__(config, "layers_to_transform", (config.layers_to_transform,))
+    _canonical_targets(config, ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"))
 
 
 def _known_fields(cls: type, data: dict) -> dict:

@@ -17,15 +17,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoraConfig
+from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _OUR_ONLY = {"seed", "fused_parts"}  # our config fields that PEFT's configs do not have
-_OTHER_KINDS = {"IA3": IA3Config, "LOHA": LoHaConfig}
+_OTHER_KINDS = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig}
 """peft_type -> our config, for the kinds beyond LoRA (their fields are PEFT's)."""
-_OTHER_UNSUPPORTED = {"IA3": {"fan_in_fan_out": False}, "LOHA": {"use_effective_conv2d": False}}
+_OTHER_UNSUPPORTED = {"IA3": {"fan_in_fan_out": False}, "LOHA": {"use_effective_conv2d": False},
+                      "LOKR": {}}
 _PEFT_EVA = {"rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors"}
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False}
 """PEFT fields whose other values change the adapter's math: loading refuses them."""
@@ -60,7 +61,7 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
         kept = {k: v for k, v in data.items() if k in known}
         return cls.from_dict({**kept, "fused_parts": {}} if cls is IA3Config else kept)
     if peft_type != "LORA":
-        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3 and LOHA adapters load")
+        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA and LOKR adapters load")
     bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
     if bad:
         raise ValueError(f"{source}: unsupported LoRA settings {bad}")

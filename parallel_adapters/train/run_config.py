@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from parallel_adapters.config import EvaConfig, LoraConfig
+from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 
 
 MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: names of torch dtypes
@@ -106,11 +106,23 @@ class LoggingSection:
     metrics_jsonl: Optional[str] = None
 
 
+ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config}
+"""`adapter.kind` -> the config its other keys are (PEFT's fields for that kind; DoRA is
+`kind: lora` with `use_dora: true`)."""
+AdapterConfig = Union[LoraConfig, LoHaConfig, LoKrConfig, IA3Config]
+
+
+def adapter_kind_name(adapter: Any) -> str:
+    """The `adapter.kind` of an adapter config."""
+    return next(k for k, cls in ADAPTER_KINDS.items() if type(adapter) is cls)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
-    adapter: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=LoraConfig)
+    """`kind: lora | loha | lokr | ia3` (default lora), then that kind's PEFT fields."""
     eva: Optional[EvaConfig] = None
     """EVA's settings; a section here turns EVA on whatever adapter.init_lora_weights says (an
     adapter.eva_config that differs is refused).  null: EVA only with adapter.init_lora_weights=eva,
@@ -189,7 +201,26 @@ def build(cls: type, data: Any, path: str) -> Any:
         raise ValueError(f"{path or 'config'}: {exc}") from None
 
 
+def _build_adapter(data: Any, path: str) -> Any:
+    """The adapter section: `kind` picks the config; a key that kind does not have is refused."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    kind = data.pop("kind", "lora")
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"{path}.kind: {kind!r} is not an adapter kind; one of {sorted(ADAPTER_KINDS)}")
+    cls = ADAPTER_KINDS[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{path}: {[f'{path}.{k}' for k in unknown]} are not fields of adapter kind {kind!r} "
+                         f"({cls.__name__}); allowed: {sorted(fields | {'kind'})}")
+    return build(cls, data, path)
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if hint == AdapterConfig:
+        return _build_adapter(value, path)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         if value is None and type(None) in args:

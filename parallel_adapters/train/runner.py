@@ -33,7 +33,7 @@ from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_co
 from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.train.cli_args import add_train_arguments
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
 from parallel_adapters.train.resume import engine_and_state
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
@@ -118,48 +118,61 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
                        rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed, **common)
 
 
-def adapter_config(config: RunConfig, resume_from: Path | None) -> LoraConfig:
-    """The run's LoraConfig.  An `eva:` section turns EVA on and configures it, whatever
-    adapter.init_lora_weights says (validate_run_config refuses a differing adapter.eva_config).
-    When resuming, the checkpoint's (EVA may have changed the ranks), after checking that the
-    run config asks for the same adapter."""
+def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
+    """The run's adapter config (`adapter.kind`'s).  An `eva:` section turns EVA on and configures
+    it, whatever adapter.init_lora_weights says (validate_run_config refuses a differing
+    adapter.eva_config, and EVA with another kind).  When resuming, the checkpoint's (EVA may have
+    changed the ranks), of the checkpoint's kind, after checking that the run config asks for the
+    same adapter."""
     if resume_from is not None:
         stored = _stored_adapter_config(resume_from)
         _check_same_adapter(stored, config.adapter, resume_from)
-        return stored.replace(init_lora_weights=True, eva_config=None)  # the weights come from the checkpoint
+        return _weights_from_checkpoint(stored)
     if config.eva is not None:
         return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
     return config.adapter
 
 
-def saved_adapter_config(checkpoint: Path) -> LoraConfig:
-    """A checkpoint's LoraConfig, to build the adapters its weights are then loaded into
+def saved_adapter_config(checkpoint: Path) -> Any:
+    """A checkpoint's adapter config, to build the adapters its weights are then loaded into
     (evaluate): the run config's adapter section does not apply."""
-    return _stored_adapter_config(checkpoint).replace(init_lora_weights=True, eva_config=None)
+    return _weights_from_checkpoint(_stored_adapter_config(checkpoint))
 
 
-def _stored_adapter_config(checkpoint: Path) -> LoraConfig:
+def _weights_from_checkpoint(stored: Any) -> Any:
+    """LoRA: no EVA or other init to run again (the weights come from the checkpoint)."""
+    return stored.replace(init_lora_weights=True, eva_config=None) if isinstance(stored, LoraConfig) else stored
+
+
+def _stored_adapter_config(checkpoint: Path) -> Any:
+    """The config of the checkpoint's kind (`adapter_kind`; LoRA before kinds were recorded)."""
+    from parallel_adapters.adapters.kinds import kind_for_stored_config
     from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
 
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
-    return LoraConfig.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
+    cls = kind_for_stored_config({"adapter_kind": saved.get("adapter_kind", "lora")}).config_class
+    return cls.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
 
 
-def _check_same_adapter(saved: LoraConfig, asked: LoraConfig, resume_from: Path) -> None:
+def _check_same_adapter(saved: Any, asked: Any, resume_from: Path) -> None:
     """A resumed run takes its adapters from the checkpoint: an adapter.* key that differs would be
     ignored, so it is refused.  The initialisation (init_lora_weights, eva_config) and what EVA
     decided (rank/alpha_pattern; target_modules, when it dropped a layer) are the checkpoint's own."""
+    if type(saved) is not type(asked):
+        raise ValueError(f"resume: {resume_from} holds a {adapter_kind_name(saved)!r} adapter, the run config has "
+                         f"adapter.kind={adapter_kind_name(asked)!r}; a resumed run keeps the checkpoint's adapters "
+                         "(or start fresh: --no-resume)")
     skip = {"init_lora_weights", "eva_config"}
-    if saved.init_lora_weights == "eva":
+    if getattr(saved, "init_lora_weights", None) == "eva":
         skip |= {"rank_pattern", "alpha_pattern", "target_modules"}
-    for f in dataclasses.fields(LoraConfig):
+    for f in dataclasses.fields(saved):
         if f.name not in skip and getattr(saved, f.name) != getattr(asked, f.name):
             raise ValueError(f"resume: {resume_from} was trained with adapter.{f.name}="
                              f"{getattr(saved, f.name)!r}, the run config has {getattr(asked, f.name)!r}; "
                              "a resumed run keeps the checkpoint's adapters (or start fresh: --no-resume)")
 
 
-def build_model(config: RunConfig, groups: Any, lora: LoraConfig, rank0: bool) -> tuple[Any, Any]:
+def build_model(config: RunConfig, groups: Any, lora: Any, rank0: bool) -> tuple[Any, Any]:
     """(AdapterModel, GPTSettings): the base GPT (HF weights imported when configured) + adapters."""
     from parallel_adapters.adapters.model import get_adapter_model
     from parallel_adapters.mcore.gpt import build_gpt
@@ -283,7 +296,8 @@ def _build_and_train(config: RunConfig, layout: Layout, opts: _Options, groups: 
     if vocab > settings.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} ids but the model's vocabulary is {settings.vocab_size}")
     eva_steps = None
-    if resume_from is None and model.peft_config[model.active_adapter].init_lora_weights == "eva":
+    init = getattr(model.peft_config[model.active_adapter], "init_lora_weights", None)  # LoRA's only
+    if resume_from is None and init == "eva":
         eva_steps = run_eva(model, samples, config, rank0 and opts.show_progress)
     engine, extra = engine_and_state(config, model, layout, resume_from, opts.tp_sum)
     result = _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)

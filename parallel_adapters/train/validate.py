@@ -14,9 +14,9 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
-from parallel_adapters.config import EvaConfig, decomposition_init
+from parallel_adapters.config import EvaConfig, LoraConfig, decomposition_init
 from parallel_adapters.train.run_config import (MODEL_DTYPES, CheckpointSection, LoggingSection, ModelSection,
-                                                RunConfig)
+                                                RunConfig, adapter_kind_name)
 
 HF_DECIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "vocab_size", "max_position_embeddings", "rotary_base", "tie_embeddings", "init_seed")
@@ -85,7 +85,10 @@ def validate_run_config(config: RunConfig) -> None:
                "checkpoint.keep_last": c.keep_last, "model.num_layers": m.num_layers,
                "model.hidden_size": m.hidden_size, "model.vocab_size": m.vocab_size,
                "model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups})
-    if decomposition_init(config.adapter.init_lora_weights) is not None:
+    if not isinstance(config.adapter, LoraConfig) and config.eva is not None:
+        raise ValueError(f"eva: EVA initialises LoRA adapters only; adapter.kind is "
+                         f"{adapter_kind_name(config.adapter)!r} (remove the eva: section)")
+    if decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None:
         raise ValueError(f"adapter.init_lora_weights={config.adapter.init_lora_weights!r} is not available in "
                          "training runs yet: it rewrites the base weights, which checkpoints and resume do not "
                          "carry; use it through get_adapter_model")
@@ -150,6 +153,8 @@ def _no_ignored_keys(config: RunConfig) -> None:
         raise ValueError("logging.every needs logging.metrics_jsonl (the per-step log it thins out)")
     if config.checkpoint.keep_last != CheckpointSection().keep_last and config.checkpoint.directory is None:
         raise ValueError("checkpoint.keep_last needs checkpoint.directory")
+    if not isinstance(a, LoraConfig):
+        return  # EVA's keys are LoRA's (the eva: section is refused above)
     inline = a.eva_config if a.eva_config != EvaConfig() else None  # init "eva" fills in EvaConfig()
     if inline is not None and config.eva is not None and inline != config.eva:
         raise ValueError("adapter.eva_config and eva both configure EVA, differently; keep one (the eva: section "

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from parallel_adapters.adapters.kinds.protocol import SLOTS, AdapterKind
 
 _BUILTIN_MODULES = ("parallel_adapters.adapters.kinds.lora", "parallel_adapters.adapters.kinds.dora",
-                    "parallel_adapters.adapters.kinds.ia3", "parallel_adapters.adapters.kinds.loha")
+                    "parallel_adapters.adapters.kinds.ia3", "parallel_adapters.adapters.kinds.loha",
+                    "parallel_adapters.adapters.kinds.lokr")
 _REGISTRY: dict[str, AdapterKind] = {}
 
 

@@ -21,7 +21,7 @@ import pytest
 from parallel_adapters.config import EvaConfig, LoraConfig
 from parallel_adapters.train import runner
 from parallel_adapters.train.resume import engine_arguments
-from parallel_adapters.train.run_config import RunConfig, load_run_config
+from parallel_adapters.train.run_config import ADAPTER_KINDS, RunConfig, load_run_config
 from parallel_adapters.train.validate import check_parallel_layout, validate_run_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,6 +66,46 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.modules_to_save": ([], "[final_layernorm]", "lora"),
     "adapter.eva_config": (["adapter.init_lora_weights=eva"], "{rho: 1.5}", "lora"),
     "adapter.seed": ([], "5", "lora"),
+    "adapter.kind": ([], "loha", "lora"),
+    # adapter.kind's other kinds: `adapter.<field>@<kind>` is adapter.<field> with adapter.kind=<kind>
+    "adapter.r@loha": ([], "4", "lora"),
+    "adapter.alpha@loha": ([], "4", "lora"),
+    "adapter.rank_dropout@loha": ([], "0.1", "lora"),
+    "adapter.module_dropout@loha": ([], "0.1", "lora"),
+    "adapter.target_modules@loha": ([], "[linear_qkv]", "lora"),
+    "adapter.exclude_modules@loha": ([], "[linear_proj]", "lora"),
+    "adapter.layers_to_transform@loha": ([], "[0]", "lora"),
+    "adapter.layers_pattern@loha": ([], "layers", "lora"),
+    "adapter.rank_pattern@loha": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.alpha_pattern@loha": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.init_weights@loha": ([], "false", "lora"),
+    "adapter.modules_to_save@loha": ([], "[final_layernorm]", "lora"),
+    "adapter.seed@loha": ([], "5", "lora"),
+    "adapter.r@lokr": ([], "4", "lora"),
+    "adapter.alpha@lokr": ([], "4", "lora"),
+    "adapter.rank_dropout@lokr": ([], "0.1", "lora"),
+    "adapter.module_dropout@lokr": ([], "0.1", "lora"),
+    "adapter.use_effective_conv2d@lokr": ([], "true", "lora"),
+    "adapter.decompose_both@lokr": ([], "true", "lora"),
+    "adapter.decompose_factor@lokr": ([], "4", "lora"),
+    "adapter.rank_dropout_scale@lokr": ([], "true", "lora"),
+    "adapter.target_modules@lokr": ([], "[linear_qkv]", "lora"),
+    "adapter.exclude_modules@lokr": ([], "[linear_proj]", "lora"),
+    "adapter.layers_to_transform@lokr": ([], "[0]", "lora"),
+    "adapter.layers_pattern@lokr": ([], "layers", "lora"),
+    "adapter.rank_pattern@lokr": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.alpha_pattern@lokr": ([], "{linear_qkv: 4}", "lora"),
+    "adapter.init_weights@lokr": ([], "lycoris", "lora"),
+    "adapter.modules_to_save@lokr": ([], "[final_layernorm]", "lora"),
+    "adapter.seed@lokr": ([], "5", "lora"),
+    "adapter.target_modules@ia3": ([], "[linear_qkv, linear_fc2, linear_proj]", "lora"),
+    "adapter.feedforward_modules@ia3": ([], "[]", "lora"),
+    "adapter.exclude_modules@ia3": ([], "[linear_proj]", "lora"),
+    "adapter.fused_parts@ia3": ([], "{linear_qkv: [v]}", "lora"),
+    "adapter.init_ia3_weights@ia3": ([], "false", "lora"),
+    "adapter.fan_in_fan_out@ia3": ([], "true", "lora"),
+    "adapter.modules_to_save@ia3": ([], "[final_layernorm]", "lora"),
+    "adapter.seed@ia3": ([], "5", "lora"),
     "eva.rho": (EVA_ON, "1.5", "lora"),
     "eva.tau": (EVA_ON, "0.9", "lora"),
     "eva.use_label_mask": (EVA_ON, "false", "lora"),
@@ -97,6 +137,11 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "logging.metrics_jsonl": ([], "{tmp}/m.jsonl", "loop"),
 }
 REFUSED = {"parallel.data"}  # the changed value is observable only as a refusal
+REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: another is refused, naming it
+    "adapter.rank_dropout@loha", "adapter.module_dropout@loha", "adapter.rank_dropout@lokr",
+    "adapter.module_dropout@lokr", "adapter.use_effective_conv2d@lokr", "adapter.rank_dropout_scale@lokr",
+    "adapter.fan_in_fan_out@ia3",
+}
 
 
 def run_config_keys() -> set[str]:
@@ -104,10 +149,21 @@ def run_config_keys() -> set[str]:
     keys: set[str] = set()
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
+        if f.name == "adapter":  # one config per adapter.kind
+            keys |= {"adapter.kind"} | {f"adapter.{g.name}" for g in dataclasses.fields(LoraConfig)}
+            keys |= {f"adapter.{g.name}@{kind}" for kind, cls in ADAPTER_KINDS.items() if kind != "lora"
+                     for g in dataclasses.fields(cls)}
+            continue
         section = next((a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)),
                        None)
         keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)} if section else {f.name}
     return keys
+
+
+def _split_kind(key: str) -> tuple[str, list[str]]:
+    """`adapter.alpha@loha` -> ("adapter.alpha", ["adapter.kind=loha"])."""
+    key, _, kind = key.partition("@")
+    return key, [f"adapter.kind={kind}"] if kind else []
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +223,13 @@ def test_every_key_has_a_case():
 @pytest.mark.parametrize("key", sorted(k for k, case in CASES.items() if case[2] != RUN))
 def test_changing_a_key_changes_its_target(key, places):
     context, value, target = CASES[key]
-    base, changed = _load(context, places), _load(context + [f"{key}={value}"], places)
+    dotted, kind = _split_kind(key)
+    context = kind + context
+    if key in REFUSED_AT_LOAD:
+        with pytest.raises(ValueError, match=dotted.split(".")[1]):
+            _load(context + [f"{dotted}={value}"], places)
+        return
+    base, changed = _load(context, places), _load(context + [f"{dotted}={value}"], places)
     assert base != changed, f"the override {key}={value} changed nothing in the RunConfig"
     before, after = observe(target, base), observe(target, changed)
     assert not _refused(before), before

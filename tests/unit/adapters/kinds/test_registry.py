@@ -66,10 +66,10 @@ def test_dora_declares_the_magnitude_and_when_its_gradient_is_partial(mode, chun
 
 
 def test_unknown_name_and_config_are_refused_naming_what_exists():
-    with pytest.raises(ValueError, match=r"unknown adapter kind 'vera'; registered: \['dora', 'ia3', 'loha', 'lora'"):
+    with pytest.raises(ValueError, match=r"unknown adapter kind 'vera'; registered: \['dora', 'ia3', 'loha', 'lokr', 'lora'"):
         kinds.get_kind("vera")
     with pytest.raises(ValueError, match="config must be a parallel_adapters.IA3Config or parallel_adapters.LoHaConfig "
-                                         "or parallel_adapters.LoraConfig, got dict"):
+                                         "or parallel_adapters.LoKrConfig or parallel_adapters.LoraConfig, got dict"):
         kinds.kind_for_config({"r": 2})
 
 
