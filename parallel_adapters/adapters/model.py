@@ -153,6 +153,7 @@ class AdapterModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the plain model with base layers (current weights) back in place of wrappers."""
         unwrap_all(self.model)
+        prompt.remove(self.model)
         self.peft_config.clear()
         if self._input_grad_hook is not None:
             self._input_grad_hook.remove()

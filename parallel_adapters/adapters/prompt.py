@@ -54,6 +54,7 @@ class PromptTuning(nn.Module):
         self.disabled = False
         self.groups = groups
         self.sequence_parallel = False
+        self.hooks: list = []
 
     def running(self) -> str | None:
         """The adapter whose virtual tokens the forward prepends now, or None."""
@@ -138,6 +139,16 @@ def delete(model: nn.Module, name: str) -> None:
             del prompt.prompt_embeddings[name]
         if prompt.active == name:
             prompt.active = None
+        sync(model)
+
+
+def remove(model: nn.Module) -> None:
+    """Take prompt tuning off the model (hooks, tensors, the recorded prepended length)."""
+    prompt = prompt_module(model)
+    if prompt is not None:
+        for hook in prompt.hooks:
+            hook.remove()
+        del model.prompt_tuning
         sync(model)
 
 
@@ -253,8 +264,8 @@ def _install_hooks(model: nn.Module, prompt: PromptTuning) -> None:
             output.requires_grad_(True)
         return output
 
-    embedding.register_forward_pre_hook(prepend, with_kwargs=True)
-    embedding.register_forward_hook(replace, with_kwargs=True)
+    prompt.hooks = [embedding.register_forward_pre_hook(prepend, with_kwargs=True),
+                    embedding.register_forward_hook(replace, with_kwargs=True)]
 
 
 def replace_virtual_rows(x_sbh: torch.Tensor, prompt: torch.Tensor, chunk_index: int) -> torch.Tensor:

@@ -56,3 +56,48 @@ def test_config_round_trips():
     config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="a b",
                                 init_token_ids=[1, 2])
     assert PromptTuningConfig.from_dict(config.to_dict()) == config
+
+
+class _TinyGPT(torch.nn.Module):
+    """The shape of a GPT stage that prompt tuning hooks: `embedding(input_ids=...)` -> [s, b, H]."""
+
+    class Embedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = torch.nn.Embedding(10, 4)
+            self.config = type("Config", (), {"sequence_parallel": False})()
+
+        def forward(self, input_ids, position_ids=None):
+            return self.word_embeddings(input_ids).transpose(0, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = self.Embedding()
+        self.vocab_size = 10
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+
+def test_disable_set_and_unload_switch_the_virtual_tokens_off():
+    from parallel_adapters import ParallelGroups, get_adapter_model
+
+    model = _TinyGPT()
+    ids = torch.tensor([[1, 2, 3]])
+    base = model(ids)
+    adapter = get_adapter_model(model, PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB"),
+                                groups=ParallelGroups.single())
+    prompted = adapter(ids)
+    assert prompted.shape == (5, 1, 4) and model.prepended_tokens == 2
+    torch.testing.assert_close(prompted[2:], base)
+    torch.testing.assert_close(prompted[:2, 0], adapter.model.prompt_tuning.prompt_embeddings["default"].weight)
+    assert [n for n, p in adapter.named_parameters() if p.requires_grad] == [
+        "model.prompt_tuning.prompt_embeddings.default.weight"]
+    with adapter.disable_adapter():
+        torch.testing.assert_close(adapter(ids), base)
+        assert model.prepended_tokens == 0
+    with pytest.raises(ValueError, match="cannot merge prompt adapter"):
+        adapter.merge_adapter()
+    plain = adapter.unload()
+    torch.testing.assert_close(plain(ids), base)
+    assert not hasattr(plain, "prompt_tuning") and plain.prepended_tokens == 0
