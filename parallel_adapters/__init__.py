@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LoraConfig": "parallel_adapters.config",
     "IA3Config": "parallel_adapters.config",
+    "PromptTuningConfig": "parallel_adapters.config",
     "LoHaConfig": "parallel_adapters.config",
     "LoKrConfig": "parallel_adapters.config",
     "EvaConfig": "parallel_adapters.config",

@@ -22,7 +22,7 @@ from parallel_adapters.adapters.inject import (
 from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
-from parallel_adapters.adapters import pretrained
+from parallel_adapters.adapters import pretrained, prompt
 from parallel_adapters.config import LoraConfig, decomposition_init
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -70,6 +70,11 @@ class AdapterModel(nn.Module):
         """Add adapter `adapter_name` to the layers `config` targets; it is not made active."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; use another adapter_name")
+        if prompt.is_prompt_config(config):  # virtual tokens on the embedding, not a per-layer host
+            prompt.add_prompt_adapter(self.model, config, adapter_name, self.groups)
+            self.peft_config[adapter_name] = config
+            self._set_trainable()
+            return
         kind = kind_for_config(config)
         targets = find_targets(self.model, config)
         check_patterns_match(config, kind, targets, local_only=self.groups.pp_size > 1)
@@ -85,6 +90,7 @@ class AdapterModel(nn.Module):
                 raise ValueError("unmerge the merged adapter(s) before switching the active adapter")
             layer.active_adapters = [adapter_name] if layer.has_adapter(adapter_name) else []
         self.active_adapter = adapter_name
+        prompt.set_active(self.model, adapter_name)
         self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -92,6 +98,7 @@ class AdapterModel(nn.Module):
         for _, layer in adapted_layers(self.model):
             if layer.has_adapter(adapter_name):
                 layer.delete_adapter(adapter_name)
+        prompt.delete(self.model, adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -101,10 +108,12 @@ class AdapterModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         for _, layer in adapted_layers(self.model):
             layer.disabled = True
+        prompt.set_disabled(self.model, True)
 
     def enable_adapter_layers(self) -> None:
         for _, layer in adapted_layers(self.model):
             layer.disabled = False
+        prompt.set_disabled(self.model, False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -121,6 +130,7 @@ class AdapterModel(nn.Module):
         """Fold adapters into the base weights (each rank its own shard; no communication)."""
         for name in adapter_names or []:
             self._require(name)
+        prompt.check_not_merging(adapter_names or [self.active_adapter], self.peft_config)
         layers = [(layer, [n for n in (adapter_names or layer.active_adapters) if layer.has_adapter(n)])
                   for _, layer in adapted_layers(self.model)]
         for layer, names in layers:  # refuse before any weight changes
@@ -143,6 +153,7 @@ class AdapterModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the plain model with base layers (current weights) back in place of wrappers."""
         unwrap_all(self.model)
+        prompt.remove(self.model)
         self.peft_config.clear()
         if self._input_grad_hook is not None:
             self._input_grad_hook.remove()
@@ -166,6 +177,7 @@ class AdapterModel(nn.Module):
         """
         partial = [(layer.geometry.tp_group, self._grads(layer.partial_grad_parameters()))
                    for _, layer in adapted_layers(self.model)]
+        partial += [(group, self._grads(params)) for group, params in prompt.partial_grad_entries(self.model)]
         for group, grads in _by_ranks(partial):
             collectives.all_reduce_coalesced_(grads, group)
         if not data_parallel:
@@ -198,6 +210,7 @@ class AdapterModel(nn.Module):
         for _, layer in adapted_layers(self.model):
             if layer.has_adapter(adapter_name):
                 out.update(layer.sharded_tensors(adapter_name))
+        out.update(prompt.sharded_tensors(self.model, adapter_name))
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
@@ -261,6 +274,10 @@ class AdapterModel(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(False)
         if config is None:
+            return
+        if prompt.is_prompt_config(config):
+            for param in prompt.trainable_tensors(self.model, self.active_adapter):
+                param.requires_grad_(True)
             return
         layers = adapted_layers(self.model)
         for _, layer in layers:

@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
 from parallel_adapters.mcore import compat, cpu, moe
 from parallel_adapters.mcore.norms import SequenceParallelNorm
-from parallel_adapters.mcore.schedule import forward_only
+from parallel_adapters.mcore.schedule import forward_only, prepended_tokens
 
 
 @dataclass(frozen=True)
@@ -311,11 +311,12 @@ def sequence_multiple(model: torch.nn.Module) -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
-def pad_right(input_ids: torch.Tensor, multiple: int, pad_id: int = 0) -> torch.Tensor:
-    """input_ids [batch, seq] with `pad_id` appended up to the next multiple of `multiple` along
-    the sequence (unchanged when it already divides).  Under the causal mask a position attends
-    only to earlier ones, so the padding changes no real position's logits."""
-    extra = -input_ids.shape[1] % multiple
+def pad_right(input_ids: torch.Tensor, multiple: int, pad_id: int = 0, extra: int = 0) -> torch.Tensor:
+    """input_ids [batch, seq] with `pad_id` appended until `extra` + seq (the model prepends
+    `extra` positions) is a multiple of `multiple` (unchanged when it already is).  Under the
+    causal mask a position attends only to earlier ones, so the padding changes no real position's
+    logits."""
+    extra = -(extra + input_ids.shape[1]) % multiple
     if not extra:
         return input_ids
     return torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], extra), pad_id)], dim=1)
@@ -332,7 +333,9 @@ def gpt_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor 
         inner = inner.module
     vocab = getattr(inner, "unpadded_vocab_size", inner.vocab_size)
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    length = input_ids.shape[1]
-    padded = pad_right(input_ids, sequence_multiple(model))
+    extra = prepended_tokens(model)  # prompt tuning's virtual tokens: their logits come first, as PEFT's
+    length = extra + input_ids.shape[1]
+    multiple = sequence_multiple(model)
+    padded = pad_right(input_ids, multiple, extra=extra)
     logits = forward_only(model, padded, pp_size, runtime_gather_output=True)
     return None if logits is None else logits[:, :length, :vocab]

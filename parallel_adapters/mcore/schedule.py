@@ -40,7 +40,7 @@ def pipeline_forward_backward(model: torch.nn.Module, microbatches: Sequence[dic
         data_iterator=iter(list(microbatches)),
         model=[model],
         num_microbatches=len(microbatches),
-        seq_length=input_ids.shape[1],
+        seq_length=input_ids.shape[1] + prepended_tokens(model),
         micro_batch_size=input_ids.shape[0],
         forward_only=forward_only,
     )
@@ -51,6 +51,15 @@ def _forward_step(loss_fn: LossFn, data_iterator: Iterator[dict], model: torch.n
     batch = next(data_iterator)
     output = model(batch["input_ids"], None, None, runtime_gather_output=True)
     return output, partial(loss_fn, batch)
+
+
+def prepended_tokens(model: torch.nn.Module) -> int:
+    """Positions the model's first stage prepends to input_ids (prompt tuning's virtual tokens,
+    recorded on every stage as `prepended_tokens`), so that the pipeline's activations are
+    input_ids.shape[1] + this long."""
+    while hasattr(model, "module"):  # megatron DDP / Float16Module wrappers
+        model = model.module
+    return int(getattr(model, "prepended_tokens", 0))
 
 
 def is_megatron_module(module: torch.nn.Module) -> bool:
@@ -70,7 +79,7 @@ def forward_only(model: torch.nn.Module, input_ids: torch.Tensor, pp_size: int,
         data_iterator=iter([input_ids]),
         model=[model],
         num_microbatches=1,
-        seq_length=input_ids.shape[1],
+        seq_length=input_ids.shape[1] + prepended_tokens(model),
         micro_batch_size=input_ids.shape[0],
         forward_only=True,
     )

@@ -1,0 +1,123 @@
+"""Multi-rank jobs for the prompt-tuning tests (run by WorkerPool): a tiny HF Llama imported into
+Megatron at the given TP / PP / SP, a prompt adapter with given values, then logits, loss,
+gradients, training steps or collective counts."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tests.harness import counting
+
+N_VIRTUAL = 5
+
+
+def _prompted(hf_dir: str, tp: int, pp: int, sp: bool, config_fields: dict | None = None,
+              values: torch.Tensor | None = None):
+    from parallel_adapters import PromptTuningConfig, get_adapter_model
+    from parallel_adapters.mcore import compat, cpu
+    from parallel_adapters.mcore.gpt import build_gpt
+    from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf, import_hf_checkpoint
+
+    cpu.enable_cpu_mode()
+    groups = compat.initialize_model_parallel(tp, pp)
+    cpu.model_parallel_seed(1234)
+    settings = dataclasses.replace(gpt_settings_from_hf(hf_dir), sequence_parallel=sp)
+    model = build_gpt(settings, init_weights=False)
+    import_hf_checkpoint(model, hf_dir, groups)
+    model.eval()
+    adapter = get_adapter_model(model, PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, **(config_fields or {})),
+                                groups=groups)
+    if values is not None and groups.pp_rank == 0:
+        with torch.no_grad():
+            adapter.model.prompt_tuning.prompt_embeddings["default"].weight.copy_(values)
+    return adapter, groups, settings
+
+
+def _prompt(adapter):
+    holder = adapter.model.prompt_tuning.prompt_embeddings
+    return holder["default"].weight if "default" in holder else None
+
+
+def parity_job(hf_dir: str, tp: int, pp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor,
+               values: torch.Tensor) -> dict:
+    """Logits (last stage), PEFT's loss and the prompt's finalized gradient (first stage)."""
+    from parallel_adapters.adapters.prompt import causal_lm_loss
+    from parallel_adapters.mcore.gpt import gpt_logits
+    from parallel_adapters.mcore.schedule import pipeline_forward_backward
+
+    adapter, groups, settings = _prompted(hf_dir, tp, pp, sp, values=values)
+    vocab = settings.vocab_size
+    if pp == 1:
+        logits = gpt_logits(adapter.model, ids)
+        loss = causal_lm_loss(logits, labels, N_VIRTUAL)
+        loss.backward()
+        logits, loss = logits.detach(), loss.detach()
+    else:
+        with torch.no_grad():
+            logits = gpt_logits(adapter.model, ids)
+
+        def loss_fn(batch, output):
+            value = causal_lm_loss(output[..., :vocab], batch["labels"], N_VIRTUAL)
+            return value, {"loss": value.detach().clone()}
+        reports = pipeline_forward_backward(adapter.model, [{"input_ids": ids, "labels": labels}], loss_fn)
+        loss = reports[0]["loss"] if reports else None
+    adapter.finalize_grads()
+    prompt = _prompt(adapter)
+    return {"logits": logits, "loss": loss, "grad": None if prompt is None else prompt.grad.clone(),
+            "state": sorted(adapter.adapter_state_dict())}
+
+
+def training_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor, steps: int = 5) -> dict:
+    """`steps` AdamW steps on the prompt alone (RANDOM init, seeded): losses and the final prompt."""
+    from parallel_adapters.adapters.prompt import causal_lm_loss
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, groups, _ = _prompted(hf_dir, tp, 1, sp, config_fields={"seed": 3})
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = causal_lm_loss(gpt_logits(adapter.model, ids), labels, N_VIRTUAL)
+        loss.backward()
+        adapter.finalize_grads()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"losses": losses, "prompt": _prompt(adapter).detach().clone(), "trainable": len(params)}
+
+
+def collectives_job(hf_dir: str, sp: bool, variant: str, ids: torch.Tensor, labels: torch.Tensor):
+    """Collectives of one forward+backward at TP=2: the frozen base with only the word embedding
+    trainable, or the prompt adapter; and of finalize_grads."""
+    from parallel_adapters.adapters.prompt import causal_lm_loss
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prompted(hf_dir, 2, 1, sp, values=torch.ones(N_VIRTUAL, 48))
+    n = N_VIRTUAL
+    if variant == "frozen_base":
+        adapter.disable_adapter_layers()
+        adapter.model.embedding.word_embeddings.weight.requires_grad_(True)
+        n = 0
+    with counting.counted() as step:
+        causal_lm_loss(gpt_logits(adapter.model, ids), labels, n).backward()
+    with counting.counted() as fin:
+        adapter.finalize_grads()
+    return dict(step.calls), dict(fin.calls)
+
+
+def init_job(hf_dir: str, tp: int, text_ids: list[int]) -> dict:
+    """The initial prompt of each init at this TP size, and what merge says."""
+    out = {}
+    for init, fields in (("RANDOM", {}), ("SAMPLE_VOCAB", {}), ("TEXT", {"prompt_tuning_init_text": "x",
+                                                                       "init_token_ids": text_ids})):
+        adapter, _, _ = _prompted(hf_dir, tp, 1, False, config_fields={"prompt_tuning_init": init, "seed": 4, **fields})
+        out[init] = _prompt(adapter).detach().clone()
+        from megatron.core import parallel_state
+        parallel_state.destroy_model_parallel()
+    try:
+        adapter.merge_adapter()
+        out["merge"] = ""
+    except ValueError as exc:
+        out["merge"] = str(exc)
+    return out
