@@ -1,0 +1,155 @@
+"""LoraConfig (LoRA and DoRA) and EvaConfig, PEFT's fields."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from parallel_adapters.config.common import (
+    MEGATRON_LINEAR_TARGETS, TargetModules, _check_positive_int, _check_positive_number, _jsonable_targets,
+)
+
+
+@dataclass(frozen=True)
+class EvaConfig:
+    """Explained Variance Adaptation (EVA) initialisation settings (PEFT's `EvaConfig` fields)."""
+
+    rho: float = 2.0
+    """Max rank of a layer after redistribution, as a multiple of its r (1.0 = no redistribution)."""
+    tau: float = 0.99
+    """Cosine-similarity threshold between successive steps at which a layer's components converge."""
+    use_label_mask: bool = True
+    """Drop tokens whose label equals `label_mask_value` from the statistics."""
+    label_mask_value: int = -100
+    whiten: bool = False
+    """Scale A by the inverse singular values."""
+    adjust_scaling_factors: bool = True
+    """Rescale lora_alpha so that alpha / r stays as configured when a layer's rank changes."""
+    max_steps: int = 100
+    """Cap on EVA batches; layers still unconverged then are reported in a warning."""
+    sketch_multiple: float = 2.0
+    """Components each data-parallel rank keeps and exchanges, as a multiple of round(r * rho)."""
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ValueError(f"EvaConfig.rho must be >= 1.0, got {self.rho}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"EvaConfig.tau must be in (0, 1], got {self.tau}")
+        if self.max_steps < 1:
+            raise ValueError(f"EvaConfig.max_steps must be >= 1, got {self.max_steps}")
+        if self.sketch_multiple < 1.0:
+            raise ValueError(f"EvaConfig.sketch_multiple must be >= 1.0, got {self.sketch_multiple}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA settings, field for field PEFT's `LoraConfig` where the concept is the same."""
+
+    r: int = 8
+    """Adapter rank."""
+    lora_alpha: float = 8
+    """Scaling numerator: scale = lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapter input."""
+    target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
+    """Module names (exact or '.'-suffix match), a regex (full match), or "all-linear"."""
+    exclude_modules: TargetModules = None
+    """Like target_modules; matching modules are never adapted."""
+    layers_to_transform: Union[int, list, None] = None
+    """Only adapt these (global) transformer layer indices."""
+    layers_pattern: Union[str, list, None] = None
+    """Name of the ModuleList holding the layers (Megatron: "layers")."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Regex (suffix match on the module name) -> rank, overriding r."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Regex (suffix match on the module name) -> alpha, overriding lora_alpha."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling: lora_alpha / sqrt(r)."""
+    init_lora_weights: Union[bool, str] = True
+    """True: A Kaiming-uniform, B zero.  "gaussian": A ~ N(0, 1/r), B zero.  False: both random.
+    "eva": data-driven A (see EvaConfig), B zero.  "pissa": A, B from the top-r singular triplets
+    of W, W replaced by the residual W - s B A; "pissa_niter_K": the same from a randomized SVD
+    with K subspace iterations; "olora": A, B from a QR of W, W replaced by W - s B A (PEFT's
+    PiSSA / OLoRA; computed on the TP shards without gathering W: adapters/decomposition_init.py)."""
+    bias: str = "none"
+    """"none", "all" (train every bias) or "lora_only" (train biases of adapted layers)."""
+    modules_to_save: Union[list, None] = None
+    """Extra modules (by name suffix) left trainable and saved with the adapter."""
+    eva_config: Union[EvaConfig, None] = None
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
+    y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
+    seed: int = 0
+    """Seed of the full-matrix initialisation, so every TP size starts from the same adapter."""
+
+    def __post_init__(self) -> None:
+        _check_positive_int("r", self.r)
+        _check_positive_number("lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian", "eva") and (
+                decomposition_init(self.init_lora_weights) is None):
+            raise ValueError(
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'eva', 'pissa', "
+                f"'pissa_niter_<K>' or 'olora', got {self.init_lora_weights!r}"
+            )
+        if decomposition_init(self.init_lora_weights) is not None and self.eva_config is not None:
+            raise ValueError(f"LoraConfig.eva_config is set but init_lora_weights={self.init_lora_weights!r}: "
+                             "EVA and a weight decomposition both initialise the factors; drop eva_config")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.init_lora_weights == "eva":
+            raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
+                             "(EVA initialises LoRA factors only)")
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            object.__setattr__(self, "eva_config", EvaConfig())
+        if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
+            raise ValueError("LoraConfig.target_modules must name at least one module")
+        for key, value in self.rank_pattern.items():
+            _check_positive_int(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_positive_number(f"alpha_pattern[{key!r}]", value)
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # one canonical form, so equal configs compare equal
+                object.__setattr__(self, name, tuple(value))
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A validated copy with some fields changed (configs are immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"):
+            data[name] = _jsonable_targets(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LoraConfig: unknown field(s) {unknown}")
+        data = dict(data)
+        if isinstance(data.get("eva_config"), dict):
+            data["eva_config"] = EvaConfig(**data["eva_config"])
+        return cls(**data)
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def decomposition_init(init_lora_weights: Any) -> tuple[str, int | None] | None:
+    """("pissa", None) for "pissa" (exact SVD), ("pissa", K) for "pissa_niter_K" (randomized SVD,
+    K subspace iterations), ("olora", None) for "olora"; None for any other value."""
+    if not isinstance(init_lora_weights, str):
+        return None
+    if init_lora_weights in ("pissa", "olora"):
+        return init_lora_weights, None
+    match = _PISSA_NITER.fullmatch(init_lora_weights)
+    return ("pissa", int(match.group(1))) if match else None
