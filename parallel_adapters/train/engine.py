@@ -18,8 +18,8 @@ before any data-parallel reduction or norm.
   the replicated factors, one coalesced DP all-reduce (average) of all trainable grads.  Global
   grad-norm clipping then costs one scalar all-reduce that the loop shares with the loss report:
   each rank contributes the sum of squares of its sharded factors, of its replicated factors only
-  on TP rank 0, and nothing off DP rank 0, so the world sum counts every element exactly once
-  (over TP, PP and DP).
+  on TP rank 0, and nothing off DP rank 0 (routed experts: expert-TP and expert-DP rank 0), so the
+  world sum counts every element exactly once (over TP, PP, DP and EP).
 * DeepSpeed (ZeRO 1, 2, 3): `engine.coalesce_grad_reduction()` (in the pinned 0.19.8) keeps every
   micro-batch's gradient on the parameters and runs ZeRO's DP reduction (and, for stages 2/3, the
   partitioning) once when the block exits.  `reduce_grads()` runs `finalize_grads()` (the TP sum)
@@ -69,13 +69,17 @@ def grad_sumsq_contribution(model: AdapterModel) -> torch.Tensor:
     """This rank's share of the global squared grad norm (see the module docstring): the world
     sum of these shares is the squared norm of the full, unsharded gradient.  float64, on the
     gradients' device (0-dim)."""
-    groups = model.groups
+    from parallel_adapters.mcore.moe import is_expert_parameter  # imports megatron (as the model did)
+
+    g = model.groups
     squares = []
-    for param in trainable_parameters(model):
+    for name, param in model.named_parameters():
         grad = param.grad
-        if grad is None or groups.dp_rank != 0:
+        if grad is None or not param.requires_grad:
             continue
-        if getattr(param, "tensor_model_parallel", False) or groups.tp_rank == 0:
+        # a routed expert's tensor is replicated over expert-DP and split (or repeated) over expert-TP
+        dp_rank, tp_rank = (g.expert_dp_rank, g.etp_rank) if is_expert_parameter(name) else (g.dp_rank, g.tp_rank)
+        if dp_rank == 0 and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
             squares.append(grad.detach().double().pow(2).sum())
     return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 

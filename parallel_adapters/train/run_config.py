@@ -18,6 +18,7 @@ from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfi
 
 
 MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: names of torch dtypes
+ROUTER_DTYPES = ("fp32", "fp64")  # moe.router_dtype (or null): Megatron's names
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,27 @@ class ParallelSection:
     """None: world size / (tensor x pipeline)."""
     sequence_parallel: bool = False
     """Split activations along the sequence between TP ranks (at tensor=1 there is nothing to split)."""
+    expert: int = 1
+    """Expert parallelism: the routed experts of each MoE layer split over this many ranks."""
+    expert_tensor: Optional[int] = None
+    """Expert tensor parallelism: one expert's weights split over this many ranks; None: parallel.tensor."""
+
+
+@dataclass(frozen=True)
+class MoeSection:
+    """Mixture-of-experts MLPs for a model built here (an HF checkpoint's config.json decides
+    num_experts, topk and ffn_hidden_size; the other two are training options either way)."""
+
+    num_experts: Optional[int] = None
+    """Routed experts per layer; None: dense MLPs."""
+    topk: int = 2
+    """Experts each token is routed to."""
+    ffn_hidden_size: Optional[int] = None
+    """One expert's intermediate size; None: model.ffn_hidden_size."""
+    aux_loss_coeff: float = 0.0
+    """Coefficient of Megatron's load-balancing auxiliary loss (0: off)."""
+    router_dtype: Optional[str] = None
+    """The router's compute dtype: null (the model's), "fp32" or "fp64"."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,7 @@ def adapter_kind_name(adapter: Any) -> str:
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    moe: MoeSection = field(default_factory=MoeSection)
     adapter: AdapterConfig = field(default_factory=LoraConfig)
     """`kind: lora | loha | lokr | ia3` (default lora), then that kind's PEFT fields."""
     eva: Optional[EvaConfig] = None

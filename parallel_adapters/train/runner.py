@@ -108,6 +108,8 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
                   recompute=m.recompute, hidden_dropout=m.hidden_dropout)
     if m.attention_dropout is not None:
         common["attention_dropout"] = m.attention_dropout
+    moe = config.moe  # validate_run_config refused the keys config.json decides, and any on a dense model
+    common.update(moe_aux_loss_coeff=moe.aux_loss_coeff, moe_router_dtype=moe.router_dtype)
     if m.hf_checkpoint is not None:
         from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
 
@@ -115,7 +117,9 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
     return GPTSettings(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
                        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
                        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
-                       rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed, **common)
+                       rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
+                       num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
+                       moe_ffn_hidden_size=moe.ffn_hidden_size, **common)
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
@@ -265,7 +269,7 @@ def _run(config: RunConfig, layout: Layout, opts: _Options) -> TrainResult:
 
     if not torch.cuda.is_available():
         cpu.enable_cpu_mode()
-    groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline)
+    groups = compat.initialize_model_parallel(layout.tensor, layout.pipeline, layout.expert, layout.expert_tensor)
     schedule.seed_model_parallel_rngs(config.seed)
     rank0 = dist.get_rank() == 0
     resume_from = resolve_resume(config, opts.resume)

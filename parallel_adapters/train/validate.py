@@ -7,20 +7,24 @@ dotted key's name, instead of after a model load or inside a collective.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.config import EvaConfig, LoraConfig, decomposition_init
-from parallel_adapters.train.run_config import (MODEL_DTYPES, CheckpointSection, LoggingSection, ModelSection,
-                                                RunConfig, adapter_kind_name)
+from parallel_adapters.train.run_config import (MODEL_DTYPES, ROUTER_DTYPES, CheckpointSection, LoggingSection,
+                                                ModelSection, MoeSection, RunConfig, adapter_kind_name)
 
 HF_DECIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "vocab_size", "max_position_embeddings", "rotary_base", "tie_embeddings", "init_seed")
 """model.* keys that a model.hf_checkpoint decides (architecture and weights)."""
+HF_DECIDES_MOE = ("num_experts", "topk", "ffn_hidden_size")
+"""moe.* keys that a model.hf_checkpoint's config.json decides (the others are training options)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class Layout:
     micro_batch: int
     accumulation: int
     """Micro-batches per optimizer step on each DP rank."""
+    expert: int = 1
+    """Expert-parallel size (MoE)."""
+    expert_tensor: Optional[int] = None
+    """Expert-tensor-parallel size (MoE); None: the tensor size."""
 
     @property
     def global_batch(self) -> int:
@@ -67,14 +75,64 @@ def check_parallel_layout(world_size: int, config: RunConfig) -> Layout:
     if p.sequence_parallel and config.data.seq_len % p.tensor:
         raise ValueError(f"data.seq_len={config.data.seq_len} must divide by parallel.tensor={p.tensor} "
                          "with parallel.sequence_parallel")
+    expert, expert_tensor = _check_expert_layout(world_size, config)
     if config.deepspeed is not None:
         check_deepspeed_layout(p.pipeline)
+        if expert > 1 or expert_tensor != p.tensor:
+            raise ValueError(f"deepspeed: the DeepSpeed engine is not supported with parallel.expert={expert} / "
+                             f"parallel.expert_tensor={expert_tensor} (its ZeRO reductions and TP sum do not know "
+                             "the expert-parallel groups); use the torch engine (deepspeed: null) or "
+                             "parallel.expert=1 with parallel.expert_tensor = parallel.tensor")
     per_step = o.micro_batch * data
     global_batch = o.global_batch if o.global_batch is not None else per_step
     if global_batch % per_step:
         raise ValueError(f"optim.global_batch={global_batch} must be a multiple of optim.micro_batch="
                          f"{o.micro_batch} x data-parallel size {data}")
-    return Layout(world_size, p.tensor, p.pipeline, data, o.micro_batch, global_batch // per_step)
+    return Layout(world_size, p.tensor, p.pipeline, data, o.micro_batch, global_batch // per_step, expert,
+                  expert_tensor if num_experts(config) is not None else None)
+
+
+def num_experts(config: RunConfig) -> Optional[int]:
+    """Routed experts per layer: moe.num_experts, or the HF checkpoint's config.json's (None: dense)."""
+    hf = config.model.hf_checkpoint
+    if hf is None:
+        return config.moe.num_experts
+    path = Path(hf, "config.json")
+    if not path.is_file():
+        return None  # validate_run_config names model.hf_checkpoint
+    hf_config = json.loads(path.read_text())
+    return hf_config.get("num_experts") or hf_config.get("num_local_experts") or None
+
+
+def _check_expert_layout(world_size: int, config: RunConfig) -> tuple[int, int]:
+    """(EP, ETP) sizes; ValueError naming parallel.expert / parallel.expert_tensor / moe.* when the
+    MoE layers cannot split that way on `world_size` ranks."""
+    p, moe = config.parallel, config.moe
+    expert = p.expert
+    expert_tensor = p.tensor if p.expert_tensor is None else p.expert_tensor
+    for key, value in (("parallel.expert", expert), ("parallel.expert_tensor", expert_tensor)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    experts = num_experts(config)
+    if experts is None:
+        if expert > 1 or p.expert_tensor is not None:
+            raise ValueError("parallel.expert and parallel.expert_tensor split the routed experts of MoE layers; "
+                             "this model is dense: set moe.num_experts (or use an HF MoE checkpoint), or remove them")
+        return expert, expert_tensor
+    expert_model_parallel = expert_tensor * expert * p.pipeline
+    if world_size % expert_model_parallel:
+        raise ValueError(f"parallel.expert_tensor={expert_tensor} x parallel.expert={expert} x parallel.pipeline="
+                         f"{p.pipeline} = {expert_model_parallel} does not divide the world size {world_size}")
+    where = "moe.num_experts" if config.model.hf_checkpoint is None else "the HF checkpoint's num_experts"
+    if experts % expert:
+        raise ValueError(f"{where}={experts} does not divide by parallel.expert={expert}")
+    ffn = moe.ffn_hidden_size or config.model.ffn_hidden_size
+    if config.model.hf_checkpoint is None and ffn % expert_tensor:
+        raise ValueError(f"moe.ffn_hidden_size={ffn} (one expert's) does not divide by parallel.expert_tensor="
+                         f"{expert_tensor}")
+    if p.tensor > 1 and not p.sequence_parallel:  # megatron's MoELayer refuses to train otherwise
+        raise ValueError(f"parallel.sequence_parallel must be true for a MoE model at parallel.tensor={p.tensor}")
+    return expert, expert_tensor
 
 
 def validate_run_config(config: RunConfig) -> None:
@@ -131,6 +189,7 @@ def validate_run_config(config: RunConfig) -> None:
                              f"{m.max_position_embeddings}")
     if config.deepspeed is not None:
         load_deepspeed_json(config.deepspeed)
+    _check_moe_values(config.moe)
     if c.save_every > 0 and c.directory is None:
         raise ValueError("checkpoint.save_every needs checkpoint.directory")
     if config.export.verify_with_peft and config.export.peft_dir is None:
@@ -149,6 +208,16 @@ def _no_ignored_keys(config: RunConfig) -> None:
             if getattr(m, key) != getattr(defaults, key):
                 raise ValueError(f"model.{key}={getattr(m, key)!r} is ignored with model.hf_checkpoint (its "
                                  f"config.json and weights decide it); remove model.{key}")
+    moe, moe_defaults = config.moe, MoeSection()
+    for key in (HF_DECIDES_MOE if m.hf_checkpoint is not None else ()):
+        if getattr(moe, key) != getattr(moe_defaults, key):
+            raise ValueError(f"moe.{key}={getattr(moe, key)!r} is ignored with model.hf_checkpoint (its config.json "
+                             f"decides it); remove moe.{key}")
+    if num_experts(config) is None:
+        for f in dataclasses.fields(MoeSection):
+            if f.name != "num_experts" and getattr(moe, f.name) != getattr(moe_defaults, f.name):
+                raise ValueError(f"moe.{f.name} needs a MoE model (moe.num_experts, or an HF MoE checkpoint); "
+                                 f"this one is dense: remove moe.{f.name}")
     if config.logging.every != LoggingSection().every and config.logging.metrics_jsonl is None:
         raise ValueError("logging.every needs logging.metrics_jsonl (the per-step log it thins out)")
     if config.checkpoint.keep_last != CheckpointSection().keep_last and config.checkpoint.directory is None:
@@ -162,6 +231,19 @@ def _no_ignored_keys(config: RunConfig) -> None:
     if inline is not None and config.eva is None and a.init_lora_weights != "eva":
         raise ValueError(f"adapter.eva_config is ignored with adapter.init_lora_weights={a.init_lora_weights!r}; "
                          "set adapter.init_lora_weights=eva or use the eva: section")
+
+
+def _check_moe_values(moe: MoeSection) -> None:
+    if moe.num_experts is not None:
+        _positive({"moe.num_experts": moe.num_experts})
+        if not 1 <= moe.topk <= moe.num_experts:
+            raise ValueError(f"moe.topk={moe.topk} must be in 1..moe.num_experts={moe.num_experts}")
+    if moe.ffn_hidden_size is not None:
+        _positive({"moe.ffn_hidden_size": moe.ffn_hidden_size})
+    if moe.aux_loss_coeff < 0:
+        raise ValueError(f"moe.aux_loss_coeff must be >= 0, got {moe.aux_loss_coeff}")
+    if moe.router_dtype is not None and moe.router_dtype not in ROUTER_DTYPES:
+        raise ValueError(f"moe.router_dtype must be null or one of {list(ROUTER_DTYPES)}, got {moe.router_dtype!r}")
 
 
 def _finite(config: RunConfig) -> None:

@@ -50,6 +50,13 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "parallel.pipeline": ([], "2", "layout"),
     "parallel.data": (["parallel.tensor=2"], "4", "layout"),  # a check: 2 x 4 != 4 ranks is refused
     "parallel.sequence_parallel": (["parallel.tensor=2"], "true", "gpt"),
+    "parallel.expert": (["moe.num_experts=4"], "2", "layout"),
+    "parallel.expert_tensor": (["moe.num_experts=4"], "2", "layout"),
+    "moe.num_experts": ([], "4", "gpt"),
+    "moe.topk": (["moe.num_experts=4"], "1", "gpt"),
+    "moe.ffn_hidden_size": (["moe.num_experts=4"], "64", "gpt"),
+    "moe.aux_loss_coeff": (["moe.num_experts=4"], "0.01", "gpt"),
+    "moe.router_dtype": (["moe.num_experts=4"], "fp64", "gpt"),
     "adapter.r": ([], "16", "lora"),
     "adapter.lora_alpha": ([], "32", "lora"),
     "adapter.lora_dropout": ([], "0.1", "lora"),
