@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from parallel_adapters.checkpoint.expert_adapter import FUSED, peft_expert_tensors
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.finite import ALLOW_FLAG, check_config, check_tensor, delta_is_finite
 from parallel_adapters.checkpoint.hf_adapter import (  # noqa: F401  (PEFT_PREFIX, hf_module_adapters: the API)
@@ -38,6 +39,7 @@ from parallel_adapters.checkpoint.outputs import (
     StagedDirectory, check_inputs_apart, check_output_dir, checkpoint_inputs,
 )
 from parallel_adapters.hf.config import LlamaShape, read_hf_config
+from parallel_adapters.hf.mapping import EXPERT_PREFIX
 from parallel_adapters.user_errors import UserError
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,12 +47,48 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 def peft_adapter_config(adapters: Mapping[str, HFModuleAdapter], adapter_config: Mapping[str, Any],
-                        hf_config: Mapping[str, Any], base_model_name_or_path: str | None = None) -> dict:
-    """adapter_config.json for PEFT: the kind's fields for these HF modules' hyperparameters."""
+                        hf_config: Mapping[str, Any], base_model_name_or_path: str | None = None,
+                        expert_plans: list[ModulePlan] = ()) -> dict:
+    """adapter_config.json for PEFT: the kind's fields for these HF modules' hyperparameters (and,
+    for adapters on routed experts, PEFT's `target_parameters`)."""
     shape = LlamaShape.from_config(hf_config, "hf_config")
-    kind = next(iter(adapters.values())).kind
-    return kind.peft_config(adapter_config, {m: a.hparams for m, a in adapters.items()},
-                            target_modules(adapters, shape), base_model_name_or_path)
+    if not adapters and not expert_plans:
+        raise ValueError("export: no adapter tensors to export")
+    hparams = {m: a.hparams for m, a in adapters.items()} or {"experts": expert_plans[0].hparams}
+    kind = next(iter(adapters.values())).kind if adapters else expert_plans[0].kind
+    config = kind.peft_config(adapter_config, hparams, target_modules(adapters, shape), base_model_name_or_path)
+    if expert_plans:
+        config["target_parameters"] = sorted({f"experts.{FUSED[p.module.rsplit('.', 1)[-1]]}" for p in expert_plans},
+                                             key=lambda name: name != "experts.gate_up_proj")  # PEFT's nesting order
+    return config
+
+
+def _expert_tensors(expert_plans: list[ModulePlan], read: Callable[[str], torch.Tensor], config: Mapping[str, Any],
+                    hf_cfg: Mapping[str, Any], options: _ExportOptions) -> dict[str, torch.Tensor]:
+    """The routed experts' adapters packed into PEFT's target_parameters layout; ValueError naming the
+    module and the field for what that layout cannot hold (it has one r and alpha per fused parameter,
+    no dropout and no DoRA)."""
+    if not expert_plans:
+        return {}
+    for plan in expert_plans:
+        if plan.kind.name != "lora":
+            raise ValueError(f"{plan.module}: PEFT's target_parameters (fused expert parameters) take LoRA only, "
+                             f"not {plan.kind.name}")
+        if (plan.hparams["r"], plan.hparams["lora_alpha"]) != (config["r"], config["lora_alpha"]):
+            raise ValueError(f"{plan.module}: r={plan.hparams['r']}, lora_alpha={plan.hparams['lora_alpha']}; "
+                             f"PEFT's target_parameters use the config's r={config['r']}, "
+                             f"lora_alpha={config['lora_alpha']} for every expert")
+    if config.get("lora_dropout"):
+        raise ValueError(f"export: lora_dropout={config['lora_dropout']} on routed experts; PEFT's target_parameters "
+                         "LoRA has no dropout (train the experts' adapters with lora_dropout 0)")
+    shape = LlamaShape.from_config(hf_cfg, "hf_config")
+    tensors = {}
+    for plan in expert_plans:
+        for name, key in plan.keys.items():
+            tensors[key] = read(key)
+        _check_tensors(plan, {n: tensors[k] for n, k in plan.keys.items()}, options)
+    packed, _ = peft_expert_tensors(tensors, shape.num_experts, shape.num_layers)
+    return {name: t.to(options.dtype or t.dtype) for name, t in packed.items()}
 
 
 def peft_tensors(adapters: Mapping[str, HFModuleAdapter], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -142,11 +180,15 @@ def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.
         adapter_config = adapter_config.to_dict()
     check_config(adapter_config, "export: the adapter config", options.allow_nonfinite)
     plans = plan_modules(meta, adapter_config, hf_cfg, options.adapter_name)
+    expert_plans = [p for p in plans if EXPERT_PREFIX in p.module]
+    plans = [p for p in plans if EXPERT_PREFIX not in p.module]
     per_module = [plan.hf_adapters({n: meta[k] for n, k in plan.keys.items()}) for plan in plans]
     config = peft_adapter_config({hf: a for part in per_module for hf, a in part.items()}, adapter_config, hf_cfg,
-                                 options.base_model_name_or_path)
+                                 options.base_model_name_or_path, expert_plans)
+    experts = _expert_tensors(expert_plans, read, config, hf_cfg, options)
     layout = [(n, t.dtype, tuple(t.shape)) for part in per_module
               for n, t in peft_tensors(part, options.dtype).items()]
+    layout += [(n, t.dtype, tuple(t.shape)) for n, t in experts.items()]
     writer = SafetensorsWriter(tmp / ADAPTER_WEIGHTS_FILE, layout, metadata={"format": "pt"}, checksum=False)
     try:
         for plan in plans:
@@ -154,6 +196,8 @@ def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.
             _check_tensors(plan, tensors, options)
             for name, tensor in peft_tensors(plan.hf_adapters(tensors), options.dtype).items():
                 writer.write(name, tensor)
+        for name, tensor in experts.items():
+            writer.write(name, tensor)
         writer.close()
     except BaseException:
         writer.discard()

@@ -99,14 +99,14 @@ class ModulePlan:
 
 def adapter_hf_modules(module: str, shape: LlamaShape) -> tuple[str, ...]:
     """HF module path(s) an adapter on Megatron `module` exports to.  The output layer is always
-    `lm_head`: with tied embeddings PEFT still adapts lm_head's projection alone."""
+    `lm_head`: with tied embeddings PEFT still adapts lm_head's projection alone.  A routed expert's
+    are its saved per-expert modules (the merge's targets; the PEFT export packs them into the fused
+    parameters instead, checkpoint/expert_adapter.py)."""
     if module in _VOCAB_MODULES:
         return (_VOCAB_MODULES[module],)
     if module.rsplit(".", 1)[-1] not in HF_LINEAR_NAMES:
         raise ValueError(f"PEFT export supports adapters on {sorted(HF_LINEAR_NAMES)}, word_embeddings and "
                          "output_layer only")
-    if ".experts." in module:  # transformers 5 holds experts as fused 3-D parameters, not per-expert Linears
-        raise ValueError(f"{module}: PEFT export of adapters on routed experts is not supported")
     return hf_modules(module, shape)
 
 

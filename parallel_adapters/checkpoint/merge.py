@@ -44,6 +44,9 @@ def peft_adapters(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[s
     if not isinstance(config, dict):
         raise CheckpointError(f"{peft_dir / ADAPTER_CONFIG_FILE}: expected a JSON object")
     check_config(config, f"merge: {peft_dir / ADAPTER_CONFIG_FILE}", allow_nonfinite)
+    if config.get("target_parameters"):
+        raise CheckpointError(f"{peft_dir}: adapters on fused expert parameters (target_parameters) merge from the "
+                              "sharded checkpoint they were exported from: pass its directory instead")
     try:
         kind = kind_for_stored_config(config)
     except ValueError as exc:

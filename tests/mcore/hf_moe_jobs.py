@@ -53,3 +53,23 @@ def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int 
         "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "ep_rank": groups.ep_rank, "hidden": settings.hidden_size,
         "param_names": [n for n, _ in model.named_parameters()],
     }
+
+
+def expert_adapter_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, tp: int, ep: int,
+                       targets: list[str]) -> dict:
+    """TP x EP: import, LoRA (non-zero from the start) on `targets` (routed experts included), base /
+    adapted logits, save_checkpoint."""
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.checkpoint.adapter_io import save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    groups = _setup(tp, ep, None)
+    model, _, _ = _imported_model(hf_dir, groups, overrides={"sequence_parallel": tp > 1})
+    adapter = get_adapter_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=targets,
+                                                  init_lora_weights=False, seed=4), groups=groups)
+    with torch.no_grad():
+        with adapter.disable_adapter():
+            base = gpt_logits(adapter.model, input_ids)
+        adapted = gpt_logits(adapter.model, input_ids)
+    save_checkpoint(adapter, ckpt_dir)
+    return {"base": base, "adapted": adapted}
