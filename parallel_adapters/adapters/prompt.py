@@ -40,6 +40,10 @@ IGNORE_INDEX = -100
 """PEFT's (and transformers') label of positions left out of the loss."""
 PLACEHOLDER_ID = 0
 """The id looked up at virtual positions before P replaces those rows."""
+KIND_NAME = "prompt_tuning"
+"""A checkpoint's adapter_kind for a prompt adapter (not a per-layer kind: no kinds registry entry)."""
+TENSOR_PREFIX = "prompt_tuning.prompt_embeddings."
+"""The checkpoint key of adapter `name`'s prompt is f"{TENSOR_PREFIX}{name}.weight"."""
 
 
 class PromptTuning(nn.Module):
@@ -176,7 +180,7 @@ def sharded_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
     tensor = None if prompt is None else prompt.tensor(name)
     if tensor is None:
         return {}
-    return {f"prompt_tuning.prompt_embeddings.{name}.weight":
+    return {f"{TENSOR_PREFIX}{name}.weight":
             ShardedTensor(tensor.detach(), REPLICATED, tuple(tensor.shape))}
 
 

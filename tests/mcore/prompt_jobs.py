@@ -121,3 +121,34 @@ def init_job(hf_dir: str, tp: int, text_ids: list[int]) -> dict:
     except ValueError as exc:
         out["merge"] = str(exc)
     return out
+
+
+def save_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor, values: torch.Tensor) -> dict:
+    """Logits of the prompted model with `values`, saved by save_checkpoint; then the prompt
+    overwritten and load_checkpoint bringing it back (the logits again)."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, groups, _ = _prompted(hf_dir, tp, pp, sp, values=values)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+        save_checkpoint(adapter, ckpt_dir)
+        if _prompt(adapter) is not None:
+            _prompt(adapter).zero_()
+        load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+        reloaded = gpt_logits(adapter.model, ids)
+    prompt = _prompt(adapter)
+    return {"logits": logits, "reloaded": reloaded, "prompt": None if prompt is None else prompt.detach().clone()}
+
+
+def load_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor) -> dict:
+    """A fresh prompt adapter (seeded RANDOM) at this layout, load_checkpoint, logits."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prompted(hf_dir, tp, pp, sp, config_fields={"seed": 9})
+    load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+    prompt = _prompt(adapter)
+    return {"logits": logits, "prompt": None if prompt is None else prompt.detach().clone()}

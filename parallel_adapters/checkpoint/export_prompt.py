@@ -1,0 +1,109 @@
+"""PEFT export of a prompt adapter (PEFT's PROMPT_TUNING): a model-level adapter, so not the
+per-layer path of hf_adapter.py.  Offline: no megatron, no process group.
+
+The checkpoint holds the prompt whole (it is replicated over TP, on the first pipeline stage) under
+`prompt_tuning.prompt_embeddings.<adapter>.weight` [n, H].  PEFT's adapter_model.safetensors holds
+it under the single key `prompt_embeddings` (get_peft_model_state_dict of a prompt-tuning model);
+adapter_config.json gets PEFT's PromptTuningConfig fields with the base model's numbers
+(token_dim, num_attention_heads, num_layers) from the HF config.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from parallel_adapters.adapters.prompt import KIND_NAME, TENSOR_PREFIX
+from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
+from parallel_adapters.checkpoint.finite import check_tensor
+from parallel_adapters.hf.config import LlamaShape
+
+PEFT_PROMPT_KEY = "prompt_embeddings"
+"""PEFT's key of the prompt in adapter_model.safetensors."""
+PROMPT_PEFT_TYPES = ("PROMPT_TUNING",)
+_PEFT_FIELDS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                "tokenizer_kwargs", "num_transformer_submodules")
+_KEY = re.compile(rf"^{re.escape(TENSOR_PREFIX)}(?P<adapter>[^.]+)\.weight$")
+
+
+def is_prompt_stored_config(config: Mapping[str, Any] | None) -> bool:
+    """A checkpoint's (adapter_kind) or a PEFT adapter_config.json's (peft_type) prompt adapter."""
+    if not isinstance(config, Mapping):
+        return False
+    return config.get("adapter_kind") == KIND_NAME or config.get("peft_type") in PROMPT_PEFT_TYPES
+
+
+def refuse_merge(config: Mapping[str, Any] | None, source: object) -> None:
+    """A prompt adapter has no weight delta: say so instead of failing on its tensors' names."""
+    from parallel_adapters.checkpoint.layout import CheckpointError
+
+    if is_prompt_stored_config(config):
+        raise CheckpointError(f"{source}: cannot merge a prompt-tuning adapter: it prepends trained virtual tokens to "
+                              "the input and changes no weight, so there is nothing to fold into the base (PEFT "
+                              "cannot merge prompt learning adapters either); export it with export_peft and run "
+                              "the base with it (PeftModel.from_pretrained)")
+
+
+def prompt_key(names: list[str], adapter_name: str | None) -> str:
+    """The checkpoint key of the prompt to export; ValueError naming what is there otherwise."""
+    found = {}
+    for key in names:
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"cannot export {key!r}: not a prompt-tuning tensor ({TENSOR_PREFIX}<adapter>.weight)")
+        found[m.group("adapter")] = key
+    if adapter_name is not None:
+        if adapter_name not in found:
+            raise ValueError(f"no prompt of adapter {adapter_name!r} (have {sorted(found)})")
+        return found[adapter_name]
+    if len(found) != 1:
+        raise ValueError(f"the tensors hold prompts {sorted(found)}: pass adapter_name" if found
+                         else "no prompt-tuning tensor to export")
+    return next(iter(found.values()))
+
+
+def peft_prompt_config(adapter_config: Mapping[str, Any], hf_config: Mapping[str, Any], prompt_shape: tuple,
+                       base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json in PEFT's PromptTuningConfig fields (PEFT's own save writes the same)."""
+    shape = LlamaShape.from_config(hf_config, "hf_config")
+    n, width = prompt_shape
+    if width != shape.hidden_size:
+        raise ValueError(f"the prompt is [{n}, {width}], the HF config's hidden_size is {shape.hidden_size}")
+    if adapter_config.get("num_virtual_tokens", n) != n:
+        raise ValueError(f"the adapter config says num_virtual_tokens={adapter_config['num_virtual_tokens']}, "
+                         f"the prompt has {n} rows")
+    data = {k: adapter_config.get(k) for k in _PEFT_FIELDS}
+    data.update(num_virtual_tokens=n, num_transformer_submodules=1)
+    if data["prompt_tuning_init"] == "TEXT" and not (data["prompt_tuning_init_text"]
+                                                     and data["tokenizer_name_or_path"]):
+        # PEFT refuses TEXT without both; the init no longer matters (the trained prompt is in the file)
+        data.update(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
+    data.update(peft_type="PROMPT_TUNING", task_type="CAUSAL_LM", token_dim=shape.hidden_size,
+                num_attention_heads=shape.num_heads, num_layers=shape.num_layers,
+                base_model_name_or_path=base_model_name_or_path, inference_mode=True, revision=None,
+                modules_to_save=None, auto_mapping=None)
+    return data
+
+
+def write_prompt_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
+                        adapter_config: Mapping[str, Any], hf_cfg: Mapping[str, Any], tmp: Path,
+                        weights_file: str, config_file: str, options: Any) -> None:
+    """adapter_model.safetensors ({PEFT_PROMPT_KEY: [n, H]}) and adapter_config.json into `tmp`."""
+    key = prompt_key(list(meta), options.adapter_name)
+    shape = tuple(meta[key].shape)
+    config = peft_prompt_config(adapter_config, hf_cfg, shape, options.base_model_name_or_path)
+    tensor = read(key).detach()
+    if not options.allow_nonfinite:
+        check_tensor(key, tensor, "export")
+    tensor = tensor.to(options.dtype or tensor.dtype)
+    writer = SafetensorsWriter(tmp / weights_file, [(PEFT_PROMPT_KEY, tensor.dtype, shape)],
+                               metadata={"format": "pt"}, checksum=False)
+    try:
+        writer.write(PEFT_PROMPT_KEY, tensor)
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    write_json(tmp / config_file, config)
