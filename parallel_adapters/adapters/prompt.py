@@ -311,6 +311,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_virtual_token
     return (per_token * mask.flatten().to(per_token.dtype)).sum() / mask.sum()
 
 
+# -- PEFT's files ----------------------------------------------------------------------------------
+
+PEFT_KEY = "prompt_embeddings"
+"""PEFT's key of the prompt in adapter_model.safetensors (get_peft_model_state_dict)."""
+_PEFT_FIELDS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                "tokenizer_kwargs")
+
+
+def peft_config_fields(config: dict, prompt_shape: tuple, num_attention_heads: int, num_layers: int,
+                       base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json in PEFT's PromptTuningConfig fields for a prompt [n, token_dim] (what
+    PEFT's own save writes).  TEXT init without both the text and a tokenizer path, which PEFT's
+    config refuses, is written as RANDOM: the trained prompt is in the file, the init no longer
+    matters."""
+    n, width = prompt_shape
+    if config.get("num_virtual_tokens", n) != n:
+        raise ValueError(f"the adapter config says num_virtual_tokens={config['num_virtual_tokens']}, "
+                         f"the prompt has {n} rows")
+    data = {k: config.get(k) for k in _PEFT_FIELDS}
+    if data["prompt_tuning_init"] == "TEXT" and not (data["prompt_tuning_init_text"] and data["tokenizer_name_or_path"]):
+        data.update(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
+    data.update(num_virtual_tokens=n, num_transformer_submodules=1, peft_type="PROMPT_TUNING", task_type="CAUSAL_LM",
+                token_dim=width, num_attention_heads=num_attention_heads, num_layers=num_layers,
+                base_model_name_or_path=base_model_name_or_path, inference_mode=True, revision=None,
+                modules_to_save=None, auto_mapping=None)
+    return data
+
+
 def check_not_merging(names: Iterator[str] | list[str], configs: dict) -> None:
     """Prompt adapters add input positions, not a weight delta: nothing to merge."""
     prompts = [n for n in names if is_prompt_config(configs.get(n))]

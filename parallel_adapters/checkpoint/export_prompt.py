@@ -15,16 +15,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from parallel_adapters.adapters.prompt import KIND_NAME, TENSOR_PREFIX
+from parallel_adapters.adapters.prompt import KIND_NAME, PEFT_KEY as PEFT_PROMPT_KEY, TENSOR_PREFIX, peft_config_fields
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.finite import check_tensor
 from parallel_adapters.hf.config import LlamaShape
 
-PEFT_PROMPT_KEY = "prompt_embeddings"
-"""PEFT's key of the prompt in adapter_model.safetensors."""
 PROMPT_PEFT_TYPES = ("PROMPT_TUNING",)
-_PEFT_FIELDS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                "tokenizer_kwargs", "num_transformer_submodules")
 _KEY = re.compile(rf"^{re.escape(TENSOR_PREFIX)}(?P<adapter>[^.]+)\.weight$")
 
 
@@ -66,25 +62,12 @@ def prompt_key(names: list[str], adapter_name: str | None) -> str:
 
 def peft_prompt_config(adapter_config: Mapping[str, Any], hf_config: Mapping[str, Any], prompt_shape: tuple,
                        base_model_name_or_path: str | None) -> dict:
-    """adapter_config.json in PEFT's PromptTuningConfig fields (PEFT's own save writes the same)."""
+    """adapter_config.json in PEFT's PromptTuningConfig fields, the base's numbers from its HF config."""
     shape = LlamaShape.from_config(hf_config, "hf_config")
-    n, width = prompt_shape
-    if width != shape.hidden_size:
-        raise ValueError(f"the prompt is [{n}, {width}], the HF config's hidden_size is {shape.hidden_size}")
-    if adapter_config.get("num_virtual_tokens", n) != n:
-        raise ValueError(f"the adapter config says num_virtual_tokens={adapter_config['num_virtual_tokens']}, "
-                         f"the prompt has {n} rows")
-    data = {k: adapter_config.get(k) for k in _PEFT_FIELDS}
-    data.update(num_virtual_tokens=n, num_transformer_submodules=1)
-    if data["prompt_tuning_init"] == "TEXT" and not (data["prompt_tuning_init_text"]
-                                                     and data["tokenizer_name_or_path"]):
-        # PEFT refuses TEXT without both; the init no longer matters (the trained prompt is in the file)
-        data.update(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
-    data.update(peft_type="PROMPT_TUNING", task_type="CAUSAL_LM", token_dim=shape.hidden_size,
-                num_attention_heads=shape.num_heads, num_layers=shape.num_layers,
-                base_model_name_or_path=base_model_name_or_path, inference_mode=True, revision=None,
-                modules_to_save=None, auto_mapping=None)
-    return data
+    if prompt_shape[1] != shape.hidden_size:
+        raise ValueError(f"the prompt is {list(prompt_shape)}, the HF config's hidden_size is {shape.hidden_size}")
+    return peft_config_fields(dict(adapter_config), prompt_shape, shape.num_heads, shape.num_layers,
+                              base_model_name_or_path)
 
 
 def write_prompt_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],

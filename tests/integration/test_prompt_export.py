@@ -85,3 +85,27 @@ def test_export_from_tensors_and_refusals(saved, tmp_path):
         with pytest.raises(CheckpointError, match="cannot merge a prompt-tuning adapter.*changes no weight"):
             merge_into_hf(source, saved["hf"], tmp_path / "merged", progress=False)
         assert not (tmp_path / "merged").exists()
+
+
+def test_save_pretrained_and_from_pretrained_speak_peft(pool2, saved, tmp_path):
+    from peft import PeftModel
+    from peft import PromptTuningConfig as PeftPromptTuningConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    other = VALUES.flip(0) * 0.7
+    hf = AutoModelForCausalLM.from_pretrained(saved["hf"], dtype=torch.float32).eval()
+    written = get_peft_model(hf, PeftPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL))
+    with torch.no_grad():
+        written.prompt_encoder["default"].embedding.weight.copy_(other)
+        expected = written(input_ids=IDS).logits.float()
+    written.save_pretrained(tmp_path / "by_peft")
+    results = pool2.run(prompt_jobs.pretrained_job, str(saved["hf"]), str(tmp_path / "ours"),
+                        str(tmp_path / "by_peft"), IDS, VALUES)
+    for r in results:
+        torch.testing.assert_close(r["loaded"], expected, atol=1e-5, rtol=1e-5)  # PEFT's files into Megatron
+        assert r["trainable"] == 0
+        fresh = AutoModelForCausalLM.from_pretrained(saved["hf"], dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(fresh, r["dir"]).eval()  # ours into PEFT
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(input_ids=IDS).logits.float(), r["saved"], atol=1e-5, rtol=1e-5)

@@ -152,3 +152,23 @@ def load_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.
         logits = gpt_logits(adapter.model, ids)
     prompt = _prompt(adapter)
     return {"logits": logits, "prompt": None if prompt is None else prompt.detach().clone()}
+
+
+def pretrained_job(hf_dir: str, out_dir: str, peft_dir: str, ids: torch.Tensor, values: torch.Tensor) -> dict:
+    """TP=1: save_pretrained of the prompted model (one directory per rank), then a fresh model
+    from_pretrained from a directory PEFT itself wrote: logits of both."""
+    import torch.distributed as dist
+
+    from parallel_adapters import AdapterModel
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+
+    adapter, groups, settings = _prompted(hf_dir, 1, 1, False, values=values)
+    mine = f"{out_dir}/rank{dist.get_rank()}"
+    adapter.save_pretrained(mine)
+    model = build_gpt(settings, init_weights=False)
+    import_hf_checkpoint(model, hf_dir, groups)
+    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
+    with torch.no_grad():
+        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
+                "trainable": sum(p.requires_grad for p in loaded.parameters())}
