@@ -19,7 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parallel_adapters.adapters import prompt
-from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig
+from parallel_adapters.config import (
+    EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+    PromptTuningConfig,
+)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -124,6 +127,9 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     """PEFT's keys -> this adapter's tensors (the parameters themselves when `live`, else
     contiguous detached copies for the file)."""
     config = model.peft_config[adapter_name]
+    if isinstance(config, PromptEncoderConfig):
+        raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained of a P-tuning adapter is not "
+                         "supported; use save_checkpoint / load_checkpoint")
     if prompt.is_prompt_config(config):
         tensor = prompt.prompt_module(model.model).tensor(adapter_name)
         return {prompt.PEFT_KEY: tensor if live else tensor.detach().contiguous().clone()}

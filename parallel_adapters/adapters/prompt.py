@@ -19,6 +19,10 @@ As PEFT: logits cover all S positions (virtual ones first); labels get n leading
 cache_position).  Embedding dropout (Megatron's hidden_dropout) does not reach the virtual rows;
 HF Llama has no embedding dropout at all.
 
+P-tuning (PromptEncoderConfig) takes the same path with P = its encoder's output, computed once
+per forward on the first stage (adapters/p_tuning.py); under SP the encoder's gradients are the
+per-rank partials finalize_grads sums.
+
 The stage's GPTModel records n as `prepended_tokens`, which Megatron's schedules (mcore/schedule.py)
 read for the pipeline's sequence length on every stage.
 """
@@ -31,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_adapters.config import PromptTuningConfig
+from parallel_adapters.adapters import p_tuning
+from parallel_adapters.config import PromptEncoderConfig, PromptTuningConfig
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardedTensor
@@ -64,9 +69,17 @@ class PromptTuning(nn.Module):
         """The adapter whose virtual tokens the forward prepends now, or None."""
         return None if self.disabled or self.active not in self.num_virtual_tokens else self.active
 
-    def tensor(self, name: str) -> nn.Parameter | None:
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """Adapter `name`'s n rows [n, H]: the trained table, or (P-tuning) its encoder's output."""
         holder = self.prompt_embeddings[name] if name in self.prompt_embeddings else None
-        return None if holder is None else holder.weight
+        if holder is None:
+            return None
+        return holder.weight if isinstance(holder, _Holder) else holder()
+
+    def params(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s trainable tensors by their names under the holder (none off the first stage)."""
+        holder = self.prompt_embeddings[name] if name in self.prompt_embeddings else None
+        return {} if holder is None else dict(holder.named_parameters())
 
     def prepended(self) -> int:
         name = self.running()
@@ -81,14 +94,16 @@ class _Holder(nn.Module):
 
 
 def is_prompt_config(config: object) -> bool:
-    return isinstance(config, PromptTuningConfig)
+    """Prompt tuning or P-tuning: virtual tokens prepended on the embedding."""
+    return isinstance(config, (PromptTuningConfig, PromptEncoderConfig))
 
 
 def prompt_module(model: nn.Module) -> PromptTuning | None:
     return getattr(model, "prompt_tuning", None)
 
 
-def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig, name: str, groups: ParallelGroups) -> None:
+def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig, name: str,
+                       groups: ParallelGroups) -> None:
     """Add prompt adapter `name` to this GPT stage (initialised per config) and make it the one
     that runs if none runs yet."""
     prompt = prompt_module(model)
@@ -107,8 +122,15 @@ def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig, name: str, 
             raise ValueError("PromptTuningConfig: the model adds learned absolute position embeddings; prompt "
                              "tuning here needs rotary positions (position_embedding_type='rope')")
         prompt.sequence_parallel = bool(embedding.config.sequence_parallel) and groups.tp_size > 1
-        table = initial_prompt(config, embedding.word_embeddings, _vocab_size(model), groups)
-        prompt.prompt_embeddings[name] = _Holder(table)
+        if isinstance(config, PromptEncoderConfig):
+            if config.encoder_dropout and groups.tp_size > 1:
+                raise ValueError("PromptEncoderConfig.encoder_dropout > 0 with tensor parallelism: each TP rank "
+                                 "would draw its own LSTM dropout mask for the replicated encoder; set it to 0")
+            weight = embedding.word_embeddings.weight
+            prompt.prompt_embeddings[name] = p_tuning.build_encoder(config, weight.shape[1], weight.device)
+        else:
+            table = initial_prompt(config, embedding.word_embeddings, _vocab_size(model), groups)
+            prompt.prompt_embeddings[name] = _Holder(table)
     prompt.num_virtual_tokens[name] = config.num_virtual_tokens
     if prompt.active is None:
         prompt.active = name
@@ -158,16 +180,16 @@ def remove(model: nn.Module) -> None:
 
 def trainable_tensors(model: nn.Module, name: str) -> list[nn.Parameter]:
     prompt = prompt_module(model)
-    tensor = None if prompt is None else prompt.tensor(name)
-    return [] if tensor is None else [tensor]
+    return [] if prompt is None else list(prompt.params(name).values())
 
 
 def partial_grad_entries(model: nn.Module) -> list[tuple[object, list[nn.Parameter]]]:
-    """(TP group, parameters whose gradient is a per-rank partial): P under sequence parallelism."""
+    """(TP group, parameters whose gradient is a per-rank partial): P (or P-tuning's encoder) under
+    sequence parallelism."""
     prompt = prompt_module(model)
     if prompt is None or not prompt.sequence_parallel:
         return []
-    params = [h.weight for h in prompt.prompt_embeddings.values() if h.weight.requires_grad]
+    params = [p for h in prompt.prompt_embeddings.values() for p in h.parameters() if p.requires_grad]
     for param in params:
         if param.grad is None:  # a rank whose sequence chunk held no virtual position: its share is 0
             param.grad = torch.zeros_like(param)
@@ -175,13 +197,12 @@ def partial_grad_entries(model: nn.Module) -> list[tuple[object, list[nn.Paramet
 
 
 def sharded_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
-    """`prompt_tuning.prompt_embeddings.<name>.weight` (replicated over TP) on the first stage."""
+    """`prompt_tuning.prompt_embeddings.<name>.weight` (P-tuning: `.<name>.<encoder tensor>`),
+    replicated over TP, on the first stage."""
     prompt = prompt_module(model)
-    tensor = None if prompt is None else prompt.tensor(name)
-    if tensor is None:
-        return {}
-    return {f"{TENSOR_PREFIX}{name}.weight":
-            ShardedTensor(tensor.detach(), REPLICATED, tuple(tensor.shape))}
+    params = {} if prompt is None else prompt.params(name)
+    return {f"{TENSOR_PREFIX}{name}.{key}": ShardedTensor(t.detach(), REPLICATED, tuple(t.shape))
+            for key, t in params.items()}
 
 
 # -- init ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ N_VIRTUAL = 5
 
 
 def _prompted(hf_dir: str, tp: int, pp: int, sp: bool, config_fields: dict | None = None,
-              values: torch.Tensor | None = None):
+              values: torch.Tensor | None = None, config=None):
     from parallel_adapters import PromptTuningConfig, get_adapter_model
     from parallel_adapters.mcore import compat, cpu
     from parallel_adapters.mcore.gpt import build_gpt
@@ -26,8 +26,8 @@ def _prompted(hf_dir: str, tp: int, pp: int, sp: bool, config_fields: dict | Non
     model = build_gpt(settings, init_weights=False)
     import_hf_checkpoint(model, hf_dir, groups)
     model.eval()
-    adapter = get_adapter_model(model, PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, **(config_fields or {})),
-                                groups=groups)
+    config = config or PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, **(config_fields or {}))
+    adapter = get_adapter_model(model, config, groups=groups)
     if values is not None and groups.pp_rank == 0:
         with torch.no_grad():
             adapter.model.prompt_tuning.prompt_embeddings["default"].weight.copy_(values)
@@ -172,3 +172,25 @@ def pretrained_job(hf_dir: str, out_dir: str, peft_dir: str, ids: torch.Tensor, 
     with torch.no_grad():
         return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
                 "trainable": sum(p.requires_grad for p in loaded.parameters())}
+
+
+def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor, fields: dict,
+                 state: dict) -> dict:
+    """P-tuning (PromptEncoderConfig(**fields), the encoder's tensors set to `state`): logits,
+    PEFT's loss, the encoder's finalized gradients by name, and the checkpoint names."""
+    from parallel_adapters import PromptEncoderConfig
+    from parallel_adapters.adapters.prompt import causal_lm_loss
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    config = PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields)
+    adapter, _, _ = _prompted(hf_dir, tp, 1, sp, config=config)
+    encoder = adapter.model.prompt_tuning.prompt_embeddings["default"]
+    encoder.load_state_dict(state)
+    logits = gpt_logits(adapter.model, ids)
+    loss = causal_lm_loss(logits, labels, N_VIRTUAL)
+    loss.backward()
+    adapter.finalize_grads()
+    return {"logits": logits.detach(), "loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
+            "trainable": sorted(n for n, p in adapter.named_parameters() if p.requires_grad),
+            "state": sorted(adapter.adapter_state_dict())}
