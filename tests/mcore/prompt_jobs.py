@@ -194,3 +194,17 @@ def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torc
             "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
             "trainable": sorted(n for n, p in adapter.named_parameters() if p.requires_grad),
             "state": sorted(adapter.adapter_state_dict())}
+
+
+def p_tuning_save_job(hf_dir: str, ckpt_dir: str, ids: torch.Tensor, fields: dict, state: dict) -> torch.Tensor:
+    """TP=2 + SP P-tuning with the encoder set to `state`: logits, then save_checkpoint."""
+    from parallel_adapters import PromptEncoderConfig
+    from parallel_adapters.checkpoint.adapter_io import save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prompted(hf_dir, 2, 1, True, config=PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields))
+    adapter.model.prompt_tuning.prompt_embeddings["default"].load_state_dict(state)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+    save_checkpoint(adapter, ckpt_dir)
+    return logits

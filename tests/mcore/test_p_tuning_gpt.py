@@ -72,3 +72,25 @@ def test_encoder_dropout_under_tp_is_refused(pool2, tiny):
     with pytest.raises(Exception, match="encoder_dropout > 0 with tensor parallelism"):
         pool2.run(prompt_jobs.p_tuning_job, str(tiny), 2, False, IDS, LABELS,
                   {**ENCODERS["lstm"], "encoder_dropout": 0.1}, {})
+
+
+def test_peft_loads_the_export_and_reproduces_the_megatron_logits(pool2, tiny, peft_reference, tmp_path):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
+
+    fields = peft_reference["fields"]
+    logits = pool2.run(prompt_jobs.p_tuning_save_job, str(tiny), str(tmp_path / "ckpt"), IDS, fields,
+                       peft_reference["state"])[0]
+    torch.testing.assert_close(logits, peft_reference["runs"][12]["logits"], atol=1e-5, rtol=1e-5)
+    out = export_peft_from_checkpoint(tmp_path / "ckpt", tmp_path / "peft", tiny)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "P_TUNING" and config["token_dim"] == 48 and config["num_layers"] == 2
+    assert {k: config[k] for k in fields} == fields and "prompt_tuning_init" not in config
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(model, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).logits.float(), logits, atol=1e-4, rtol=0)
