@@ -228,6 +228,8 @@ class AdapterModel(nn.Module):
         # PiSSA/OLoRA factors pair with the residual base the caller passes: keep W as given
         if decomposition_init(getattr(config, "init_lora_weights", None)) is not None:  # LoRA's field only
             config = config.replace(init_lora_weights=True)
+        if getattr(config, "prompt_tuning_init", None) == "TEXT":  # the saved prompt replaces the init
+            config = config.replace(prompt_tuning_init="RANDOM")
         adapted = get_adapter_model(model, config, adapter_name, groups, autocast_adapter_dtype)
         pretrained.load_adapter_weights(adapted, model_id, adapter_name)
         if not is_trainable:

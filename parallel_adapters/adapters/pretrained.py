@@ -2,7 +2,8 @@
 
 The directory is the one PEFT writes and reads: `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` (the adapter name left out, as PEFT saves it) and
-`adapter_config.json` (PEFT's LoraConfig fields, `peft_type` "LORA"); adapters other than
+`adapter_config.json` (PEFT's LoraConfig fields, `peft_type` "LORA"; a prompt adapter: PEFT's
+`prompt_embeddings` and PROMPT_TUNING fields); adapters other than
 "default" go to a sub-directory of their name.  Only the factors travel (no trained biases or
 modules_to_save).  Sharded (TP/PP) models use the sharded checkpoints (`save_checkpoint`) and
 `export_peft` instead.
@@ -17,7 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from parallel_adapters.adapters import prompt
+from parallel_adapters.config import (
+    EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+    PromptTuningConfig,
+)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -52,6 +57,9 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     """A LoraConfig from PEFT's adapter_config.json fields (PEFT's other bookkeeping fields are
     ignored; fields that would change the adapter's math are refused, naming them)."""
     peft_type = data.get("peft_type", "LORA")
+    if peft_type == "PROMPT_TUNING":
+        known = {f.name for f in dataclasses.fields(PromptTuningConfig)}
+        return PromptTuningConfig.from_dict({k: v for k, v in data.items() if k in known})
     if peft_type in _OTHER_KINDS:
         cls = _OTHER_KINDS[peft_type]
         bad = {k: data[k] for k, default in _OTHER_UNSUPPORTED[peft_type].items() if data.get(k, default) != default}
@@ -61,7 +69,7 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
         kept = {k: v for k, v in data.items() if k in known}
         return cls.from_dict({**kept, "fused_parts": {}} if cls is IA3Config else kept)
     if peft_type != "LORA":
-        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA and LOKR adapters load")
+        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA, LOKR and PROMPT_TUNING adapters load")
     bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
     if bad:
         raise ValueError(f"{source}: unsupported LoRA settings {bad}")
@@ -80,8 +88,17 @@ def save_pretrained(model: Any, directory: str | Path, selected_adapters: list[s
         model._require(name)
         out = adapter_directory(directory, name)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(_peft_tensors(model, name), str(out / WEIGHTS_FILE))
-        (out / CONFIG_FILE).write_text(json.dumps(peft_config_dict(model.peft_config[name]), indent=2) + "\n")
+        tensors = _peft_tensors(model, name)
+        config = model.peft_config[name]
+        if prompt.is_prompt_config(config):
+            base = getattr(model.model, "config", None)
+            data = prompt.peft_config_fields(config.to_dict(), tuple(tensors[prompt.PEFT_KEY].shape),
+                                             getattr(base, "num_attention_heads", None),
+                                             getattr(base, "num_layers", None), None)
+        else:
+            data = peft_config_dict(config)
+        save_file(tensors, str(out / WEIGHTS_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_config(directory: str | Path, adapter_name: str) -> LoraConfig:
@@ -110,6 +127,12 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     """PEFT's keys -> this adapter's tensors (the parameters themselves when `live`, else
     contiguous detached copies for the file)."""
     config = model.peft_config[adapter_name]
+    if isinstance(config, PromptEncoderConfig):
+        raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained of a P-tuning adapter is not "
+                         "supported; use save_checkpoint / load_checkpoint")
+    if prompt.is_prompt_config(config):
+        tensor = prompt.prompt_module(model.model).tensor(adapter_name)
+        return {prompt.PEFT_KEY: tensor if live else tensor.detach().contiguous().clone()}
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained carry the adapter factors "
                          "only, not trained biases or modules_to_save; use save_checkpoint / load_checkpoint")

@@ -19,6 +19,10 @@ As PEFT: logits cover all S positions (virtual ones first); labels get n leading
 cache_position).  Embedding dropout (Megatron's hidden_dropout) does not reach the virtual rows;
 HF Llama has no embedding dropout at all.
 
+P-tuning (PromptEncoderConfig) takes the same path with P = its encoder's output, computed once
+per forward on the first stage (adapters/p_tuning.py); under SP the encoder's gradients are the
+per-rank partials finalize_grads sums.
+
 The stage's GPTModel records n as `prepended_tokens`, which Megatron's schedules (mcore/schedule.py)
 read for the pipeline's sequence length on every stage.
 """
@@ -31,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_adapters.config import PromptTuningConfig
+from parallel_adapters.adapters import p_tuning
+from parallel_adapters.config import PromptEncoderConfig, PromptTuningConfig
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardedTensor
@@ -40,6 +45,10 @@ IGNORE_INDEX = -100
 """PEFT's (and transformers') label of positions left out of the loss."""
 PLACEHOLDER_ID = 0
 """The id looked up at virtual positions before P replaces those rows."""
+KIND_NAME = "prompt_tuning"
+"""A checkpoint's adapter_kind for a prompt adapter (not a per-layer kind: no kinds registry entry)."""
+TENSOR_PREFIX = "prompt_tuning.prompt_embeddings."
+"""The checkpoint key of adapter `name`'s prompt is f"{TENSOR_PREFIX}{name}.weight"."""
 
 
 class PromptTuning(nn.Module):
@@ -60,9 +69,17 @@ class PromptTuning(nn.Module):
         """The adapter whose virtual tokens the forward prepends now, or None."""
         return None if self.disabled or self.active not in self.num_virtual_tokens else self.active
 
-    def tensor(self, name: str) -> nn.Parameter | None:
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """Adapter `name`'s n rows [n, H]: the trained table, or (P-tuning) its encoder's output."""
         holder = self.prompt_embeddings[name] if name in self.prompt_embeddings else None
-        return None if holder is None else holder.weight
+        if holder is None:
+            return None
+        return holder.weight if isinstance(holder, _Holder) else holder()
+
+    def params(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s trainable tensors by their names under the holder (none off the first stage)."""
+        holder = self.prompt_embeddings[name] if name in self.prompt_embeddings else None
+        return {} if holder is None else dict(holder.named_parameters())
 
     def prepended(self) -> int:
         name = self.running()
@@ -77,14 +94,16 @@ class _Holder(nn.Module):
 
 
 def is_prompt_config(config: object) -> bool:
-    return isinstance(config, PromptTuningConfig)
+    """Prompt tuning or P-tuning: virtual tokens prepended on the embedding."""
+    return isinstance(config, (PromptTuningConfig, PromptEncoderConfig))
 
 
 def prompt_module(model: nn.Module) -> PromptTuning | None:
     return getattr(model, "prompt_tuning", None)
 
 
-def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig, name: str, groups: ParallelGroups) -> None:
+def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig, name: str,
+                       groups: ParallelGroups) -> None:
     """Add prompt adapter `name` to this GPT stage (initialised per config) and make it the one
     that runs if none runs yet."""
     prompt = prompt_module(model)
@@ -103,8 +122,15 @@ def add_prompt_adapter(model: nn.Module, config: PromptTuningConfig, name: str, 
             raise ValueError("PromptTuningConfig: the model adds learned absolute position embeddings; prompt "
                              "tuning here needs rotary positions (position_embedding_type='rope')")
         prompt.sequence_parallel = bool(embedding.config.sequence_parallel) and groups.tp_size > 1
-        table = initial_prompt(config, embedding.word_embeddings, _vocab_size(model), groups)
-        prompt.prompt_embeddings[name] = _Holder(table)
+        if isinstance(config, PromptEncoderConfig):
+            if config.encoder_dropout and groups.tp_size > 1:
+                raise ValueError("PromptEncoderConfig.encoder_dropout > 0 with tensor parallelism: each TP rank "
+                                 "would draw its own LSTM dropout mask for the replicated encoder; set it to 0")
+            weight = embedding.word_embeddings.weight
+            prompt.prompt_embeddings[name] = p_tuning.build_encoder(config, weight.shape[1], weight.device)
+        else:
+            table = initial_prompt(config, embedding.word_embeddings, _vocab_size(model), groups)
+            prompt.prompt_embeddings[name] = _Holder(table)
     prompt.num_virtual_tokens[name] = config.num_virtual_tokens
     if prompt.active is None:
         prompt.active = name
@@ -154,16 +180,16 @@ def remove(model: nn.Module) -> None:
 
 def trainable_tensors(model: nn.Module, name: str) -> list[nn.Parameter]:
     prompt = prompt_module(model)
-    tensor = None if prompt is None else prompt.tensor(name)
-    return [] if tensor is None else [tensor]
+    return [] if prompt is None else list(prompt.params(name).values())
 
 
 def partial_grad_entries(model: nn.Module) -> list[tuple[object, list[nn.Parameter]]]:
-    """(TP group, parameters whose gradient is a per-rank partial): P under sequence parallelism."""
+    """(TP group, parameters whose gradient is a per-rank partial): P (or P-tuning's encoder) under
+    sequence parallelism."""
     prompt = prompt_module(model)
     if prompt is None or not prompt.sequence_parallel:
         return []
-    params = [h.weight for h in prompt.prompt_embeddings.values() if h.weight.requires_grad]
+    params = [p for h in prompt.prompt_embeddings.values() for p in h.parameters() if p.requires_grad]
     for param in params:
         if param.grad is None:  # a rank whose sequence chunk held no virtual position: its share is 0
             param.grad = torch.zeros_like(param)
@@ -171,13 +197,12 @@ def partial_grad_entries(model: nn.Module) -> list[tuple[object, list[nn.Paramet
 
 
 def sharded_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
-    """`prompt_tuning.prompt_embeddings.<name>.weight` (replicated over TP) on the first stage."""
+    """`prompt_tuning.prompt_embeddings.<name>.weight` (P-tuning: `.<name>.<encoder tensor>`),
+    replicated over TP, on the first stage."""
     prompt = prompt_module(model)
-    tensor = None if prompt is None else prompt.tensor(name)
-    if tensor is None:
-        return {}
-    return {f"prompt_tuning.prompt_embeddings.{name}.weight":
-            ShardedTensor(tensor.detach(), REPLICATED, tuple(tensor.shape))}
+    params = {} if prompt is None else prompt.params(name)
+    return {f"{TENSOR_PREFIX}{name}.{key}": ShardedTensor(t.detach(), REPLICATED, tuple(t.shape))
+            for key, t in params.items()}
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -305,6 +330,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_virtual_token
     targets, mask = megatron_targets(labels, num_virtual_tokens)
     per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     return (per_token * mask.flatten().to(per_token.dtype)).sum() / mask.sum()
+
+
+# -- PEFT's files ----------------------------------------------------------------------------------
+
+PEFT_KEY = "prompt_embeddings"
+"""PEFT's key of the prompt in adapter_model.safetensors (get_peft_model_state_dict)."""
+_PEFT_FIELDS = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                "tokenizer_kwargs")
+
+
+def peft_config_fields(config: dict, prompt_shape: tuple, num_attention_heads: int, num_layers: int,
+                       base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json in PEFT's PromptTuningConfig fields for a prompt [n, token_dim] (what
+    PEFT's own save writes).  TEXT init without both the text and a tokenizer path, which PEFT's
+    config refuses, is written as RANDOM: the trained prompt is in the file, the init no longer
+    matters."""
+    n, width = prompt_shape
+    if config.get("num_virtual_tokens", n) != n:
+        raise ValueError(f"the adapter config says num_virtual_tokens={config['num_virtual_tokens']}, "
+                         f"the prompt has {n} rows")
+    data = {k: config.get(k) for k in _PEFT_FIELDS}
+    if data["prompt_tuning_init"] == "TEXT" and not (data["prompt_tuning_init_text"] and data["tokenizer_name_or_path"]):
+        data.update(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
+    data.update(num_virtual_tokens=n, num_transformer_submodules=1, peft_type="PROMPT_TUNING", task_type="CAUSAL_LM",
+                token_dim=width, num_attention_heads=num_attention_heads, num_layers=num_layers,
+                base_model_name_or_path=base_model_name_or_path, inference_mode=True, revision=None,
+                modules_to_save=None, auto_mapping=None)
+    return data
 
 
 def check_not_merging(names: Iterator[str] | list[str], configs: dict) -> None:

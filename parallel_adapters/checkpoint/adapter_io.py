@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from parallel_adapters.adapters import prompt
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.base_model import BASE_PATH_KEY, BaseModel
 from parallel_adapters.checkpoint.layout import CheckpointError
@@ -39,6 +40,8 @@ def checkpoint_config(model: AdapterModel, adapter_name: str | None = None, base
 
 
 def _kind_name(model: AdapterModel, adapter_name: str) -> str:
+    if prompt.is_prompt_config(model.peft_config[adapter_name]):  # a model-level adapter, on no layer
+        return prompt.KIND_NAME
     kinds = {layer.kinds[adapter_name].name for _, layer in model.adapter_layers() if layer.has_adapter(adapter_name)}
     if len(kinds) != 1:
         raise ValueError(f"adapter {adapter_name!r} has kinds {sorted(kinds)} on this rank; expected one")

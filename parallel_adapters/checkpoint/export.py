@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from parallel_adapters.checkpoint.expert_adapter import FUSED, peft_expert_tensors
+from parallel_adapters.checkpoint.export_prompt import is_prompt_stored_config, write_prompt_export
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.finite import ALLOW_FLAG, check_config, check_tensor, delta_is_finite
 from parallel_adapters.checkpoint.hf_adapter import (  # noqa: F401  (PEFT_PREFIX, hf_module_adapters: the API)
@@ -107,6 +108,8 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
                 dtype: torch.dtype | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write a PEFT adapter directory.
 
+    A prompt-tuning adapter (its config's adapter_kind / peft_type) is written in PEFT's
+    PROMPT_TUNING format instead (export_prompt.py).
     `source`: a sharded checkpoint directory (consolidated here; its adapter_config.json is used
     unless `adapter_config` is given) or full factors under Megatron names (then `adapter_config`,
     the adapter's LoraConfig fields as a dict or LoraConfig, is required).
@@ -179,6 +182,9 @@ def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.
     if hasattr(adapter_config, "to_dict"):
         adapter_config = adapter_config.to_dict()
     check_config(adapter_config, "export: the adapter config", options.allow_nonfinite)
+    if is_prompt_stored_config(adapter_config):  # a model-level adapter: PEFT's PROMPT_TUNING files
+        write_prompt_export(meta, read, adapter_config, hf_cfg, tmp, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, options)
+        return
     plans = plan_modules(meta, adapter_config, hf_cfg, options.adapter_name)
     expert_plans = [p for p in plans if EXPERT_PREFIX in p.module]
     plans = [p for p in plans if EXPERT_PREFIX not in p.module]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from parallel_adapters.adapters.kinds import kind_for_stored_config
 from parallel_adapters.checkpoint.base_model import BASE_FLAG, BASE_PATH_KEY, merge_base
 from parallel_adapters.checkpoint.export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_checkpoint_factors
+from parallel_adapters.checkpoint.export_prompt import refuse_merge
 from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter, hf_module_adapters
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.finite import check_config, check_tensor
@@ -47,6 +48,7 @@ def peft_adapters(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[s
     if config.get("target_parameters"):
         raise CheckpointError(f"{peft_dir}: adapters on fused expert parameters (target_parameters) merge from the "
                               "sharded checkpoint they were exported from: pass its directory instead")
+    refuse_merge(config, peft_dir)
     try:
         kind = kind_for_stored_config(config)
     except ValueError as exc:
@@ -100,6 +102,7 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: s
     else:
         tensors, config = load_checkpoint_factors(source)
         check_config(config, f"merge: {source}", allow_nonfinite)
+        refuse_merge(config, source)
         adapters = hf_module_adapters(tensors, config, read_hf_config(base_hf_dir), adapter_name)
     if not allow_nonfinite:
         for module, adapter in adapters.items():

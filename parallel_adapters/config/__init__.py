@@ -1,5 +1,5 @@
 """Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`, `IA3Config`,
-`LoHaConfig`, `LoKrConfig`, `PromptTuningConfig`).
+`LoHaConfig`, `LoKrConfig`, `PromptTuningConfig`, `PromptEncoderConfig`).
 
 Field names and defaults follow Hugging Face PEFT so that a PEFT user is at home and so that
 `adapter_config.json` round-trips.  Validation raises ValueError naming the field.  Configs are
@@ -10,4 +10,6 @@ from parallel_adapters.config.common import (  # noqa: F401
 )
 from parallel_adapters.config.family import IA3_FUSED_PARTS, IA3Config, LoHaConfig, LoKrConfig  # noqa: F401
 from parallel_adapters.config.lora import EvaConfig, LoraConfig, decomposition_init  # noqa: F401
-from parallel_adapters.config.prompt import PROMPT_TUNING_INITS, PromptTuningConfig  # noqa: F401
+from parallel_adapters.config.prompt import (  # noqa: F401
+    ENCODER_TYPES, PROMPT_TUNING_INITS, PromptEncoderConfig, PromptTuningConfig,
+)

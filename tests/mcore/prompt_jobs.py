@@ -13,7 +13,7 @@ N_VIRTUAL = 5
 
 
 def _prompted(hf_dir: str, tp: int, pp: int, sp: bool, config_fields: dict | None = None,
-              values: torch.Tensor | None = None):
+              values: torch.Tensor | None = None, config=None):
     from parallel_adapters import PromptTuningConfig, get_adapter_model
     from parallel_adapters.mcore import compat, cpu
     from parallel_adapters.mcore.gpt import build_gpt
@@ -26,8 +26,8 @@ def _prompted(hf_dir: str, tp: int, pp: int, sp: bool, config_fields: dict | Non
     model = build_gpt(settings, init_weights=False)
     import_hf_checkpoint(model, hf_dir, groups)
     model.eval()
-    adapter = get_adapter_model(model, PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, **(config_fields or {})),
-                                groups=groups)
+    config = config or PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, **(config_fields or {}))
+    adapter = get_adapter_model(model, config, groups=groups)
     if values is not None and groups.pp_rank == 0:
         with torch.no_grad():
             adapter.model.prompt_tuning.prompt_embeddings["default"].weight.copy_(values)
@@ -121,3 +121,90 @@ def init_job(hf_dir: str, tp: int, text_ids: list[int]) -> dict:
     except ValueError as exc:
         out["merge"] = str(exc)
     return out
+
+
+def save_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor, values: torch.Tensor) -> dict:
+    """Logits of the prompted model with `values`, saved by save_checkpoint; then the prompt
+    overwritten and load_checkpoint bringing it back (the logits again)."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, groups, _ = _prompted(hf_dir, tp, pp, sp, values=values)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+        save_checkpoint(adapter, ckpt_dir)
+        if _prompt(adapter) is not None:
+            _prompt(adapter).zero_()
+        load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+        reloaded = gpt_logits(adapter.model, ids)
+    prompt = _prompt(adapter)
+    return {"logits": logits, "reloaded": reloaded, "prompt": None if prompt is None else prompt.detach().clone()}
+
+
+def load_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor) -> dict:
+    """A fresh prompt adapter (seeded RANDOM) at this layout, load_checkpoint, logits."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prompted(hf_dir, tp, pp, sp, config_fields={"seed": 9})
+    load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+    prompt = _prompt(adapter)
+    return {"logits": logits, "prompt": None if prompt is None else prompt.detach().clone()}
+
+
+def pretrained_job(hf_dir: str, out_dir: str, peft_dir: str, ids: torch.Tensor, values: torch.Tensor) -> dict:
+    """TP=1: save_pretrained of the prompted model (one directory per rank), then a fresh model
+    from_pretrained from a directory PEFT itself wrote: logits of both."""
+    import torch.distributed as dist
+
+    from parallel_adapters import AdapterModel
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+
+    adapter, groups, settings = _prompted(hf_dir, 1, 1, False, values=values)
+    mine = f"{out_dir}/rank{dist.get_rank()}"
+    adapter.save_pretrained(mine)
+    model = build_gpt(settings, init_weights=False)
+    import_hf_checkpoint(model, hf_dir, groups)
+    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
+    with torch.no_grad():
+        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
+                "trainable": sum(p.requires_grad for p in loaded.parameters())}
+
+
+def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor, fields: dict,
+                 state: dict) -> dict:
+    """P-tuning (PromptEncoderConfig(**fields), the encoder's tensors set to `state`): logits,
+    PEFT's loss, the encoder's finalized gradients by name, and the checkpoint names."""
+    from parallel_adapters import PromptEncoderConfig
+    from parallel_adapters.adapters.prompt import causal_lm_loss
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    config = PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields)
+    adapter, _, _ = _prompted(hf_dir, tp, 1, sp, config=config)
+    encoder = adapter.model.prompt_tuning.prompt_embeddings["default"]
+    encoder.load_state_dict(state)
+    logits = gpt_logits(adapter.model, ids)
+    loss = causal_lm_loss(logits, labels, N_VIRTUAL)
+    loss.backward()
+    adapter.finalize_grads()
+    return {"logits": logits.detach(), "loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
+            "trainable": sorted(n for n, p in adapter.named_parameters() if p.requires_grad),
+            "state": sorted(adapter.adapter_state_dict())}
+
+
+def p_tuning_save_job(hf_dir: str, ckpt_dir: str, ids: torch.Tensor, fields: dict, state: dict) -> torch.Tensor:
+    """TP=2 + SP P-tuning with the encoder set to `state`: logits, then save_checkpoint."""
+    from parallel_adapters import PromptEncoderConfig
+    from parallel_adapters.checkpoint.adapter_io import save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prompted(hf_dir, 2, 1, True, config=PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields))
+    adapter.model.prompt_tuning.prompt_embeddings["default"].load_state_dict(state)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+    save_checkpoint(adapter, ckpt_dir)
+    return logits
