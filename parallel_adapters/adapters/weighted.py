@@ -10,9 +10,13 @@ are replaced by the combination (`weighted_math.py`, `decompose/lowrank.py`).  T
                                     with svd_clamp, one all-gather of the split new factor (O k or k I)
     ties, magnitude_prune           ~64 all-reduces of a few counts (the split factors' thresholds)
     dare_linear, dare_ties          none (masks drawn over the whole factor from the config's seed)
+    ties_svd, dare_*_svd,           they prune each update s_i B_i A_i itself, so the merged update is no
+    magnitude_prune_svd             longer low-rank: each rank forms its SHARD of each update (W-shard
+                                    sized, local), and its top-k SVD is `decompose/svd.split_svd` (the
+                                    converging mode; sketches only), plus the thresholds as above
 
-Never a block of sum_i w_i s_i B_i A_i.  Not supported here (refused naming it): the "_svd" variants
-of the pruning merges (they prune the dense [O, I] update, which is no longer low-rank).
+Never a block of sum_i w_i s_i B_i A_i that the rank does not own.  DARE's masks on an update are
+drawn over the whole [O, I] (compute on every rank, not traffic) so the TP size cannot change them.
 """
 from __future__ import annotations
 
@@ -28,11 +32,13 @@ from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.inject import adapted_layers
 from parallel_adapters.adapters.kinds.lora import EMBEDDING_A, EMBEDDING_B, LORA, LORA_A, LORA_B
 from parallel_adapters.config import LoraConfig
-from parallel_adapters.decompose import lowrank
+from parallel_adapters.decompose import lowrank, svd
+from parallel_adapters.distributed import collectives
+from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.distributed.groups import GROUP_OF_ONE
 
-UNSUPPORTED = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd",
+                 "dare_ties_svd", "magnitude_prune_svd")
 
 
 def new_rank(combination: str, ranks: Sequence[int], svd_rank: int | None) -> int:
@@ -73,10 +79,6 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     combination = "linear" if len(adapters) == 1 else combination_type  # as PEFT
     if combination not in wm.COMBINATIONS:
         raise ValueError(f"combination_type must be one of {list(wm.COMBINATIONS)}, got {combination!r}")
-    if combination in UNSUPPORTED:
-        raise NotImplementedError(f"combination_type={combination!r} is not supported under tensor parallelism: "
-                                  "it prunes the dense [O, I] update; use "
-                                  f"{combination.removesuffix('_svd')!r} or 'svd'")
     if combination in NEEDS_DENSITY and (density is None or density < 0):
         raise ValueError(f"combination_type={combination!r} needs density >= 0, got {density!r}")
     if combination in NEEDS_DENSITY and density >= 1:
@@ -130,6 +132,9 @@ def _combine_host(host: AdapterHost, adapter_name: str, adapters: Sequence[str],
         b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1], *b.shape[2:])], dim=1)
     elif combination == "svd":
         a, b = _svd(host, a_list, b_list, weights, scalings, r, decls[name_a], decls[name_b], svd_clamp, svd_driver)
+    elif combination in wm.SVD_WISE:
+        a, b = _pruned_svd(host, adapter_name, combination, a_list, b_list, weights, scalings, r, decls[name_a],
+                           density, majority_sign_method, svd_clamp, seed)
     else:
         w_a, w_b = wm.factor_weights(weights, scalings)
         generator = torch.Generator().manual_seed(lf.factor_seed(seed, host.module_name, adapter_name, "dare"))
@@ -170,3 +175,53 @@ def _svd(host, a_list, b_list, weights, scalings, r, decl_a, decl_b, svd_clamp, 
     if svd_clamp is not None:
         a, b = lowrank.quantile_clamp(a, b, svd_clamp, split, group)
     return a, b
+
+
+def _pruned_svd(host, adapter_name, combination, a_list, b_list, weights, scalings, r, decl_a, density,
+                majority_sign_method, svd_clamp, seed):
+    """PEFT's "<merge>_svd": merge the pruned updates s_i B_i A_i, then their top-r SVD (this
+    rank's shard of each update only; the SVD by sketches)."""
+    g = host.geometry
+    if g.conv is not None or g.parallel_mode not in ("column", "row", "replicated"):
+        raise ValueError(f"{host.module_name}: combination_type={combination!r} is supported on linear layers "
+                         "only here; use 'linear' or 'cat'")
+    row, split = g.parallel_mode == "row", g.parallel_mode in ("column", "row")
+    group = g.tp_group if split else GROUP_OF_ONE
+    deltas = [lf.lora_delta(a, b, s) for a, b, s in zip(a_list, b_list, scalings)]  # this shard's [O(/t), I(/t)]
+    out_f, in_f = g.out_features, decl_a.global_shape[1]
+    w_spec = dataclasses.replace(decl_a.spec, dim=1) if row else (ShardSpec(dim=0, chunks=g.chunks) if split
+                                                                   else ShardSpec())
+    base = combination.removesuffix("_svd")
+    generator = torch.Generator().manual_seed(lf.factor_seed(seed, host.module_name, adapter_name, "dare"))
+    if density >= 1:
+        masks = [torch.ones_like(d, dtype=torch.bool) for d in deltas]
+    elif base.startswith("dare"):
+        masks = [wm.dare_mask((out_f, in_f), density, generator, lambda f: w_spec.shard(f, g.tp_rank, g.tp_size))
+                 for _ in deltas]
+    else:
+        masks = wm.magnitude_masks(deltas, density, [out_f * in_f] * len(deltas), group)
+    merged = wm.merge_task_tensors(base, deltas, weights, masks, density, majority_sign_method)
+    m_local = merged.T if row else merged  # row-split for split_svd: W's rows (column) or columns (row)
+    n = m_local.shape[1]
+    b_cols = svd.block_size(r, m_local.shape[0] * collectives.group_size(group), n, None)
+    start = torch.Generator().manual_seed(lf.factor_seed(seed, host.module_name, adapter_name, "svd"))
+    omega = torch.randn(n, b_cols, generator=start, dtype=torch.float64).to(m_local.dtype)
+    result = svd.split_svd(m_local, min(r, b_cols), omega, group)
+    if not result.converged:
+        warnings.warn(f"{host.module_name}: the SVD of the merged update did not converge in {result.iterations} "
+                      f"iterations (subspace moved {result.distance:.2e}): nearly tied singular values",
+                      stacklevel=4)
+    index = torch.arange(in_f)
+    if row:  # W's right singular vectors are M's left ones (split)
+        in_index = dataclasses.replace(decl_a.spec, dim=0).shard(index, g.tp_rank, g.tp_size)
+        signs = svd.largest_entry_signs(result.u_local, in_index, group)
+        a, b = (result.u_local * signs).T, result.v * signs * result.s
+    else:
+        signs = svd.largest_entry_signs(result.v, index, GROUP_OF_ONE)
+        a, b = (result.v * signs).T, result.u_local * signs * result.s
+    if a.shape[0] < r:  # the update has fewer than r dimensions
+        a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+    if svd_clamp is not None:
+        a, b = lowrank.quantile_clamp(a, b, svd_clamp, ("a" if row else "b") if split else None, group)
+    return a.contiguous(), b.contiguous()

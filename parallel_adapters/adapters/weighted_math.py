@@ -109,7 +109,7 @@ def merge_task_tensors(combination: str, tensors: Sequence[torch.Tensor], weight
     if base in ("linear", "svd"):
         return weighted_sum(tensors, weights)
     pruned = [t * m.to(t.dtype) for t, m in zip(tensors, masks)]
-    if base.startswith("dare"):
+    if base.startswith("dare") and density < 1:  # PEFT neither prunes nor rescales at density >= 1
         pruned = [t / density for t in pruned]
     stacked = torch.stack(pruned)
     if base == "magnitude_prune" or base == "dare_linear":

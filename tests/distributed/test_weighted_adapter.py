@@ -4,11 +4,13 @@ RowParallelLinear, every combination_type it supports.
 Oracle: the TP=1 result, i.e. the same call on a plain nn.Linear holding the consolidated source
 factors (adapters/weighted.py with a group of one).  Checked: the consolidated new factors and the
 update s B A equal TP=1's within 1e-6 (the signs of svd pairs and DARE's masks do not depend on the
-TP size), and the new adapter's scale.
+TP size; the "_svd" variants' iterative SVD converges to within that), and the new adapter's scale.
 
 "No full update": with every all-reduce / all-gather's received size recorded, no collective
-during `add_weighted_adapter` carries as many elements as a weight shard (let alone [O, I]), and
-nothing but all-reduce and all-gather is issued; linear, cat and dare_* issue nothing at all.
+during `add_weighted_adapter` carries an [O, I]-sized tensor; none carries as many elements as a
+weight shard, except the "_svd" variants' sketches (n b and t b^2, split_svd's bound), and
+nothing but all-reduce and all-gather is issued; linear, cat, dare_linear and dare_ties issue
+nothing at all.
 """
 import pytest
 import torch
@@ -23,6 +25,8 @@ CASES = [
     ("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 5, "svd_clamp": 0.9}),
     ("ties", {"density": 0.4}), ("magnitude_prune", {"density": 0.3}),
     ("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    ("magnitude_prune_svd", {"density": 0.5}), ("ties_svd", {"density": 0.4, "svd_clamp": 0.9}),
+    ("dare_linear_svd", {"density": 0.5}), ("dare_ties_svd", {"density": 0.6}),
 ]
 SILENT = ("linear", "cat", "dare_linear", "dare_ties")
 
@@ -121,7 +125,13 @@ def _check(results, mode, combination_type, kw):
         assert sum(calls.values()) == len(received)
         if combination_type in SILENT:
             assert not received, f"rank {rank}: {combination_type} communicated {received}"
-        assert max(received, default=0) < shard, f"rank {rank}: a collective of {max(received)} elements"
+        biggest = max(received, default=0)
+        assert biggest < SHAPES[mode][0] * SHAPES[mode][1], f"rank {rank}: an [O, I]-sized collective"
+        if combination_type.endswith("_svd"):  # split_svd's sketches: n b, or t b^2 for the TSQR triangles
+            n, b = 32, 12  # M's unsplit dimension; the converging mode's block size for r = 4
+            assert biggest <= max(n * b, len(results) * b * b), f"rank {rank}: {biggest} elements"
+        else:
+            assert biggest < shard, f"rank {rank}: a collective of {biggest} elements (weight shard {shard})"
 
 
 @pytest.mark.parametrize("combination_type,kw", CASES)
@@ -130,7 +140,7 @@ def test_tp2_gives_the_tp1_adapter(pool2, mode, combination_type, kw):
     _check(pool2.run(weighted_job, mode, 2, combination_type, kw), mode, combination_type, kw)
 
 
-@pytest.mark.parametrize("combination_type,kw", [c for c in CASES if c[0] in ("svd", "ties", "dare_ties")])
+@pytest.mark.parametrize("combination_type,kw", [c for c in CASES if c[0] in ("svd", "ties", "dare_ties", "ties_svd", "dare_linear_svd")])
 @pytest.mark.parametrize("mode", ["column", "row"])
 def test_tp4_gives_the_tp1_adapter(pool4, mode, combination_type, kw):
     _check(pool4.run(weighted_job, mode, 4, combination_type, kw), mode, combination_type, kw)

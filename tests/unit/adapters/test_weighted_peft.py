@@ -114,6 +114,18 @@ def test_svd_clamp_is_peft_quantile_clamp_on_our_factors():
         assert (b.abs() > high).any()  # the clamp did something
 
 
+@pytest.mark.parametrize("combination_type,density", [
+    ("magnitude_prune_svd", 0.5), ("ties_svd", 0.4), ("dare_linear_svd", 1.0), ("dare_ties_svd", 1.0),
+])
+def test_pruned_svd_types_give_peft_update(combination_type, density):
+    ours, theirs = _pair(r2=3, alpha2=6)
+    _both(ours, theirs, combination_type=combination_type, density=density, svd_rank=3)
+    for name in ("up", "down"):
+        (a, b), (pa, pb), (s, ps) = _factors(ours, theirs, name)
+        assert s == ps and a.shape == pa.shape
+        assert (s * b @ a - ps * pb @ pa).abs().max() < TOL, (name, combination_type)
+
+
 @pytest.mark.parametrize("combination_type", ["dare_linear", "dare_ties"])
 def test_dare_masks(combination_type):
     ours, theirs = _pair()
@@ -134,8 +146,8 @@ def test_refusals():
     ours, _ = _pair(r2=2, alpha2=6)
     with pytest.raises(ValueError, match="one rank"):
         ours.add_weighted_adapter(["one", "two"], WEIGHTS, "x", combination_type="linear")
-    with pytest.raises(NotImplementedError, match="ties_svd"):
-        ours.add_weighted_adapter(["one", "two"], WEIGHTS, "x", combination_type="ties_svd", density=0.5)
+    with pytest.raises(ValueError, match="combination_type must be one of"):
+        ours.add_weighted_adapter(["one", "two"], WEIGHTS, "x", combination_type="sum")
     with pytest.raises(ValueError, match="density"):
         ours.add_weighted_adapter(["one", "one"], WEIGHTS, "x", combination_type="ties")
     with pytest.raises(ValueError, match="unknown adapter"):
