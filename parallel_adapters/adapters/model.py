@@ -22,7 +22,7 @@ from parallel_adapters.adapters.inject import (
 from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
-from parallel_adapters.adapters import pretrained, prompt
+from parallel_adapters.adapters import pretrained, prompt, weighted
 from parallel_adapters.config import LoraConfig, decomposition_init
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -82,6 +82,17 @@ class AdapterModel(nn.Module):
         initialize_from_weights(hosts, config, adapter_name)  # PiSSA / OLoRA only: W_i <- the residual
         self.peft_config[adapter_name] = config
         self._set_trainable()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """PEFT's LoraModel.add_weighted_adapter, each TP rank writing its own factor shards (never
+        a block of the combined update; `adapters/weighted.py` says what each type communicates).
+        `svd_full_matrices` cannot change the truncated factors and is accepted for PEFT's signature."""
+        weighted.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                                      svd_full_matrices, svd_driver, density, majority_sign_method)
 
     def set_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)
