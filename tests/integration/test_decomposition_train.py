@@ -17,6 +17,7 @@ from parallel_adapters.checkpoint.merge import merge_into_hf
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.user_errors import UserError
 from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, sample_ids
+from tests.integration.test_cli_offline import _cli
 from tests.integration.train_jobs import train_job
 
 RUN = ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.steps=4", "data.tokenizer=byte",
@@ -51,7 +52,9 @@ def test_train_resume_convert_export_and_merge(pool2, tmp_path, init):
     with pytest.raises(UserError, match="residual base.*--convert-to-lora"):
         export_peft_from_checkpoint(ckpt, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
-    export_peft_from_checkpoint(ckpt, tmp_path / "peft2", convert_to_lora=True)  # the recorded base, offline
+    refused = _cli("export", ckpt, "--out", str(tmp_path / "plain"), check=False)
+    assert refused.returncode != 0 and "--convert-to-lora" in refused.stderr
+    _cli("export", ckpt, "--out", str(tmp_path / "peft2"), "--convert-to-lora")  # the recorded base, offline
 
     ids = sample_ids(vocab=257)
     base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
