@@ -93,8 +93,10 @@ def _export(args: argparse.Namespace) -> None:
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     out = export_peft_from_checkpoint(_checkpoint(args), args.out, args.hf_config, dtype=dtype,
-                                      overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
-    print(f"wrote PEFT adapter to {out}" + (f" ({args.dtype})" if dtype is not None else ""))
+                                      overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
+                                      convert_to_lora=args.convert_to_lora)
+    print(f"wrote PEFT adapter to {out}" + (f" ({args.dtype})" if dtype is not None else "")
+          + (" (converted to a rank-2r LoRA on the original base)" if args.convert_to_lora else ""))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the factors (default: as trained, float32)")
+    p.add_argument("--convert-to-lora", action="store_true",
+                   help="PiSSA/OLoRA: write the rank-2r LoRA [A; A0], [B, -B0] that loads on the ORIGINAL base "
+                        "(PEFT's path_initial_model_for_weight_conversion); required for such checkpoints")
     _overwrite(p, "a previous export")
     _allow_nonfinite(p)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from parallel_adapters.adapters import functional as lf
+from parallel_adapters.adapters import decomposition_state, functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds.lora import LORA_A, LORA_B
 from parallel_adapters.config import LoraConfig, decomposition_init
@@ -67,6 +67,5 @@ def _initialize_host(host: AdapterHost, method: tuple[str, int | None], config: 
     tensors[LORA_A], tensors[LORA_B] = a, b
     host.replace_tensors(adapter_name, tensors, hparams)
     stored = host.adapter_tensors(adapter_name)
-    with torch.no_grad():
-        host.weight.copy_(lf.fold_delta(host.weight, -lf.lora_delta(stored[LORA_A], stored[LORA_B], scaling)))
+    decomposition_state.subtract_initial(host, adapter_name, stored[LORA_A], stored[LORA_B])  # kept for resume/export
     host.refresh_initial_tensors(adapter_name)

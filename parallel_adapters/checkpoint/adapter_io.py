@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from parallel_adapters.adapters import prompt
+from parallel_adapters.adapters import decomposition_state as ds, prompt
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.base_model import BASE_PATH_KEY, BaseModel
 from parallel_adapters.checkpoint.layout import CheckpointError
@@ -52,7 +52,8 @@ def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
                     extra_state: dict | None = None, base: BaseModel | None = None) -> Path:
     """Save this rank's adapter shards (and optimizer/RNG/extra state) atomically; every rank calls
     it.  `base`: the base model the checkpoint records (checkpoint/base_model.py)."""
-    tensors = model.adapter_state_dict()
+    hosts = [layer for _, layer in model.adapter_layers()]
+    tensors = {**model.adapter_state_dict(), **ds.initial_state_dict(hosts, model.active_adapter)}
     optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
     return save_sharded(directory, tensors, model.groups, checkpoint_config(model, base=base),
                         optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True,
@@ -72,10 +73,21 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
     only) and the RNG state (when the layout matches).  Returns the saved extra_state."""
     current = model.adapter_state_dict()
     expected = {n: (t.spec, t.global_shape, t.local.dtype) for n, t in current.items()}
+    with CheckpointReader(directory) as reader:
+        initial = {n: info.dtype for n, info in reader.tensors.items() if n.endswith(ds.INITIAL_SUFFIX)}
+        stored_init = reader.config().get("init_lora_weights")
+    hosts = [layer for _, layer in model.adapter_layers()]
+    if initial:  # PiSSA/OLoRA: the factors were trained on the residual W - s B0 A0
+        expected.update(ds.expected_initial(hosts, model.active_adapter, initial))
     loaded = load_sharded(directory, model.groups, expected)
     with torch.no_grad():
         for name, tensor in loaded.items():
-            current[name].local.copy_(tensor)
+            if name in current:
+                current[name].local.copy_(tensor)
+    if initial:
+        ds.restore_residual(hosts, model.active_adapter, loaded)
+        name = model.active_adapter
+        model.peft_config[name] = model.peft_config[name].replace(init_lora_weights=stored_init)
     with CheckpointReader(directory) as reader:
         train_state = reader.index["train_state"]
         same_layout = (reader.tp_size, reader.pp_size, reader.dp_size) == (

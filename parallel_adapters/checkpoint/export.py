@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from parallel_adapters.checkpoint.decomposition_export import convert_view
 from parallel_adapters.checkpoint.expert_adapter import FUSED, peft_expert_tensors
 from parallel_adapters.checkpoint.export_prompt import is_prompt_stored_config, write_prompt_export
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
@@ -105,7 +106,8 @@ def peft_tensors(adapters: Mapping[str, HFModuleAdapter], dtype: torch.dtype | N
 def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | Path,
                 hf_config: str | Path | Mapping[str, Any] | None, adapter_config: Mapping[str, Any] | None = None, *,
                 adapter_name: str | None = None, base_model_name_or_path: str | None = None,
-                dtype: torch.dtype | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
+                dtype: torch.dtype | None = None, overwrite: bool = False, allow_nonfinite: bool = False,
+                convert_to_lora: bool = False) -> Path:
     """Write a PEFT adapter directory.
 
     A prompt-tuning adapter (its config's adapter_kind / peft_type) is written in PEFT's
@@ -122,7 +124,9 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     renamed into place at the end, so a failed export leaves nothing behind and an old export
     intact.  From a checkpoint, the weights are written while the shard files' checksums are still
     being computed, and published only once they pass.  NaN/inf factors or config values, or a
-    delta scaling * B @ A that overflows `dtype`, are refused unless `allow_nonfinite`."""
+    delta scaling * B @ A that overflows `dtype`, are refused unless `allow_nonfinite`.
+    A PiSSA/OLoRA adapter (its initial factors stored) is refused unless `convert_to_lora`, which
+    writes the rank-2r LoRA for the original base (checkpoint/decomposition_export.py)."""
     from_checkpoint = isinstance(source, (str, Path))
     if adapter_config is None and not from_checkpoint:
         raise ValueError("export_peft: adapter_config is required when source is a tensor dict")
@@ -139,7 +143,7 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     hf_cfg = read_hf_config(hf_config)
     if base_model_name_or_path is None and isinstance(hf_config, (str, Path)) and Path(hf_config).is_dir():
         base_model_name_or_path = str(hf_config)
-    options = _ExportOptions(adapter_name, base_model_name_or_path, dtype, allow_nonfinite)
+    options = _ExportOptions(adapter_name, base_model_name_or_path, dtype, allow_nonfinite, convert_to_lora)
     with StagedDirectory(out, "export") as tmp:
         if not from_checkpoint:
             _write_export({n: t.to("meta") for n, t in source.items()}, source.__getitem__, adapter_config, hf_cfg,
@@ -171,6 +175,7 @@ class _ExportOptions:
     base_model_name_or_path: str | None
     dtype: torch.dtype | None
     allow_nonfinite: bool
+    convert_to_lora: bool = False
 
 
 def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
@@ -185,6 +190,7 @@ def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.
     if is_prompt_stored_config(adapter_config):  # a model-level adapter: PEFT's PROMPT_TUNING files
         write_prompt_export(meta, read, adapter_config, hf_cfg, tmp, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, options)
         return
+    meta, read, adapter_config = convert_view(meta, read, adapter_config, options.convert_to_lora, "export")
     plans = plan_modules(meta, adapter_config, hf_cfg, options.adapter_name)
     expert_plans = [p for p in plans if EXPERT_PREFIX in p.module]
     plans = [p for p in plans if EXPERT_PREFIX not in p.module]
@@ -239,9 +245,10 @@ def load_checkpoint_factors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tenso
 def export_peft_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path,
                                 hf_config: str | Path | Mapping[str, Any] | None = None, *, adapter_name: str | None = None,
                                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
-                                overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
+                                overwrite: bool = False, allow_nonfinite: bool = False,
+                                convert_to_lora: bool = False) -> Path:
     """consolidate() a sharded checkpoint (any TP/PP) and export it with `export_peft` (hf_config
     None: the base model the checkpoint records)."""
     return export_peft(ckpt_dir, out_dir, hf_config, adapter_name=adapter_name,
                        base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite,
-                       allow_nonfinite=allow_nonfinite)
+                       allow_nonfinite=allow_nonfinite, convert_to_lora=convert_to_lora)

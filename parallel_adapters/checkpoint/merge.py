@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from parallel_adapters.adapters.kinds import kind_for_stored_config
 from parallel_adapters.checkpoint.base_model import BASE_FLAG, BASE_PATH_KEY, merge_base
+from parallel_adapters.checkpoint.decomposition_export import convert_view, initial_names
 from parallel_adapters.checkpoint.export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_checkpoint_factors
 from parallel_adapters.checkpoint.export_prompt import refuse_merge
 from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter, hf_module_adapters
@@ -102,6 +103,9 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: s
     else:
         tensors, config = load_checkpoint_factors(source)
         check_config(config, f"merge: {source}", allow_nonfinite)
+        if initial_names(tensors):  # PiSSA/OLoRA: into the original base as W + s B A - s B0 A0
+            meta, read, config = convert_view(tensors, tensors.__getitem__, config, True, "merge")
+            tensors = {n: read(n) for n in meta}
         refuse_merge(config, source)
         adapters = hf_module_adapters(tensors, config, read_hf_config(base_hf_dir), adapter_name)
     if not allow_nonfinite:

@@ -21,13 +21,16 @@ def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, 
     step); the others wait, so the run ends only when the export exists.  The HF config is the
     checkpoint's, or one derived from the Megatron model."""
     from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
+    from parallel_adapters.config import decomposition_init
     from parallel_adapters.mcore.hf_bridge import hf_config_from_model
 
     def export() -> str:
         if checkpoint is None:
             raise ValueError("export.peft_dir: no checkpoint was written by this run")
         hf_config = hf_dir or hf_config_from_model(model.model)
-        return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config, overwrite=overwrite))
+        convert = decomposition_init(getattr(model.peft_config[model.active_adapter], "init_lora_weights", None))
+        return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config, overwrite=overwrite,
+                                               convert_to_lora=convert is not None))  # PiSSA/OLoRA: original base
 
     return on_rank0(export, f"export to {peft_dir}")
 

@@ -146,10 +146,14 @@ def validate_run_config(config: RunConfig) -> None:
     if not isinstance(config.adapter, LoraConfig) and config.eva is not None:
         raise ValueError(f"eva: EVA initialises LoRA adapters only; adapter.kind is "
                          f"{adapter_kind_name(config.adapter)!r} (remove the eva: section)")
-    if decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None:
-        raise ValueError(f"adapter.init_lora_weights={config.adapter.init_lora_weights!r} is not available in "
-                         "training runs yet: it rewrites the base weights, which checkpoints and resume do not "
-                         "carry; use it through get_adapter_model")
+    if decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None and config.eva is not None:
+        raise ValueError(f"eva: adapter.init_lora_weights={config.adapter.init_lora_weights!r} initialises the "
+                         "factors by a decomposition; EVA would replace it (remove the eva: section or the init)")
+    if (decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None
+            and config.export.verify_with_peft and config.model.hf_checkpoint is None):
+        raise ValueError(f"export.verify_with_peft with adapter.init_lora_weights={config.adapter.init_lora_weights!r} "
+                         "needs model.hf_checkpoint: the run's base holds the residual W - s*B0*A0, and the "
+                         "converted adapter loads on the original base")
     if o.global_batch is not None and o.global_batch < 1:
         raise ValueError(f"optim.global_batch must be >= 1, got {o.global_batch}")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),

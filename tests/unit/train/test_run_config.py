@@ -130,7 +130,8 @@ def test_validation_imports_neither_megatron_nor_deepspeed():
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
-def test_weight_rewriting_inits_are_refused_in_runs(init):
-    """They rewrite the base weights, which checkpoints and resume do not carry yet."""
-    with pytest.raises(ValueError, match=rf"adapter\.init_lora_weights='{init}' is not available in training runs"):
-        validate_run_config(_config(f"adapter.init_lora_weights={init}"))
+def test_weight_rewriting_inits_are_accepted_but_not_with_eva(init):
+    """PiSSA/OLoRA train (the checkpoint carries A0, B0); an eva: section would replace them."""
+    validate_run_config(_config(f"adapter.init_lora_weights={init}"))
+    with pytest.raises(ValueError, match=rf"eva: adapter\.init_lora_weights='{init}'"):
+        validate_run_config(_config(f"adapter.init_lora_weights={init}", "eva.rho=2.0"))
