@@ -35,6 +35,7 @@ from parallel_adapters.train.cli_args import add_train_arguments
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.prompt_run import stored_prompt_config, with_init_ids
 from parallel_adapters.train.resume import engine_and_state
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
 from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
@@ -130,11 +131,11 @@ def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
     same adapter."""
     if resume_from is not None:
         stored = _stored_adapter_config(resume_from)
-        _check_same_adapter(stored, config.adapter, resume_from)
+        _check_same_adapter(stored, with_init_ids(config.adapter), resume_from)
         return _weights_from_checkpoint(stored)
     if config.eva is not None:
         return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
-    return config.adapter
+    return with_init_ids(config.adapter)  # a TEXT prompt's text tokenised, as PEFT's init does
 
 
 def saved_adapter_config(checkpoint: Path) -> Any:
@@ -154,6 +155,8 @@ def _stored_adapter_config(checkpoint: Path) -> Any:
     from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
 
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    if saved.get("adapter_kind") == "prompt_tuning":  # a model-level adapter (no kinds registry entry)
+        return stored_prompt_config({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
     cls = kind_for_stored_config({"adapter_kind": saved.get("adapter_kind", "lora")}).config_class
     return cls.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
 
