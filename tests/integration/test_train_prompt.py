@@ -102,3 +102,26 @@ def test_prompt_train_resume_export_evaluate(pool2, tmp_path, kind):
         total, count = total + out.loss.item() * len(seq), count + len(seq)
     assert any(p is not None for p in ppl)
     assert abs(next(p for p in ppl if p is not None) - torch.tensor(total / count).exp().item()) < 1e-4
+
+
+@pytest.mark.parametrize("kind,peft_type", [("prompt_tuning", "PROMPT_TUNING"), ("p_tuning", "P_TUNING")])
+def test_tiny_prompt_config_trains_exports_and_resumes(pool2, tmp_path, kind, peft_type):
+    """configs/tiny_{kind}.yaml (a GPT built here, TP=2 SP) for 2 steps, exported and verified by
+    the run (PEFT on the exported HF base, <= 1e-4), then resumed for a third step."""
+    import json
+
+    from tests.integration.test_train_kinds import kind_run_job
+    from tests.integration.train_jobs import REPO
+
+    path = str(REPO / "configs" / f"tiny_{kind}.yaml")
+    run = ["optim.steps=2", "optim.warmup_steps=0", "optim.micro_batch=2", "checkpoint.save_every=2",
+           f"checkpoint.directory={tmp_path}/ck", f"export.peft_dir={tmp_path}/peft", "logging.metrics_jsonl=null",
+           "logging.every=1"]
+    results = pool2.run(kind_run_job, path, run, False)
+    for r in results:
+        assert r["final_step"] == 2 and r["peft_diff"] is not None and r["peft_diff"] <= 1e-4, r["peft_diff"]
+    assert json.loads((tmp_path / "ck" / "step-000002" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    more = pool2.run(kind_run_job, path, [*run, "optim.steps=3", "export.peft_dir=null",
+                                          "export.verify_with_peft=false"], True)
+    assert [(r["start_step"], r["final_step"]) for r in more] == [(2, 3)] * 2
