@@ -72,6 +72,10 @@ def validate_prompt_run(config: Any) -> None:
         raise ValueError(f"deepspeed: adapter.kind={'p_tuning' if isinstance(config.adapter, PromptEncoderConfig) else 'prompt_tuning'!r}"
                          " trains with the torch engine only (deepspeed: null): DeepSpeed's TP sum does not know "
                          "the prompt's per-rank partial gradients under sequence parallelism")
+    if config.parallel.pipeline > 1:
+        raise ValueError(f"parallel.pipeline={config.parallel.pipeline}: a prompt-learning run trains at "
+                         "parallel.pipeline=1 only (the prompt lives on the first stage; the torch engine refuses a "
+                         "stage without trainable tensors); get_adapter_model itself supports PP")
     m = config.model
     if m.hf_checkpoint is None and n + config.data.seq_len > m.max_position_embeddings:
         raise ValueError(f"adapter.num_virtual_tokens={n} + data.seq_len={config.data.seq_len} exceeds "

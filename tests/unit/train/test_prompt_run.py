@@ -44,6 +44,8 @@ def test_bad_prompt_fields_are_refused_naming_kind_and_field(overrides, named):
 @pytest.mark.parametrize("overrides,named", [
     (["adapter.kind=prompt_tuning", "eva={}"], r"EVA initialises LoRA adapters only; adapter.kind is 'prompt_tuning'"),
     (P_TUNING + ["deepspeed=configs/deepspeed/zero1.json"], r"deepspeed: adapter.kind='p_tuning' trains with the torch"),
+    (["adapter.kind=prompt_tuning", "parallel.pipeline=2"], r"parallel.pipeline=2: a prompt-learning run trains at "
+                                                            r"parallel.pipeline=1 only"),
     (["adapter.kind=prompt_tuning", "adapter.num_virtual_tokens=200", "data.seq_len=64"],
      r"adapter.num_virtual_tokens=200 \+ data.seq_len=64 exceeds model.max_position_embeddings=256"),
     (["adapter.kind=prompt_tuning", "adapter.prompt_tuning_init=TEXT", "adapter.prompt_tuning_init_text=hi"],
