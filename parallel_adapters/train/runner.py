@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from parallel_adapters.config import LoraConfig
 from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_corpus_path, load_texts, pack
 from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.train.cli_args import add_train_arguments
+from parallel_adapters.train.eva_run import run_eva
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
@@ -191,41 +191,6 @@ def build_model(config: RunConfig, groups: Any, lora: Any, rank0: bool) -> tuple
 
         import_hf_checkpoint(base, config.model.hf_checkpoint, groups, progress=rank0)
     return get_adapter_model(base, lora, groups=groups), settings
-
-
-class _EvaBatches:
-    """EVA's data: the training samples under another seed (the training order stays untouched).
-    One epoch, then the same batches again without end, as PEFT's itertools.cycle does (EVA stops
-    by itself); endless here so that `drawn` counts every batch EVA takes."""
-
-    def __init__(self, samples: torch.Tensor, micro_batch: int, groups: Any, seed: int):
-        self.args = (samples, micro_batch, groups.dp_rank, groups.dp_size, seed)
-        self.drawn = 0
-
-    def __iter__(self):
-        from parallel_adapters.train.data import DataParallelBatches
-        from parallel_adapters.train.loop import compute_device
-
-        batches, device = DataParallelBatches(*self.args), compute_device()
-        seen = []  # grows only as far as EVA reads
-        for step in itertools.count():
-            if step < batches.steps_per_epoch:
-                seen.append(batches.next_batch())
-            self.drawn += 1
-            yield {k: v.to(device) for k, v in seen[step % batches.steps_per_epoch].items()}
-
-
-def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, show_progress: bool) -> int:
-    """EVA initialisation of the A factors (collective): `eva.initialize.initialize_eva_weights`
-    with its default Megatron forward (PP through mcore.schedule.forward_only).  Returns the number
-    of EVA steps (one batch each)."""
-    try:
-        from parallel_adapters.eva.initialize import initialize_eva_weights
-    except ImportError as exc:
-        raise ValueError(f"eva: EVA initialisation is not available in this build ({exc})") from None
-    batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
-    initialize_eva_weights(model, batches, show_progress_bar=show_progress)  # shown on world rank 0 only
-    return batches.drawn
 
 
 # ----------------------------------------------------------------------------------------------
