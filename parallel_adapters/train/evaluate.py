@@ -7,6 +7,11 @@ The token file holds one sequence per line, as whitespace-separated ids.  The ou
 `logits.<i>` [len_i, vocab] (fp32) for sequence i and `perplexity` (a scalar tensor, also in the
 file's metadata): exp of the mean next-token cross entropy over all sequences.  Any TP/PP layout
 can read any checkpoint (adapters are resharded on load).
+
+A prompt-learning checkpoint (prompt tuning, P-tuning): `logits.<i>` is [n + len_i, vocab], the
+virtual positions first, exactly what `PeftModel(input_ids=...).logits` returns (the real tokens'
+logits are rows n..); the metadata's `virtual_tokens` says n.  The perplexity is PEFT's loss with
+labels = the sequence: the last virtual position predicts the first token, so len_i predictions.
 """
 from __future__ import annotations
 
@@ -85,7 +90,7 @@ def run_evaluation(config: RunConfig, checkpoint: str | Path, tokens: str | Path
         with torch.no_grad():
             logits = [gpt_logits(model.model, seq.unsqueeze(0)) for seq in sequences]
         writer = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0
-        return _write(logits, sequences, out) if writer else None
+        return _write(logits, sequences, out, int(getattr(model.model, "prepended_tokens", 0))) if writer else None
     finally:
         compat.destroy_model_parallel()
         if created:
@@ -114,16 +119,21 @@ def _check_inputs(config: RunConfig, checkpoint: str | Path, tokens: str | Path,
     return sequences, check_output_file(out, "evaluate", inputs, overwrite, is_ours=is_evaluate_output)
 
 
-def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str | Path) -> float:
+def _write(logits: list[torch.Tensor], sequences: list[torch.Tensor], out: str | Path, virtual: int = 0) -> float:
+    """`virtual` (n) > 0: the logits hold n virtual positions first; position n - 1 predicts seq[0]."""
     total, count, tensors = 0.0, 0, {}
     for i, (lg, seq) in enumerate(zip(logits, sequences)):
         lg = lg[0].float()
-        total += F.cross_entropy(lg[:-1].double(), seq[1:], reduction="sum").item()
-        count += len(seq) - 1
+        first = max(virtual - 1, 0)  # the position that predicts the first target
+        targets = seq if virtual else seq[1:]
+        total += F.cross_entropy(lg[first:-1].double(), targets, reduction="sum").item()
+        count += len(targets)
         tensors[f"logits.{i}"] = lg.contiguous()
     perplexity = math.exp(total / count)
     tensors["perplexity"] = torch.tensor(perplexity, dtype=torch.float64)
     metadata = {"perplexity": repr(perplexity), "sequences": str(len(sequences)), WRITTEN_BY: "evaluate"}
+    if virtual:
+        metadata["virtual_tokens"] = str(virtual)
     out = Path(out)
     created = make_parents(out)
     tmp = out.with_name(f".{out.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}")

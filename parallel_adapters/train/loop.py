@@ -41,6 +41,7 @@ from parallel_adapters.train.data import DataParallelBatches, DataPosition
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_directory import CHECKED_KEY, prune_checkpoints
 from parallel_adapters.user_errors import RunFailed, every_rank
+from parallel_adapters.train.prompt_run import prompted_batches
 from parallel_adapters.train.schedule import forward_backward, valid_tokens
 
 class GlobalBatchSampler:
@@ -119,7 +120,7 @@ def train_step(model: AdapterModel, engine: Any, microbatches: list[dict], lr: f
     Same values on every rank."""
     g = model.groups
     device = compute_device()
-    microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in microbatches]
+    microbatches = prompted_batches(model, [{k: v.to(device) for k, v in mb.items()} for mb in microbatches])
     count = torch.tensor([valid_tokens(microbatches) if g.tp_rank == 0 and g.pp_rank == 0 else 0],
                          dtype=torch.float64, device=device)
     if g.dp_size > 1:

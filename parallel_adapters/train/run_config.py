@@ -14,7 +14,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from parallel_adapters.config import EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from parallel_adapters.config import (EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+                                      PromptTuningConfig)
+from parallel_adapters.train.prompt_run import PROMPT_KINDS, refuse_not_run_keys
 
 
 MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: names of torch dtypes
@@ -128,10 +130,11 @@ class LoggingSection:
     metrics_jsonl: Optional[str] = None
 
 
-ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config}
+ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config,
+                                   **PROMPT_KINDS}
 """`adapter.kind` -> the config its other keys are (PEFT's fields for that kind; DoRA is
-`kind: lora` with `use_dora: true`)."""
-AdapterConfig = Union[LoraConfig, LoHaConfig, LoKrConfig, IA3Config]
+`kind: lora` with `use_dora: true`; prompt_tuning / p_tuning: train/prompt_run.py)."""
+AdapterConfig = Union[LoraConfig, LoHaConfig, LoKrConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig]
 
 
 def adapter_kind_name(adapter: Any) -> str:
@@ -145,7 +148,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     moe: MoeSection = field(default_factory=MoeSection)
     adapter: AdapterConfig = field(default_factory=LoraConfig)
-    """`kind: lora | loha | lokr | ia3` (default lora), then that kind's PEFT fields."""
+    """`kind: lora | loha | lokr | ia3 | prompt_tuning | p_tuning` (default lora), then that kind's PEFT fields."""
     eva: Optional[EvaConfig] = None
     """EVA's settings; a section here turns EVA on whatever adapter.init_lora_weights says (an
     adapter.eva_config that differs is refused).  null: EVA only with adapter.init_lora_weights=eva,
@@ -238,6 +241,7 @@ def _build_adapter(data: Any, path: str) -> Any:
     if unknown:
         raise ValueError(f"{path}: {[f'{path}.{k}' for k in unknown]} are not fields of adapter kind {kind!r} "
                          f"({cls.__name__}); allowed: {sorted(fields | {'kind'})}")
+    refuse_not_run_keys(kind, data, path)
     return build(cls, data, path)
 
 

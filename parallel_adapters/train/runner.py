@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -32,9 +31,11 @@ from parallel_adapters.config import LoraConfig
 from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_corpus_path, load_texts, pack
 from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.train.cli_args import add_train_arguments
+from parallel_adapters.train.eva_run import run_eva
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.prompt_run import stored_prompt_config, with_init_ids
 from parallel_adapters.train.resume import engine_and_state
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
 from parallel_adapters.train.validate import Layout, check_parallel_layout, validate_run_config  # noqa: F401
@@ -130,11 +131,11 @@ def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
     same adapter."""
     if resume_from is not None:
         stored = _stored_adapter_config(resume_from)
-        _check_same_adapter(stored, config.adapter, resume_from)
+        _check_same_adapter(stored, with_init_ids(config.adapter), resume_from)
         return _weights_from_checkpoint(stored)
     if config.eva is not None:
         return config.adapter.replace(init_lora_weights="eva", eva_config=config.eva)
-    return config.adapter
+    return with_init_ids(config.adapter)  # a TEXT prompt's text tokenised, as PEFT's init does
 
 
 def saved_adapter_config(checkpoint: Path) -> Any:
@@ -154,6 +155,8 @@ def _stored_adapter_config(checkpoint: Path) -> Any:
     from parallel_adapters.checkpoint.adapter_io import CHECKPOINT_ONLY_KEYS
 
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    if saved.get("adapter_kind") == "prompt_tuning":  # a model-level adapter (no kinds registry entry)
+        return stored_prompt_config({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
     cls = kind_for_stored_config({"adapter_kind": saved.get("adapter_kind", "lora")}).config_class
     return cls.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
 
@@ -188,41 +191,6 @@ def build_model(config: RunConfig, groups: Any, lora: Any, rank0: bool) -> tuple
 
         import_hf_checkpoint(base, config.model.hf_checkpoint, groups, progress=rank0)
     return get_adapter_model(base, lora, groups=groups), settings
-
-
-class _EvaBatches:
-    """EVA's data: the training samples under another seed (the training order stays untouched).
-    One epoch, then the same batches again without end, as PEFT's itertools.cycle does (EVA stops
-    by itself); endless here so that `drawn` counts every batch EVA takes."""
-
-    def __init__(self, samples: torch.Tensor, micro_batch: int, groups: Any, seed: int):
-        self.args = (samples, micro_batch, groups.dp_rank, groups.dp_size, seed)
-        self.drawn = 0
-
-    def __iter__(self):
-        from parallel_adapters.train.data import DataParallelBatches
-        from parallel_adapters.train.loop import compute_device
-
-        batches, device = DataParallelBatches(*self.args), compute_device()
-        seen = []  # grows only as far as EVA reads
-        for step in itertools.count():
-            if step < batches.steps_per_epoch:
-                seen.append(batches.next_batch())
-            self.drawn += 1
-            yield {k: v.to(device) for k, v in seen[step % batches.steps_per_epoch].items()}
-
-
-def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, show_progress: bool) -> int:
-    """EVA initialisation of the A factors (collective): `eva.initialize.initialize_eva_weights`
-    with its default Megatron forward (PP through mcore.schedule.forward_only).  Returns the number
-    of EVA steps (one batch each)."""
-    try:
-        from parallel_adapters.eva.initialize import initialize_eva_weights
-    except ImportError as exc:
-        raise ValueError(f"eva: EVA initialisation is not available in this build ({exc})") from None
-    batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
-    initialize_eva_weights(model, batches, show_progress_bar=show_progress)  # shown on world rank 0 only
-    return batches.drawn
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.prompt_run import check_sequence_split, validate_prompt_run
 from parallel_adapters.config import EvaConfig, LoraConfig, decomposition_init
 from parallel_adapters.train.run_config import (MODEL_DTYPES, ROUTER_DTYPES, CheckpointSection, LoggingSection,
                                                 ModelSection, MoeSection, RunConfig, adapter_kind_name)
@@ -72,9 +73,7 @@ def check_parallel_layout(world_size: int, config: RunConfig) -> Layout:
                            ("ffn_hidden_size", m.ffn_hidden_size)):
             if value % p.tensor:
                 raise ValueError(f"model.{key}={value} does not divide by parallel.tensor={p.tensor}")
-    if p.sequence_parallel and config.data.seq_len % p.tensor:
-        raise ValueError(f"data.seq_len={config.data.seq_len} must divide by parallel.tensor={p.tensor} "
-                         "with parallel.sequence_parallel")
+    check_sequence_split(config)  # data.seq_len (+ adapter.num_virtual_tokens) over parallel.tensor under SP
     expert, expert_tensor = _check_expert_layout(world_size, config)
     if config.deepspeed is not None:
         check_deepspeed_layout(p.pipeline)
@@ -154,6 +153,7 @@ def validate_run_config(config: RunConfig) -> None:
         raise ValueError(f"export.verify_with_peft with adapter.init_lora_weights={config.adapter.init_lora_weights!r} "
                          "needs model.hf_checkpoint: the run's base holds the residual W - s*B0*A0, and the "
                          "converted adapter loads on the original base")
+    validate_prompt_run(config)
     if o.global_batch is not None and o.global_batch < 1:
         raise ValueError(f"optim.global_batch must be >= 1, got {o.global_batch}")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),

@@ -32,6 +32,17 @@ BASE = [
 ]
 
 
+def prompt_base(overrides: list[str]) -> list[str]:
+    """BASE for these overrides: an HF checkpoint's config.json sets the architecture; a prompt
+    kind (adapter.kind=prompt_tuning / p_tuning) has none of LoRA's adapter keys."""
+    base = BASE
+    if any(o.startswith("model.hf_checkpoint=") for o in overrides):
+        base = [b for b in base if not b.startswith(("model.num_", "model.hidden_", "model.ffn_", "model.max_"))]
+    if any(o in ("adapter.kind=prompt_tuning", "adapter.kind=p_tuning") for o in overrides):
+        base = [b for b in base if not b.startswith("adapter.")]
+    return base
+
+
 def _quiet() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,10 +56,7 @@ def train_job(overrides: list[str], resume=None, tp_sum: str = "auto", stop_at: 
     from parallel_adapters.train.run_config import load_run_config
     from parallel_adapters.train.runner import run_training
 
-    base = BASE
-    if any(o.startswith("model.hf_checkpoint=") for o in overrides):  # its config.json sets the architecture
-        base = [b for b in BASE if not b.startswith(("model.num_", "model.hidden_", "model.ffn_", "model.max_"))]
-    config = load_run_config(None, base + list(overrides))
+    config = load_run_config(None, prompt_base(overrides) + list(overrides))
     with _no_torch_files(forbid_torch_files):
         result = run_training(config, resume=resume, show_progress=False, return_adapter_shards=True,
                               tp_sum=tp_sum, stop_at=stop_at)

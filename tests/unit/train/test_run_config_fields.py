@@ -113,6 +113,25 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.fan_in_fan_out@ia3": ([], "true", "lora"),
     "adapter.modules_to_save@ia3": ([], "[final_layernorm]", "lora"),
     "adapter.seed@ia3": ([], "5", "lora"),
+    "adapter.num_virtual_tokens@prompt_tuning": ([], "4", "lora"),
+    "adapter.prompt_tuning_init@prompt_tuning": (["adapter.init_token_ids=[1, 2]"], "TEXT", "lora"),
+    "adapter.prompt_tuning_init_text@prompt_tuning": (["adapter.prompt_tuning_init=TEXT",
+                                                       "adapter.init_token_ids=[1, 2]"], "Classify:", "lora"),
+    "adapter.tokenizer_name_or_path@prompt_tuning": ([], "{hf}", "lora"),
+    "adapter.tokenizer_kwargs@prompt_tuning": ([], "{use_fast: false}", "lora"),
+    "adapter.init_token_ids@prompt_tuning": (["adapter.prompt_tuning_init=TEXT", "adapter.init_token_ids=[3]"],
+                                             "[1, 2]", "lora"),
+    "adapter.seed@prompt_tuning": ([], "5", "lora"),
+    "adapter.num_virtual_tokens@p_tuning": (["adapter.encoder_hidden_size=16"], "4", "lora"),
+    "adapter.encoder_hidden_size@p_tuning": (["adapter.encoder_hidden_size=16"], "32", "lora"),
+    "adapter.encoder_reparameterization_type@p_tuning": (["adapter.encoder_hidden_size=16"], "LSTM", "lora"),
+    "adapter.encoder_num_layers@p_tuning": (["adapter.encoder_hidden_size=16"], "3", "lora"),
+    "adapter.encoder_dropout@p_tuning": (["adapter.encoder_hidden_size=16"], "0.1", "lora"),
+    "adapter.seed@p_tuning": (["adapter.encoder_hidden_size=16"], "5", "lora"),
+    **{f"adapter.{key}@{kind}": ([], value, "lora") for kind in ("prompt_tuning", "p_tuning")
+       for key, value in (("token_dim", "64"), ("num_transformer_submodules", "2"), ("num_attention_heads", "2"),
+                          ("num_layers", "3"), ("inference_mode", "true"), ("peft_type", "LORA"),
+                          ("task_type", "SEQ_CLS"))},
     "eva.rho": (EVA_ON, "1.5", "lora"),
     "eva.tau": (EVA_ON, "0.9", "lora"),
     "eva.use_label_mask": (EVA_ON, "false", "lora"),
@@ -148,6 +167,10 @@ REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: an
     "adapter.rank_dropout@loha", "adapter.module_dropout@loha", "adapter.rank_dropout@lokr",
     "adapter.module_dropout@lokr", "adapter.use_effective_conv2d@lokr", "adapter.rank_dropout_scale@lokr",
     "adapter.fan_in_fan_out@ia3",
+    # set by the model or fixed (the export writes them): a run config may not set them
+    *(f"adapter.{key}@{kind}" for kind in ("prompt_tuning", "p_tuning")
+      for key in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "inference_mode",
+                  "peft_type", "task_type")),
 }
 
 
