@@ -118,13 +118,17 @@ def test_unsupported_configs_are_refused_by_name(request, fixture, change, field
         LlamaShape.from_config(cfg)
 
 
-def test_peft_export_refuses_expert_adapters(qwen3_moe):
+def test_expert_adapters_map_to_the_saved_per_expert_modules(qwen3_moe):
+    """The offline merge's targets; the PEFT export packs them into the fused parameters instead
+    (tests/integration/test_peft_export_experts.py)."""
     from parallel_adapters.checkpoint.hf_adapter import adapter_hf_modules
 
     shape = _shape(qwen3_moe)
     assert adapter_hf_modules("decoder.layers.0.self_attention.linear_qkv", shape)[0].endswith("q_proj")
-    with pytest.raises(ValueError, match="routed experts"):
-        adapter_hf_modules("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1", shape)
+    assert adapter_hf_modules("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1", shape) == (
+        "model.layers.0.mlp.experts.1.gate_proj", "model.layers.0.mlp.experts.1.up_proj")
+    assert adapter_hf_modules("decoder.layers.1.mlp.experts.local_experts.3.linear_fc2", shape) == (
+        "model.layers.1.mlp.experts.3.down_proj",)
 
 
 def test_settings_route_as_transformers(qwen3_moe, qwen3_moe_norm, mixtral):
