@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from tests.integration.test_training import _free_port
-from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
+from tests.integration.test_training import _assert_only_safetensors_and_json, _free_port
+from tests.integration.train_jobs import BASE, REPO, ZERO, _quiet, full_tensors, train_job
 
 TARGETS = "[linear_qkv,linear_proj,linear_fc1,linear_fc2]"
 KIND_OVERRIDES = {
@@ -84,3 +84,73 @@ def test_kind_layout_matches_world_size_one(request, references, kind, layout):
             want = spec.shard(reference["full"][tensor_name], res["ranks"]["tp"], res["tp_size"])
             torch.testing.assert_close(local, want, atol=1e-5, rtol=1e-5,
                                        msg=f"{kind} {layout}: rank {res['ranks']} {tensor_name}")
+
+
+RESUME_RUN = ["optim.steps=20", "optim.schedule=cosine", "optim.warmup_steps=3"]
+RESUME_CASES = [(k, engine) for k in KIND_OVERRIDES for engine in ("torch_tp2", "zero2_dp2")]
+RESUME_ENGINES = {"torch_tp2": ["parallel.tensor=2"], "zero2_dp2": [f"deepspeed={ZERO[2]}"]}
+
+
+@pytest.mark.parametrize("kind, engine", RESUME_CASES)
+def test_kind_resume_is_bit_exact(pool2, tmp_path, kind, engine):
+    """20 steps in one go == 10 steps + checkpoint + a new run resuming from `latest` + 10 more
+    (ZeRO-2: through the checkpoint's safetensors + JSON only)."""
+    run = KIND_OVERRIDES[kind] + RESUME_RUN + RESUME_ENGINES[engine]
+    saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=4", "checkpoint.keep_last=2",
+              f"logging.metrics_jsonl={tmp_path}/metrics.jsonl"]
+    no_pickle = engine != "torch_tp2"
+    straight = pool2.run(train_job, run)
+    first = pool2.run(train_job, run + saving, None, "auto", 10, no_pickle)
+    second = pool2.run(train_job, run + saving, None, "auto", None, no_pickle)
+    assert second[0]["start_step"] == 10 and second[0]["resumed_from"] == str(tmp_path / "ck" / "step-000010")
+    for a, b, c in zip(straight, first, second):
+        assert b["losses"] + c["losses"] == a["losses"]  # bit-exact, fp32 on the CPU
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
+        assert a["shards"].keys() == c["shards"].keys() and a["shards"]
+        assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])
+    saved = json.loads((tmp_path / "ck" / "step-000020" / "adapter_config.json").read_text())
+    assert saved["adapter_kind"] == kind
+    _assert_only_safetensors_and_json(tmp_path / "ck")
+
+
+def evaluate_job(overrides: list[str], checkpoint: str, tokens: str, out: str) -> None:
+    """run_evaluation (the checkpoint's adapter loaded into a fresh model at the config's TP)."""
+    from parallel_adapters.train.evaluate import run_evaluation
+    from parallel_adapters.train.run_config import load_run_config
+
+    _quiet()
+    base = [b for b in BASE if not b.startswith("adapter.")]
+    run_evaluation(load_run_config(None, base + overrides), checkpoint, tokens, out)
+
+
+@pytest.mark.parametrize("kind", list(KIND_OVERRIDES))
+def test_kind_tp2_checkpoint_reshards_to_tp1(pool2, tmp_path, kind):
+    """A TP=2 checkpoint resharded to TP=1: the same full tensors as the run's (and as the TP=2
+    checkpoint consolidated); evaluated by a TP=1 model, the logits of the TP=2 model that saved it."""
+    from safetensors.torch import load_file
+
+    from parallel_adapters.checkpoint.consolidate import consolidate, reshard
+
+    results = pool2.run(train_job, KIND_OVERRIDES[kind] + ["parallel.tensor=2", "optim.steps=3",
+                                                           f"checkpoint.directory={tmp_path}/ck",
+                                                           "checkpoint.save_every=1", "checkpoint.keep_last=3"])
+    trained = full_tensors(results)
+    ck = tmp_path / "ck" / "step-000003"
+    out = reshard(ck, tmp_path / "tp1", 1, progress=False)
+    assert json.loads((out / "index.json").read_text())["tp_size"] == 1
+    for full in (consolidate(ck), consolidate(out)):
+        assert full.keys() == trained.keys() and full
+        for name, tensor in full.items():
+            assert torch.equal(tensor, trained[name]), name
+    tokens = torch.randint(0, 257, (3, 12), generator=torch.Generator().manual_seed(5))
+    (tmp_path / "ids.txt").write_text("\n".join(" ".join(map(str, t.tolist())) for t in tokens) + "\n")
+    logits = {}
+    for key, tp, directory in ((2, 2, ck), (1, 1, out), ("step1", 2, tmp_path / "ck" / "step-000001")):
+        pool2.run(evaluate_job, KIND_OVERRIDES[kind] + [f"parallel.tensor={tp}"], str(directory),
+                  str(tmp_path / "ids.txt"), str(tmp_path / f"{key}.safetensors"))
+        logits[key] = load_file(str(tmp_path / f"{key}.safetensors"))
+    assert sorted(logits[1]) == sorted(logits[2]) == ["logits.0", "logits.1", "logits.2", "perplexity"]
+    for name in logits[2]:
+        torch.testing.assert_close(logits[1][name], logits[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    # the loaded adapter is what sets the logits: the step-1 checkpoint's differ
+    assert (logits["step1"]["logits.0"] - logits[2]["logits.0"]).abs().max() > 1e-4
