@@ -20,7 +20,11 @@ Variants (every one keeps the word embedding trainable, so backward runs through
 3. peft:   PEFT 0.21.2 LoraParallelLinear on the same linears, with the minimal monkey-patches of
            benchmarks/_peft_megatron_fixes.py (each one recorded, with the error it fixes);
 4. dora:   ours with use_dora=True (DoRA: the magnitude, the row norms inside the row layers' reductions);
-5. peft-dora: PEFT's LoraParallelLinear with use_dora=True (it refuses DoRA: recorded as not running).
+5. peft-dora: PEFT's LoraParallelLinear with use_dora=True (it refuses DoRA: recorded as not running);
+6. ia3, loha, lokr: ours with that kind on the same linears (IA3: linear_fc2 feedforward, linear_qkv's
+           k/v parts; LoHa/LoKr: r and alpha = 2r, PEFT's default init), and peft-ia3/-loha/-lokr: PEFT's
+           IA3/LoHa/LoKr get_peft_model on the Megatron layer (recorded as not running where it refuses).
+           Not in the default run: `--variants ia3,peft-ia3,loha,peft-loha,lokr,peft-lokr`.
 
 The variants are built side by side in the same two processes and timed round-robin (the start
 variant rotates every repeat), so machine noise hits all of them alike.  Sizes: hidden 1024, then
@@ -45,7 +49,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-VARIANTS = ("frozen", "ours", "peft", "dora", "peft-dora")
+VARIANTS = ("frozen", "ours", "peft", "dora", "peft-dora", "ia3", "peft-ia3", "loha", "peft-loha", "lokr",
+            "peft-lokr")
+DEFAULT_VARIANTS = VARIANTS[:5]
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 VOCAB = 256
 TP = 2
@@ -118,6 +124,36 @@ def _build_ours(shape: dict, use_dora: bool = False):
         r=shape["r"], lora_alpha=2 * shape["r"], target_modules=TARGETS, use_dora=use_dora))
     _train_embedding(adapter.model)
     return adapter.model, adapter.finalize_grads
+
+
+def _kind_config(kind: str, r: int, peft: bool):
+    """The IA3 / LoHa / LoKr config of the kind rows: ours (parallel_adapters) or PEFT's."""
+    import parallel_adapters
+    import peft as peft_lib
+
+    lib = peft_lib if peft else parallel_adapters
+    if kind == "ia3":
+        extra = {} if peft else {"fused_parts": {"linear_qkv": ("k", "v")}}
+        return lib.IA3Config(target_modules=TARGETS, feedforward_modules=["linear_fc2"], **extra)
+    cls = lib.LoHaConfig if kind == "loha" else lib.LoKrConfig
+    return cls(r=r, alpha=2 * r, target_modules=TARGETS)
+
+
+def _build_kind(shape: dict, kind: str):
+    from parallel_adapters import get_adapter_model
+
+    adapter = get_adapter_model(_fresh_base(shape), _kind_config(kind, shape["r"], peft=False))
+    _train_embedding(adapter.model)
+    return adapter.model, adapter.finalize_grads
+
+
+def _build_peft_kind(shape: dict, kind: str):
+    from peft import get_peft_model
+
+    base = _fresh_base(shape)
+    model = get_peft_model(base, _kind_config(kind, shape["r"], peft=True))
+    _train_embedding(base)
+    return model, None
 
 
 def _peft_model(base, r: int, use_dora: bool = False):
@@ -216,16 +252,19 @@ def _timed_step(model, finalize, input_ids, labels) -> dict:
     return out
 
 
-def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
-    """Build the three variants, check one step of each, then time them round-robin."""
+def bench_job(shape: dict, warmup: int, repeats: int, variants: tuple = DEFAULT_VARIANTS) -> dict:
+    """Build the variants, check one step of each, then time them round-robin."""
     import torch
 
     _setup(shape)
     input_ids, labels = _batch(shape)
     builders = {"frozen": _build_frozen, "ours": _build_ours, "peft": _build_peft,
                 "dora": lambda s: _build_ours(s, True), "peft-dora": lambda s: _build_peft(s, True)}
+    for kind in ("ia3", "loha", "lokr"):
+        builders[kind] = lambda s, k=kind: _build_kind(s, k)
+        builders[f"peft-{kind}"] = lambda s, k=kind: _build_peft_kind(s, k)
     models, errors, trainable, losses = {}, {}, {}, {}
-    for name in VARIANTS:
+    for name in variants:
         try:
             model, finalize = builders[name](shape)
             # One untimed step: a variant that does not run fails here, on every rank alike.
@@ -237,7 +276,7 @@ def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
             trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         except Exception as exc:  # noqa: BLE001
             errors[name] = _error_string(exc)
-    names = [n for n in VARIANTS if n in models]
+    names = [n for n in variants if n in models]
     records = {n: [] for n in names}
     gc.collect()
     gc.disable()  # no collector pauses inside timed steps
@@ -264,10 +303,10 @@ def _ffn_default(hidden: int) -> int:
     return -(-int(2.75 * hidden) // 64) * 64
 
 
-def _summarise(rank_results: list[dict], shape: dict) -> dict:
+def _summarise(rank_results: list[dict], shape: dict, names: tuple = DEFAULT_VARIANTS) -> dict:
     rank0 = rank_results[0]
     variants = {}
-    for name in VARIANTS:
+    for name in names:
         if name in rank0["errors"]:
             variants[name] = {"runs": False, "error": rank0["errors"][name]}
             continue
@@ -319,7 +358,7 @@ def _ratios(variants: dict) -> dict:
     out = {}
     if not frozen.get("runs"):
         return out
-    for name in VARIANTS[1:]:
+    for name in [n for n in variants if n != "frozen"]:
         v = variants[name]
         if not v.get("runs"):
             out[f"{name}_vs_frozen"] = None
@@ -354,10 +393,9 @@ def markdown_table(result: dict) -> str:
         s = size["shape"]
         label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
         frozen = size["variants"]["frozen"]
-        for name in VARIANTS:
-            v = size["variants"][name]
+        for name, v in size["variants"].items():
             if not v.get("runs"):
-                rows.append(f"| {label} | {name} | does not run: {v['error'][:80]} | | | | |")
+                rows.append(f"| {label} | {name} | does not run: {v['error'][:160]} | | | | |")
                 continue
             calls = str(v["total_calls"])
             if "finalize_grads" in v:
@@ -400,7 +438,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--hidden size; none: --sp-hidden with no value)")
     parser.add_argument("--time-budget", type=float, default=240.0,
                         help="seconds; a further size is skipped if its estimated time would exceed it")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS[1:]),
+                        help=f"comma-separated, timed against frozen (always run); of {', '.join(VARIANTS[1:])}")
     args = parser.parse_args(argv)
+    picked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(picked) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS[1:])}")
+    args.variants = ("frozen",) + tuple(v for v in VARIANTS[1:] if v in picked)
     if args.repeats < 6:
         parser.error("--repeats must be >= 6")
     return args
@@ -430,6 +475,7 @@ def _new_result(args: argparse.Namespace) -> dict:
             "bytes": "payload bytes this rank passes to each collective (tests/harness/counting); "
                      "identical on both ranks and on every step (checked)",
             "targets": TARGETS,
+            "variants": list(args.variants),
         },
         "peft_fixes": list(FIXES),
         "peft_config_notes": list(CONFIG_NOTES),
@@ -445,9 +491,10 @@ def _configs(args: argparse.Namespace) -> list[tuple[int, bool]]:
 
 
 def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> None:
-    result["peft_unpatched_errors"] = pool.run(peft_probe_job, timeout=300)[0]["steps"]
+    if "peft" in args.variants:  # what each LoraParallelLinear fix is for
+        result["peft_unpatched_errors"] = pool.run(peft_probe_job, timeout=300)[0]["steps"]
     configs = _configs(args)
-    steps = len(VARIANTS) * (args.warmup + args.repeats + 1)
+    steps = len(args.variants) * (args.warmup + args.repeats + 1)
     per_step_s = None
     for hidden, sp in configs:
         label = f"hidden {hidden}" + (" with sequence parallelism" if sp else "")
@@ -463,11 +510,12 @@ def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> No
         shape = dict(hidden=hidden, ffn=args.ffn or _ffn_default(hidden), heads=args.heads,
                      query_groups=args.query_groups, seq=args.seq, batch=args.batch, r=args.r,
                      sequence_parallel=sp, vocab=VOCAB, num_layers=1, tp=TP)
-        print(f"{label}: building and timing {len(VARIANTS)} variants ...", flush=True)
+        print(f"{label}: building and timing {len(args.variants)} variants ...", flush=True)
         t0 = time.monotonic()
-        size = _summarise(pool.run(bench_job, shape, args.warmup, args.repeats, timeout=1800), shape)
+        size = _summarise(pool.run(bench_job, shape, args.warmup, args.repeats, args.variants, timeout=1800),
+                          shape, args.variants)
         size["wall_s"] = round(time.monotonic() - t0, 1)
-        if sp:
+        if sp and "peft" in args.variants:
             size["note"] = PEFT_SP_NOTE
         result["sizes"].append(size)
         if per_step_s is None:

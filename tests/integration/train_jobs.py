@@ -33,12 +33,12 @@ BASE = [
 
 
 def prompt_base(overrides: list[str]) -> list[str]:
-    """BASE for these overrides: an HF checkpoint's config.json sets the architecture; a prompt
-    kind (adapter.kind=prompt_tuning / p_tuning) has none of LoRA's adapter keys."""
+    """BASE for these overrides: an HF checkpoint's config.json sets the architecture; any other
+    adapter kind (adapter.kind=prompt_tuning, ia3, loha, ...) has none of LoRA's adapter keys."""
     base = BASE
     if any(o.startswith("model.hf_checkpoint=") for o in overrides):
         base = [b for b in base if not b.startswith(("model.num_", "model.hidden_", "model.ffn_", "model.max_"))]
-    if any(o in ("adapter.kind=prompt_tuning", "adapter.kind=p_tuning") for o in overrides):
+    if any(o.startswith("adapter.kind=") and o != "adapter.kind=lora" for o in overrides):
         base = [b for b in base if not b.startswith("adapter.")]
     return base
 

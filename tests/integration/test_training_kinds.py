@@ -1,0 +1,156 @@
+"""What every adapter kind gets from the generic paths, for IA3, LoHa and LoKr: run_training on
+real gloo ranks (the worker pools) under TP=2 + sequence parallelism, PP=2 and ZeRO 2 / 3, resume,
+and resharding a TP=2 checkpoint to TP=1.
+
+Oracles: each kind's own world-size-1 run (a subprocess, same global batch and init; losses and
+grad norms within 1e-5, every rank's adapter shards equal to the reference's full tensors sliced
+by their ShardSpec); the uninterrupted run (resume, bit-exact); the TP=2 model that was saved
+(resharding: identical full tensors, and a TP=1 model loading the resharded checkpoint gives the
+same logits).  IA3 targets all four linears so that a replicated vector with a TP-partial
+gradient (linear_proj's output under SP), a column vector over fused parts (q/k/v: k and v only;
+gate/up: both chunks) and a row-sharded input vector (linear_fc2, feedforward) are all covered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.test_training import _assert_only_safetensors_and_json, _free_port
+from tests.integration.train_jobs import BASE, REPO, ZERO, _quiet, full_tensors, train_job
+
+TARGETS = "[linear_qkv,linear_proj,linear_fc1,linear_fc2]"
+KIND_OVERRIDES = {
+    "ia3": ["adapter.kind=ia3", f"adapter.target_modules={TARGETS}", "adapter.feedforward_modules=[linear_fc2]",
+            "adapter.fused_parts={linear_qkv: [k, v]}", "adapter.init_ia3_weights=true",
+            "optim.grad_clip=0.01"],  # IA3's first grad norm is ~0.015: clipping must still be active
+    "loha": ["adapter.kind=loha", "adapter.r=4", "adapter.alpha=8", f"adapter.target_modules={TARGETS}",
+             "adapter.init_weights=false", "optim.grad_clip=0.05"],  # first grad norm ~0.09
+    "lokr": ["adapter.kind=lokr", "adapter.r=2", "adapter.alpha=4", "adapter.decompose_both=true",
+             "adapter.decompose_factor=4", f"adapter.target_modules={TARGETS}", "adapter.init_weights=false"],
+}
+LAYOUTS = {  # name: (pool fixture, overrides)
+    "tp2_sp": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "pp2": ("pool2", ["parallel.pipeline=2"]),
+    "dp2_zero2": ("pool2", [f"deepspeed={ZERO[2]}"]),
+    "tp2_sp_zero2": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true", f"deepspeed={ZERO[2]}"]),
+    "tp2_dp2_zero3": ("pool4", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
+}
+CASES = [(k, layout) for k in KIND_OVERRIDES for layout in ("tp2_sp", "pp2")] + [
+    ("ia3", "tp2_sp_zero2"), ("loha", "dp2_zero2"), ("lokr", "tp2_sp_zero2"), ("ia3", "tp2_dp2_zero3")]
+CLIP = {"ia3": 0.01, "loha": 0.05, "lokr": 0.5}  # optim.grad_clip (train_jobs.BASE: 0.5)
+
+
+def _reference(kind: str, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp(f"reference_{kind}") / "reference.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference",
+                           json.dumps(KIND_OVERRIDES[kind]), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ref = torch.load(out, weights_only=True)
+    assert ref["losses"][-1] < ref["losses"][0] - 1e-3, f"{kind}: the reference must actually train"
+    assert ref["grad_norms"][0] > CLIP[kind], f"{kind}: grad-norm clipping must be active"
+    return ref
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict:
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            cache[kind] = _reference(kind, tmp_path_factory)
+        return cache[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind, layout", CASES)
+def test_kind_layout_matches_world_size_one(request, references, kind, layout):
+    pool_name, overrides = LAYOUTS[layout]
+    reference = references(kind)
+    results = request.getfixturevalue(pool_name).run(train_job, KIND_OVERRIDES[kind] + overrides)
+    for res in results:
+        assert res["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-5)
+        assert res["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5, abs=1e-5)
+    assert full_tensors(results).keys() == reference["full"].keys() and reference["full"]
+    for res in results:  # every rank's own shards, DP replicas included
+        for tensor_name, (local, spec, _) in res["shards"].items():
+            want = spec.shard(reference["full"][tensor_name], res["ranks"]["tp"], res["tp_size"])
+            torch.testing.assert_close(local, want, atol=1e-5, rtol=1e-5,
+                                       msg=f"{kind} {layout}: rank {res['ranks']} {tensor_name}")
+
+
+RESUME_RUN = ["optim.steps=20", "optim.schedule=cosine", "optim.warmup_steps=3"]
+RESUME_CASES = [(k, engine) for k in KIND_OVERRIDES for engine in ("torch_tp2", "zero2_dp2")]
+RESUME_ENGINES = {"torch_tp2": ["parallel.tensor=2"], "zero2_dp2": [f"deepspeed={ZERO[2]}"]}
+
+
+@pytest.mark.parametrize("kind, engine", RESUME_CASES)
+def test_kind_resume_is_bit_exact(pool2, tmp_path, kind, engine):
+    """20 steps in one go == 10 steps + checkpoint + a new run resuming from `latest` + 10 more
+    (ZeRO-2: through the checkpoint's safetensors + JSON only)."""
+    run = KIND_OVERRIDES[kind] + RESUME_RUN + RESUME_ENGINES[engine]
+    saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=4", "checkpoint.keep_last=2",
+              f"logging.metrics_jsonl={tmp_path}/metrics.jsonl"]
+    no_pickle = engine != "torch_tp2"
+    straight = pool2.run(train_job, run)
+    first = pool2.run(train_job, run + saving, None, "auto", 10, no_pickle)
+    second = pool2.run(train_job, run + saving, None, "auto", None, no_pickle)
+    assert second[0]["start_step"] == 10 and second[0]["resumed_from"] == str(tmp_path / "ck" / "step-000010")
+    for a, b, c in zip(straight, first, second):
+        assert b["losses"] + c["losses"] == a["losses"]  # bit-exact, fp32 on the CPU
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
+        assert a["shards"].keys() == c["shards"].keys() and a["shards"]
+        assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])
+    saved = json.loads((tmp_path / "ck" / "step-000020" / "adapter_config.json").read_text())
+    assert saved["adapter_kind"] == kind
+    _assert_only_safetensors_and_json(tmp_path / "ck")
+
+
+def evaluate_job(overrides: list[str], checkpoint: str, tokens: str, out: str) -> None:
+    """run_evaluation (the checkpoint's adapter loaded into a fresh model at the config's TP)."""
+    from parallel_adapters.train.evaluate import run_evaluation
+    from parallel_adapters.train.run_config import load_run_config
+
+    _quiet()
+    base = [b for b in BASE if not b.startswith("adapter.")]
+    run_evaluation(load_run_config(None, base + overrides), checkpoint, tokens, out)
+
+
+@pytest.mark.parametrize("kind", list(KIND_OVERRIDES))
+def test_kind_tp2_checkpoint_reshards_to_tp1(pool2, tmp_path, kind):
+    """A TP=2 checkpoint resharded to TP=1: the same full tensors as the run's (and as the TP=2
+    checkpoint consolidated); evaluated by a TP=1 model, the logits of the TP=2 model that saved it."""
+    from safetensors.torch import load_file
+
+    from parallel_adapters.checkpoint.consolidate import consolidate, reshard
+
+    results = pool2.run(train_job, KIND_OVERRIDES[kind] + ["parallel.tensor=2", "optim.steps=3",
+                                                           f"checkpoint.directory={tmp_path}/ck",
+                                                           "checkpoint.save_every=1", "checkpoint.keep_last=3"])
+    trained = full_tensors(results)
+    ck = tmp_path / "ck" / "step-000003"
+    out = reshard(ck, tmp_path / "tp1", 1, progress=False)
+    assert json.loads((out / "index.json").read_text())["tp_size"] == 1
+    for full in (consolidate(ck), consolidate(out)):
+        assert full.keys() == trained.keys() and full
+        for name, tensor in full.items():
+            assert torch.equal(tensor, trained[name]), name
+    tokens = torch.randint(0, 257, (3, 12), generator=torch.Generator().manual_seed(5))
+    (tmp_path / "ids.txt").write_text("\n".join(" ".join(map(str, t.tolist())) for t in tokens) + "\n")
+    logits = {}
+    for key, tp, directory in ((2, 2, ck), (1, 1, out), ("step1", 2, tmp_path / "ck" / "step-000001")):
+        pool2.run(evaluate_job, KIND_OVERRIDES[kind] + [f"parallel.tensor={tp}"], str(directory),
+                  str(tmp_path / "ids.txt"), str(tmp_path / f"{key}.safetensors"))
+        logits[key] = load_file(str(tmp_path / f"{key}.safetensors"))
+    assert sorted(logits[1]) == sorted(logits[2]) == ["logits.0", "logits.1", "logits.2", "perplexity"]
+    for name in logits[2]:
+        torch.testing.assert_close(logits[1][name], logits[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    # the loaded adapter is what sets the logits: the step-1 checkpoint's differ
+    assert (logits["step1"]["logits.0"] - logits[2]["logits.0"]).abs().max() > 1e-4
