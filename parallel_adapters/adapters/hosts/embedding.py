@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds.protocol import (
-    LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, ReductionPayload,
+    LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD,
 )
 from parallel_adapters.distributed import collectives
 
@@ -50,14 +50,7 @@ class VocabParallelEmbeddingHost(AdapterHost):
             local = (ids - start).masked_fill(outside, 0)
         partial = F.embedding(local, self.weight)
         views = self._running_views()
-        payloads: list[ReductionPayload | None] = []
-        for view in views:
-            if PARTIAL_ADDEND in view.slots:
-                partial = view.kind.partial_addend(view, local, partial, None)
-            payloads.append(view.kind.reduction_payload(view, local, partial) if REDUCTION_PAYLOAD in view.slots
-                            else None)
-            if payloads[-1] is not None:
-                partial = payloads[-1].partial
+        partial, payloads = payload.partial_with_payloads(views, local, partial)
         if outside is not None:
             partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
         if g.sequence_parallel:

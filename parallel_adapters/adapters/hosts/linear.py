@@ -122,14 +122,7 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
         views = self._running_views()
         x = _scaled_input(x, views)  # x_i: a scale split like W's columns
         partial = F.linear(x, _delta_weight(self.weight, views))
-        payloads: list[ReductionPayload | None] = []
-        for view in views:
-            if PARTIAL_ADDEND in view.slots:
-                partial = view.kind.partial_addend(view, x, partial, None)
-            payloads.append(view.kind.reduction_payload(view, x, partial) if REDUCTION_PAYLOAD in view.slots
-                            else None)
-            if payloads[-1] is not None:
-                partial = payloads[-1].partial
+        partial, payloads = payload.partial_with_payloads(views, x, partial)
         if any(p is not None for p in payloads):
             y, reduced = self._reduce_with_payloads(partial, payloads)
         else:

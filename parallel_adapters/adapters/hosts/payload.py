@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from parallel_adapters.adapters.kinds.protocol import ReductionPayload
+from parallel_adapters.adapters.kinds.protocol import PARTIAL_ADDEND, REDUCTION_PAYLOAD, AdapterView, ReductionPayload
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,17 @@ def reduce_with_payloads(partial: torch.Tensor, payloads: list[ReductionPayload 
                         scatter_ranks)
     y, columns, rows = unpack(reduce(flat), layout)
     return y, [None if p is None else ReductionPayload(None, c, r) for p, c, r in zip(payloads, columns, rows)]
+
+
+def partial_with_payloads(views: list[AdapterView], x: torch.Tensor, partial: torch.Tensor
+                          ) -> tuple[torch.Tensor, list[ReductionPayload | None]]:
+    """Each running adapter's `partial_addend` and `reduction_payload`, in order, on a host whose ONE
+    collective reduces `partial`: (the partial to reduce, per view its payload or None)."""
+    payloads: list[ReductionPayload | None] = []
+    for view in views:
+        if PARTIAL_ADDEND in view.slots:
+            partial = view.kind.partial_addend(view, x, partial, None)
+        payloads.append(view.kind.reduction_payload(view, x, partial) if REDUCTION_PAYLOAD in view.slots else None)
+        if payloads[-1] is not None:
+            partial = payloads[-1].partial
+    return partial, payloads

@@ -17,14 +17,15 @@ q/k/v (gate/up) parts are LoHa adapters with w1a, w2a split by rows and w1b, w2b
 from __future__ import annotations
 
 import math
-from collections import Counter
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
 
 from parallel_adapters.adapters.kinds import register_kind
-from parallel_adapters.adapters.kinds.protocol import WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl
+from parallel_adapters.adapters.kinds.protocol import (
+    WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl, rank_fields,
+)
 from parallel_adapters.config import LoHaConfig, pattern_value
 from parallel_adapters.distributed.geometry import LINEAR_MODES, LinearGeometry
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec
@@ -110,14 +111,10 @@ class LoHaKind(AdapterKind):
     def peft_config(self, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
                     target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
         """PEFT's LoHaConfig fields: the most common r / alpha, patterns for the exceptions."""
-        r0 = Counter(h["r"] for h in modules.values()).most_common(1)[0][0]
-        alpha0 = Counter(h["alpha"] for h in modules.values()).most_common(1)[0][0]
         return {
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
-            "r": r0, "alpha": alpha0, "target_modules": target_modules,
-            "rank_pattern": {m: h["r"] for m, h in sorted(modules.items()) if h["r"] != r0},
-            "alpha_pattern": {m: h["alpha"] for m, h in sorted(modules.items()) if h["alpha"] != alpha0},
+            **rank_fields(modules, "alpha"), "target_modules": target_modules,
             "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
             "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
             "modules_to_save": None, "inference_mode": True, "revision": None,

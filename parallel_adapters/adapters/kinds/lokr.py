@@ -25,7 +25,6 @@ at export.  linear_proj and linear_fc2 (o_proj, down_proj) export exactly.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -33,7 +32,7 @@ import torch
 
 from parallel_adapters.adapters.kinds import register_kind
 from parallel_adapters.adapters.kinds.protocol import (
-    WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
+    WEIGHT_DELTA, AdapterKind, AdapterSettings, AdapterView, TensorDecl, rank_fields,
 )
 from parallel_adapters.config import LoKrConfig, pattern_value
 from parallel_adapters.distributed.geometry import LINEAR_MODES, LinearGeometry
@@ -180,14 +179,10 @@ class LoKrKind(AdapterKind):
                     target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
         """PEFT's LoKrConfig fields: the most common r / alpha, patterns for the exceptions, and the
         run's decompose_factor / decompose_both (the shapes were made with them)."""
-        r0 = Counter(h["r"] for h in modules.values()).most_common(1)[0][0]
-        alpha0 = Counter(h["alpha"] for h in modules.values()).most_common(1)[0][0]
         return {
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
-            "r": r0, "alpha": alpha0, "target_modules": target_modules,
-            "rank_pattern": {m: h["r"] for m, h in sorted(modules.items()) if h["r"] != r0},
-            "alpha_pattern": {m: h["alpha"] for m, h in sorted(modules.items()) if h["alpha"] != alpha0},
+            **rank_fields(modules, "alpha"), "target_modules": target_modules,
             "decompose_both": bool(config.get("decompose_both", False)),
             "decompose_factor": int(config.get("decompose_factor", -1)),
             "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,

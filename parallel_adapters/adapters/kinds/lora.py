@@ -21,7 +21,6 @@ which tensor is which and where it goes.
 """
 from __future__ import annotations
 
-from collections import Counter
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -31,7 +30,7 @@ from parallel_adapters.adapters import embedding_conv_math as ecm
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.kinds import register_kind
 from parallel_adapters.adapters.kinds.protocol import (
-    INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
+    INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings, AdapterView, TensorDecl, rank_fields,
 )
 from parallel_adapters.config import LoraConfig, decomposition_init, lora_scaling, pattern_value
 from parallel_adapters.distributed.sharding import REPLICATED
@@ -152,14 +151,10 @@ class LoRAKind(AdapterKind):
     def peft_config(self, config: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
                     target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
         """PEFT's LoraConfig fields: the most common r / lora_alpha, patterns for the exceptions."""
-        r0 = _most_common([h["r"] for h in modules.values()])
-        alpha0 = _most_common([h["lora_alpha"] for h in modules.values()])
         return {
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
-            "r": r0, "lora_alpha": alpha0, "target_modules": target_modules,
-            "rank_pattern": {m: h["r"] for m, h in sorted(modules.items()) if h["r"] != r0},
-            "alpha_pattern": {m: h["lora_alpha"] for m, h in sorted(modules.items()) if h["lora_alpha"] != alpha0},
+            **rank_fields(modules, "lora_alpha"), "target_modules": target_modules,
             "use_rslora": bool(config.get("use_rslora", False)),
             "lora_dropout": float(config.get("lora_dropout", 0.0)),
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
@@ -202,10 +197,6 @@ def _check_pair(module: str, shapes: Mapping[str, tuple[int, ...]]) -> int:
     if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
         raise ValueError(f"{module}: {a_name} {a} and {b_name} {b} do not share a rank")
     return a[0]
-
-
-def _most_common(values: list) -> Any:
-    return Counter(values).most_common(1)[0][0]
 
 
 LORA = register_kind(LoRAKind())

@@ -38,6 +38,7 @@ implement; each host lists its slots in `AdapterHost.SLOTS`.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -274,3 +275,14 @@ class AdapterKind:
     def weight_delta(self, view: AdapterView) -> torch.Tensor:
         """dW_i, added to `view.weight` for the base matmul (differentiable in the kind's tensors)."""
         raise NotImplementedError(f"adapter kind {self.name!r} does not fill {WEIGHT_DELTA}")
+
+
+def rank_fields(modules: Mapping[str, Mapping[str, Any]], alpha_key: str) -> dict[str, Any]:
+    """PEFT's rank fields for HF modules with these hyperparameters: the most common r and alpha
+    (under `alpha_key`: "lora_alpha", "alpha"), and `rank_pattern` / `alpha_pattern` for the
+    modules that differ, keyed by full HF module paths."""
+    r0 = Counter(h["r"] for h in modules.values()).most_common(1)[0][0]
+    alpha0 = Counter(h[alpha_key] for h in modules.values()).most_common(1)[0][0]
+    return {"r": r0, alpha_key: alpha0,
+            "rank_pattern": {m: h["r"] for m, h in sorted(modules.items()) if h["r"] != r0},
+            "alpha_pattern": {m: h[alpha_key] for m, h in sorted(modules.items()) if h[alpha_key] != alpha0}}
