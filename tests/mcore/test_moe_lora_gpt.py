@@ -139,6 +139,17 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(pool2, tmp_path):
         assert {n.split(".")[6] for n in r["names"] if ".local_experts." in n} == {"0", "1", "2", "3"}
 
 
+@pytest.mark.parametrize("save_ep, load_ep", [(2, 4), (4, 2)])
+def test_checkpoint_reshards_ep_on_four_ranks(pool4, tmp_path, save_ep, load_ep):
+    """EP 2 -> EP 4 and back on four ranks: each loading rank gets exactly its own experts."""
+    ranks = pool4.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), save_ep, 1, 1, load_ep=load_ep)
+    experts = set()
+    for r in ranks:
+        assert r["differed"] and all(r["equal"].values()), [n for n, ok in r["equal"].items() if not ok]
+        experts |= {n.split(".")[6] for n in r["names"] if ".local_experts." in n}
+    assert experts == {"0", "1", "2", "3"}
+
+
 @pytest.mark.parametrize("pool_name, tp, ep", [("pool2", 1, 2), ("pool4", 2, 2)])
 def test_dora_on_experts_matches_world_one(request, pool_name, tp, ep):
     """DoRA through the same hosts at expert-TP 1 (its row norms need no reduction there)."""
