@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import counting
-from tests.mcore.test_lora_gpt import STEPS, _batch, _loss
+from tests.mcore.test_lora_gpt import STEPS, _batch, _loss, adamw_steps
 
 TARGETS = ["linear_qkv", "word_embeddings", "output_layer"]
 DORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "word_embeddings", "output_layer"]
@@ -52,18 +52,7 @@ def _consolidated(adapter, groups, what="grad"):
 
 def training_job(tp, sp, tied, use_dora=False):
     adapter, groups = _adapted(tp, sp, tied, use_dora)
-    input_ids, labels = _batch()
-    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
-    losses, first_grads = [], None
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        loss = _loss(adapter.model, input_ids, labels)
-        loss.backward()
-        adapter.finalize_grads()
-        if step == 0:
-            first_grads = _consolidated(adapter, groups)
-        optimizer.step()
-        losses.append(loss.item())
+    losses, first_grads = adamw_steps(adapter, lambda: _consolidated(adapter, groups))
     return losses, first_grads, _consolidated(adapter, groups, "value")
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import counting
-from tests.mcore.test_lora_gpt import TARGETS, _batch, _loss, _setup
+from tests.mcore.test_lora_gpt import TARGETS, _batch, _loss, _setup, adamw_steps
 
 STEPS = 5
 
@@ -46,18 +46,7 @@ def _consolidated_grads(adapter, groups):
 def training_job(kind, tp, sp):
     base, _, groups, get_adapter_model = _setup(tp, sp)
     adapter = get_adapter_model(base, _config(kind))
-    input_ids, labels = _batch()
-    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
-    losses, first_grads = [], None
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        loss = _loss(adapter.model, input_ids, labels)
-        loss.backward()
-        adapter.finalize_grads()
-        if step == 0:
-            first_grads = _consolidated_grads(adapter, groups)
-        optimizer.step()
-        losses.append(loss.item())
+    losses, first_grads = adamw_steps(adapter, lambda: _consolidated_grads(adapter, groups))
     return losses, first_grads
 
 

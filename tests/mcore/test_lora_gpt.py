@@ -60,12 +60,11 @@ def _consolidated_grads(adapter, groups):
     return out
 
 
-def training_job(tp, sp):
-    base, config, groups, get_adapter_model = _setup(tp, sp)
-    adapter = get_adapter_model(base, config)
+def adamw_steps(adapter, first_step_grads):
+    """STEPS AdamW steps (lr 1e-2) on _batch() with finalize_grads: (losses, first_step_grads()
+    taken after the first backward)."""
     input_ids, labels = _batch()
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses, first_grads = [], None
     for step in range(STEPS):
         optimizer.zero_grad()
@@ -73,9 +72,16 @@ def training_job(tp, sp):
         loss.backward()
         adapter.finalize_grads()
         if step == 0:
-            first_grads = _consolidated_grads(adapter, groups)
+            first_grads = first_step_grads()
         optimizer.step()
         losses.append(loss.item())
+    return losses, first_grads
+
+
+def training_job(tp, sp):
+    base, config, groups, get_adapter_model = _setup(tp, sp)
+    adapter = get_adapter_model(base, config)
+    losses, first_grads = adamw_steps(adapter, lambda: _consolidated_grads(adapter, groups))
     return losses, first_grads
 
 
