@@ -5,6 +5,7 @@ What a run needs beyond the per-layer kinds:
 - the run-config keys: PEFT's fields that the run reads; those the model decides (token_dim,
   num_attention_heads, num_layers) or that have one supported value (num_transformer_submodules,
   inference_mode, peft_type, task_type) are refused, naming the kind and the field;
+- DeepSpeed with parallel.pipeline > 1 is refused at validation (PP alone and DeepSpeed alone train);
 - the sequence-length rule: the forward runs n + data.seq_len positions, which under sequence
   parallelism must divide by parallel.tensor (refused at validation, before any process group;
   nothing is padded in training);
@@ -68,14 +69,11 @@ def validate_prompt_run(config: Any) -> None:
     n = num_virtual_tokens(config.adapter)
     if n == 0:
         return
-    if config.deepspeed is not None:
-        raise ValueError(f"deepspeed: adapter.kind={'p_tuning' if isinstance(config.adapter, PromptEncoderConfig) else 'prompt_tuning'!r}"
-                         " trains with the torch engine only (deepspeed: null): DeepSpeed's TP sum does not know "
-                         "the prompt's per-rank partial gradients under sequence parallelism")
-    if config.parallel.pipeline > 1:
-        raise ValueError(f"parallel.pipeline={config.parallel.pipeline}: a prompt-learning run trains at "
-                         "parallel.pipeline=1 only (the prompt lives on the first stage; the torch engine refuses a "
-                         "stage without trainable tensors); get_adapter_model itself supports PP")
+    if config.deepspeed is not None and config.parallel.pipeline > 1:
+        raise ValueError(f"deepspeed with parallel.pipeline={config.parallel.pipeline}: adapter.kind={_kind(config)!r} "
+                         "trains under PP with the torch engine only (deepspeed: null): the DeepSpeed engine "
+                         "cannot drive Megatron's pipeline schedule, and the stages after the first hold no prompt "
+                         "tensor for ZeRO to partition")
     m = config.model
     if m.hf_checkpoint is None and n + config.data.seq_len > m.max_position_embeddings:
         raise ValueError(f"adapter.num_virtual_tokens={n} + data.seq_len={config.data.seq_len} exceeds "
@@ -85,6 +83,10 @@ def validate_prompt_run(config: Any) -> None:
             and not a.tokenizer_name_or_path:
         raise ValueError("adapter.prompt_tuning_init=TEXT needs adapter.tokenizer_name_or_path (to tokenise "
                          "adapter.prompt_tuning_init_text) or adapter.init_token_ids")
+
+
+def _kind(config: Any) -> str:
+    return next(k for k, cls in PROMPT_KINDS.items() if isinstance(config.adapter, cls))
 
 
 def with_init_ids(adapter: Any) -> Any:

@@ -1,6 +1,6 @@
 """The run config's prompt-learning kinds (train/prompt_run.py): `adapter.kind: prompt_tuning |
 p_tuning` picks PEFT's config, keys a run does not take are refused naming the kind and field, EVA
-and DeepSpeed are refused, the sequence-length rule under SP names its three numbers, a resumed run
+and DeepSpeed with PP are refused, the sequence-length rule under SP names its three numbers, a resumed run
 rebuilds the checkpoint's prompt adapter, and the run's loss targets give transformers' own
 causal-LM loss of PEFT's prompted forward (the oracle: transformers.loss.loss_utils.ForCausalLMLoss
 on the same logits with PEFT's extended labels)."""
@@ -43,9 +43,8 @@ def test_bad_prompt_fields_are_refused_naming_kind_and_field(overrides, named):
 
 @pytest.mark.parametrize("overrides,named", [
     (["adapter.kind=prompt_tuning", "eva={}"], r"EVA initialises LoRA adapters only; adapter.kind is 'prompt_tuning'"),
-    (P_TUNING + ["deepspeed=configs/deepspeed/zero1.json"], r"deepspeed: adapter.kind='p_tuning' trains with the torch"),
-    (["adapter.kind=prompt_tuning", "parallel.pipeline=2"], r"parallel.pipeline=2: a prompt-learning run trains at "
-                                                            r"parallel.pipeline=1 only"),
+    (P_TUNING + ["deepspeed=configs/deepspeed/zero2.json", "parallel.pipeline=2"],
+     r"deepspeed with parallel.pipeline=2: adapter.kind='p_tuning' trains under PP with the torch engine only"),
     (["adapter.kind=prompt_tuning", "adapter.num_virtual_tokens=200", "data.seq_len=64"],
      r"adapter.num_virtual_tokens=200 \+ data.seq_len=64 exceeds model.max_position_embeddings=256"),
     (["adapter.kind=prompt_tuning", "adapter.prompt_tuning_init=TEXT", "adapter.prompt_tuning_init_text=hi"],
@@ -54,6 +53,16 @@ def test_bad_prompt_fields_are_refused_naming_kind_and_field(overrides, named):
 def test_prompt_runs_refused_before_any_process_group(overrides, named):
     with pytest.raises(ValueError, match=named):
         validate_run_config(load_run_config(None, overrides))
+
+
+@pytest.mark.parametrize("overrides", [["parallel.pipeline=2"], ["deepspeed=configs/deepspeed/zero2.json"],
+                                       ["deepspeed=configs/deepspeed/zero3.json", "parallel.tensor=2"]])
+@pytest.mark.parametrize("kind", [["adapter.kind=prompt_tuning"], P_TUNING + ["adapter.encoder_reparameterization_type=LSTM"]])
+def test_prompt_runs_under_pp_or_deepspeed_validate(kind, overrides):
+    """PP alone and DeepSpeed alone train a prompt (tests/integration/test_train_prompt_layouts.py)."""
+    config = load_run_config(None, kind + overrides)
+    validate_run_config(config)
+    check_parallel_layout(4, config)
 
 
 def test_sequence_parallel_needs_virtual_plus_real_tokens_to_divide_by_tp():

@@ -1,0 +1,138 @@
+"""`train` with prompt learning where a layout gives ranks no prompt tensor or hands the prompt to
+DeepSpeed: PP=2 (the second stage holds no trainable tensor) and ZeRO-2 at TP=2 with sequence
+parallelism (the prompt's per-rank partial gradients summed inside DeepSpeed's reduction), for
+prompt tuning and for P-tuning with its LSTM encoder, plus ZeRO-3 at DP=2 (the prompt partitioned)
+and ZeRO-1 at TP=2, on the tiny GPT of train_jobs.BASE.
+
+Oracles: each kind's world-size-1 run (a subprocess, same global batch and init): losses and grad
+norms (clipping active) within 1e-5, every rank's prompt tensors equal to the reference's; the
+uninterrupted run (2 steps + checkpoint + a resumed run for 3 more, bit-exact); PEFT itself
+(P-tuning LSTM at PP=2: the run's export.verify_with_peft, <= 1e-4 on the exported HF base).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.harness.pool import JobFailed
+from tests.integration.test_training import _free_port
+from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
+
+KINDS = {
+    "prompt_tuning": ["adapter.kind=prompt_tuning", "adapter.num_virtual_tokens=4", "optim.lr=0.05",
+                      "optim.grad_clip=0.003"],  # first grad norm ~0.005
+    "p_tuning_lstm": ["adapter.kind=p_tuning", "adapter.num_virtual_tokens=4", "adapter.encoder_hidden_size=8",
+                      "adapter.encoder_reparameterization_type=LSTM", "adapter.encoder_num_layers=2",
+                      "optim.lr=0.02", "optim.grad_clip=0.01"],
+}
+CLIP = {k: float(v[-1].split("=")[1]) for k, v in KINDS.items()}
+LAYOUTS = {"pp2": ["parallel.pipeline=2"],
+           "tp2_sp_zero2": ["parallel.tensor=2", "parallel.sequence_parallel=true", f"deepspeed={ZERO[2]}"],
+           "dp2_zero3": [f"deepspeed={ZERO[3]}"], "tp2_zero1": ["parallel.tensor=2", f"deepspeed={ZERO[1]}"]}
+CASES = [(k, layout) for k in KINDS for layout in ("pp2", "tp2_sp_zero2")] + [
+    ("prompt_tuning", "dp2_zero3"), ("p_tuning_lstm", "tp2_zero1")]
+
+
+def _reference(kind: str, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp(f"reference_{kind}") / "reference.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference",
+                           json.dumps(KINDS[kind]), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ref = torch.load(out, weights_only=True)
+    assert ref["losses"][-1] < ref["losses"][0] - 1e-3, f"{kind}: the reference must actually train"
+    assert ref["grad_norms"][0] > CLIP[kind], f"{kind}: grad-norm clipping must be active"
+    return ref
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict:
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            cache[kind] = _reference(kind, tmp_path_factory)
+        return cache[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind, layout", CASES)
+def test_prompt_layout_matches_world_size_one_and_resumes(pool2, references, tmp_path, kind, layout):
+    reference = references(kind)
+    run = KINDS[kind] + LAYOUTS[layout]
+    saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=2"]
+    verify = kind == "p_tuning_lstm" and layout == "pp2"
+    export = [f"export.peft_dir={tmp_path}/peft", "export.verify_with_peft=true"] if verify else []
+    no_pickle = layout != "pp2"
+    straight = pool2.run(train_job, run)
+    first = pool2.run(train_job, run + saving, None, "auto", 2, no_pickle)
+    second = pool2.run(train_job, run + saving + export, None, "auto", None, no_pickle)
+
+    for res in straight:
+        assert res["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-5)
+        assert res["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5, abs=1e-5)
+    assert full_tensors(straight).keys() == reference["full"].keys() and reference["full"]
+    for res in straight:
+        for name, (local, _, _) in res["shards"].items():
+            torch.testing.assert_close(local, reference["full"][name], atol=1e-5, rtol=1e-5,
+                                       msg=f"{kind} {layout}: rank {res['ranks']} {name}")
+    if layout == "pp2":  # the second stage holds no prompt tensor
+        assert [bool(r["shards"]) for r in straight] == [r["ranks"]["pp"] == 0 for r in straight] == [True, False]
+
+    assert second[0]["start_step"] == 2
+    for a, b, c in zip(straight, first, second):
+        assert b["losses"] + c["losses"] == a["losses"]  # bit-exact, fp32 on the CPU
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
+        assert a["shards"].keys() == c["shards"].keys()
+        assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])
+
+    index = json.loads((tmp_path / "ck" / "step-000005" / "index.json").read_text())
+    files = sorted(f for f in index["files"] if f.startswith(("shards/", "train_state/optim-")))
+    if layout == "pp2":  # tensors on the first stage only, an optimizer state (the LR group) per stage
+        assert files == ["shards/tp00-pp00.safetensors"] + [f"train_state/optim-tp00-pp0{s}-dp00.{e}"
+                                                             for s in (0, 1) for e in ("json", "safetensors")]
+    else:  # one optimizer state per rank (TP or DP)
+        tp, dp = (2, 1) if layout.startswith("tp2") else (1, 2)
+        assert [f for f in files if f.startswith("train_state/")] == [
+            f"train_state/optim-tp0{t}-pp00-dp0{d}.{e}" for t in range(tp) for d in range(dp)
+            for e in ("json", "safetensors")]
+    if verify:
+        assert second[0]["peft_max_logit_diff"] is not None and second[0]["peft_max_logit_diff"] <= 1e-4
+        saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        assert saved["peft_type"] == "P_TUNING" and saved["encoder_reparameterization_type"] == "LSTM"
+
+
+def test_deepspeed_tp_sum_hooks_refuse_a_prompt_under_sequence_parallelism(pool2):
+    """The hooks fallback sums a gradient as it is produced; an SP rank whose chunk holds no
+    virtual position produces none for the prompt, and the others' all-reduce would wait."""
+    run = KINDS["prompt_tuning"] + LAYOUTS["tp2_sp_zero2"] + ["optim.steps=1"]
+    with pytest.raises(JobFailed, match=r"tp_sum='hooks'.*prompt"):
+        pool2.run(train_job, run, None, "hooks")
+
+
+def _engine_check_job(stages_with_params: list[int]) -> str:
+    """check_some_stage_trains on a pipeline of the pool's ranks (the world group as pp_group)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from parallel_adapters.train.engine import check_some_stage_trains
+
+    params = [torch.nn.Parameter(torch.zeros(1))] if dist.get_rank() in stages_with_params else []
+    try:
+        check_some_stage_trains(SimpleNamespace(groups=SimpleNamespace(pp_group=None)), params)
+    except ValueError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_engine_refuses_only_a_pipeline_where_no_stage_trains(pool2):
+    assert pool2.run(_engine_check_job, [0]) == ["ok", "ok"]
+    assert all("no trainable parameters" in r for r in pool2.run(_engine_check_job, []))
