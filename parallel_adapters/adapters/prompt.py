@@ -196,6 +196,16 @@ def partial_grad_entries(model: nn.Module) -> list[tuple[object, list[nn.Paramet
     return [(prompt.groups.tp_group, params)]
 
 
+def check_hooked_tp_sum(model: nn.Module) -> None:
+    """A per-gradient TP-sum hook (DeepSpeed's tp_sum='hooks') cannot serve a prompt under SP: a TP
+    rank whose chunk holds no virtual position produces no gradient to hook, the others would wait."""
+    prompt = prompt_module(model)
+    if prompt is not None and prompt.sequence_parallel:
+        raise ValueError("tp_sum='hooks' cannot sum a prompt-learning adapter's gradient under sequence parallelism "
+                         "(a TP rank whose chunk holds no virtual position produces none, so the others' "
+                         "all-reduce would wait); use tp_sum='auto' (DeepSpeed's coalesce_grad_reduction)")
+
+
 def sharded_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
     """`prompt_tuning.prompt_embeddings.<name>.weight` (P-tuning: `.<name>.<encoder tensor>`),
     replicated over TP, on the first stage."""

@@ -19,10 +19,8 @@ before any data-parallel reduction or norm.
   grad-norm clipping then costs one scalar all-reduce that the loop shares with the loss report:
   each rank contributes the sum of squares of its sharded factors, of its replicated factors only
   on TP rank 0, and nothing off DP rank 0 (routed experts: expert-TP and expert-DP rank 0), so the
-  world sum counts every element exactly once (over TP, PP, DP and EP).  A pipeline stage may hold
-  no trainable tensor (prompt learning: the prompt is on the first stage): it contributes 0, clips
-  and steps an empty AdamW param group (whose lr is still saved and restored); only a pipeline
-  where no stage trains anything is refused.
+  world sum counts every element exactly once (over TP, PP, DP and EP).  A stage without trainable
+  tensors (prompt learning's later stages) adds 0 and steps an empty param group (lr still saved).
 * DeepSpeed (ZeRO 1, 2, 3): `engine.coalesce_grad_reduction()` (in the pinned 0.19.8) keeps every
   micro-batch's gradient on the parameters and runs ZeRO's DP reduction (and, for stages 2/3, the
   partitioning) once when the block exits.  `reduce_grads()` runs `finalize_grads()` (the TP sum)
@@ -87,14 +85,6 @@ def grad_sumsq_contribution(model: AdapterModel) -> torch.Tensor:
     return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 
 
-def check_some_stage_trains(model: AdapterModel, params: list[torch.nn.Parameter]) -> None:
-    """A pipeline stage may hold no trainable tensor (prompt learning: the prompt is on the first
-    stage only): it runs the schedule, adds nothing to the grad norm and steps an empty optimizer.
-    ValueError when no stage holds one (one collective over the pipeline group, at build only)."""
-    if C.all_ranks_agree(not params, model.groups.pp_group):
-        raise ValueError("the adapter model has no trainable parameters (check adapter.target_modules)")
-
-
 class TorchEngine:
     """torch.optim.AdamW over the adapter parameters, Megatron-free DP: see the module docstring."""
 
@@ -103,8 +93,8 @@ class TorchEngine:
     def __init__(self, model: AdapterModel, lr: float, weight_decay: float, grad_clip: float):
         self.model = model
         self.params = trainable_parameters(model)
-        check_some_stage_trains(model, self.params)
-        # one param group even when empty: its lr / weight decay are saved and restored alike
+        if C.all_ranks_agree(not self.params, model.groups.pp_group):  # one stage without any is fine
+            raise ValueError("the adapter model has no trainable parameters (check adapter.target_modules)")
         self.optimizer = torch.optim.AdamW([{"params": self.params}], lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
         self.computes_grad_norm = True
@@ -315,14 +305,8 @@ class DeepSpeedEngine:
     def _register_tp_sum_hooks(self) -> None:
         """Fallback: sum each replicated factor's gradient over TP as it is produced (before
         accumulation, hence before any DeepSpeed hook): one all-reduce per factor per micro-batch."""
-        from parallel_adapters.adapters.prompt import prompt_module  # imports megatron (as the model did)
-
-        prompt = prompt_module(self.model.model)
-        if prompt is not None and prompt.sequence_parallel:
-            raise ValueError("tp_sum='hooks' cannot sum a prompt-learning adapter's gradient under sequence "
-                             "parallelism: a TP rank whose chunk holds no virtual position produces none, so the "
-                             "others' per-gradient all-reduce would wait; use tp_sum='auto' (DeepSpeed with "
-                             "coalesce_grad_reduction)")
+        from parallel_adapters.adapters.prompt import check_hooked_tp_sum  # imports megatron (as the model did)
+        check_hooked_tp_sum(self.model.model)
         tp_group = self.model.groups.tp_group
 
         def tp_sum(grad: torch.Tensor) -> torch.Tensor:
