@@ -131,23 +131,35 @@ def test_sharded_checkpoint_round_trips_expert_adapters(request, tmp_path, pool_
     assert experts == {"0", "1", "2", "3"}
 
 
+def _assert_same_logits(ranks):
+    """The loaded model at its layout gives the saved model's logits (at the saving layout)
+    exactly: the same float64 values, every rank."""
+    for r in ranks:
+        assert torch.equal(r["loaded_logits"], r["saved_logits"]), (r["loaded_logits"] - r["saved_logits"]).abs().max()
+        assert torch.equal(r["saved_logits"], ranks[0]["saved_logits"])
+
+
 def test_checkpoint_saved_at_ep2_loads_at_ep1(pool2, tmp_path):
     """Names carry the global expert index, so EP 1 ranks find every expert's tensors in the
-    files EP 2 wrote (expert-TP = TP = 1 on both sides)."""
-    for r in pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 2, 1, 1, load_ep=1):
+    files EP 2 wrote (expert-TP = TP = 1 on both sides), and give the EP 2 logits."""
+    ranks = pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 2, 1, 1, load_ep=1)
+    for r in ranks:
         assert r["differed"] and all(r["equal"].values())
         assert {n.split(".")[6] for n in r["names"] if ".local_experts." in n} == {"0", "1", "2", "3"}
+    _assert_same_logits(ranks)
 
 
 @pytest.mark.parametrize("save_ep, load_ep", [(2, 4), (4, 2)])
 def test_checkpoint_reshards_ep_on_four_ranks(pool4, tmp_path, save_ep, load_ep):
-    """EP 2 -> EP 4 and back on four ranks: each loading rank gets exactly its own experts."""
+    """EP 2 -> EP 4 and back on four ranks: each loading rank gets exactly its own experts, and
+    the model gives the saving layout's logits."""
     ranks = pool4.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), save_ep, 1, 1, load_ep=load_ep)
     experts = set()
     for r in ranks:
         assert r["differed"] and all(r["equal"].values()), [n for n, ok in r["equal"].items() if not ok]
         experts |= {n.split(".")[6] for n in r["names"] if ".local_experts." in n}
     assert experts == {"0", "1", "2", "3"}
+    _assert_same_logits(ranks)
 
 
 @pytest.mark.parametrize("pool_name, tp, ep", [("pool2", 1, 2), ("pool4", 2, 2)])
