@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m parallel_adapters train configs/tiny.yaml optim.lr=1e-3
     parallel-adapters inspect runs/tiny/ckpt                  # the run's `latest` step
     parallel-adapters verify runs/tiny/ckpt --step 40         # or a step: runs/tiny/ckpt/step-000040
-    parallel-adapters consolidate runs/tiny/ckpt --out full/ [--tp 4]
+    parallel-adapters consolidate runs/tiny/ckpt --out full/ [--tp 4] [--expert-tp 2]
     parallel-adapters export runs/tiny/ckpt --out peft_adapter/ [--hf-config HF_DIR]
     parallel-adapters merge runs/tiny/ckpt --out merged/ [--base HF_DIR]
     torchrun ... -m parallel_adapters evaluate configs/tiny.yaml --checkpoint CKPT --tokens ids.txt --out logits.safetensors
@@ -81,9 +81,11 @@ def _verify(args: argparse.Namespace) -> None:
 def _consolidate(args: argparse.Namespace) -> None:
     from parallel_adapters.checkpoint.consolidate import reshard
 
-    out = reshard(_checkpoint(args), args.out, args.tp, progress=True, overwrite=args.overwrite)
-    print(f"wrote {out} (tp={args.tp}, full tensors with Megatron names)" if args.tp == 1 else
-          f"wrote {out} (resharded to tp={args.tp})")
+    out = reshard(_checkpoint(args), args.out, args.tp, progress=True, overwrite=args.overwrite,
+                  expert_tp_size=args.expert_tp)
+    etp = "" if args.expert_tp in (None, args.tp) else f", routed experts' adapters at expert-tp={args.expert_tp}"
+    print(f"wrote {out} (tp={args.tp}, full tensors with Megatron names{etp})" if args.tp == 1 else
+          f"wrote {out} (resharded to tp={args.tp}{etp})")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--expert-tp", type=int, default=None,
+                   help="split the routed MoE experts' adapters over this many expert-TP ranks (default: --tp)")
     _overwrite(p, "a previous consolidate output")
 
     p = command("export", _export, "export a checkpoint as a PEFT adapter (adapter_model.safetensors)")

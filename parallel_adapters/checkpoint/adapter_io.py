@@ -79,7 +79,7 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
     hosts = [layer for _, layer in model.adapter_layers()]
     if initial:  # PiSSA/OLoRA: the factors were trained on the residual W - s B0 A0
         expected.update(ds.expected_initial(hosts, model.active_adapter, initial))
-    loaded = load_sharded(directory, model.groups, expected)
+    loaded = load_sharded(directory, model.groups, expected, expert_names=_expert_names(model))
     with torch.no_grad():
         for name, tensor in loaded.items():
             if name in current:

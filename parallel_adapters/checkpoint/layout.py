@@ -50,6 +50,7 @@ _SHARD_KEY = re.compile(r"^tp(\d+)-pp(\d+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_KEYS = {"format_version", "tp_size", "pp_size", "dp_size", "tensors", "files", "train_state"}
 _TENSOR_KEYS = {"global_shape", "dtype", "shard", "files"}
+_OPTIONAL_TENSOR_KEYS = {"split_size"}  # a routed expert's tensor split over expert-TP != tp_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,15 +109,19 @@ def tmp_dir_for(final: Path, token: str | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 def tensor_entry(t: ShardedTensor, name: str, tp_rank: int, tp_size: int, pp_rank: int,
-                 rel: str | None = None) -> dict:
+                 rel: str | None = None, split_size: int | None = None) -> dict:
     """The index entry a writer rank contributes for `name` (its own file `rel`, by default its
-    shard file)."""
-    return {
+    shard file).  `split_size`: the size of the group that splits this tensor when it is not the
+    TP group's (a routed expert's, over expert-TP); `tp_rank` is then the rank in that group."""
+    entry = {
         "global_shape": [int(s) for s in t.global_shape],
         "dtype": dtype_name(t.local.dtype),
         "shard": t.spec.to_json(),
         "files": {shard_key(tp_rank, pp_rank): rel or shard_file(tp_rank, pp_rank)},
     }
+    if split_size is not None and split_size != tp_size:
+        entry["split_size"] = split_size
+    return entry
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,9 @@ class TensorInfo:
     dtype: torch.dtype
     spec: ShardSpec
     pp_rank: int
-    files: dict[int, str]  # checkpoint tp rank -> relative file
+    files: dict[int, str]  # checkpoint split rank (TP rank, or expert-TP rank) -> relative file
+    split_size: int = 1
+    """How many pieces the checkpoint holds: its tp_size, or a routed expert's expert-TP size."""
 
     def local_shape(self, tp_size: int) -> tuple[int, ...]:
         return self.spec.local_shape(self.global_shape, tp_size)
@@ -159,9 +166,13 @@ def replica_owners(sizes: Mapping[str, int], tp_size: int) -> dict[str, int]:
 def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> TensorInfo:
     """Check one index entry against the schema and the checkpoint's TP/PP sizes."""
     where = f"index.json: tensor {name!r}"
-    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
+    if not isinstance(entry, dict) or not _TENSOR_KEYS <= set(entry) <= _TENSOR_KEYS | _OPTIONAL_TENSOR_KEYS:
         got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise CheckpointError(f"{where}: entry must have exactly {sorted(_TENSOR_KEYS)}, got {got}")
+        raise CheckpointError(f"{where}: entry must have exactly {sorted(_TENSOR_KEYS)} (and optionally "
+                              f"{sorted(_OPTIONAL_TENSOR_KEYS)}), got {got}")
+    split = entry.get("split_size", tp_size)
+    if type(split) is not int or split < 1:
+        raise CheckpointError(f"{where}: split_size must be a positive int, got {split!r}")
     shape = entry["global_shape"]
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise CheckpointError(f"{where}: global_shape {shape!r} is not a list of non-negative ints")
@@ -171,9 +182,9 @@ def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> Ten
         spec = ShardSpec.from_json(entry["shard"])
         if spec.dim is not None and not 0 <= spec.dim < len(shape):
             raise ValueError(f"split dim {spec.dim} out of range for {len(shape)}-d shape {shape}")
-        spec.local_shape(shape, tp_size)
+        spec.local_shape(shape, split)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{where}: bad shard spec {entry['shard']!r} at tp_size {tp_size}: {exc}") from None
+        raise CheckpointError(f"{where}: bad shard spec {entry['shard']!r} at split size {split}: {exc}") from None
     files = entry["files"]
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{where}: 'files' must be a non-empty mapping of shard key -> file")
@@ -181,17 +192,18 @@ def parse_tensor_entry(name: str, entry: Any, tp_size: int, pp_size: int) -> Ten
     pp_ranks = set()
     for key, rel in files.items():
         tp, pp = parse_shard_key(key)
-        if tp >= tp_size or pp >= pp_size:
-            raise CheckpointError(f"{where}: shard key {key} outside tp_size {tp_size} / pp_size {pp_size}")
+        if tp >= split or pp >= pp_size:
+            size = f"tp_size {tp_size}" if split == tp_size else f"split_size {split}"
+            raise CheckpointError(f"{where}: shard key {key} outside {size} / pp_size {pp_size}")
         by_tp[tp] = check_relpath(rel, f"file of tensor {name!r}")
         pp_ranks.add(pp)
     if len(pp_ranks) != 1:
         raise CheckpointError(f"{where}: held by several pipeline stages {sorted(pp_ranks)}")
     if spec.replicated and len(by_tp) != 1:
         raise CheckpointError(f"{where}: a replicated tensor is stored once, found it for tp ranks {sorted(by_tp)}")
-    if not spec.replicated and set(by_tp) != set(range(tp_size)):
-        raise CheckpointError(f"{where}: shards for tp ranks {sorted(by_tp)}, expected {list(range(tp_size))}")
-    return TensorInfo(name, tuple(shape), DTYPES[entry["dtype"]], spec, pp_ranks.pop(), by_tp)
+    if not spec.replicated and set(by_tp) != set(range(split)):
+        raise CheckpointError(f"{where}: shards for tp ranks {sorted(by_tp)}, expected {list(range(split))}")
+    return TensorInfo(name, tuple(shape), DTYPES[entry["dtype"]], spec, pp_ranks.pop(), by_tp, split)
 
 
 # ----------------------------------------------------------------------------------------------

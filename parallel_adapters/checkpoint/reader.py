@@ -210,7 +210,7 @@ class CheckpointReader:
     def _checked_slice(self, fh: object, info: TensorInfo, rel: str) -> object:
         """The header of `info`'s piece in an open file, checked against the index before reading."""
         sl = fh.get_slice(info.name)
-        want_shape = list(info.local_shape(self.tp_size))
+        want_shape = list(info.local_shape(info.split_size))
         want_dtype = SAFETENSORS_CODES[dtype_name(info.dtype)]
         if list(sl.get_shape()) != want_shape or sl.get_dtype() != want_dtype:
             raise CheckpointError(
@@ -241,9 +241,9 @@ class CheckpointReader:
         info = self.info(name)
         if info.spec.replicated:
             return self.read_piece(info, info.replica_rank)
-        if self.tp_size == 1:
+        if info.split_size == 1:
             return self.read_piece(info, 0)
-        pieces = [self._mapped_piece(info, r) for r in range(self.tp_size)]
+        pieces = [self._mapped_piece(info, r) for r in range(info.split_size)]
         dim, chunks = info.spec.dim, info.spec.chunks
         # ShardSpec.unshard in a single cat: block c of every rank, for c in order.
         parts = [p.chunk(chunks, dim=dim)[c] for c in range(chunks) for p in pieces] if chunks > 1 else pieces
@@ -265,11 +265,11 @@ class CheckpointReader:
         dim, chunks = spec.dim, spec.chunks
         spec.local_shape(info.global_shape, tp_size)  # divisibility, raises ValueError
         block = info.global_shape[dim] // chunks
-        src_w, dst_w = block // self.tp_size, block // tp_size
+        src_w, dst_w = block // info.split_size, block // tp_size
         lo, hi = tp_rank * dst_w, (tp_rank + 1) * dst_w
         pieces = []
         for c in range(chunks):
-            for src in range(self.tp_size):
+            for src in range(info.split_size):
                 a, b = max(lo, src * src_w), min(hi, (src + 1) * src_w)
                 if a < b:
                     off = c * src_w - src * src_w

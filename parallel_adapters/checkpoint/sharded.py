@@ -44,7 +44,7 @@ from parallel_adapters.checkpoint.writer import (  # noqa: F401  (tensor_digest:
     assemble_index, make_tmp_dir, publish, replica_digests, tensor_digest, write_global_files, write_rank_files,
 )
 from parallel_adapters.distributed.agreement import raise_listed, raise_together
-from parallel_adapters.distributed.collectives import all_gather_objects, group_rank, group_ranks, group_size
+from parallel_adapters.distributed.collectives import all_gather_objects, group_rank, group_size
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor, ShardSpec
 from parallel_adapters.storage.paths import check_plain_name
@@ -92,7 +92,13 @@ def _test_hook_delay() -> None:
 # Checks before anything is written
 # ----------------------------------------------------------------------------------------------
 
-def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) -> None:
+def _split_size(name: str, groups: ParallelGroups, expert_names: Collection[str]) -> int:
+    """Ranks splitting tensor `name`: expert-TP for a routed expert's, TP otherwise."""
+    return groups.etp_size if name in expert_names else groups.tp_size
+
+
+def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups,
+                  expert_names: Collection[str] = ()) -> None:
     world = group_size(None)
     if groups.tp_size * groups.pp_size * groups.dp_size != world:
         raise CheckpointError(
@@ -101,28 +107,18 @@ def _check_inputs(tensors: Mapping[str, ShardedTensor], groups: ParallelGroups) 
         if not isinstance(name, str) or not name or not isinstance(t, ShardedTensor):
             raise CheckpointError(f"tensor {name!r}: expected a non-empty name -> ShardedTensor")
         dtype_name(t.local.dtype)
+        split = _split_size(name, groups, expert_names)
         try:
-            want = t.spec.local_shape(t.global_shape, groups.tp_size)
+            want = t.spec.local_shape(t.global_shape, split)
         except ValueError as exc:
             raise CheckpointError(f"tensor {name!r}: {exc}") from None
         if tuple(t.local.shape) != want:
             raise CheckpointError(
                 f"tensor {name!r}: local shape {tuple(t.local.shape)} does not match global shape "
-                f"{tuple(t.global_shape)} split by {t.spec} over {groups.tp_size} TP ranks (expected {want})")
+                f"{tuple(t.global_shape)} split by {t.spec} over {split} ranks (expected {want})")
         if nonfinite_count(t.local):
             raise CheckpointError(f"tensor {name!r} holds {nonfinite_count(t.local)} non-finite value(s) (NaN or inf): "
                                   "refusing to save it (the previous checkpoints are kept)")
-
-
-def _check_expert_split(groups: ParallelGroups) -> None:
-    """The index records one TP split per tensor: expert-TP must be the TP group itself."""
-    if groups.etp_size != groups.tp_size or (groups.tp_size > 1 and group_ranks(groups.etp_group)
-                                             != group_ranks(groups.tp_group)):
-        raise CheckpointError(
-            f"expert adapters split over expert_tensor_parallel={groups.etp_size} ranks "
-            f"{group_ranks(groups.etp_group)}, but the checkpoint index records one split, over "
-            f"tensor_parallel={groups.tp_size} ranks {group_ranks(groups.tp_group)}: save with "
-            "expert_tensor_parallel equal to tensor_parallel (a per-tensor split group is not implemented)")
 
 
 def _compare_replicas(gathered: list[tuple[int, dict | None]]) -> str | None:
@@ -159,12 +155,14 @@ def check_tp_replicas(tensors: Mapping[str, ShardedTensor] | None, groups: Paral
     return err or _compare_replicas(gathered)
 
 
-def _replica_problems(gathered: Sequence[tuple[tuple[int, int, int], int, dict | None]]) -> str | None:
-    """The TP-replica check over every TP group, from ((pp, dp, tp), global rank, digests) of all
-    ranks: the same message (or None) on every rank that computes it."""
-    groups: dict[tuple[int, int], list] = {}
-    for (pp, dp, tp), rank, digests in sorted(gathered, key=lambda g: (g[0][0], g[0][1], g[0][2])):
-        groups.setdefault((pp, dp), []).append((rank, digests))
+def _replica_problems(gathered: Sequence[tuple[tuple[int, ...], int, dict | None]]) -> str | None:
+    """The replica check over every splitting group, from (place, global rank, digests) of all
+    ranks, where place is (the group's coordinates..., the rank in it): ("tp", pp, dp, tp) for TP
+    groups, ("etp", pp, ep, expert-dp, etp) for expert-TP groups.  The same message (or None) on every
+    rank that computes it."""
+    groups: dict[tuple[int, ...], list] = {}
+    for place, rank, digests in sorted(gathered, key=lambda g: g[0]):
+        groups.setdefault(place[:-1], []).append((rank, digests))
     problems = [p for members in groups.values() if (p := _compare_replicas(members))]
     return "; ".join(problems) or None
 
@@ -188,7 +186,7 @@ def save_sharded(
     dropout streams; `load_train_state` returns them in the same dict.  `base`: the base model
     to record (checkpoint/base_model.py; its path belongs in `config` as base_model_name_or_path).
     `expert_names`: the routed MoE experts' tensors, held per EP rank and written by expert-DP
-    rank 0 of each; their expert-TP split must be the TP split (the index records one).
+    rank 0 of each, split over expert-TP (the index records that split size when it is not TP's).
     """
     final = Path(directory).absolute()
     rank = group_rank(None)
@@ -196,9 +194,7 @@ def save_sharded(
 
     def prepare() -> str | None:
         check_plain_name(final.name, "checkpoint directory")
-        _check_inputs(tensors, groups)
-        if expert_names:
-            _check_expert_split(groups)
+        _check_inputs(tensors, groups, expert_names)
         return str(make_tmp_dir(final)) if rank == 0 else None
 
     tmp_str, err = _guard(who, prepare)
@@ -208,7 +204,7 @@ def save_sharded(
     raise_listed([e for _, e in prepared], f"save of {final}", error_type=CheckpointError)
     tmp = Path(prepared[0][0])
     cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
-    check_replicas = groups.tp_size > 1
+    check_replicas = groups.tp_size > 1 or (bool(expert_names) and groups.etp_size > 1)
 
     def write_local() -> dict:
         with fsync_together():  # this rank's files are flushed concurrently, all done on return
@@ -220,7 +216,8 @@ def save_sharded(
                                optimizer_state=optimizer_state,
                                rng_state={**capture_rng_state(), **(rng_extra or {})} if rng_state else None,
                                with_replica_digests=check_replicas, expert_names=expert_names,
-                               ep_rank=groups.ep_rank, expert_dp_rank=groups.expert_dp_rank)
+                               ep_rank=groups.ep_rank, expert_dp_rank=groups.expert_dp_rank,
+                               etp_rank=groups.etp_rank, etp_size=groups.etp_size)
         if rank == 0:
             glob = write_global_files(tmp, config, extra_state, base)
             rep["files"].update(glob["files"])
@@ -229,13 +226,15 @@ def save_sharded(
 
     report, err = _guard(who, write_local)
     _test_hook_delay()
-    place = (groups.pp_rank, groups.dp_rank, groups.tp_rank)
+    place = ("tp", groups.pp_rank, groups.dp_rank, groups.tp_rank)
+    expert_place = ("etp", groups.pp_rank, groups.ep_rank, groups.expert_dp_rank, groups.etp_rank)
     digests = report.pop("replica_digests", None) if report is not None else None
+    expert_digests = report.pop("expert_replica_digests", None) if report is not None else None
     # One collective: every rank's error, replica digests and report; all ranks decide alike.
-    gathered = all_gather_objects((err, place, rank, digests, report), None)
+    gathered = all_gather_objects((err, place, rank, digests, report, expert_place, expert_digests), None)
     errors = [g[0] for g in gathered]
     if not any(errors) and check_replicas:
-        errors = [_replica_problems([g[1:4] for g in gathered])]
+        errors = [_replica_problems([g[1:4] for g in gathered] + [(g[5], g[2], g[6]) for g in gathered])]
     if any(errors) and cleanup is not None:
         cleanup()
     raise_listed(errors, f"save of {final}", error_type=CheckpointError)
@@ -254,7 +253,7 @@ def save_sharded(
 
 
 def _check_expected(reader: CheckpointReader, expected: Expected, all_names: set[str] | None,
-                    tp_size: int) -> list[str]:
+                    groups: ParallelGroups, expert_names: Collection[str]) -> list[str]:
     """Every mismatch between the checkpoint and the model, found before any tensor is read."""
     problems = [f"missing tensor {n!r}" for n in sorted(set(expected) - set(reader.tensors))]
     if all_names is not None:
@@ -266,17 +265,18 @@ def _check_expected(reader: CheckpointReader, expected: Expected, all_names: set
             problems.append(f"tensor {name!r}: global shape {info.global_shape} in checkpoint, model has {tuple(shape)}")
         if dtype != info.dtype:
             problems.append(f"tensor {name!r}: dtype {dtype_name(info.dtype)} in checkpoint, model has {dtype_name(dtype)}")
+        split = _split_size(name, groups, expert_names)
         try:
-            spec.local_shape(tuple(shape), tp_size)
+            spec.local_shape(tuple(shape), split)
         except ValueError as exc:
-            problems.append(f"tensor {name!r}: cannot shard over {tp_size} TP ranks: {exc}")
+            problems.append(f"tensor {name!r}: cannot shard over {split} ranks: {exc}")
     return problems
 
 
 def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
-                all_names: set[str] | None) -> dict[str, torch.Tensor]:
+                all_names: set[str] | None, expert_names: Collection[str]) -> dict[str, torch.Tensor]:
     with CheckpointReader(directory) as reader:
-        problems = _check_expected(reader, expected, all_names, groups.tp_size)
+        problems = _check_expected(reader, expected, all_names, groups, expert_names)
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise CheckpointError(f"{directory} does not match the model:\n    " + "\n    ".join(shown))
@@ -284,7 +284,10 @@ def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
         with reader.deferred_verification():  # files hashed while read; returned only once verified
             for name in _progress(sorted(expected), len(expected), "load checkpoint"):
                 spec = expected[name][0]
-                out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
+                if name in expert_names:  # split over expert-TP here, whatever split it was saved with
+                    out[name] = reader.read_local(name, spec, groups.etp_rank, groups.etp_size)
+                else:
+                    out[name] = reader.read_local(name, spec, groups.tp_rank, groups.tp_size)
                 if nonfinite_count(out[name]):  # training on it would only produce NaN losses
                     raise CheckpointError(f"{directory}: tensor {name!r} holds {nonfinite_count(out[name])} non-finite "
                                           "value(s) (NaN or inf); resume from an earlier checkpoint")
@@ -292,8 +295,9 @@ def _load_local(directory: Path, groups: ParallelGroups, expected: Expected,
 
 
 def load_sharded(directory: str | Path, groups: ParallelGroups, expected: Expected,
-                 collective: bool = True) -> dict[str, torch.Tensor]:
-    """This rank's LOCAL tensors at the CURRENT TP size, resharding if the checkpoint's differs.
+                 collective: bool = True, expert_names: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """This rank's LOCAL tensors at the CURRENT TP size (routed experts' in `expert_names`: at the
+    current expert-TP size), resharding if the checkpoint's differs.
 
     `expected` maps every tensor this rank holds to (ShardSpec, global shape, dtype).  With
     `collective=True` (all ranks call it) the ranks' expected names are pooled to find tensors no
@@ -307,7 +311,7 @@ def load_sharded(directory: str | Path, groups: ParallelGroups, expected: Expect
     else:
         all_names = set(expected) if groups.pp_size == 1 else None
     who = f"rank {group_rank(None)} ({rank_key(groups.tp_rank, groups.pp_rank, groups.dp_rank)})"
-    result, err = _guard(who, lambda: _load_local(directory, groups, expected, all_names))
+    result, err = _guard(who, lambda: _load_local(directory, groups, expected, all_names, set(expert_names)))
     if world > 1:
         raise_together(err, f"load of {directory}", error_type=CheckpointError)
     elif err:

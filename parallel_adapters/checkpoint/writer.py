@@ -58,28 +58,36 @@ def write_rank_files(
     dp_rank: int, optimizer_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, torch.Tensor] | None = None, with_replica_digests: bool = False,
     expert_names: Collection[str] = (), ep_rank: int = 0, expert_dp_rank: int = 0,
+    etp_rank: int | None = None, etp_size: int | None = None,
 ) -> dict:
     """One rank's files; returns its report (index entries, file records) for world rank 0.
 
     Only DP rank 0 writes adapter tensors, each replicated one from a single TP rank; the
-    routed-expert tensors named in `expert_names` (split over expert-TP, which must be the TP
-    split) are written by expert-DP rank 0 of each EP rank instead, into its own file.  Every
-    file's record comes from the bytes this rank wrote.  `with_replica_digests`: also report
-    "replica_digests" (see `replica_digests`) for the TP-replica check.
+    routed-expert tensors named in `expert_names` (split over expert-TP: rank `etp_rank` of
+    `etp_size`, by default the TP ones) are written by expert-DP rank 0 of each EP rank instead,
+    into its own file, their index entries keyed by expert-TP rank (with the split size when it is
+    not tp_size).  Every file's record comes from the bytes this rank wrote.  `with_replica_digests`:
+    also report "replica_digests" / "expert_replica_digests" (see `replica_digests`) for the
+    replica checks over TP / expert-TP.
     """
+    etp_rank = tp_rank if etp_rank is None else etp_rank
+    etp_size = tp_size if etp_size is None else etp_size
     with fsync_together():  # every file's fsync overlaps the hashing and writing that follow
         report: dict[str, Any] = {"tensors": {}, "files": {}, "optimizer": {}, "rng": {}}
         experts = set(expert_names)
-        parts = [(dp_rank == 0, {n: t for n, t in tensors.items() if n not in experts}, shard_file(tp_rank, pp_rank)),
-                 (expert_dp_rank == 0, {n: t for n, t in tensors.items() if n in experts},
-                  expert_shard_file(tp_rank, pp_rank, ep_rank))]
-        for writes, held, rel in parts:
-            order = shard_file_order(held, tp_rank, tp_size) if writes else []
+        dense = {n: t for n, t in tensors.items() if n not in experts}
+        routed = {n: t for n, t in tensors.items() if n in experts}
+        parts = [(dp_rank == 0, dense, shard_file(tp_rank, pp_rank), tp_rank, None),
+                 (expert_dp_rank == 0, routed, expert_shard_file(etp_rank, pp_rank, ep_rank), etp_rank, etp_size)]
+        for writes, held, rel, rank, split in parts:
+            order = shard_file_order(held, rank, split or tp_size) if writes else []
             if order:
                 report["files"][rel] = write_safetensors(tmp_dir / rel, {n: t.local for n, t in order})
-                report["tensors"].update({n: tensor_entry(t, n, tp_rank, tp_size, pp_rank, rel) for n, t in order})
+                report["tensors"].update({n: tensor_entry(t, n, rank, tp_size, pp_rank, rel, split)
+                                          for n, t in order})
         if with_replica_digests:
-            report["replica_digests"] = replica_digests(tensors)
+            report["replica_digests"] = replica_digests(dense)
+            report["expert_replica_digests"] = replica_digests(routed)
         if optimizer_state is not None:
             entry, files = write_optimizer_state(tmp_dir, tp_rank, pp_rank, dp_rank, optimizer_state)
             report["optimizer"], report["files"] = entry, {**report["files"], **files}
@@ -107,9 +115,9 @@ def _merge_tensor(tensors: dict, name: str, entry: dict) -> None:
         tensors[name] = {**entry, "files": dict(entry["files"])}
         return
     have = tensors[name]
-    for field in ("global_shape", "dtype", "shard"):
-        if have[field] != entry[field]:
-            raise CheckpointError(f"tensor {name!r}: ranks disagree on {field}: {have[field]} vs {entry[field]}")
+    for field in ("global_shape", "dtype", "shard", "split_size"):
+        if have.get(field) != entry.get(field):
+            raise CheckpointError(f"tensor {name!r}: ranks disagree on {field}: {have.get(field)} vs {entry.get(field)}")
     clash = set(have["files"]) & set(entry["files"])
     if clash:
         raise CheckpointError(f"tensor {name!r}: shard {sorted(clash)} written twice")

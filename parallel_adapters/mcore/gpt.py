@@ -86,6 +86,12 @@ class GPTSettings:
     """Router logits/probabilities in "fp32", "fp64", or None: the activation dtype."""
     moe_aux_loss_coeff: float = 0.0
     """Load-balancing loss coefficient; 0 switches the auxiliary loss off."""
+    moe_expert_capacity_factor: float | None = None
+    """Megatron's moe_expert_capacity_factor: each expert takes at most factor x tokens x topk /
+    experts of the tokens its router sees, the rest are dropped; None drops nothing."""
+    moe_token_drop_policy: str = "probs"
+    """Which tokens over capacity are dropped: "probs" (the lowest routing probabilities) or
+    "position" (the latest in the sequence); megatron's moe_token_drop_policy."""
     moe_router_pre_softmax: bool = False
     """Softmax over all experts, then top-k (the top-k probabilities do not sum to 1: Qwen3-MoE with
     norm_topk_prob=false); False: top-k logits, then softmax over those k (= renormalised)."""

@@ -16,7 +16,8 @@ does not depend on which rank holds it.
 
 Token dispatch is megatron's "allgather" dispatcher: the routed tokens are all-gathered over the
 expert tensor-and-model-parallel group (ETP x EP) and the expert outputs reduce-scattered back;
-no capacity factor, so no token is ever dropped and routing is the same at every layout.
+by default no capacity factor, so no token is ever dropped and routing is the same at every layout
+(`moe_expert_capacity_factor` drops tokens per router, i.e. per rank's tokens: layout-dependent).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from parallel_adapters.mcore.gpt import GPTSettings
 
 DISPATCHERS = ("allgather", "alltoall", "flex")
+DROP_POLICIES = ("probs", "position")
 ROUTER_DTYPES = (None, "fp32", "fp64")
 _LOCAL_EXPERTS = "mlp.experts.local_experts."
 
@@ -52,6 +54,12 @@ def check_moe_settings(settings: "GPTSettings") -> None:
         raise ValueError(f"GPTSettings.moe_router_dtype must be one of {ROUTER_DTYPES}, got {settings.moe_router_dtype!r}")
     if settings.moe_aux_loss_coeff < 0:
         raise ValueError(f"GPTSettings.moe_aux_loss_coeff must be >= 0, got {settings.moe_aux_loss_coeff}")
+    factor = settings.moe_expert_capacity_factor
+    if factor is not None and not factor > 0:  # megatron reads a negative factor as None: say so instead
+        raise ValueError(f"GPTSettings.moe_expert_capacity_factor must be > 0 or None, got {factor}")
+    if settings.moe_token_drop_policy not in DROP_POLICIES:
+        raise ValueError(f"GPTSettings.moe_token_drop_policy must be one of {DROP_POLICIES}, "
+                         f"got {settings.moe_token_drop_policy!r}")
 
 
 def check_moe_layout(settings: "GPTSettings") -> None:
@@ -85,7 +93,10 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
         "moe_router_dtype": settings.moe_router_dtype,
         "moe_router_pre_softmax": settings.moe_router_pre_softmax,
         "moe_aux_loss_coeff": settings.moe_aux_loss_coeff,
-        "moe_expert_capacity_factor": None,  # drop no token: routing is layout-independent
+        # None (the default) drops no token, so routing is layout-independent; with a factor each
+        # router drops over ITS tokens (this rank's sequence slice under SP): layout-dependent
+        "moe_expert_capacity_factor": settings.moe_expert_capacity_factor,
+        "moe_token_drop_policy": settings.moe_token_drop_policy,
         "moe_grouped_gemm": False,  # SequentialMLP: one ColumnParallel/RowParallel pair per expert
         "moe_permute_fusion": False,
         "moe_router_fusion": False,

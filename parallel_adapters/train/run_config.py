@@ -21,6 +21,8 @@ from parallel_adapters.train.prompt_run import PROMPT_KINDS, refuse_not_run_keys
 
 MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: names of torch dtypes
 ROUTER_DTYPES = ("fp32", "fp64")  # moe.router_dtype (or null): Megatron's names
+MOE_DISPATCHERS = ("allgather", "alltoall")  # moe.dispatcher: Megatron's token dispatchers offered
+MOE_DROP_POLICIES = ("probs", "position")  # moe.drop_policy: Megatron's moe_token_drop_policy
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,15 @@ class MoeSection:
     """Coefficient of Megatron's load-balancing auxiliary loss (0: off)."""
     router_dtype: Optional[str] = None
     """The router's compute dtype: null (the model's), "fp32" or "fp64"."""
+    dispatcher: str = "allgather"
+    """Megatron's token dispatcher: "allgather" (any device) or "alltoall" (CUDA only: it creates
+    CUDA streams)."""
+    capacity_factor: Optional[float] = None
+    """Megatron's moe_expert_capacity_factor (> 0): each expert takes at most this x its even share
+    of a router's tokens x topk, dropping the rest; null drops nothing."""
+    drop_policy: str = "probs"
+    """Which tokens over capacity are dropped (needs capacity_factor): "probs" (lowest routing
+    probability) or "position" (latest)."""
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,9 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
     if m.attention_dropout is not None:
         common["attention_dropout"] = m.attention_dropout
     moe = config.moe  # validate_run_config refused the keys config.json decides, and any on a dense model
-    common.update(moe_aux_loss_coeff=moe.aux_loss_coeff, moe_router_dtype=moe.router_dtype)
+    common.update(moe_aux_loss_coeff=moe.aux_loss_coeff, moe_router_dtype=moe.router_dtype,
+                  moe_token_dispatcher_type=moe.dispatcher, moe_expert_capacity_factor=moe.capacity_factor,
+                  moe_token_drop_policy=moe.drop_policy)
     if m.hf_checkpoint is not None:
         from parallel_adapters.mcore.hf_bridge import gpt_settings_from_hf
 

@@ -18,8 +18,9 @@ from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspee
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.prompt_run import check_sequence_split, validate_prompt_run
 from parallel_adapters.config import EvaConfig, LoraConfig, decomposition_init
-from parallel_adapters.train.run_config import (MODEL_DTYPES, ROUTER_DTYPES, CheckpointSection, LoggingSection,
-                                                ModelSection, MoeSection, RunConfig, adapter_kind_name)
+from parallel_adapters.train.run_config import (MODEL_DTYPES, MOE_DISPATCHERS, MOE_DROP_POLICIES, ROUTER_DTYPES,
+                                                CheckpointSection, LoggingSection, ModelSection, MoeSection, RunConfig,
+                                                adapter_kind_name)
 
 HF_DECIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "vocab_size", "max_position_embeddings", "rotary_base", "tie_embeddings", "init_seed")
@@ -248,6 +249,24 @@ def _check_moe_values(moe: MoeSection) -> None:
         raise ValueError(f"moe.aux_loss_coeff must be >= 0, got {moe.aux_loss_coeff}")
     if moe.router_dtype is not None and moe.router_dtype not in ROUTER_DTYPES:
         raise ValueError(f"moe.router_dtype must be null or one of {list(ROUTER_DTYPES)}, got {moe.router_dtype!r}")
+    if moe.dispatcher not in MOE_DISPATCHERS:
+        raise ValueError(f"moe.dispatcher must be one of {list(MOE_DISPATCHERS)}, got {moe.dispatcher!r}")
+    if moe.dispatcher != "allgather" and not _cuda_available():
+        raise ValueError(f"moe.dispatcher={moe.dispatcher!r} needs CUDA (Megatron creates CUDA streams for it); "
+                         "this machine has no GPU: use moe.dispatcher=allgather")
+    if moe.capacity_factor is not None and not moe.capacity_factor > 0:
+        raise ValueError(f"moe.capacity_factor must be > 0 or null, got {moe.capacity_factor}")
+    if moe.drop_policy not in MOE_DROP_POLICIES:
+        raise ValueError(f"moe.drop_policy must be one of {list(MOE_DROP_POLICIES)}, got {moe.drop_policy!r}")
+    if moe.drop_policy != MoeSection().drop_policy and moe.capacity_factor is None:
+        raise ValueError(f"moe.drop_policy={moe.drop_policy!r} needs moe.capacity_factor (without one no token is "
+                         "dropped); set it or remove moe.drop_policy")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _finite(config: RunConfig) -> None:

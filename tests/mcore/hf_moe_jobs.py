@@ -56,9 +56,10 @@ def import_job(hf_dir: str, tp: int, ep: int, input_ids: torch.Tensor, etp: int 
 
 
 def expert_adapter_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, tp: int, ep: int,
-                       targets: list[str]) -> dict:
-    """TP x EP: import, LoRA (non-zero from the start) on `targets` (routed experts included), base /
-    adapted logits, save_checkpoint."""
+                       targets: list[str], train_steps: int = 0) -> dict:
+    """TP x EP: import, LoRA (non-zero from the start) on `targets` (routed experts included),
+    `train_steps` AdamW steps on next-token loss over `input_ids` (every rank the same rows),
+    base / adapted logits, save_checkpoint."""
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.checkpoint.adapter_io import save_checkpoint
     from parallel_adapters.mcore.gpt import gpt_logits
@@ -67,6 +68,13 @@ def expert_adapter_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, tp: 
     model, _, _ = _imported_model(hf_dir, groups, overrides={"sequence_parallel": tp > 1})
     adapter = get_adapter_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=targets,
                                                   init_lora_weights=False, seed=4), groups=groups)
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.roll(input_ids, -1, dims=1)
+    for _ in range(train_steps):
+        optimizer.zero_grad()
+        adapter.model(input_ids, None, None, labels=labels).mean().backward()
+        adapter.finalize_grads(data_parallel=True)
+        optimizer.step()
     with torch.no_grad():
         with adapter.disable_adapter():
             base = gpt_logits(adapter.model, input_ids)

@@ -207,3 +207,20 @@ def _build_error(tp: int, ep: int, etp: int, **kw) -> str:
     except ValueError as exc:
         return str(exc)
     return ""
+
+
+def capacity_job(input_ids: torch.Tensor, factor: float, policy: str) -> dict:
+    """Routing maps of a forward at EP=2 with megatron's capacity factor (tokens over an expert's
+    capacity dropped by `policy`), and the number of tokens each router saw."""
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+
+    _setup(1, 2, 1, 1, 1234)
+    model = build_gpt(_settings(False, moe_expert_capacity_factor=factor, moe_token_drop_policy=policy))
+    maps, handles = _record_routing(model)
+    with torch.no_grad():
+        gpt_logits(model, input_ids)
+    for h in handles:
+        h.remove()
+    config = model.decoder.layers[0].mlp.config
+    return {"maps": maps, "tokens": input_ids.numel(),
+            "config": (config.moe_expert_capacity_factor, config.moe_token_drop_policy)}

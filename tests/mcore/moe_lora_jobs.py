@@ -108,25 +108,39 @@ def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, lab
     return out
 
 
-def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int | None = None) -> dict:
-    """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint (at EP=load_ep, by
-    default the same) into a model whose adapter was drawn from another seed: does every tensor
-    this rank holds come back exactly (compared with the saving seed's full adapter)?"""
+def _logits(adapter) -> torch.Tensor:
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    ids = torch.arange(32).reshape(2, 16) * 7 % 256  # every rank the same rows (no DP split)
+    with torch.no_grad():
+        return gpt_logits(adapter.model, ids)
+
+
+def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int | None = None,
+                   load_etp: int | None = None) -> dict:
+    """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint (at EP=load_ep and
+    expert-TP=load_etp, by default the same) into a model whose adapter was drawn from another
+    seed: does every tensor this rank holds come back exactly (compared with the saving seed's
+    adapter drawn at the loading layout)?  Also the logits of the saved model (at the saving
+    layout) and of the loaded one (at the loading layout), on the same rows."""
     from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
 
     saved, groups = _adapted(tp, ep, etp, 1, tp > 1)
     path = save_checkpoint(saved, directory)
+    saved_logits = _logits(saved)
     load_ep = ep if load_ep is None else load_ep
-    if load_ep != ep:  # the same adapter drawn at the loading layout (init is layout-independent)
-        saved, _ = _adapted(tp, load_ep, etp, 1, tp > 1)
-    other, _ = _adapted(tp, load_ep, etp, 1, tp > 1, lora_seed=1)
+    load_etp = etp if load_etp is None else load_etp
+    if (load_ep, load_etp) != (ep, etp):  # the same adapter drawn at the loading layout (init is layout-independent)
+        saved, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1)
+    other, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1, lora_seed=1)
     before = other.adapter_state_dict()
     want = saved.adapter_state_dict()
     differed = all(not torch.equal(before[n].local, want[n].local) for n in want if "lora_A" in n)
     load_checkpoint(other, path, restore_rng=False)
     got = other.adapter_state_dict()
     return {"differed": differed, "names": sorted(want),
-            "equal": {n: torch.equal(got[n].local, want[n].local) for n in want}}
+            "equal": {n: torch.equal(got[n].local, want[n].local) for n in want},
+            "saved_logits": saved_logits, "loaded_logits": _logits(other)}
 
 
 def dora_expert_etp_job() -> str:

@@ -43,7 +43,25 @@ def test_moe_settings_are_checked():
         GPTSettings(num_moe_experts=4, moe_router_dtype="bf16")
     with pytest.raises(ValueError, match="num_moe_experts"):
         GPTSettings(num_moe_experts=0)
+    with pytest.raises(ValueError, match="moe_expert_capacity_factor"):
+        GPTSettings(num_moe_experts=4, moe_expert_capacity_factor=-1.0)  # megatron would read it as None
+    with pytest.raises(ValueError, match="moe_token_drop_policy"):
+        GPTSettings(num_moe_experts=4, moe_token_drop_policy="fifo")
     GPTSettings(moe_router_topk=9)  # dense: the MoE fields are ignored
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_factor_drops_tokens_over_capacity(pool2, policy):
+    """moe_expert_capacity_factor reaches megatron's router: each expert keeps at most
+    ceil(factor x tokens x topk / experts) of the tokens its router sees (megatron's get_capacity)."""
+    import math
+
+    for r in pool2.run(jobs.capacity_job, _batch()[0], 0.5, policy):
+        assert r["config"] == (0.5, policy)
+        capacity = math.ceil(0.5 * r["tokens"] * 2 / 4)
+        for routing in r["maps"].values():
+            per_expert = routing.sum(dim=0)
+            assert per_expert.max() <= capacity and routing.sum() < r["tokens"] * 2  # some tokens dropped
 
 
 def test_layout_errors_and_cpu_defaults(pool2):

@@ -131,23 +131,68 @@ def test_sharded_checkpoint_round_trips_expert_adapters(request, tmp_path, pool_
     assert experts == {"0", "1", "2", "3"}
 
 
+def _assert_same_logits(ranks, atol: float = 0.0):
+    """The loaded model at its layout gives the saved model's logits (at the saving layout): the
+    same float64 values on every rank (atol 0), or within `atol` where the layouts sum an expert's
+    fc2 in another order (expert-TP 1 vs 2: measured 3e-16)."""
+    for r in ranks:
+        torch.testing.assert_close(r["loaded_logits"], r["saved_logits"], rtol=0, atol=atol)
+        assert torch.equal(r["saved_logits"], ranks[0]["saved_logits"])
+
+
 def test_checkpoint_saved_at_ep2_loads_at_ep1(pool2, tmp_path):
     """Names carry the global expert index, so EP 1 ranks find every expert's tensors in the
-    files EP 2 wrote (expert-TP = TP = 1 on both sides)."""
-    for r in pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 2, 1, 1, load_ep=1):
+    files EP 2 wrote (expert-TP = TP = 1 on both sides), and give the EP 2 logits."""
+    ranks = pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 2, 1, 1, load_ep=1)
+    for r in ranks:
         assert r["differed"] and all(r["equal"].values())
         assert {n.split(".")[6] for n in r["names"] if ".local_experts." in n} == {"0", "1", "2", "3"}
+    _assert_same_logits(ranks)
 
 
 @pytest.mark.parametrize("save_ep, load_ep", [(2, 4), (4, 2)])
 def test_checkpoint_reshards_ep_on_four_ranks(pool4, tmp_path, save_ep, load_ep):
-    """EP 2 -> EP 4 and back on four ranks: each loading rank gets exactly its own experts."""
+    """EP 2 -> EP 4 and back on four ranks: each loading rank gets exactly its own experts, and
+    the model gives the saving layout's logits."""
     ranks = pool4.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), save_ep, 1, 1, load_ep=load_ep)
     experts = set()
     for r in ranks:
         assert r["differed"] and all(r["equal"].values()), [n for n, ok in r["equal"].items() if not ok]
         experts |= {n.split(".")[6] for n in r["names"] if ".local_experts." in n}
     assert experts == {"0", "1", "2", "3"}
+    _assert_same_logits(ranks)
+
+
+@pytest.mark.parametrize("save_etp, load_etp", [(1, 2), (2, 1)])
+def test_checkpoint_reshards_expert_tp_at_tp2(pool2, tmp_path, save_etp, load_etp):
+    """TP 2 (SP) x EP 1: expert adapters saved at expert-TP 1 (ETP != TP: the index records their
+    split size) load at expert-TP 2, and back; the same tensors and the saving layout's logits (to
+    rounding: expert-TP 2 sums each expert's fc2 over two ranks)."""
+    ranks = pool2.run(jobs.checkpoint_job, str(tmp_path / "ckpt"), 1, save_etp, 2, load_etp=load_etp)
+    for r in ranks:
+        assert r["differed"] and all(r["equal"].values()), [n for n, ok in r["equal"].items() if not ok]
+    _assert_same_logits(ranks, atol=1e-14)
+    _offline_expert_reshard(tmp_path / "ckpt", tmp_path, save_etp)
+
+
+def _offline_expert_reshard(ckpt, tmp_path, saved_etp: int):
+    """consolidate/reshard offline: to TP 1 x expert-TP 2 and TP 2 x expert-TP 1, the same full
+    tensors; the index records the experts' split size where it is not tp_size."""
+    import json
+
+    from parallel_adapters.checkpoint.consolidate import consolidate, reshard
+
+    full = consolidate(ckpt)
+    index = json.loads((ckpt / "index.json").read_text())["tensors"]
+    experts = [n for n in index if ".local_experts." in n]
+    assert {index[n].get("split_size", 2) for n in experts} == {saved_etp}
+    for tp, etp in ((1, 2), (2, 1)):
+        out = reshard(ckpt, tmp_path / f"tp{tp}-etp{etp}", tp, progress=False, expert_tp_size=etp)
+        entries = json.loads((out / "index.json").read_text())["tensors"]
+        assert {entries[n].get("split_size", tp) for n in experts} == {etp}
+        assert all(len(entries[n]["files"]) == etp for n in experts if "lora_B" in n and "linear_fc1" in n)
+        again = consolidate(out)
+        assert again.keys() == full.keys() and all(torch.equal(again[n], full[n]) for n in full)
 
 
 @pytest.mark.parametrize("pool_name, tp, ep", [("pool2", 1, 2), ("pool4", 2, 2)])

@@ -63,6 +63,16 @@ def test_replicated_tensor_may_live_in_any_one_tp_file():
     assert validate_index(_index())["rep"].replica_rank == 0
 
 
+def test_expert_split_size_overrides_tp_size():
+    """A routed expert's tensor saved at expert-TP 1 under TP 2: one piece, read at split size 1."""
+    def one_piece(i):
+        i["tensors"][NAME].update(split_size=1)
+        i["tensors"][NAME]["files"].pop("tp01-pp00")
+    info = validate_index(_corrupt(one_piece))[NAME]
+    assert (info.split_size, list(info.files)) == (1, [0])
+    assert validate_index(_index())[NAME].split_size == 2
+
+
 def _corrupt(mutate):
     index = copy.deepcopy(_index())
     mutate(index)
@@ -90,6 +100,9 @@ def _corrupt(mutate):
     (lambda i: i["files"]["adapter_config.json"].update(bytes=-1), "adapter_config.json"),
     (lambda i: i["train_state"].update(rng={"tp00-pp00-dp00": "../rng"}), "rng state file"),
     (lambda i: i["train_state"].pop("rng"), "train_state must have keys"),
+    (lambda i: i["tensors"][NAME].update(split_size=0), "split_size must be a positive int"),
+    (lambda i: i["tensors"][NAME].update(split_size=1), "outside split_size 1"),  # files of 2 ranks
+    (lambda i: i["tensors"][NAME].update(split_size=4), "expected \\[0, 1, 2, 3\\]"),
 ])
 def test_index_validation_names_the_problem(mutate, message):
     with pytest.raises(CheckpointError, match=message):

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from parallel_adapters.config import EvaConfig, LoraConfig
 from parallel_adapters.train import runner
@@ -57,6 +58,9 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "moe.ffn_hidden_size": (["moe.num_experts=4"], "64", "gpt"),
     "moe.aux_loss_coeff": (["moe.num_experts=4"], "0.01", "gpt"),
     "moe.router_dtype": (["moe.num_experts=4"], "fp64", "gpt"),
+    "moe.dispatcher": (["moe.num_experts=4"], "alltoall", "gpt"),  # refused without CUDA
+    "moe.capacity_factor": (["moe.num_experts=4"], "1.5", "gpt"),
+    "moe.drop_policy": (["moe.num_experts=4", "moe.capacity_factor=1.0"], "position", "gpt"),
     "adapter.r": ([], "16", "lora"),
     "adapter.lora_alpha": ([], "32", "lora"),
     "adapter.lora_dropout": ([], "0.1", "lora"),
@@ -162,7 +166,8 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "logging.every": (["logging.metrics_jsonl={tmp}/m.jsonl"], "5", "loop"),
     "logging.metrics_jsonl": ([], "{tmp}/m.jsonl", "loop"),
 }
-REFUSED = {"parallel.data"}  # the changed value is observable only as a refusal
+REFUSED = {"parallel.data"} | ({"moe.dispatcher"} if not torch.cuda.is_available() else set())
+"""Keys whose changed value is observable only as a refusal (moe.dispatcher=alltoall: on the CPU)."""
 REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: another is refused, naming it
     "adapter.rank_dropout@loha", "adapter.module_dropout@loha", "adapter.rank_dropout@lokr",
     "adapter.module_dropout@lokr", "adapter.use_effective_conv2d@lokr", "adapter.rank_dropout_scale@lokr",

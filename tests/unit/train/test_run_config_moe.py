@@ -49,6 +49,11 @@ def _check(overrides: list[str], world: int = 4, hf: str = "") -> None:
     (MOE + ["moe.topk=5"], 1, r"moe\.topk=5 must be in 1\.\.moe\.num_experts=4"),
     (MOE + ["moe.router_dtype=fp16"], 1, r"moe\.router_dtype must be null or one of"),
     (MOE + ["moe.aux_loss_coeff=-0.1"], 1, r"moe\.aux_loss_coeff must be >= 0"),
+    (MOE + ["moe.dispatcher=flex"], 1, r"moe\.dispatcher must be one of \['allgather', 'alltoall'\]"),
+    (MOE + ["moe.capacity_factor=0.0"], 1, r"moe\.capacity_factor must be > 0 or null"),
+    (MOE + ["moe.capacity_factor=1.0", "moe.drop_policy=fifo"], 1, r"moe\.drop_policy must be one of"),
+    (MOE + ["moe.drop_policy=position"], 1, r"moe\.drop_policy='position' needs moe\.capacity_factor"),
+    (["moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor needs a MoE model"),
     (["moe.num_experts=0"], 1, r"moe\.num_experts must be >= 1"),
     (["moe.topk=1"], 1, r"moe\.topk needs a MoE model"),
     (["moe.aux_loss_coeff=0.01"], 1, r"moe\.aux_loss_coeff needs a MoE model"),
@@ -98,3 +103,24 @@ def test_qwen3_30b_a3b_example_layout_is_valid_on_8_ranks(tmp_path):
     experts = settings.num_layers * settings.num_moe_experts * 3 * settings.hidden_size * settings.moe_ffn_hidden_size
     per_rank = experts / (layout.expert * layout.expert_tensor) * 2  # bytes of bfloat16
     assert 7.0e9 < per_rank < 7.5e9  # the header's 3.62e9 expert parameters a rank
+
+
+def test_alltoall_dispatcher_is_refused_on_the_cpu_by_name_and_allowed_with_cuda(monkeypatch):
+    """Checked in validate_run_config (no process group): Megatron's alltoall dispatcher creates
+    CUDA streams, so without a GPU it is refused naming the key; with one it reaches GPTSettings."""
+    import torch
+
+    overrides = MOE + ["moe.dispatcher=alltoall", "parallel.expert=2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"moe\.dispatcher='alltoall' needs CUDA .* moe\.dispatcher=allgather"):
+        _check(overrides, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _check(overrides, 2)
+    assert runner.gpt_settings(load_run_config(None, overrides), 1).moe_token_dispatcher_type == "alltoall"
+
+
+def test_capacity_factor_and_drop_policy_reach_megatron_settings():
+    config = load_run_config(None, MOE + ["moe.capacity_factor=1.25", "moe.drop_policy=position"])
+    validate_run_config(config)
+    settings = runner.gpt_settings(config, 1)
+    assert (settings.moe_expert_capacity_factor, settings.moe_token_drop_policy) == (1.25, "position")
