@@ -6,6 +6,10 @@ as the initialisation (cheaper than re-running the decomposition, and bit-exact 
 would do on another machine); the export converts the trained adapter to a rank-2r LoRA on the
 original base from them (checkpoint/decomposition_export.py).  In a checkpoint they are stored
 next to the factors as `<module>.<tensor>.<adapter>.initial`, sharded like the factor.
+
+LoftQ records, under the same names, the factors whose product was subtracted before its last
+quantisation (zeros for loftq_iter=1): its base Q = dequant(quant(W - B_prev A_prev)) is rebuilt
+from them by `decompose.loftq.quantized_base`, the rule the initialisation itself ran.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds.lora import LORA_A, LORA_B
+from parallel_adapters.decompose.loftq import quantized_base
 from parallel_adapters.distributed.sharding import ShardedTensor
 
 INITIAL_SUFFIX = ".initial"
@@ -63,10 +68,12 @@ def expected_initial(hosts: Iterator[AdapterHost], adapter_name: str, dtypes: Ma
             for name, _host, decl in _initial_entries(hosts, adapter_name)}
 
 
-def restore_residual(hosts: Iterator[AdapterHost], adapter_name: str, loaded: Mapping[str, torch.Tensor]) -> None:
+def restore_residual(hosts: Iterator[AdapterHost], adapter_name: str, loaded: Mapping[str, torch.Tensor],
+                     loftq_bits: int | None = None) -> None:
     """Write W - s B0 A0 into every host's base shard from the loaded initial factors (the same
-    rule as `decomposition_init`, so the residual is bit-identical) and record them.  The base must
-    be the original: a host that already holds a decomposition is refused."""
+    rule as `decomposition_init`, so the residual is bit-identical) and record them; with
+    `loftq_bits` (a LoftQ checkpoint), LoftQ's Q from W and the recorded factors instead.  The base
+    must be the original: a host that already holds a decomposition is refused."""
     for host in hosts:
         if not host.has_adapter(adapter_name):
             continue
@@ -76,7 +83,12 @@ def restore_residual(hosts: Iterator[AdapterHost], adapter_name: str, loaded: Ma
                              "before loading a PiSSA/OLoRA checkpoint")
         a0 = loaded[initial_name(host.module_name, LORA_A, adapter_name)]
         b0 = loaded[initial_name(host.module_name, LORA_B, adapter_name)]
-        subtract_initial(host, adapter_name, a0, b0)
+        if loftq_bits is None:
+            subtract_initial(host, adapter_name, a0, b0)
+            continue
+        with torch.no_grad():
+            host.weight.copy_(quantized_base(host.weight, a0, b0, loftq_bits).to(host.weight.dtype))
+        record(host, adapter_name, a0, b0)
 
 
 def subtract_initial(host: AdapterHost, adapter_name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:

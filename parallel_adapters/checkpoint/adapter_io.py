@@ -18,6 +18,7 @@ from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state, restore_rng_state, save_sharded
+from parallel_adapters.config.lora import LoftQConfig
 
 _GROUP_KEY = "param_groups/"
 
@@ -32,6 +33,7 @@ def checkpoint_config(model: AdapterModel, adapter_name: str | None = None, base
     name = adapter_name or model.active_adapter
     config = model.peft_config[name].to_dict()
     config.pop("eva_config", None) if config.get("eva_config") is None else None
+    config.pop("loftq_config", None) if config.get("loftq_config") is None else None
     config.update(adapter_name=name, adapter_kind=_kind_name(model, name), tp_size=model.groups.tp_size,
                   pp_size=model.groups.pp_size)
     if base is not None and base.name_or_path is not None:
@@ -76,6 +78,7 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
     with CheckpointReader(directory) as reader:
         initial = {n: info.dtype for n, info in reader.tensors.items() if n.endswith(ds.INITIAL_SUFFIX)}
         stored_init = reader.config().get("init_lora_weights")
+        stored_loftq = reader.config().get("loftq_config") if stored_init == "loftq" else None
     hosts = [layer for _, layer in model.adapter_layers()]
     if initial:  # PiSSA/OLoRA: the factors were trained on the residual W - s B0 A0
         expected.update(ds.expected_initial(hosts, model.active_adapter, initial))
@@ -85,9 +88,10 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
             if name in current:
                 current[name].local.copy_(tensor)
     if initial:
-        ds.restore_residual(hosts, model.active_adapter, loaded)
+        ds.restore_residual(hosts, model.active_adapter, loaded, stored_loftq and stored_loftq["loftq_bits"])
         name = model.active_adapter
-        model.peft_config[name] = model.peft_config[name].replace(init_lora_weights=stored_init)
+        loftq = {"loftq_config": LoftQConfig(**stored_loftq)} if stored_loftq else {}  # LoftQ: Q rebuilt
+        model.peft_config[name] = model.peft_config[name].replace(init_lora_weights=stored_init, **loftq)
     with CheckpointReader(directory) as reader:
         train_state = reader.index["train_state"]
         same_layout = (reader.tp_size, reader.pp_size, reader.dp_size) == (

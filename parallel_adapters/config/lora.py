@@ -1,4 +1,4 @@
-"""LoraConfig (LoRA and DoRA) and EvaConfig, PEFT's fields."""
+"""LoraConfig (LoRA and DoRA), EvaConfig and LoftQConfig, PEFT's fields."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +43,21 @@ class EvaConfig:
 
 
 @dataclass(frozen=True)
+class LoftQConfig:
+    """LoftQ initialisation settings (PEFT's `LoftQConfig` fields), with init_lora_weights="loftq"."""
+
+    loftq_bits: int = 4
+    """Quantisation bits: 2, 4 (NF4) or 8, NormalFloat blocks of 64 (decompose/quantize.py)."""
+    loftq_iter: int = 1
+    """Alternating iterations (quantise W - L R, then L R = top-r SVD of W - Q)."""
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (2, 4, 8):
+            raise ValueError(f"LoftQConfig.loftq_bits must be 2, 4 or 8, got {self.loftq_bits!r}")
+        _check_positive_int("loftq_iter", self.loftq_iter, "LoftQConfig")
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     """LoRA settings, field for field PEFT's `LoraConfig` where the concept is the same."""
 
@@ -71,12 +86,16 @@ class LoraConfig:
     "eva": data-driven A (see EvaConfig), B zero.  "pissa": A, B from the top-r singular triplets
     of W, W replaced by the residual W - s B A; "pissa_niter_K": the same from a randomized SVD
     with K subspace iterations; "olora": A, B from a QR of W, W replaced by W - s B A (PEFT's
-    PiSSA / OLoRA; computed on the TP shards without gathering W: adapters/decomposition_init.py)."""
+    PiSSA / OLoRA; computed on the TP shards without gathering W: adapters/decomposition_init.py).
+    "loftq": W replaced by its blockwise-quantised-then-dequantised Q, A, B from the SVD of W - Q
+    (PEFT's LoftQ, `loftq_config` required; decompose/loftq.py)."""
     bias: str = "none"
     """"none", "all" (train every bias) or "lora_only" (train biases of adapted layers)."""
     modules_to_save: Union[list, None] = None
     """Extra modules (by name suffix) left trainable and saved with the adapter."""
     eva_config: Union[EvaConfig, None] = None
+    loftq_config: Union[LoftQConfig, None] = None
+    """LoftQ's settings; required with init_lora_weights="loftq" (as PEFT), unused with any other init."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
@@ -94,8 +113,11 @@ class LoraConfig:
                 decomposition_init(self.init_lora_weights) is None):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'eva', 'pissa', "
-                f"'pissa_niter_<K>' or 'olora', got {self.init_lora_weights!r}"
+                f"'pissa_niter_<K>', 'olora' or 'loftq', got {self.init_lora_weights!r}"
             )
+        if self.init_lora_weights == "loftq" and not isinstance(self.loftq_config, LoftQConfig):
+            raise ValueError("LoraConfig.loftq_config (a LoftQConfig) must be given with init_lora_weights='loftq' "
+                             f"(as PEFT), got {self.loftq_config!r}")
         if decomposition_init(self.init_lora_weights) is not None and self.eva_config is not None:
             raise ValueError(f"LoraConfig.eva_config is set but init_lora_weights={self.init_lora_weights!r}: "
                              "EVA and a weight decomposition both initialise the factors; drop eva_config")
@@ -138,6 +160,8 @@ class LoraConfig:
         data = dict(data)
         if isinstance(data.get("eva_config"), dict):
             data["eva_config"] = EvaConfig(**data["eva_config"])
+        if isinstance(data.get("loftq_config"), dict):
+            data["loftq_config"] = LoftQConfig(**data["loftq_config"])
         return cls(**data)
 
 
@@ -146,10 +170,11 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 def decomposition_init(init_lora_weights: Any) -> tuple[str, int | None] | None:
     """("pissa", None) for "pissa" (exact SVD), ("pissa", K) for "pissa_niter_K" (randomized SVD,
-    K subspace iterations), ("olora", None) for "olora"; None for any other value."""
+    K subspace iterations), ("olora", None) for "olora", ("loftq", None) for "loftq"; None for any
+    other value."""
     if not isinstance(init_lora_weights, str):
         return None
-    if init_lora_weights in ("pissa", "olora"):
+    if init_lora_weights in ("pissa", "olora", "loftq"):
         return init_lora_weights, None
     match = _PISSA_NITER.fullmatch(init_lora_weights)
     return ("pissa", int(match.group(1))) if match else None
