@@ -39,6 +39,8 @@ class LoftQ:
     a_prev: torch.Tensor
     b_prev: torch.Tensor
     converged: bool
+    iterations: int
+    """Subspace iterations of the loftq_iter SVDs together (each also has its first sketch)."""
 
 
 def quantized_base(w_local: torch.Tensor, a_prev: torch.Tensor, b_prev: torch.Tensor, bits: int,
@@ -57,11 +59,11 @@ def loftq_factors(w_local: torch.Tensor, mode: str, r: int, bits: int, iters: in
     w = w_local.to(pissa.working_dtype(w_local.dtype))
     a_prev = w.new_zeros(r, w.shape[1])  # column: A replicated [r, I]; row: A_i [r, I/t]
     b_prev = w.new_zeros(w.shape[0], r)
-    converged = True
+    converged, total = True, 0
     for i in range(iters):
         q = quantized_base(w, a_prev, b_prev, bits, block_size)
         a, b, report = pissa.pissa_factors(w - q, mode, r, 1.0, None, generator, in_index, group)
-        converged = converged and report.converged
+        converged, total = converged and report.converged, total + report.iterations
         if i + 1 < iters:
             a_prev, b_prev = a, b
-    return LoftQ(a, b, q, a_prev, b_prev, converged)
+    return LoftQ(a, b, q, a_prev, b_prev, converged, total)
