@@ -11,6 +11,7 @@ init_lora_weights -> True.  The checkpoint stores A0, B0 as `<module>.<tensor>.<
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -63,6 +64,8 @@ def convert_view(meta: Mapping[str, torch.Tensor], read: Read, config: Mapping[s
     unchanged for an adapter without initial factors (refused with `convert`, which would have
     nothing to convert); UserError for one with them but without `convert`."""
     initial = initial_names(meta)
+    if initial and config.get("init_lora_weights") == "loftq":
+        return _loftq_view(meta, read, config, convert, where)
     if not initial:
         if convert:
             raise UserError(f"{where}: {CONVERT_FLAG} converts a PiSSA/OLoRA adapter (one that stores its initial "
@@ -104,3 +107,17 @@ def _sibling(name: str) -> str:
     """lora_A's key for lora_B's and back."""
     a, b = f".{LORA_A}.", f".{LORA_B}."
     return name.replace(a, b) if a in name else name.replace(b, a)
+
+
+def _loftq_view(meta: Mapping[str, torch.Tensor], read: Read, config: Mapping[str, Any], convert: bool,
+                where: str) -> tuple[dict[str, torch.Tensor], Read, dict]:
+    """LoftQ: the trained factors as they are (without the stored pre-quantisation factors), with a
+    warning that they need the de-quantised base; `convert` refused (no plain-LoRA form exists)."""
+    from parallel_adapters.checkpoint.loftq_merge import NEEDS_DEQUANTIZED_BASE
+
+    if convert:
+        raise UserError(f"{where}: {CONVERT_FLAG} cannot convert a LoftQ adapter: the trained model is Q + s*B*A with "
+                        "Q the de-quantised base, and W - Q is full rank, so no low-rank adapter on the original base "
+                        "reproduces it (PEFT has no such conversion either); export without the flag, or merge")
+    warnings.warn(f"{where}: {NEEDS_DEQUANTIZED_BASE}", stacklevel=3)
+    return {n: t for n, t in meta.items() if not n.endswith(INITIAL_SUFFIX)}, read, dict(config)

@@ -26,6 +26,7 @@ from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.finite import check_config, check_tensor
 from parallel_adapters.checkpoint.layout import CheckpointError
+from parallel_adapters.checkpoint.loftq_merge import is_loftq, loftq_module_adapters
 from parallel_adapters.checkpoint.outputs import StagedDirectory, check_output_dir, checkpoint_inputs
 from parallel_adapters.hf.config import read_hf_config
 from parallel_adapters.hf.files import (
@@ -103,11 +104,13 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: s
     else:
         tensors, config = load_checkpoint_factors(source)
         check_config(config, f"merge: {source}", allow_nonfinite)
-        if initial_names(tensors):  # PiSSA/OLoRA: into the original base as W + s B A - s B0 A0
+        loftq = bool(initial_names(tensors)) and is_loftq(config)  # into its de-quantised base, Q + s B A
+        if initial_names(tensors) and not loftq:  # PiSSA/OLoRA: into the original base as W + s B A - s B0 A0
             meta, read, config = convert_view(tensors, tensors.__getitem__, config, True, "merge")
             tensors = {n: read(n) for n in meta}
         refuse_merge(config, source)
-        adapters = hf_module_adapters(tensors, config, read_hf_config(base_hf_dir), adapter_name)
+        build = loftq_module_adapters if loftq else hf_module_adapters
+        adapters = build(tensors, config, read_hf_config(base_hf_dir), adapter_name)
     if not allow_nonfinite:
         for module, adapter in adapters.items():
             for name, tensor in adapter.tensors.items():

@@ -29,8 +29,9 @@ def export_adapter(model: AdapterModel, checkpoint: Path | None, peft_dir: str, 
             raise ValueError("export.peft_dir: no checkpoint was written by this run")
         hf_config = hf_dir or hf_config_from_model(model.model)
         convert = decomposition_init(getattr(model.peft_config[model.active_adapter], "init_lora_weights", None))
+        convert = convert is not None and convert[0] != "loftq"  # LoftQ: no conversion exists (it warns instead)
         return str(export_peft_from_checkpoint(checkpoint, peft_dir, hf_config, overwrite=overwrite,
-                                               convert_to_lora=convert is not None))  # PiSSA/OLoRA: original base
+                                               convert_to_lora=convert))  # PiSSA/OLoRA: original base
 
     return on_rank0(export, f"export to {peft_dir}")
 

@@ -149,6 +149,10 @@ def validate_run_config(config: RunConfig) -> None:
     if decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None and config.eva is not None:
         raise ValueError(f"eva: adapter.init_lora_weights={config.adapter.init_lora_weights!r} initialises the "
                          "factors by a decomposition; EVA would replace it (remove the eva: section or the init)")
+    if getattr(config.adapter, "init_lora_weights", None) == "loftq" and config.export.verify_with_peft:
+        raise ValueError("export.verify_with_peft with adapter.init_lora_weights='loftq': the exported adapter "
+                         "applies to the LoftQ-de-quantised base, not to the Hugging Face base PEFT would load "
+                         "(check the merged model instead: merge folds it into the de-quantised base)")
     if (decomposition_init(getattr(config.adapter, "init_lora_weights", None)) is not None
             and config.export.verify_with_peft and config.model.hf_checkpoint is None):
         raise ValueError(f"export.verify_with_peft with adapter.init_lora_weights={config.adapter.init_lora_weights!r} "

@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "hf": {"distributed", "storage"},
     "mcore": {"distributed", "hf", "ops"},
     "adapters": {"config", "decompose", "distributed", "mcore", "ops"},
-    "checkpoint": {"adapters", "config", "distributed", "hf", "storage", "user_errors"},
+    "checkpoint": {"adapters", "config", "decompose", "distributed", "hf", "storage", "user_errors"},
     "eva": {"adapters", "checkpoint", "config", "distributed", "mcore"},
     "interop": set(),
     "train": {"adapters", "checkpoint", "config", "distributed", "eva", "interop", "mcore", "user_errors"},

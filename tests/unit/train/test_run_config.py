@@ -135,3 +135,16 @@ def test_weight_rewriting_inits_are_accepted_but_not_with_eva(init):
     validate_run_config(_config(f"adapter.init_lora_weights={init}"))
     with pytest.raises(ValueError, match=rf"eva: adapter\.init_lora_weights='{init}'"):
         validate_run_config(_config(f"adapter.init_lora_weights={init}", "eva.rho=2.0"))
+
+
+def test_loftq_run_config():
+    """LoftQ: loftq_config fields under adapter.loftq_config (required, as PEFT); PEFT cannot verify the
+    export (it needs the de-quantised base), so export.verify_with_peft is refused naming why."""
+    loftq = ["adapter.init_lora_weights=loftq", "adapter.loftq_config.loftq_bits=2", "adapter.loftq_config.loftq_iter=3"]
+    config = _config(*loftq)
+    validate_run_config(config)
+    assert (config.adapter.loftq_config.loftq_bits, config.adapter.loftq_config.loftq_iter) == (2, 3)
+    with pytest.raises(ValueError, match="loftq_config"):
+        _config("adapter.init_lora_weights=loftq")
+    with pytest.raises(ValueError, match="verify_with_peft.*de-quantised base"):
+        validate_run_config(_config(*loftq, "export.verify_with_peft=true", "export.peft_dir=x"))
