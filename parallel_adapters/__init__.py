@@ -18,6 +18,7 @@ _EXPORTS = {
     "LoHaConfig": "parallel_adapters.config",
     "LoKrConfig": "parallel_adapters.config",
     "EvaConfig": "parallel_adapters.config",
+    "LoftQConfig": "parallel_adapters.config",
     "ShardSpec": "parallel_adapters.distributed.sharding",
     "ShardedTensor": "parallel_adapters.distributed.sharding",
     "ParallelGroups": "parallel_adapters.distributed.groups",

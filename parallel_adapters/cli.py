@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the factors (default: as trained, float32)")
     p.add_argument("--convert-to-lora", action="store_true",
                    help="PiSSA/OLoRA: write the rank-2r LoRA [A; A0], [B, -B0] that loads on the ORIGINAL base "
-                        "(PEFT's path_initial_model_for_weight_conversion); required for such checkpoints")
+                        "(PEFT's path_initial_model_for_weight_conversion); required for such checkpoints; refused "
+                        "for LoftQ (no low-rank form on the original base exists)")
     _overwrite(p, "a previous export")
     _allow_nonfinite(p)
 
