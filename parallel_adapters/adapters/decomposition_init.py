@@ -35,7 +35,7 @@ def initialize_from_weights(hosts: Sequence[AdapterHost], config: Any, adapter_n
     """Run the decomposition `config.init_lora_weights` names on every host holding `adapter_name`
     (nothing for other inits)."""
     method = decomposition_init(getattr(config, "init_lora_weights", None))  # other kinds' configs: none
-    if method is None:
+    if method is None or method[0] == "corda":  # CorDA needs calibration data: eva/corda.py
         return
     hosts = [h for h in hosts if h.has_adapter(adapter_name)]
     enabled = show_progress and collectives.group_rank(None) == 0 and len(hosts) > 1
@@ -68,4 +68,16 @@ def _initialize_host(host: AdapterHost, method: tuple[str, int | None], config: 
     host.replace_tensors(adapter_name, tensors, hparams)
     stored = host.adapter_tensors(adapter_name)
     decomposition_state.subtract_initial(host, adapter_name, stored[LORA_A], stored[LORA_B])  # kept for resume/export
+    host.refresh_initial_tensors(adapter_name)
+
+
+def install_factors(host: AdapterHost, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Replace the host's LoRA factor shards by `a`, `b`, write the residual W_i - s (B A)_i into its
+    base shard and record A0, B0 (as above; used by CorDA, eva/corda.py)."""
+    hparams = host.hparams(adapter_name)
+    tensors = {n: t.detach().clone() for n, t in host.adapter_tensors(adapter_name).items()}
+    tensors[LORA_A], tensors[LORA_B] = a, b
+    host.replace_tensors(adapter_name, tensors, hparams)
+    stored = host.adapter_tensors(adapter_name)
+    decomposition_state.subtract_initial(host, adapter_name, stored[LORA_A], stored[LORA_B])
     host.refresh_initial_tensors(adapter_name)

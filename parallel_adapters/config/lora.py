@@ -43,6 +43,31 @@ class EvaConfig:
 
 
 @dataclass(frozen=True)
+class CordaConfig:
+    """CorDA initialisation settings (PEFT's `CordaConfig` fields; eva/corda.py)."""
+
+    cache_file: Union[str, None] = None
+    """Safetensors file(s) of the cropped eigens (S, U, V per layer; one per TP/PP rank): read when
+    present, else written."""
+    covariance_file: Union[str, None] = None
+    """Safetensors file(s) of the input covariances (one per TP/PP rank): read when present, else written."""
+    corda_method: str = "ipm"
+    """"ipm": the top r singular triplets of W C; "kpm": the last r."""
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    """Accumulate the covariance in the input's dtype (else float32)."""
+    prune_temporary_fields: bool = True
+    """False: each host keeps its covariance as `corda_covariance`."""
+    calibration_batches: int = 8
+    """Train runs only (not PEFT's): calibration batches drawn from the run's data."""
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+        _check_positive_int("calibration_batches", self.calibration_batches, "CordaConfig")
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     """LoRA settings, field for field PEFT's `LoraConfig` where the concept is the same."""
 
@@ -77,6 +102,8 @@ class LoraConfig:
     modules_to_save: Union[list, None] = None
     """Extra modules (by name suffix) left trainable and saved with the adapter."""
     eva_config: Union[EvaConfig, None] = None
+    corda_config: Union[CordaConfig, None] = None
+    """With init_lora_weights="corda" (CordaConfig() when None)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
@@ -94,7 +121,7 @@ class LoraConfig:
                 decomposition_init(self.init_lora_weights) is None):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'eva', 'pissa', "
-                f"'pissa_niter_<K>' or 'olora', got {self.init_lora_weights!r}"
+                f"'pissa_niter_<K>', 'olora' or 'corda', got {self.init_lora_weights!r}"
             )
         if decomposition_init(self.init_lora_weights) is not None and self.eva_config is not None:
             raise ValueError(f"LoraConfig.eva_config is set but init_lora_weights={self.init_lora_weights!r}: "
@@ -104,6 +131,11 @@ class LoraConfig:
         if self.use_dora and self.init_lora_weights == "eva":
             raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
                              "(EVA initialises LoRA factors only)")
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            object.__setattr__(self, "corda_config", CordaConfig())
+        if self.corda_config is not None and self.init_lora_weights != "corda":
+            raise ValueError(f"LoraConfig.corda_config is set but init_lora_weights={self.init_lora_weights!r} "
+                             "(PEFT ignores it): set init_lora_weights='corda' or drop corda_config")
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
@@ -138,6 +170,8 @@ class LoraConfig:
         data = dict(data)
         if isinstance(data.get("eva_config"), dict):
             data["eva_config"] = EvaConfig(**data["eva_config"])
+        if isinstance(data.get("corda_config"), dict):
+            data["corda_config"] = CordaConfig(**data["corda_config"])
         return cls(**data)
 
 
@@ -146,10 +180,11 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 def decomposition_init(init_lora_weights: Any) -> tuple[str, int | None] | None:
     """("pissa", None) for "pissa" (exact SVD), ("pissa", K) for "pissa_niter_K" (randomized SVD,
-    K subspace iterations), ("olora", None) for "olora"; None for any other value."""
+    K subspace iterations), ("olora", None) for "olora", ("corda", None) for "corda" (needs
+    calibration data: eva/corda.py); None for any other value."""
     if not isinstance(init_lora_weights, str):
         return None
-    if init_lora_weights in ("pissa", "olora"):
+    if init_lora_weights in ("pissa", "olora", "corda"):
         return init_lora_weights, None
     match = _PISSA_NITER.fullmatch(init_lora_weights)
     return ("pissa", int(match.group(1))) if match else None
