@@ -11,6 +11,7 @@ the config errors.
 """
 import copy
 import dataclasses
+import importlib.util
 import sys
 import types
 
@@ -63,9 +64,7 @@ def _pair(method, tmp_path=None, **files):
     theirs_base = copy.deepcopy(base)
     from peft.tuners.lora.config import CordaConfig as PeftCorda
     if "attr" not in sys.modules:  # peft's corda.py takes `dataclass` from attrs, absent here: the stdlib's is the same
-        try:
-            import attr  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("attr") is None:
             sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
     from peft.tuners.lora.corda import preprocess_corda
 
