@@ -103,7 +103,7 @@ class LoraConfig:
     """Extra modules (by name suffix) left trainable and saved with the adapter."""
     eva_config: Union[EvaConfig, None] = None
     corda_config: Union[CordaConfig, None] = None
-    """With init_lora_weights="corda" (CordaConfig() when None)."""
+    """With init_lora_weights="corda" (CordaConfig() when None); ignored with any other init, as PEFT's."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
@@ -133,9 +133,6 @@ class LoraConfig:
                              "(EVA initialises LoRA factors only)")
         if self.init_lora_weights == "corda" and self.corda_config is None:
             object.__setattr__(self, "corda_config", CordaConfig())
-        if self.corda_config is not None and self.init_lora_weights != "corda":
-            raise ValueError(f"LoraConfig.corda_config is set but init_lora_weights={self.init_lora_weights!r} "
-                             "(PEFT ignores it): set init_lora_weights='corda' or drop corda_config")
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):

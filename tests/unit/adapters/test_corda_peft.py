@@ -129,8 +129,6 @@ def test_files_are_safetensors_and_reproduce_the_adapter(tmp_path):
 def test_config_errors():
     with pytest.raises(ValueError, match="corda_method"):
         CordaConfig(corda_method="xpm")
-    with pytest.raises(ValueError, match="corda_config"):
-        LoraConfig(init_lora_weights=True, corda_config=CordaConfig())
     assert LoraConfig(init_lora_weights="corda").corda_config == CordaConfig()
     ours = get_adapter_model(Stack(), LoraConfig(r=R, target_modules=["up"], init_lora_weights="corda"),
                              groups=ParallelGroups.single())
