@@ -70,14 +70,3 @@ def _initialize_host(host: AdapterHost, method: tuple[str, int | None], config: 
     decomposition_state.subtract_initial(host, adapter_name, stored[LORA_A], stored[LORA_B])  # kept for resume/export
     host.refresh_initial_tensors(adapter_name)
 
-
-def install_factors(host: AdapterHost, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Replace the host's LoRA factor shards by `a`, `b`, write the residual W_i - s (B A)_i into its
-    base shard and record A0, B0 (as above; used by CorDA, eva/corda.py)."""
-    hparams = host.hparams(adapter_name)
-    tensors = {n: t.detach().clone() for n, t in host.adapter_tensors(adapter_name).items()}
-    tensors[LORA_A], tensors[LORA_B] = a, b
-    host.replace_tensors(adapter_name, tensors, hparams)
-    stored = host.adapter_tensors(adapter_name)
-    decomposition_state.subtract_initial(host, adapter_name, stored[LORA_A], stored[LORA_B])
-    host.refresh_initial_tensors(adapter_name)

@@ -5,7 +5,7 @@ PEFT runs `preprocess_corda(model, config, run_model)` on the base, then `get_pe
 the factors.  Here the adapter is added first (init "corda" leaves the default factors: the
 calibration data is not there yet, as for EVA), then this collects every target's input
 covariance with EVA's hooks (eva/hooks.py, adapters disabled; eva/corda_stats.py), decomposes W C
-per host (decompose/corda.py: collectives over the host's TP group only, never W), replaces the
+per host (adapters/corda_init.py, decompose/corda.py: collectives over the host's TP group only, never W), replaces the
 factors and writes the residual W - s B A into the base, keeping A0, B0 for resume and export
 (adapters/decomposition_state.py), as PiSSA does.
 
@@ -27,20 +27,17 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from parallel_adapters.adapters import decomposition_init, functional as lf
+from parallel_adapters.adapters import corda_init
+from parallel_adapters.adapters.corda_init import Eigens
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.decompose import corda as corda_math
 from parallel_adapters.distributed import collectives as C
-from parallel_adapters.distributed.sharding import ShardSpec
 from parallel_adapters.eva.corda_stats import LayerCovariance, accumulation_dtype, finish
 from parallel_adapters.eva.hooks import ForwardDone, InputCapture, TokenMask, prepare_layer_inputs_fn_language_modeling
 from parallel_adapters.eva.initialize import default_forward_fn
 from parallel_adapters.eva.state import eva_layers
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
-Eigens = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
@@ -71,15 +68,14 @@ def initialize_corda_weights(model: AdapterModel, dataloader: Iterable | None = 
                                  "covariance_file to read)")
             covariances = collect_covariances(model, dataloader, adapter_name, forward_fn)
             _write(cc.covariance_file, covariances, groups)
-        eigens = _all_eigens(model, hosts, covariances, config, adapter_name, show_progress_bar or cc.verbose)
+        eigens = corda_init.host_eigens(hosts, covariances, config, adapter_name, show_progress_bar or cc.verbose)
         if not cc.prune_temporary_fields:
             for name, host in hosts.items():
                 host.__dict__["corda_covariance"] = covariances[name]
         _write(cc.cache_file, {f"{n}.eigens.{k}": t for n, e in eigens.items()
                                for k, t in zip(("S_WC", "U_WC", "V_WC"), e)}, groups)
     for name, host in hosts.items():
-        a, b = corda_math.corda_factors(*eigens[name], host.hparams(adapter_name)["scaling"])
-        decomposition_init.install_factors(host, adapter_name, a, b)
+        corda_init.install_eigens(host, adapter_name, eigens[name])
     return model
 
 
@@ -146,22 +142,6 @@ def _mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def _cov_shape(host: Any) -> tuple[int, int]:
     g = host.geometry
     return (g.in_features // g.tp_size if g.parallel_mode == "row" else g.in_features), g.in_features
-
-
-def _all_eigens(model: AdapterModel, hosts: dict, covariances: Mapping[str, torch.Tensor], config: Any,
-                adapter_name: str, show: bool) -> dict[str, Eigens]:
-    out = {}
-    enabled = show and C.group_rank(None) == 0 and len(hosts) > 1
-    for name, host in tqdm(hosts.items(), desc="corda init", disable=not enabled, leave=False):
-        g = host.geometry
-        in_spec = ShardSpec(dim=0, chunks=g.chunks) if g.parallel_mode == "row" else ShardSpec()
-        in_index = in_spec.shard(torch.arange(g.in_features, device=host.weight.device), g.tp_rank, g.tp_size)
-        generator = torch.Generator().manual_seed(lf.factor_seed(config.seed, name, adapter_name, "corda"))
-        s, u, v, _ = corda_math.corda_eigens(host.weight.detach(), covariances[name], g.parallel_mode,
-                                             host.hparams(adapter_name)["r"], config.corda_config.corda_method,
-                                             generator, in_index, g.tp_group)
-        out[name] = (s, u, v)
-    return out
 
 
 # -- files ---------------------------------------------------------------------------------------
