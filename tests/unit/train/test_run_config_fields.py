@@ -76,6 +76,7 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.bias": ([], "all", "lora"),
     "adapter.modules_to_save": ([], "[final_layernorm]", "lora"),
     "adapter.eva_config": (["adapter.init_lora_weights=eva"], "{rho: 1.5}", "lora"),
+    "adapter.corda_config": (["adapter.init_lora_weights=corda"], "{corda_method: kpm}", "lora"),
     "adapter.seed": ([], "5", "lora"),
     "adapter.kind": ([], "loha", "lora"),
     # adapter.kind's other kinds: `adapter.<field>@<kind>` is adapter.<field> with adapter.kind=<kind>
