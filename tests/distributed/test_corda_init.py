@@ -46,7 +46,7 @@ def dense_corda(w, x, r, method, s):
     return root[:, None] * (inv @ (vh * signs).T).T, u * signs.T * root, cov
 
 
-def corda_job(mode, sp, method, record=False):
+def corda_job(mode, sp, method, record=False, dp=False):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
@@ -57,7 +57,7 @@ def corda_job(mode, sp, method, record=False):
     from parallel_adapters.mcore.compat import initialize_model_parallel
     from tests.distributed.test_lora_layers import _Host
 
-    tp = dist.get_world_size()
+    tp = 1 if dp else dist.get_world_size()  # dp: two data-parallel replicas of a TP=1 layer
     groups = initialize_model_parallel(tp, 1)
     rank = groups.tp_rank
     out_f, in_f = SHAPES[mode]
@@ -86,7 +86,7 @@ def corda_job(mode, sp, method, record=False):
                       corda_config=CordaConfig(corda_method=method), seed=4)
     model = get_adapter_model(_Host(base), lora, groups=groups)
     forward = lambda m, batch: m(local(batch))  # noqa: E731
-    loader = [x[:3], x[3:]]
+    loader = [x[:3], x[3:]] if not dp else [x[:3]] if dist.get_rank() == 0 else [x[3:4], x[4:]]
     if record:
         return _recorded(lambda: initialize_corda_weights(model, loader, forward_fn=forward, show_progress_bar=False))
     cov_local = collect_covariances(model, loader, forward_fn=forward)["proj"]
@@ -134,6 +134,12 @@ def _recorded(fn):
 @pytest.mark.parametrize("mode,sp", [("column", False), ("column", True), ("row", False), ("row", True)])
 def test_tp2_gives_the_dense_tp1_adapter(pool2, mode, sp, method):
     for rank, errors in enumerate(pool2.run(corda_job, mode, sp, method)):
+        assert max(errors.values()) < TOL, f"rank {rank}: {errors}"
+
+
+def test_dp2_pools_the_covariance_once(pool2):
+    """Each DP replica sees its own sequences (3 and 2): the adapter is the one of all 5."""
+    for rank, errors in enumerate(pool2.run(corda_job, "column", False, "ipm", False, True)):
         assert max(errors.values()) < TOL, f"rank {rank}: {errors}"
 
 
