@@ -19,6 +19,7 @@ _EXPORTS = {
     "LoKrConfig": "parallel_adapters.config",
     "EvaConfig": "parallel_adapters.config",
     "LoftQConfig": "parallel_adapters.config",
+    "CordaConfig": "parallel_adapters.config",
     "ShardSpec": "parallel_adapters.distributed.sharding",
     "ShardedTensor": "parallel_adapters.distributed.sharding",
     "ParallelGroups": "parallel_adapters.distributed.groups",

@@ -37,7 +37,7 @@ def initialize_from_weights(hosts: Sequence[AdapterHost], config: Any, adapter_n
     """Run the decomposition `config.init_lora_weights` names on every host holding `adapter_name`
     (nothing for other inits)."""
     method = decomposition_init(getattr(config, "init_lora_weights", None))  # other kinds' configs: none
-    if method is None:
+    if method is None or method[0] == "corda":  # CorDA needs calibration data: eva/corda.py
         return
     hosts = [h for h in hosts if h.has_adapter(adapter_name)]
     if method[0] == "loftq":  # refused before any host changes, alike on every rank (geometry only)

@@ -48,6 +48,8 @@ def peft_config_dict(config: Any) -> dict[str, Any]:
     data = {k: v for k, v in config.to_dict().items() if k not in _OUR_ONLY}
     if data.get("eva_config") is not None:
         data["eva_config"] = {k: v for k, v in data["eva_config"].items() if k in _PEFT_EVA}
+    if data.get("corda_config") is not None:  # calibration_batches is a train-run field only
+        data["corda_config"] = {k: v for k, v in data["corda_config"].items() if k != "calibration_batches"}
     peft_type = next((t for t, cls in _OTHER_KINDS.items() if isinstance(config, cls)), "LORA")
     data.update(peft_type=peft_type, task_type=None, base_model_name_or_path=None, inference_mode=True)
     return data

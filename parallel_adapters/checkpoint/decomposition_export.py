@@ -41,6 +41,7 @@ def converted_config(config: Mapping[str, Any]) -> dict:
     out["rank_pattern"] = {k: 2 * v for k, v in (out.get("rank_pattern") or {}).items()}
     out["alpha_pattern"] = {k: 2 * v for k, v in (out.get("alpha_pattern") or {}).items()}
     out["init_lora_weights"] = True
+    out.pop("corda_config", None)  # a plain LoRA now (PEFT would warn on it)
     return out
 
 

@@ -9,7 +9,7 @@ from parallel_adapters.config.common import (  # noqa: F401
     MEGATRON_LINEAR_TARGETS, TargetModules, lora_scaling, pattern_key_matches, pattern_value,
 )
 from parallel_adapters.config.family import IA3_FUSED_PARTS, IA3Config, LoHaConfig, LoKrConfig  # noqa: F401
-from parallel_adapters.config.lora import EvaConfig, LoraConfig, decomposition_init  # noqa: F401
+from parallel_adapters.config.lora import CordaConfig, EvaConfig, LoraConfig, decomposition_init  # noqa: F401
 from parallel_adapters.config.lora import LoftQConfig  # noqa: F401
 from parallel_adapters.config.prompt import (  # noqa: F401
     ENCODER_TYPES, PROMPT_TUNING_INITS, PromptEncoderConfig, PromptTuningConfig,

@@ -58,6 +58,31 @@ class LoftQConfig:
 
 
 @dataclass(frozen=True)
+class CordaConfig:
+    """CorDA initialisation settings (PEFT's `CordaConfig` fields; eva/corda.py)."""
+
+    cache_file: Union[str, None] = None
+    """Safetensors file(s) of the cropped eigens (S, U, V per layer; one per TP/PP rank): read when
+    present, else written."""
+    covariance_file: Union[str, None] = None
+    """Safetensors file(s) of the input covariances (one per TP/PP rank): read when present, else written."""
+    corda_method: str = "ipm"
+    """"ipm": the top r singular triplets of W C; "kpm": the last r."""
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    """Accumulate the covariance in the input's dtype (else float32)."""
+    prune_temporary_fields: bool = True
+    """False: each host keeps its covariance as `corda_covariance`."""
+    calibration_batches: int = 8
+    """Train runs only (not PEFT's): calibration batches drawn from the run's data."""
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+        _check_positive_int("calibration_batches", self.calibration_batches, "CordaConfig")
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     """LoRA settings, field for field PEFT's `LoraConfig` where the concept is the same."""
 
@@ -96,6 +121,8 @@ class LoraConfig:
     eva_config: Union[EvaConfig, None] = None
     loftq_config: Union[LoftQConfig, None] = None
     """LoftQ's settings; required with init_lora_weights="loftq" (as PEFT), unused with any other init."""
+    corda_config: Union[CordaConfig, None] = None
+    """With init_lora_weights="corda" (CordaConfig() when None); ignored with any other init, as PEFT's."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature,
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
@@ -113,7 +140,7 @@ class LoraConfig:
                 decomposition_init(self.init_lora_weights) is None):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'eva', 'pissa', "
-                f"'pissa_niter_<K>', 'olora' or 'loftq', got {self.init_lora_weights!r}"
+                f"'pissa_niter_<K>', 'olora', 'loftq' or 'corda', got {self.init_lora_weights!r}"
             )
         if self.init_lora_weights == "loftq" and not isinstance(self.loftq_config, LoftQConfig):
             raise ValueError("LoraConfig.loftq_config (a LoftQConfig) must be given with init_lora_weights='loftq' "
@@ -126,6 +153,8 @@ class LoraConfig:
         if self.use_dora and self.init_lora_weights == "eva":
             raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
                              "(EVA initialises LoRA factors only)")
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            object.__setattr__(self, "corda_config", CordaConfig())
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
@@ -162,6 +191,8 @@ class LoraConfig:
             data["eva_config"] = EvaConfig(**data["eva_config"])
         if isinstance(data.get("loftq_config"), dict):
             data["loftq_config"] = LoftQConfig(**data["loftq_config"])
+        if isinstance(data.get("corda_config"), dict):
+            data["corda_config"] = CordaConfig(**data["corda_config"])
         return cls(**data)
 
 
@@ -170,11 +201,11 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 def decomposition_init(init_lora_weights: Any) -> tuple[str, int | None] | None:
     """("pissa", None) for "pissa" (exact SVD), ("pissa", K) for "pissa_niter_K" (randomized SVD,
-    K subspace iterations), ("olora", None) for "olora", ("loftq", None) for "loftq"; None for any
-    other value."""
+    K subspace iterations), ("olora", None) for "olora", ("loftq", None) for "loftq", ("corda", None) for "corda"
+    (needs calibration data: eva/corda.py); None for any other value."""
     if not isinstance(init_lora_weights, str):
         return None
-    if init_lora_weights in ("pissa", "olora", "loftq"):
+    if init_lora_weights in ("pissa", "olora", "loftq", "corda"):
         return init_lora_weights, None
     match = _PISSA_NITER.fullmatch(init_lora_weights)
     return ("pissa", int(match.group(1))) if match else None

@@ -1,5 +1,6 @@
-"""EVA in a training run: its batches (the training samples under another seed) and the call of
-`eva.initialize.initialize_eva_weights` (moved out of train/runner.py, which keeps the run's order)."""
+"""EVA and CorDA in a training run: their batches (the training samples under another seed) and
+the calls of `eva.initialize.initialize_eva_weights` / `eva.corda.initialize_corda_weights` (out of
+train/runner.py, which keeps the run's order)."""
 from __future__ import annotations
 
 import itertools
@@ -43,3 +44,15 @@ def run_eva(model: Any, samples: torch.Tensor, config: RunConfig, show_progress:
     batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
     initialize_eva_weights(model, batches, show_progress_bar=show_progress)  # shown on world rank 0 only
     return batches.drawn
+
+
+def run_corda(model: Any, samples: torch.Tensor, config: RunConfig, show_progress: bool) -> None:
+    """CorDA initialisation (collective): the covariance over `corda_config.calibration_batches`
+    micro-batches per DP rank of EVA's batches, then `eva.corda.initialize_corda_weights` with its
+    default Megatron forward.  Cache / covariance files are read instead when they exist."""
+    from parallel_adapters.eva.corda import initialize_corda_weights
+
+    count = model.peft_config[model.active_adapter].corda_config.calibration_batches
+    batches = _EvaBatches(samples, config.optim.micro_batch, model.groups, config.seed + 1)
+    initialize_corda_weights(model, itertools.islice(batches, count), model.active_adapter,
+                             show_progress_bar=show_progress)

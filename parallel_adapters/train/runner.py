@@ -31,7 +31,7 @@ from parallel_adapters.config import LoraConfig
 from parallel_adapters.train.data import ByteTokenizer, DataPosition, default_corpus_path, load_texts, pack
 from parallel_adapters.distributed.agreement import on_rank0
 from parallel_adapters.train.cli_args import add_train_arguments
-from parallel_adapters.train.eva_run import run_eva
+from parallel_adapters.train.eva_run import run_corda, run_eva
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
@@ -273,6 +273,8 @@ def _build_and_train(config: RunConfig, layout: Layout, opts: _Options, groups: 
     init = getattr(model.peft_config[model.active_adapter], "init_lora_weights", None)  # LoRA's only
     if resume_from is None and init == "eva":
         eva_steps = run_eva(model, samples, config, rank0 and opts.show_progress)
+    if resume_from is None and init == "corda":  # resume rebuilds the residual from the checkpoint's A0, B0
+        run_corda(model, samples, config, rank0 and opts.show_progress)
     engine, extra = engine_and_state(config, model, layout, resume_from, opts.tp_sum)
     result = _train(config, layout, model, engine, samples, settings, extra, resume_from, opts)
     result.eva_steps = eva_steps

@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA through `train`: the checkpoint carries the initial factors A0, B0, resume
+"""PiSSA / OLoRA / CorDA through `train`: the checkpoint carries the initial factors A0, B0, resume
 rebuilds the residual base W - s B0 A0 from them, and the export converts the adapter to a
 rank-2r LoRA on the ORIGINAL base (PEFT's path_initial_model_for_weight_conversion).
 
@@ -24,13 +24,15 @@ RUN = ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.steps=4", 
        "adapter.r=4", "adapter.lora_alpha=8"]
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_4", "olora"])
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora", "corda"])
 def test_train_resume_convert_export_and_merge(pool2, tmp_path, init):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     hf = make_tiny_llama(tmp_path / "hf", vocab_size=257)
     run = [*RUN, f"model.hf_checkpoint={hf}", f"adapter.init_lora_weights={init}"]
+    if init == "corda":  # covariance from two calibration micro-batches of the run's data
+        run += ["adapter.corda_config.calibration_batches=2", "adapter.corda_config.corda_method=kpm"]
     saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=2"]
     export = [f"export.peft_dir={tmp_path}/peft", "export.verify_with_peft=true"]
     straight = pool2.run(train_job, run)

@@ -15,7 +15,7 @@ def test_defaults_follow_peft():
 
 @pytest.mark.parametrize("field,value", [
     ("r", 0), ("r", -1), ("r", 2.5), ("lora_alpha", 0), ("lora_alpha", -1.0), ("lora_dropout", 1.0),
-    ("bias", "some"), ("init_lora_weights", "corda"), ("init_lora_weights", "pissa_niter_"), ("target_modules", []),
+    ("bias", "some"), ("init_lora_weights", "CorDA"), ("init_lora_weights", "pissa_niter_"), ("target_modules", []),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

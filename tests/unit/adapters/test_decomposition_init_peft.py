@@ -130,8 +130,9 @@ def test_config_accepts_peft_values_and_refuses_others():
     assert decomposition_init("pissa") == ("pissa", None)
     assert decomposition_init("pissa_niter_16") == ("pissa", 16)
     assert decomposition_init("olora") == ("olora", None)
+    assert decomposition_init("corda") == ("corda", None)  # needs data: eva/corda.py
     assert decomposition_init(True) is None and decomposition_init("eva") is None
-    for bad in ("pissa_niter_", "pissa_niter_x", "PiSSA", "corda"):
+    for bad in ("pissa_niter_", "pissa_niter_x", "PiSSA", "CorDA"):
         with pytest.raises(ValueError, match="init_lora_weights"):
             LoraConfig(init_lora_weights=bad)
     with pytest.raises(ValueError, match="eva_config.*init_lora_weights='olora'"):

@@ -76,6 +76,9 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.bias": ([], "all", "lora"),
     "adapter.modules_to_save": ([], "[final_layernorm]", "lora"),
     "adapter.eva_config": (["adapter.init_lora_weights=eva"], "{rho: 1.5}", "lora"),
+    "adapter.corda_config": (["adapter.init_lora_weights=corda"], "{corda_method: kpm}", "lora"),
+    "adapter.loftq_config": (["adapter.init_lora_weights=loftq", "adapter.loftq_config={loftq_bits: 4}"],
+                             "{loftq_bits: 2}", "lora"),
     "adapter.seed": ([], "5", "lora"),
     "adapter.kind": ([], "loha", "lora"),
     # adapter.kind's other kinds: `adapter.<field>@<kind>` is adapter.<field> with adapter.kind=<kind>
