@@ -140,3 +140,24 @@ def test_alf_init_is_a_no_op_and_other_inits_are_refused(tmp_path):
         LoraConfig(conv_layout="balanced")
     with pytest.raises(ValueError, match="no PEFT form"):
         model.save_pretrained(tmp_path)
+
+
+def test_sharded_checkpoint_round_trips_the_alf_factors(tmp_path):
+    """ALF's adapter has no PEFT form; our checkpoint keeps it (kind "lora", conv_layout "alf")."""
+    import json
+
+    from parallel_adapters import load_checkpoint, save_checkpoint
+
+    _, model = _adapted("grouped")
+    saved = {n: t.local.clone() for n, t in model.adapter_state_dict().items()}
+    assert sorted(saved) == ["conv.alf_A.default.weight", "conv.alf_B.default.weight"]
+    save_checkpoint(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    assert (config["adapter_kind"], config["conv_layout"]) == ("lora", "alf")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    load_checkpoint(model, tmp_path / "ckpt")
+    for name, tensor in model.adapter_state_dict().items():
+        assert torch.equal(tensor.local, saved[name]), name
