@@ -140,6 +140,8 @@ def test_alf_init_is_a_no_op_and_other_inits_are_refused(tmp_path):
         LoraConfig(conv_layout="balanced")
     with pytest.raises(ValueError, match="no PEFT form"):
         model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="LoraConfig.conv_layout='alf'"):
+        model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 
 
 def test_sharded_checkpoint_round_trips_the_alf_factors(tmp_path):

@@ -6,7 +6,7 @@ LoKr with w2 whole (a 4-D kernel) as well as a product.  Outputs and gradients (
 adapter tensor) within 1e-6 of each tensor's largest entry (tests/helpers/peft_oracle.py; PEFT's
 LoHa Tucker backward is replaced by autograd of its forward, see below); merged
 weights and biases equal PEFT's merge_and_unload; unmerge restores the base exactly; the default
-init is a no-op; save_pretrained loads in PEFT and in our from_pretrained.
+init is a no-op; save_pretrained loads in PEFT and in our from_pretrained, and PEFT's in ours.
 """
 import copy
 
@@ -141,3 +141,6 @@ def test_save_pretrained_loads_in_peft_and_back(case, tmp_path):
     again = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert type(again.peft_config["default"]) is CASES[case][0]
     close(again(x).detach(), expected, "ours from our directory")
+    theirs.save_pretrained(tmp_path / "peft")  # and PEFT's own directory loads in ours
+    from_peft = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    close(from_peft(x).detach(), expected, "ours from PEFT's directory")
