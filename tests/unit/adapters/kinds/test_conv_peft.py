@@ -18,6 +18,8 @@ from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_i
 from parallel_adapters import IA3Config, LoHaConfig, LoKrConfig, ParallelGroups, get_adapter_model
 from parallel_adapters.adapters.hosts.embedding import Conv2dHost
 
+SINGLE = ParallelGroups.single()
+
 peft = pytest.importorskip("peft")
 
 NAMES = ("conv", "pw")
@@ -144,3 +146,22 @@ def test_save_pretrained_loads_in_peft_and_back(case, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")  # and PEFT's own directory loads in ours
     from_peft = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     close(from_peft(x).detach(), expected, "ours from PEFT's directory")
+
+
+def test_kind_for_module_hands_conv_modules_to_the_conv_forms():
+    """The variants keep their kind's name (checkpoints record "loha", ...) and take conv modules only;
+    LoRA's takes them only with conv_layout="alf"."""
+    from parallel_adapters import LoraConfig
+    from parallel_adapters.adapters.kinds import kind_for_config, kind_for_module
+    from parallel_adapters.adapters.kinds.conv import ALF_CONV, IA3_CONV, LOHA_CONV, LOKR_CONV
+    from parallel_adapters.mcore.compat import linear_geometry
+
+    conv, linear = linear_geometry(nn.Conv2d(2, 2, 3), SINGLE), linear_geometry(nn.Linear(2, 2), SINGLE)
+    for config, variant in ((IA3Config(target_modules=["c"], feedforward_modules=[]), IA3_CONV),
+                            (LoHaConfig(target_modules=["c"]), LOHA_CONV), (LoKrConfig(target_modules=["c"]), LOKR_CONV),
+                            (LoraConfig(target_modules=["c"], conv_layout="alf"), ALF_CONV)):
+        family = kind_for_config(config)
+        assert kind_for_module(family, config, conv) is variant and variant.name == family.name
+        assert kind_for_module(family, config, linear) is family
+    peft_layout = LoraConfig(target_modules=["c"])
+    assert kind_for_module(kind_for_config(peft_layout), peft_layout, conv) is kind_for_config(peft_layout)
