@@ -19,6 +19,7 @@ from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.hosts.embedding import Conv2dHost, EmbeddingHost, VocabParallelEmbeddingHost
 from parallel_adapters.adapters.hosts.linear import HOST_FOR_MODE
+from parallel_adapters.adapters.kinds import kind_for_module
 from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -145,10 +146,10 @@ def check_divisible(target: Target, geometry: LinearGeometry) -> None:
             )
 
 
-def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: ParallelGroups,
+def wrap_targets(model: nn.Module, config: Any, family: AdapterKind, groups: ParallelGroups,
                  adapter_name: str, targets: list[Target], autocast_adapter_dtype: bool = True) -> list[AdapterHost]:
     """Wrap each target in the host for its parallel mode (or reuse its host) and add adapter
-    `adapter_name` of `kind` to it."""
+    `adapter_name` of `family` (or of its variant for that module) to it."""
     hosts = []
     for target in targets:
         module = target.module
@@ -160,6 +161,7 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
                 geometry = dataclasses.replace(geometry, vocab_size=getattr(model, "unpadded_vocab_size", None))
             host = None
         check_divisible(target, geometry)
+        kind = kind_for_module(family, config, geometry)  # e.g. the Conv2d form of LoHa
         settings = kind.settings(config, target.global_name, geometry)
         if host is None:
             host = host_class(geometry.parallel_mode)(module, geometry, target.global_name, autocast_adapter_dtype)

@@ -161,6 +161,14 @@ class AdapterModel(nn.Module):
             layer.forget_unmerge()
         return self.unload()
 
+    def detach(self) -> dict[str, torch.nn.Parameter]:
+        """ALF's detach: unmerge, put the base layers back (the model computes as before it was
+        adapted) and hand back every adapter tensor (this rank's, by its state-dict name), kept."""
+        self.unmerge_adapter()
+        kept = {n: p for n, p in self.model.named_parameters() if getattr(p, "adapter_tensor", False)}
+        self.unload()
+        return kept
+
     def unload(self) -> nn.Module:
         """Return the plain model with base layers (current weights) back in place of wrappers."""
         unwrap_all(self.model)
@@ -363,7 +371,7 @@ def default_groups(model: nn.Module) -> ParallelGroups:
     if is_parallel_state_initialized():
         return megatron_parallel_groups()
     for name, module in model.named_modules():
-        if parallel_mode_of(module) not in (None, "replicated") or is_vocab_parallel_embedding(module):
+        if parallel_mode_of(module) not in (None, "replicated", "embedding", "conv2d") or is_vocab_parallel_embedding(module):
             raise ValueError(
                 f"{name or type(model).__name__} ({type(module).__name__}) is a Megatron parallel layer but "
                 "Megatron parallel state is not initialised: call "

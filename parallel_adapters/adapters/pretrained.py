@@ -27,11 +27,10 @@ from parallel_adapters.config import (
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-_OUR_ONLY = {"seed", "fused_parts"}  # our config fields that PEFT's configs do not have
+_OUR_ONLY = {"seed", "fused_parts", "conv_layout"}  # our config fields that PEFT's configs do not have
 _OTHER_KINDS = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig}
 """peft_type -> our config, for the kinds beyond LoRA (their fields are PEFT's)."""
-_OTHER_UNSUPPORTED = {"IA3": {"fan_in_fan_out": False}, "LOHA": {"use_effective_conv2d": False},
-                      "LOKR": {}}
+_OTHER_UNSUPPORTED = {"IA3": {"fan_in_fan_out": False}, "LOHA": {}, "LOKR": {}}
 _PEFT_EVA = {"rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors"}
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False}
 """PEFT fields whose other values change the adapter's math: loading refuses them."""

@@ -108,6 +108,9 @@ def _check_sources(model, adapters: list[str], weights: list[float]) -> list[Lor
             raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {name!r} is a "
                              f"{type(model.peft_config[name]).__name__}"
                              f"{' with use_dora' if getattr(model.peft_config[name], 'use_dora', False) else ''}")
+        if model.peft_config[name].conv_layout != "peft":
+            raise ValueError(f"add_weighted_adapter combines LoRA in PEFT's layout; {name!r} has "
+                             f"LoraConfig.conv_layout={model.peft_config[name].conv_layout!r}")
     return [model.peft_config[n] for n in adapters]
 
 

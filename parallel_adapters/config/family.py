@@ -83,7 +83,7 @@ class IA3Config:
 @dataclass(frozen=True)
 class LoHaConfig:
     """LoHa settings, PEFT's `LoHaConfig` fields: dW = (alpha / r) (w1a w1b) * (w2a w2b), the
-    Hadamard product of two rank-r products (linear layers; no Conv2d here)."""
+    Hadamard product of two rank-r products (linear layers and nn.Conv2d)."""
 
     r: int = 8
     alpha: float = 8
@@ -99,6 +99,8 @@ class LoHaConfig:
     alpha_pattern: dict = field(default_factory=dict)
     init_weights: bool = True
     """True: w1a, w1b, w2a Kaiming-uniform, w2b zero (dW = 0).  False: all four Kaiming-uniform."""
+    use_effective_conv2d: bool = False
+    """Conv2d with a kernel other than 1x1: PEFT's Tucker form (hada_t1/hada_t2); linear layers ignore it."""
     modules_to_save: Union[list, None] = None
     seed: int = 0
     """Seed of the full-tensor initialisation, so every TP size starts from the same adapter."""
@@ -108,6 +110,8 @@ class LoHaConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"LoHaConfig.init_weights must be True or False, got {self.init_weights!r}")
+        if not isinstance(self.use_effective_conv2d, bool):
+            raise ValueError(f"LoHaConfig.use_effective_conv2d must be True or False, got {self.use_effective_conv2d!r}")
         _check_lycoris(self)
 
     def to_dict(self) -> dict:
@@ -125,13 +129,14 @@ class LoHaConfig:
 class LoKrConfig:
     """LoKr settings, PEFT's `LoKrConfig` fields: dW = (alpha / r) (w1 kron w2), out = o1 o2 and
     in = i1 i2 by PEFT's `factorization(dim, decompose_factor)`; a factor is a rank-r product when
-    r is under half its larger side (w1 only with `decompose_both`).  Linear layers only."""
+    r is under half its larger side (w1 only with `decompose_both`).  Linear layers and nn.Conv2d."""
 
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0  # only 0, as LoHaConfig
     module_dropout: float = 0.0  # only 0, as LoHaConfig
-    use_effective_conv2d: bool = False  # only False: it shapes Conv2d adapters, and no conv is adapted here
+    use_effective_conv2d: bool = False
+    """Conv2d with a kernel other than 1x1 and w2 a product: PEFT's Tucker form (lokr_t2)."""
     decompose_both: bool = False
     """Also write w1 as a rank-r product (when r is under half its larger side)."""
     decompose_factor: int = -1
@@ -161,7 +166,9 @@ class LoKrConfig:
                              f"got {self.decompose_factor!r}")
         if not isinstance(self.decompose_both, bool):
             raise ValueError(f"LoKrConfig.decompose_both must be True or False, got {self.decompose_both!r}")
-        for name in ("rank_dropout_scale", "use_effective_conv2d"):  # would be ignored: refused
+        if not isinstance(self.use_effective_conv2d, bool):
+            raise ValueError(f"LoKrConfig.use_effective_conv2d must be True or False, got {self.use_effective_conv2d!r}")
+        for name in ("rank_dropout_scale",):  # would be ignored: refused
             if getattr(self, name) is not False:
                 raise ValueError(f"LoKrConfig.{name}={getattr(self, name)!r} is not supported (linear layers, "
                                  "rank_dropout 0); use False")

@@ -128,9 +128,15 @@ class LoraConfig:
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
     seed: int = 0
     """Seed of the full-matrix initialisation, so every TP size starts from the same adapter."""
+    conv_layout: str = "peft"
+    """LoRA's form on nn.Conv2d: "peft" (A a conv with the base's window, B 1x1) or "alf" (ALF's
+    Conv2dAdapter: the kernel read as an (O kh) x (I kw) matrix; lora_alpha is ALF's `weight`,
+    s = lora_alpha / r; kinds/conv.py).  Not a PEFT field."""
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
+        if self.conv_layout not in ("peft", "alf"):
+            raise ValueError(f"LoraConfig.conv_layout must be 'peft' or 'alf', got {self.conv_layout!r}")
         _check_positive_number("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -150,6 +156,9 @@ class LoraConfig:
                              "EVA and a weight decomposition both initialise the factors; drop eva_config")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.conv_layout != "peft":
+            raise ValueError("LoraConfig.conv_layout='alf' with use_dora=True is not supported (DoRA's magnitude "
+                             "follows PEFT's conv layout)")
         if self.use_dora and self.init_lora_weights == "eva":
             raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
                              "(EVA initialises LoRA factors only)")

@@ -253,7 +253,15 @@ def _build_adapter(data: Any, path: str) -> Any:
         raise ValueError(f"{path}: {[f'{path}.{k}' for k in unknown]} are not fields of adapter kind {kind!r} "
                          f"({cls.__name__}); allowed: {sorted(fields | {'kind'})}")
     refuse_not_run_keys(kind, data, path)
+    conv_only = [k for k, default in _CONV_ONLY.items() if k in data and data[k] != default]
+    if conv_only:
+        raise ValueError(f"{path}.{conv_only[0]} shapes adapters on nn.Conv2d, and a run's Megatron GPT has none; "
+                         f"remove {path}.{conv_only[0]}")
     return build(cls, data, path)
+
+
+_CONV_ONLY = {"conv_layout": "peft", "use_effective_conv2d": False}
+"""Adapter fields that only shape adapters on nn.Conv2d (LoraConfig, LoHaConfig, LoKrConfig)."""
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:

@@ -9,7 +9,10 @@ Legend: T tokens, V vocabulary (padded as Megatron pads it), H width, t = TP siz
                 output_scale        kind's payload rides inside it (hosts/payload.py)
     embedding   local_addend,       none
                 output_scale
-    conv2d      local_addend        none
+    conv2d      local_addend,       none
+                input_scale,
+                output_scale,
+                weight_delta
 
 VocabParallelEmbedding, rank i holds rows [i V/t, (i+1) V/t) of the table.  A token outside them
 looks up row 0 and its row of the partial output is zeroed, so the sum over ranks is the one
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 
 from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.hosts.linear import delta_weight
 from parallel_adapters.adapters.kinds.protocol import (
-    LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD,
+    INPUT_SCALE, LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, WEIGHT_DELTA,
 )
 from parallel_adapters.distributed import collectives
 
@@ -87,12 +91,22 @@ class EmbeddingHost(AdapterHost):
 
 
 class Conv2dHost(AdapterHost):
-    """Adapters on a plain nn.Conv2d: y = local_addend(conv(x, W) + b).  Not tensor-parallel."""
+    """Adapters on a plain nn.Conv2d, as the replicated linear host: every input_scale on x, the
+    conv with W + every weight_delta, per adapter local_addend then output_scale, the bias last
+    (inside the conv when no adapter scales the output).  Not tensor-parallel."""
 
-    SLOTS = frozenset({LOCAL_ADDEND})
+    SLOTS = frozenset({LOCAL_ADDEND, INPUT_SCALE, OUTPUT_SCALE, WEIGHT_DELTA})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base._conv_forward(x, self.weight, self.bias)
-        for view in self._running_views():
-            y = view.kind.local_addend(view, x, y, None)
-        return y
+        views = self._running_views()
+        for view in views:
+            if INPUT_SCALE in view.slots:
+                x = view.kind.input_scale(view, x)
+        scaled = any(OUTPUT_SCALE in view.slots for view in views)
+        y = self._base._conv_forward(x, delta_weight(self.weight, views), None if scaled else self.bias)
+        for view in views:
+            if LOCAL_ADDEND in view.slots:
+                y = view.kind.local_addend(view, x, y, None)
+            if OUTPUT_SCALE in view.slots:
+                y = view.kind.output_scale(view, x, y, None)
+        return y + self.bias.reshape(-1, 1, 1) if (scaled and self.bias is not None) else y

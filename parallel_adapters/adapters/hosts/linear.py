@@ -121,7 +121,7 @@ class RowParallelHost(_MegatronStateMixin, AdapterHost):
             x = collectives.scatter_last_dim(x, g.tp_group)
         views = self._running_views()
         x = _scaled_input(x, views)  # x_i: a scale split like W's columns
-        partial = F.linear(x, _delta_weight(self.weight, views))
+        partial = F.linear(x, delta_weight(self.weight, views))
         partial, payloads = payload.partial_with_payloads(views, x, partial)
         if any(p is not None for p in payloads):
             y, reduced = self._reduce_with_payloads(partial, payloads)
@@ -180,7 +180,7 @@ def _local_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x W^T, each adapter's local_addend then output_scale, + bias (inside F.linear when no
     adapter scales the output)."""
     scaled = any(OUTPUT_SCALE in view.slots for view in views)
-    y = F.linear(x, _delta_weight(weight, views), None if scaled else bias)
+    y = F.linear(x, delta_weight(weight, views), None if scaled else bias)
     for view, cols in zip(views, columns):
         if LOCAL_ADDEND in view.slots:
             y = view.kind.local_addend(view, x, y, cols)
@@ -200,7 +200,7 @@ def _scaled_input(x: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
     return x
 
 
-def _delta_weight(weight: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
+def delta_weight(weight: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
     """W_i + every weight_delta (in the deltas' dtype when wider, cast back to W's for the matmul)."""
     deltas = [view.kind.weight_delta(view) for view in views if WEIGHT_DELTA in view.slots]
     if not deltas:

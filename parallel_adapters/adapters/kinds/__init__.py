@@ -14,8 +14,9 @@ from parallel_adapters.adapters.kinds.protocol import SLOTS, AdapterKind
 
 _BUILTIN_MODULES = ("parallel_adapters.adapters.kinds.lora", "parallel_adapters.adapters.kinds.dora",
                     "parallel_adapters.adapters.kinds.ia3", "parallel_adapters.adapters.kinds.loha",
-                    "parallel_adapters.adapters.kinds.lokr")
+                    "parallel_adapters.adapters.kinds.lokr", "parallel_adapters.adapters.kinds.conv")
 _REGISTRY: dict[str, AdapterKind] = {}
+_VARIANTS: dict[str, list[AdapterKind]] = {}
 
 
 def register_kind(kind: AdapterKind, *, replace: bool = False) -> AdapterKind:
@@ -31,6 +32,25 @@ def register_kind(kind: AdapterKind, *, replace: bool = False) -> AdapterKind:
         raise ValueError(f"an adapter kind named {kind.name!r} is already registered")
     _REGISTRY[kind.name] = kind
     return kind
+
+
+def register_variant(variant: AdapterKind) -> AdapterKind:
+    """Register `variant` as a per-module form of the kind of its name (a subclass of it; its
+    `accepts_module` says which modules it takes).  Returns the variant."""
+    if not isinstance(variant, AdapterKind) or not variant.name:  # its kind may still be registering
+        raise ValueError(f"register_variant: expected a named AdapterKind instance, got {variant!r}")
+    unknown = sorted({s for slots in variant.slot_table.values() for s in slots} - set(SLOTS))
+    if unknown:
+        raise ValueError(f"adapter kind variant {type(variant).__name__} fills unknown slot(s) {unknown}")
+    if all(v is not variant for v in _VARIANTS.setdefault(variant.name, [])):
+        _VARIANTS[variant.name].append(variant)
+    return variant
+
+
+def kind_for_module(kind: AdapterKind, config: Any, geometry: Any) -> AdapterKind:
+    """The form of `kind` for one module: the first variant that accepts it, else `kind` itself."""
+    _load_builtins()
+    return next((v for v in _VARIANTS.get(kind.name, ()) if v.accepts_module(config, geometry)), kind)
 
 
 def get_kind(name: str) -> AdapterKind:

@@ -160,6 +160,10 @@ class AdapterKind:
         output, along the columns when it scales the input)."""
         return self.tensor_axes[tensor_name]
 
+    def accepts_module(self, config: Any, geometry: LinearGeometry) -> bool:
+        """For a variant (`kinds.register_variant`): whether it takes this module from its kind."""
+        return False
+
     def accepts_stored(self, config: Mapping[str, Any]) -> bool:
         """Whether a PEFT adapter_config.json of this kind's `peft_type` is this kind's."""
         return True

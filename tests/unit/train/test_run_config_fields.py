@@ -100,6 +100,8 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.rank_dropout@lokr": ([], "0.1", "lora"),
     "adapter.module_dropout@lokr": ([], "0.1", "lora"),
     "adapter.use_effective_conv2d@lokr": ([], "true", "lora"),
+    "adapter.use_effective_conv2d@loha": ([], "true", "lora"),
+    "adapter.conv_layout": ([], "alf", "lora"),
     "adapter.decompose_both@lokr": ([], "true", "lora"),
     "adapter.decompose_factor@lokr": ([], "4", "lora"),
     "adapter.rank_dropout_scale@lokr": ([], "true", "lora"),
@@ -174,6 +176,7 @@ REFUSED = {"parallel.data"} | ({"moe.dispatcher"} if not torch.cuda.is_available
 REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: another is refused, naming it
     "adapter.rank_dropout@loha", "adapter.module_dropout@loha", "adapter.rank_dropout@lokr",
     "adapter.module_dropout@lokr", "adapter.use_effective_conv2d@lokr", "adapter.rank_dropout_scale@lokr",
+    "adapter.use_effective_conv2d@loha", "adapter.conv_layout",  # nn.Conv2d only: a GPT run has none
     "adapter.fan_in_fan_out@ia3",
     # set by the model or fixed (the export writes them): a run config may not set them
     *(f"adapter.{key}@{kind}" for kind in ("prompt_tuning", "p_tuning")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
 from parallel_adapters import IA3Config, LoHaConfig, ParallelGroups, get_adapter_model
 
 peft = pytest.importorskip("peft")
@@ -29,11 +30,6 @@ class Two(nn.Module):
         return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
-def _close(a, b, name):
-    error, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
-    assert error <= 1e-6 * scale, f"{name}: {error} (largest entry {scale})"
-
-
 def _configs(kind):
     if kind == "ia3":  # q_proj scales its output (and bias), v_proj its input
         return (IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=["v_proj"]),
@@ -48,44 +44,15 @@ def _pair(kind):
     ours_config, peft_config = _configs(kind)
     ours = get_adapter_model(copy.deepcopy(base), ours_config, groups=ParallelGroups.single())
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
-    for name in NAMES:
-        o, p = getattr(ours.model, name), getattr(theirs.base_model.model, name)
-        for tensor_name, param in o.adapter_tensors("default").items():
-            theirs_param = getattr(p, tensor_name)["default"]
-            assert theirs_param.shape == param.shape, (name, tensor_name)
-            with torch.no_grad():  # IA3: scales around 1; LoHa: dW of the base's order
-                param.copy_((1 if kind == "ia3" else 0) + 0.5 * torch.randn(param.shape))
-                theirs_param.copy_(param)
+    # IA3: scales around 1; LoHa: dW of the base's order
+    copy_into_peft(ours, theirs, NAMES, lambda shape: (1 if kind == "ia3" else 0) + 0.5 * torch.randn(shape))
     return ours, theirs
-
-
-def _grads(model, x, names):
-    params = dict(model.named_parameters())
-    x = x.clone().requires_grad_()
-    y = model(x)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    return y.detach(), [x.grad] + [params[n].grad.clone() for n in names]
-
-
-def _adapter_names(model, prefix):
-    return sorted(n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix))
 
 
 @pytest.mark.parametrize("kind", ["ia3", "loha"])
 def test_outputs_and_gradients_match_peft(kind):
     ours, theirs = _pair(kind)
-    x = torch.randn(3, 5, IN_F)
-    ours_names = _adapter_names(ours, "model.")
-    theirs_names = [n.replace("base_model.model.", "model.").replace(".default", ".default.weight")
-                    for n in _adapter_names(theirs, "base_model.")]
-    assert ours_names == sorted(theirs_names) and ours_names  # the same tensors, PEFT's names
-    y_ours, g_ours = _grads(ours, x, ours_names)
-    y_theirs, g_theirs = _grads(theirs, x, _adapter_names(theirs, "base_model."))
-    _close(y_ours, y_theirs, "y")
-    theirs_by_name = dict(zip(theirs_names, g_theirs[1:]))
-    _close(g_ours[0], g_theirs[0], "dx")
-    for name, grad in zip(ours_names, g_ours[1:]):
-        _close(grad, theirs_by_name[name], name)
+    check_outputs_and_gradients(ours, theirs, torch.randn(3, 5, IN_F))
 
 
 @pytest.mark.parametrize("kind", ["ia3", "loha"])
@@ -95,15 +62,15 @@ def test_merge_matches_peft_and_unmerge_is_exact(kind):
     before = ours(x).detach()
     w0 = {n: (getattr(ours.model, n).weight.clone(), getattr(ours.model, n).bias.clone()) for n in NAMES}
     ours.merge_adapter()
-    _close(ours(x), before, "merged output")
+    close(ours(x), before, "merged output")
     ours.unmerge_adapter()
     for n in NAMES:
         layer = getattr(ours.model, n)
         assert torch.equal(layer.weight, w0[n][0]) and torch.equal(layer.bias, w0[n][1]), n
     plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
     for n in NAMES:
-        _close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
-        _close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
+        close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
+        close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
     if kind == "ia3":  # the output-scaled layer's bias is scaled, the input-scaled one's is not
         assert not torch.equal(plain.q_proj.bias, w0["q_proj"][1]) and torch.equal(plain.v_proj.bias, w0["v_proj"][1])
 
@@ -164,7 +131,7 @@ def test_save_pretrained_loads_in_peft_and_back(kind, tmp_path):
     torch.manual_seed(0)
     base = Two()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    _close(theirs(x).detach(), expected, "PEFT from our directory")
+    close(theirs(x).detach(), expected, "PEFT from our directory")
     again = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert type(again.peft_config["default"]) is type(ours.peft_config["default"])
-    _close(again(x).detach(), expected, "ours from our directory")
+    close(again(x).detach(), expected, "ours from our directory")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
 from parallel_adapters import LoKrConfig, ParallelGroups, get_adapter_model
 from parallel_adapters.adapters.kinds.lokr import factorization
 
@@ -39,11 +40,6 @@ class Two(nn.Module):
         return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
-def _close(a, b, name):
-    error, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
-    assert error <= 1e-6 * scale, f"{name}: {error} (largest entry {scale})"
-
-
 def _pair(layout):
     torch.manual_seed(0)
     base = Two()
@@ -54,42 +50,14 @@ def _pair(layout):
         o, p = getattr(ours.model, name), getattr(theirs.base_model.model, name)
         assert set(o.adapter_tensors("default")) == EXPECTED[layout], (layout, name)
         assert set(o.adapter_tensors("default")) == {n for n in p.adapter_layer_names if "default" in getattr(p, n)}
-        for tensor_name, param in o.adapter_tensors("default").items():
-            theirs_param = getattr(p, tensor_name)["default"]
-            assert theirs_param.shape == param.shape, (name, tensor_name)
-            with torch.no_grad():
-                param.copy_(0.5 * torch.randn(param.shape))
-                theirs_param.copy_(param)
+    copy_into_peft(ours, theirs, NAMES, lambda shape: 0.5 * torch.randn(shape))
     return ours, theirs
-
-
-def _grads(model, x, names):
-    params = dict(model.named_parameters())
-    x = x.clone().requires_grad_()
-    y = model(x)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    return y.detach(), [x.grad] + [params[n].grad.clone() for n in names]
-
-
-def _adapter_names(model, prefix):
-    return sorted(n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_outputs_and_gradients_match_peft(layout):
     ours, theirs = _pair(layout)
-    x = torch.randn(3, 5, IN_F)
-    ours_names = _adapter_names(ours, "model.")
-    theirs_names = [n.replace("base_model.model.", "model.").replace(".default", ".default.weight")
-                    for n in _adapter_names(theirs, "base_model.")]
-    assert ours_names == sorted(theirs_names) and ours_names
-    y_ours, g_ours = _grads(ours, x, ours_names)
-    y_theirs, g_theirs = _grads(theirs, x, _adapter_names(theirs, "base_model."))
-    _close(y_ours, y_theirs, "y")
-    theirs_by_name = dict(zip(theirs_names, g_theirs[1:]))
-    _close(g_ours[0], g_theirs[0], "dx")
-    for name, grad in zip(ours_names, g_ours[1:]):
-        _close(grad, theirs_by_name[name], name)
+    check_outputs_and_gradients(ours, theirs, torch.randn(3, 5, IN_F))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -99,13 +67,13 @@ def test_merge_matches_peft_and_unmerge_is_exact(layout):
     before = ours(x).detach()
     w0 = {n: getattr(ours.model, n).weight.clone() for n in NAMES}
     ours.merge_adapter()
-    _close(ours(x), before, "merged output")
+    close(ours(x), before, "merged output")
     ours.unmerge_adapter()
     for n in NAMES:
         assert torch.equal(getattr(ours.model, n).weight, w0[n]), n
     plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
     for n in NAMES:
-        _close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
+        close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
         assert not torch.equal(getattr(plain, n).weight, w0[n])
 
 
@@ -137,7 +105,8 @@ def test_factorization_is_peft_s():
     (dict(rank_dropout=0.1), "LoKrConfig.rank_dropout"), (dict(module_dropout=0.5), "LoKrConfig.module_dropout"),
     (dict(rank_pattern={"x": 0}), r"LoKrConfig.rank_pattern\['x'\]"),
     (dict(decompose_factor=0), "LoKrConfig.decompose_factor"), (dict(init_weights="x"), "LoKrConfig.init_weights"),
-    (dict(decompose_both=1), "LoKrConfig.decompose_both"), (dict(use_effective_conv2d=True), "use_effective_conv2d"),
+    (dict(decompose_both=1), "LoKrConfig.decompose_both"),
+    (dict(use_effective_conv2d=1), "LoKrConfig.use_effective_conv2d"),
     (dict(rank_dropout_scale=True), "LoKrConfig.rank_dropout_scale"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
@@ -162,10 +131,10 @@ def test_save_pretrained_loads_in_peft_and_back(layout, tmp_path):
     torch.manual_seed(0)
     base = Two()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    _close(theirs(x).detach(), expected, "PEFT from our directory")
+    close(theirs(x).detach(), expected, "PEFT from our directory")
     again = AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert type(again.peft_config["default"]) is LoKrConfig
-    _close(again(x).detach(), expected, "ours from our directory")
+    close(again(x).detach(), expected, "ours from our directory")
 
 
 @pytest.mark.parametrize("tp,ok", [(1, True), (2, True), (4, False)])
