@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from parallel_adapters.adapters.prefix_encoder import PrefixEncoder, layer_columns
 from parallel_adapters.config import PrefixTuningConfig
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec, ShardedTensor
@@ -36,33 +36,6 @@ KIND_NAME = "prefix_tuning"
 TENSOR_PREFIX = "prefix_tuning."
 """Checkpoint keys: f"{TENSOR_PREFIX}{adapter}.layers.{l}.weight" [n, 2, D] (TP-sharded on dim 2) or
 f"{TENSOR_PREFIX}{adapter}.encoder.{PEFT's encoder tensor}" (replicated)."""
-PEFT_KEY = "prompt_embeddings"
-"""PEFT's key of the [n, 2 L D] table in adapter_model.safetensors."""
-
-
-def layer_columns(layer: int, token_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """The columns of PEFT's [n, 2 L D] table that layer `layer`'s keys then values of TP rank
-    `tp_rank`'s KV groups occupy (2 D/t of them, in [keys | values] order)."""
-    width = token_dim // tp_size
-    starts = [(2 * layer + part) * token_dim + tp_rank * width for part in (0, 1)]
-    return torch.cat([torch.arange(s, s + width) for s in starts])
-
-
-class PrefixEncoder(nn.Module):
-    """PEFT's prefix_projection MLP; the tensor names are PEFT's (embedding.weight, transform.0.weight, ...)."""
-
-    def __init__(self, num_virtual_tokens: int, token_dim: int, hidden: int, num_layers: int):
-        super().__init__()
-        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-        self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_layers * 2 * token_dim))
-
-    def forward(self, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """The table's `columns` [n, len(columns)] (all [n, 2 L D] when None)."""
-        hidden = self.transform[1](self.transform[0](self.embedding.weight))
-        out = self.transform[2]
-        if columns is None:
-            return out(hidden)
-        return F.linear(hidden, out.weight.index_select(0, columns), out.bias.index_select(0, columns))
 
 
 class PrefixTuning(nn.Module):
@@ -131,7 +104,8 @@ def resolved_config(config: PrefixTuningConfig, model: nn.Module) -> PrefixTunin
     return config.replace(**decided, encoder_hidden_size=config.encoder_hidden_size or decided["token_dim"])
 
 
-def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str, groups: ParallelGroups) -> PrefixTuningConfig:
+def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str,
+                       groups: ParallelGroups) -> PrefixTuningConfig:
     """Add prefix adapter `name` to this GPT stage (initialised per config; the one that runs if
     none runs yet); returns the config with the model-decided fields filled in."""
     config = resolved_config(config, model)
@@ -140,7 +114,8 @@ def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str, 
         layers = [layer.layer_number - 1 for layer in getattr(getattr(model, "decoder", None), "layers", [])]
         prefix = PrefixTuning(groups, layers, config.num_layers, config.token_dim)
         device = next(model.parameters()).device
-        prefix.columns = {l: layer_columns(l, config.token_dim, groups.tp_size, groups.tp_rank).to(device) for l in layers}
+        prefix.columns = {l: layer_columns(l, config.token_dim, groups.tp_size, groups.tp_rank).to(device)
+                          for l in layers}
         model.prefix_tuning = prefix
         prefix.hooks = prefix_attention.install_prefix_hooks(model, prefix.layer_prefix, prefix.offset)
     if name in prefix.configs or prefix.configs:
@@ -151,7 +126,8 @@ def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str, 
         prefix.encoders[name] = _initial_encoder(config).to(device)
     else:
         full = _initial_table(config)
-        prefix.tables[name] = nn.ParameterDict({str(l): nn.Parameter(full[:, c.cpu()].view(full.shape[0], 2, -1).to(device))
+        prefix.tables[name] = nn.ParameterDict({str(l): nn.Parameter(full[:, c.cpu()].view(full.shape[0], 2, -1)
+                                                                     .to(device))
                                                 for l, c in prefix.columns.items()})
     for param in prefix.params(name).values():
         param.adapter_tensor = True  # not a base weight (mcore.hf_bridge skips it)
@@ -244,8 +220,8 @@ def sharded_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
     for key, tensor in prefix.params(name).items():
         if key.startswith("layers."):
             spec = ShardSpec(dim=2)
-            out[f"{TENSOR_PREFIX}{name}.{key}"] = ShardedTensor(tensor.detach(), spec,
-                                                                spec.global_shape(tuple(tensor.shape), prefix.groups.tp_size))
+            shape = spec.global_shape(tuple(tensor.shape), prefix.groups.tp_size)
+            out[f"{TENSOR_PREFIX}{name}.{key}"] = ShardedTensor(tensor.detach(), spec, shape)
         elif prefix.groups.pp_rank == 0:
             out[f"{TENSOR_PREFIX}{name}.{key}"] = ShardedTensor(tensor.detach(), REPLICATED, tuple(tensor.shape))
     return out
@@ -266,4 +242,5 @@ def check_not_merging(names: Iterator[str] | list[str], configs: dict) -> None:
     if prefixes:
         raise ValueError(f"cannot merge prefix adapter(s) {prefixes}: prefix tuning adds trained keys and values to "
                          "every attention layer and changes no weight, so there is no delta to fold into the base "
-                         "(PEFT cannot merge prompt learning adapters either); keep the adapter and run the model with it")
+                         "(PEFT cannot merge prompt learning adapters either); keep the adapter and run the model "
+                         "with it")

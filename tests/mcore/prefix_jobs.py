@@ -96,3 +96,38 @@ def collectives_job(hf_dir: str, sp: bool, variant: str, ids: torch.Tensor, labe
     with counting.counted() as fin:
         adapter.finalize_grads()
     return dict(step.calls), dict(fin.calls)
+
+
+def save_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor, fields: dict,
+             state: dict) -> dict:
+    """Logits of the prefixed model set to `state`, save_checkpoint; then the prefix zeroed and
+    load_checkpoint bringing it back (the logits again)."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prefixed(hf_dir, tp, pp, sp, fields, state)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+        save_checkpoint(adapter, ckpt_dir)
+        for tensor in adapter.model.prefix_tuning.params("default").values():
+            tensor.zero_()
+        load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+        reloaded = gpt_logits(adapter.model, ids)
+    return {"logits": logits, "reloaded": reloaded}
+
+
+def load_job(hf_dir: str, tp: int, pp: int, sp: bool, ckpt_dir: str, ids: torch.Tensor, fields: dict) -> dict:
+    """A fresh prefix adapter (another seed) at this layout, load_checkpoint, logits; and what merge says."""
+    from parallel_adapters.checkpoint.adapter_io import load_checkpoint
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter, _, _ = _prefixed(hf_dir, tp, pp, sp, {"seed": 9, **fields}, None)
+    load_checkpoint(adapter, ckpt_dir, restore_rng=False)
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
+    try:
+        adapter.merge_adapter()
+        merge = ""
+    except ValueError as exc:
+        merge = str(exc)
+    return {"logits": logits, "merge": merge}

@@ -3,7 +3,7 @@ PEFT's own view + permute in get_prompt), the attention mask and the config's ch
 import pytest
 import torch
 
-from parallel_adapters.adapters.prefix import layer_columns
+from parallel_adapters.adapters.prefix_encoder import layer_columns
 from parallel_adapters.config import PrefixTuningConfig
 from parallel_adapters.mcore.prefix_attention import prefix_mask, prepend_prefix
 
