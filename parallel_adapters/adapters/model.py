@@ -76,7 +76,8 @@ class AdapterModel(nn.Module):
             self._set_trainable()
             return
         if prefix.is_prefix_config(config):  # keys/values in every attention layer (mcore/prefix_attention.py)
-            self.peft_config[adapter_name] = prefix.add_prefix_adapter(self.model, config, adapter_name, self.groups)
+            prefix.add_prefix_adapter(self.model, config, adapter_name, self.groups)
+            self.peft_config[adapter_name] = config
             self._set_trainable()
             return
         kind = kind_for_config(config)
