@@ -42,8 +42,7 @@ def test_checkpoint_reshards_and_peft_loads_the_export(pool2, hf_dir, tmp_path, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    fields, state, saved_at, loads = (({}, {"prompt_embeddings": TABLE}, (2, 1, True), [(2, 1, True), (1, 1, False),
-                                                                                         (1, 2, False)])
+    fields, state, saved_at, loads = (({}, {"prompt_embeddings": TABLE}, (2, 1, True), [(1, 1, False), (1, 2, False)])
                                       if variant == "table" else
                                       (PROJECTION, _encoder_state(), (1, 2, False), [(2, 1, False)]))
     ckpt = tmp_path / "ckpt"
@@ -53,7 +52,7 @@ def test_checkpoint_reshards_and_peft_loads_the_export(pool2, hf_dir, tmp_path, 
         if r["logits"] is not None:
             torch.testing.assert_close(r["reloaded"], r["logits"], atol=0, rtol=0)
     config = json.loads((ckpt / "adapter_config.json").read_text())
-    assert config["adapter_kind"] == "prefix_tuning" and config["token_dim"] == 24
+    assert config["adapter_kind"] == "prefix_tuning" and config["num_virtual_tokens"] == N_PREFIX
     for layout in loads:
         for r in pool2.run(prefix_jobs.load_job, str(hf_dir), *layout, str(ckpt), IDS, fields):
             if r["logits"] is not None:
