@@ -15,6 +15,7 @@ _EXPORTS = {
     "IA3Config": "parallel_adapters.config",
     "PromptTuningConfig": "parallel_adapters.config",
     "PromptEncoderConfig": "parallel_adapters.config",
+    "PrefixTuningConfig": "parallel_adapters.config",
     "LoHaConfig": "parallel_adapters.config",
     "LoKrConfig": "parallel_adapters.config",
     "EvaConfig": "parallel_adapters.config",

@@ -22,7 +22,7 @@ from parallel_adapters.adapters.inject import (
 from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
-from parallel_adapters.adapters import pretrained, prompt, weighted
+from parallel_adapters.adapters import prefix, pretrained, prompt, weighted
 from parallel_adapters.config import LoraConfig, decomposition_init
 from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
@@ -75,6 +75,11 @@ class AdapterModel(nn.Module):
             self.peft_config[adapter_name] = config
             self._set_trainable()
             return
+        if prefix.is_prefix_config(config):  # keys/values in every attention layer (mcore/prefix_attention.py)
+            prefix.add_prefix_adapter(self.model, config, adapter_name, self.groups)
+            self.peft_config[adapter_name] = config
+            self._set_trainable()
+            return
         kind = kind_for_config(config)
         targets = find_targets(self.model, config)
         check_patterns_match(config, kind, targets, local_only=self.groups.pp_size > 1)
@@ -102,6 +107,7 @@ class AdapterModel(nn.Module):
             layer.active_adapters = [adapter_name] if layer.has_adapter(adapter_name) else []
         self.active_adapter = adapter_name
         prompt.set_active(self.model, adapter_name)
+        prefix.set_active(self.model, adapter_name)
         self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -110,6 +116,7 @@ class AdapterModel(nn.Module):
             if layer.has_adapter(adapter_name):
                 layer.delete_adapter(adapter_name)
         prompt.delete(self.model, adapter_name)
+        prefix.delete(self.model, adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -120,11 +127,13 @@ class AdapterModel(nn.Module):
         for _, layer in adapted_layers(self.model):
             layer.disabled = True
         prompt.set_disabled(self.model, True)
+        prefix.set_disabled(self.model, True)
 
     def enable_adapter_layers(self) -> None:
         for _, layer in adapted_layers(self.model):
             layer.disabled = False
         prompt.set_disabled(self.model, False)
+        prefix.set_disabled(self.model, False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -142,6 +151,7 @@ class AdapterModel(nn.Module):
         for name in adapter_names or []:
             self._require(name)
         prompt.check_not_merging(adapter_names or [self.active_adapter], self.peft_config)
+        prefix.check_not_merging(adapter_names or [self.active_adapter], self.peft_config)
         layers = [(layer, [n for n in (adapter_names or layer.active_adapters) if layer.has_adapter(n)])
                   for _, layer in adapted_layers(self.model)]
         for layer, names in layers:  # refuse before any weight changes
@@ -173,6 +183,7 @@ class AdapterModel(nn.Module):
         """Return the plain model with base layers (current weights) back in place of wrappers."""
         unwrap_all(self.model)
         prompt.remove(self.model)
+        prefix.remove(self.model)
         self.peft_config.clear()
         if self._input_grad_hook is not None:
             self._input_grad_hook.remove()
@@ -197,6 +208,7 @@ class AdapterModel(nn.Module):
         partial = [(layer.geometry.tp_group, self._grads(layer.partial_grad_parameters()))
                    for _, layer in adapted_layers(self.model)]
         partial += [(group, self._grads(params)) for group, params in prompt.partial_grad_entries(self.model)]
+        partial += [(group, self._grads(params)) for group, params in prefix.partial_grad_entries(self.model)]
         for group, grads in _by_ranks(partial):
             collectives.all_reduce_coalesced_(grads, group)
         if not data_parallel:
@@ -230,6 +242,7 @@ class AdapterModel(nn.Module):
             if layer.has_adapter(adapter_name):
                 out.update(layer.sharded_tensors(adapter_name))
         out.update(prompt.sharded_tensors(self.model, adapter_name))
+        out.update(prefix.sharded_tensors(self.model, adapter_name))
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
@@ -296,8 +309,9 @@ class AdapterModel(nn.Module):
             param.requires_grad_(False)
         if config is None:
             return
-        if prompt.is_prompt_config(config):
-            for param in prompt.trainable_tensors(self.model, self.active_adapter):
+        if prompt.is_prompt_config(config) or prefix.is_prefix_config(config):
+            for param in [*prompt.trainable_tensors(self.model, self.active_adapter),
+                          *prefix.trainable_tensors(self.model, self.active_adapter)]:
                 param.requires_grad_(True)
             return
         layers = adapted_layers(self.model)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from parallel_adapters.adapters import decomposition_state as ds, prompt
+from parallel_adapters.adapters import decomposition_state as ds, prefix, prompt
 from parallel_adapters.adapters.model import AdapterModel
 from parallel_adapters.checkpoint.base_model import BASE_PATH_KEY, BaseModel
 from parallel_adapters.checkpoint.layout import CheckpointError
@@ -44,6 +44,8 @@ def checkpoint_config(model: AdapterModel, adapter_name: str | None = None, base
 def _kind_name(model: AdapterModel, adapter_name: str) -> str:
     if prompt.is_prompt_config(model.peft_config[adapter_name]):  # a model-level adapter, on no layer
         return prompt.KIND_NAME
+    if prefix.is_prefix_config(model.peft_config[adapter_name]):
+        return prefix.KIND_NAME
     kinds = {layer.kinds[adapter_name].name for _, layer in model.adapter_layers() if layer.has_adapter(adapter_name)}
     if len(kinds) != 1:
         raise ValueError(f"adapter {adapter_name!r} has kinds {sorted(kinds)} on this rank; expected one")
@@ -73,7 +75,8 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
                     restore_rng: bool = True) -> dict | None:
     """Restore adapter weights (resharding to this TP size), then the optimizer (same layout
     only) and the RNG state (when the layout matches).  Returns the saved extra_state."""
-    current = model.adapter_state_dict()
+    # a later pipeline stage's replica of a prefix encoder: loaded here, saved by stage 0
+    current = {**model.adapter_state_dict(), **prefix.replica_tensors(model.model, model.active_adapter)}
     expected = {n: (t.spec, t.global_shape, t.local.dtype) for n, t in current.items()}
     with CheckpointReader(directory) as reader:
         initial = {n: info.dtype for n, info in reader.tensors.items() if n.endswith(ds.INITIAL_SUFFIX)}
@@ -121,7 +124,7 @@ def restore_all_rng(model: AdapterModel, rng_state: dict[str, torch.Tensor]) -> 
 
 
 def _param_names(model: AdapterModel) -> dict[int, str]:
-    tensors = model.adapter_state_dict()
+    tensors = {**model.adapter_state_dict(), **prefix.replica_tensors(model.model, model.active_adapter)}
     by_ptr = {t.local.data_ptr(): name for name, t in tensors.items()}
     return {id(p): by_ptr[p.data_ptr()] for p in model.parameters() if p.data_ptr() in by_ptr}
 

@@ -32,6 +32,7 @@ import torch
 from parallel_adapters.checkpoint.decomposition_export import convert_view
 from parallel_adapters.checkpoint.expert_adapter import FUSED, peft_expert_tensors
 from parallel_adapters.checkpoint.export_prompt import is_prompt_stored_config, write_prompt_export
+from parallel_adapters.checkpoint.export_prefix import is_prefix_stored_config, write_prefix_export
 from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
 from parallel_adapters.checkpoint.finite import ALLOW_FLAG, check_config, check_tensor, delta_is_finite
 from parallel_adapters.checkpoint.hf_adapter import (  # noqa: F401  (PEFT_PREFIX, hf_module_adapters: the API)
@@ -111,7 +112,8 @@ def export_peft(source: str | Path | Mapping[str, torch.Tensor], out_dir: str | 
     """Write a PEFT adapter directory.
 
     A prompt-tuning adapter (its config's adapter_kind / peft_type) is written in PEFT's
-    PROMPT_TUNING format instead (export_prompt.py).
+    PROMPT_TUNING format instead (export_prompt.py), a prefix-tuning one in PREFIX_TUNING's
+    (export_prefix.py).
     `source`: a sharded checkpoint directory (consolidated here; its adapter_config.json is used
     unless `adapter_config` is given) or full factors under Megatron names (then `adapter_config`,
     the adapter's LoraConfig fields as a dict or LoraConfig, is required).
@@ -189,6 +191,9 @@ def _write_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], torch.
     check_config(adapter_config, "export: the adapter config", options.allow_nonfinite)
     if is_prompt_stored_config(adapter_config):  # a model-level adapter: PEFT's PROMPT_TUNING files
         write_prompt_export(meta, read, adapter_config, hf_cfg, tmp, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, options)
+        return
+    if is_prefix_stored_config(adapter_config):  # PEFT's PREFIX_TUNING files (export_prefix.py)
+        write_prefix_export(meta, read, adapter_config, hf_cfg, tmp, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, options)
         return
     meta, read, adapter_config = convert_view(meta, read, adapter_config, options.convert_to_lora, "export")
     plans = plan_modules(meta, adapter_config, hf_cfg, options.adapter_name)

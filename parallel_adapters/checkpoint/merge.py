@@ -22,6 +22,7 @@ from parallel_adapters.checkpoint.base_model import BASE_FLAG, BASE_PATH_KEY, me
 from parallel_adapters.checkpoint.decomposition_export import convert_view, initial_names
 from parallel_adapters.checkpoint.export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_checkpoint_factors
 from parallel_adapters.checkpoint.export_prompt import refuse_merge
+from parallel_adapters.checkpoint.export_prefix import refuse_merge as refuse_prefix_merge
 from parallel_adapters.checkpoint.hf_adapter import PEFT_PREFIX, HFModuleAdapter, hf_module_adapters
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.finite import check_config, check_tensor
@@ -51,6 +52,7 @@ def peft_adapters(peft_dir: str | Path, allow_nonfinite: bool = False) -> dict[s
         raise CheckpointError(f"{peft_dir}: adapters on fused expert parameters (target_parameters) merge from the "
                               "sharded checkpoint they were exported from: pass its directory instead")
     refuse_merge(config, peft_dir)
+    refuse_prefix_merge(config, peft_dir)
     try:
         kind = kind_for_stored_config(config)
     except ValueError as exc:
@@ -109,6 +111,7 @@ def merge_into_hf(source: str | Path, base_hf_dir: str | Path | None, out_dir: s
             meta, read, config = convert_view(tensors, tensors.__getitem__, config, True, "merge")
             tensors = {n: read(n) for n in meta}
         refuse_merge(config, source)
+        refuse_prefix_merge(config, source)
         build = loftq_module_adapters if loftq else hf_module_adapters
         adapters = build(tensors, config, read_hf_config(base_hf_dir), adapter_name)
     if not allow_nonfinite:

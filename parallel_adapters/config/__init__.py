@@ -1,5 +1,6 @@
 """Typed adapter configuration, in PEFT's vocabulary (`LoraConfig`, `EvaConfig`, `IA3Config`,
-`LoHaConfig`, `LoKrConfig`, `PromptTuningConfig`, `PromptEncoderConfig`).
+`LoHaConfig`, `LoKrConfig`, `PromptTuningConfig`, `PromptEncoderConfig`,
+`PrefixTuningConfig`).
 
 Field names and defaults follow Hugging Face PEFT so that a PEFT user is at home and so that
 `adapter_config.json` round-trips.  Validation raises ValueError naming the field.  Configs are
@@ -14,3 +15,4 @@ from parallel_adapters.config.lora import LoftQConfig  # noqa: F401
 from parallel_adapters.config.prompt import (  # noqa: F401
     ENCODER_TYPES, PROMPT_TUNING_INITS, PromptEncoderConfig, PromptTuningConfig,
 )
+from parallel_adapters.config.prefix import PREFIX_INIT_WEIGHTS, PrefixTuningConfig  # noqa: F401

@@ -14,8 +14,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from parallel_adapters.config import (EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
-                                      PromptTuningConfig)
+from parallel_adapters.config import (EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+                                      PromptEncoderConfig, PromptTuningConfig)
+from parallel_adapters.train.prefix_run import PREFIX_KINDS, refuse_not_run_keys as refuse_prefix_keys
 from parallel_adapters.train.prompt_run import PROMPT_KINDS, refuse_not_run_keys
 
 
@@ -142,10 +143,11 @@ class LoggingSection:
 
 
 ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config,
-                                   **PROMPT_KINDS}
+                                   **PROMPT_KINDS, **PREFIX_KINDS}
 """`adapter.kind` -> the config its other keys are (PEFT's fields for that kind; DoRA is
 `kind: lora` with `use_dora: true`; prompt_tuning / p_tuning: train/prompt_run.py)."""
-AdapterConfig = Union[LoraConfig, LoHaConfig, LoKrConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig]
+AdapterConfig = Union[LoraConfig, LoHaConfig, LoKrConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig,
+                      PrefixTuningConfig]
 
 
 def adapter_kind_name(adapter: Any) -> str:
@@ -257,6 +259,7 @@ def _build_adapter(data: Any, path: str) -> Any:
     if conv_only:
         raise ValueError(f"{path}.{conv_only[0]} shapes adapters on nn.Conv2d, and a run's Megatron GPT has none; "
                          f"remove {path}.{conv_only[0]}")
+    refuse_prefix_keys(kind, data, path)
     return build(cls, data, path)
 
 

@@ -35,6 +35,7 @@ from parallel_adapters.train.eva_run import run_corda, run_eva
 from parallel_adapters.train.lr import LRSchedule
 from parallel_adapters.train.run_config import RunConfig, adapter_kind_name, load_run_config
 from parallel_adapters.train.process_group import init_distributed
+from parallel_adapters.train.prefix_run import stored_prefix_config
 from parallel_adapters.train.prompt_run import stored_prompt_config, with_init_ids
 from parallel_adapters.train.resume import engine_and_state
 from parallel_adapters.train.run_directory import hold_checkpoint_directory, resolve_resume
@@ -159,6 +160,8 @@ def _stored_adapter_config(checkpoint: Path) -> Any:
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
     if saved.get("adapter_kind") == "prompt_tuning":  # a model-level adapter (no kinds registry entry)
         return stored_prompt_config({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
+    if saved.get("adapter_kind") == "prefix_tuning":
+        return stored_prefix_config({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
     cls = kind_for_stored_config({"adapter_kind": saved.get("adapter_kind", "lora")}).config_class
     return cls.from_dict({k: v for k, v in saved.items() if k not in CHECKPOINT_ONLY_KEYS})
 

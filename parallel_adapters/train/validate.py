@@ -16,6 +16,7 @@ from pathlib import Path
 from parallel_adapters.train.data import ByteTokenizer
 from parallel_adapters.train.engine import check_deepspeed_layout, load_deepspeed_json
 from parallel_adapters.train.lr import LRSchedule
+from parallel_adapters.train.prefix_run import validate_prefix_run
 from parallel_adapters.train.prompt_run import check_sequence_split, validate_prompt_run
 from parallel_adapters.config import EvaConfig, LoraConfig, decomposition_init
 from parallel_adapters.train.run_config import (MODEL_DTYPES, MOE_DISPATCHERS, MOE_DROP_POLICIES, ROUTER_DTYPES,
@@ -159,6 +160,7 @@ def validate_run_config(config: RunConfig) -> None:
                          "needs model.hf_checkpoint: the run's base holds the residual W - s*B0*A0, and the "
                          "converted adapter loads on the original base")
     validate_prompt_run(config)
+    validate_prefix_run(config)
     if o.global_batch is not None and o.global_batch < 1:
         raise ValueError(f"optim.global_batch must be >= 1, got {o.global_batch}")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),

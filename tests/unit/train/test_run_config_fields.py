@@ -137,7 +137,12 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.encoder_num_layers@p_tuning": (["adapter.encoder_hidden_size=16"], "3", "lora"),
     "adapter.encoder_dropout@p_tuning": (["adapter.encoder_hidden_size=16"], "0.1", "lora"),
     "adapter.seed@p_tuning": (["adapter.encoder_hidden_size=16"], "5", "lora"),
-    **{f"adapter.{key}@{kind}": ([], value, "lora") for kind in ("prompt_tuning", "p_tuning")
+    "adapter.num_virtual_tokens@prefix_tuning": ([], "4", "lora"),
+    "adapter.prefix_projection@prefix_tuning": ([], "true", "lora"),
+    "adapter.encoder_hidden_size@prefix_tuning": (["adapter.prefix_projection=true"], "32", "lora"),
+    "adapter.init_weights@prefix_tuning": ([], "zero", "lora"),
+    "adapter.seed@prefix_tuning": ([], "5", "lora"),
+    **{f"adapter.{key}@{kind}": ([], value, "lora") for kind in ("prompt_tuning", "p_tuning", "prefix_tuning")
        for key, value in (("token_dim", "64"), ("num_transformer_submodules", "2"), ("num_attention_heads", "2"),
                           ("num_layers", "3"), ("inference_mode", "true"), ("peft_type", "LORA"),
                           ("task_type", "SEQ_CLS"))},
@@ -179,7 +184,7 @@ REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: an
     "adapter.use_effective_conv2d@loha", "adapter.conv_layout",  # nn.Conv2d only: a GPT run has none
     "adapter.fan_in_fan_out@ia3",
     # set by the model or fixed (the export writes them): a run config may not set them
-    *(f"adapter.{key}@{kind}" for kind in ("prompt_tuning", "p_tuning")
+    *(f"adapter.{key}@{kind}" for kind in ("prompt_tuning", "p_tuning", "prefix_tuning")
       for key in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "inference_mode",
                   "peft_type", "task_type")),
 }
