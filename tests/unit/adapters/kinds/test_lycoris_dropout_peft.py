@@ -137,3 +137,24 @@ def test_exported_config_carries_the_dropouts(kind):
     assert {k: peft_config[k] for k in DROP} == DROP
     if kind.startswith("lokr"):
         assert peft_config["rank_dropout_scale"] == kw.get("rank_dropout_scale", False)
+
+
+def test_plain_layer_draw_counts_resume_the_masks():
+    """On plain layers the draws come from (seed, call count): the counts saved with a checkpoint
+    (`adapter_dropout_calls`) make a new model continue with the very next masks."""
+    from parallel_adapters.train.loop import dropout_counters, restore_dropout_counters
+
+    models = [_pair("loha")[0] for _ in range(2)]
+    draws = [_record(m) for m in models]
+    x = torch.randn(3, IN_F, dtype=torch.float64)
+    models[0].train()
+    models[1].train()
+    for _ in range(3):
+        models[0](x)
+    saved = dropout_counters(models[0])
+    assert saved == {n: {"default/weight-dropout": 3} for n in NAMES}, saved
+    restore_dropout_counters(models[1], saved)
+    outputs = [m(x) for m in models]
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(draws[0][-2:], draws[1]))
+    assert not torch.equal(draws[0][0], draws[0][-2])
