@@ -25,6 +25,17 @@ Variants (every one keeps the word embedding trainable, so backward runs through
            k/v parts; LoHa/LoKr: r and alpha = 2r, PEFT's default init), and peft-ia3/-loha/-lokr: PEFT's
            IA3/LoHa/LoKr get_peft_model on the Megatron layer (recorded as not running where it refuses).
            Not in the default run: `--variants ia3,peft-ia3,loha,peft-loha,lokr,peft-lokr`.
+7. linear-frozen, linear-peft-<kind>, linear-ours-<kind>: a timing reference for each kind row
+           timed (ours: LoRA, dora, ia3, loha, lokr): the four target linears as plain, unsharded
+           nn.Linear layers of the layer's full shapes (no bias, as Megatron's), each on its own
+           input of the same tokens (both ranks alike, no collectives), frozen with the inputs'
+           gradients, vs PEFT's own layer of that kind on them (its nn.Linear path, which every PEFT
+           kind supports) and vs ours on them (world size 1, the replicated host).  "PEFT vs
+           nn.Linear frozen" is set beside "ours vs frozen" from the same run (`kind_ratios`); the
+           Megatron layer's frozen step also holds attention, norms and the logits, the nn.Linear
+           stack only the four matmuls, so the like-for-like pair is linear-ours vs linear-peft.
+           Timed at the first size only (they do not depend on sequence parallelism); off with
+           --no-linear-reference.
 
 The variants are built side by side in the same two processes and timed round-robin (the start
 variant rotates every repeat), so machine noise hits all of them alike.  Sizes: hidden 1024, then
@@ -52,6 +63,8 @@ if REPO_ROOT not in sys.path:
 VARIANTS = ("frozen", "ours", "peft", "dora", "peft-dora", "ia3", "peft-ia3", "loha", "peft-loha", "lokr",
             "peft-lokr")
 DEFAULT_VARIANTS = VARIANTS[:5]
+LINEAR_KINDS = {"ours": "lora", "dora": "dora", "ia3": "ia3", "loha": "loha", "lokr": "lokr"}
+"""Our variant -> the PEFT kind of its nn.Linear timing reference (`linear-peft-<kind>`)."""
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 VOCAB = 256
 TP = 2
@@ -156,6 +169,70 @@ def _build_peft_kind(shape: dict, kind: str):
     return model, None
 
 
+def _linear_stack(shape: dict):
+    """The layer's four target linears as plain nn.Linear of their full (unsharded) shapes, frozen;
+    the module runs each on its own input (tokens x in) and sums the mean squares."""
+    import torch
+    from torch import nn
+
+    class LinearStack(nn.Module):
+        def __init__(self, linears: dict):
+            super().__init__()
+            self.linears = nn.ModuleDict(linears)
+
+        def forward(self, inputs: dict):
+            return sum(self.linears[name](x).square().mean() for name, x in inputs.items())
+
+    head_dim = shape["hidden"] // shape["heads"]
+    h, f = shape["hidden"], shape["ffn"]
+    sizes = {"linear_qkv": (h, (shape["heads"] + 2 * shape["query_groups"]) * head_dim),
+             "linear_proj": (h, h), "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
+    torch.manual_seed(1234)
+    stack = LinearStack({name: nn.Linear(i, o, bias=False) for name, (i, o) in sizes.items()})
+    for p in stack.parameters():
+        p.requires_grad_(False)
+    return stack
+
+
+def _linear_inputs(shape: dict, model) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    tokens = shape["seq"] * shape["batch"]
+    return {name: torch.randn(tokens, layer.in_features, generator=g).requires_grad_()
+            for name, layer in model.linears.items()}
+
+
+def _build_linear_frozen(shape: dict):
+    return _linear_stack(shape), None
+
+
+def _build_linear_peft(shape: dict, kind: str):
+    """PEFT's own layer of `kind` on the plain nn.Linear stack (ours' settings: r, alpha = 2r)."""
+    import peft
+
+    r, stack = shape["r"], _linear_stack(shape)
+    if kind in ("lora", "dora"):
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=kind == "dora")
+    else:
+        config = _kind_config(kind, r, peft=True)
+    return peft.get_peft_model(stack, config), None
+
+
+def _build_linear_ours(shape: dict, kind: str):
+    """Ours (world size 1) of `kind` on the plain nn.Linear stack, with _build_linear_peft's settings."""
+    from parallel_adapters import IA3Config, LoraConfig, ParallelGroups, get_adapter_model
+
+    r = shape["r"]
+    if kind in ("lora", "dora"):
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=kind == "dora")
+    elif kind == "ia3":  # a plain linear_qkv has no fused parts: every row scaled, as PEFT's
+        config = IA3Config(target_modules=TARGETS, feedforward_modules=["linear_fc2"], fused_parts={})
+    else:
+        config = _kind_config(kind, r, peft=False)
+    return get_adapter_model(_linear_stack(shape), config, groups=ParallelGroups.single()).model, None
+
+
 def _peft_model(base, r: int, use_dora: bool = False):
     import copy
 
@@ -232,7 +309,7 @@ def _zero_grads(model) -> None:
         p.grad = None
 
 
-def _timed_step(model, finalize, input_ids, labels) -> dict:
+def _timed_step(model, finalize, loss_of) -> dict:
     import torch.distributed as dist
 
     from tests.harness import counting
@@ -241,7 +318,7 @@ def _timed_step(model, finalize, input_ids, labels) -> dict:
     dist.barrier()
     c0, t0 = time.process_time(), time.perf_counter()
     with counting.counted() as step:
-        _loss(model, input_ids, labels).backward()
+        loss_of(model).backward()
     t1, c1 = time.perf_counter(), time.process_time()
     out = {"time_s": t1 - t0, "cpu_s": c1 - c0, "calls": dict(step.calls), "bytes": dict(step.bytes)}
     if finalize is not None:
@@ -263,16 +340,27 @@ def bench_job(shape: dict, warmup: int, repeats: int, variants: tuple = DEFAULT_
     for kind in ("ia3", "loha", "lokr"):
         builders[kind] = lambda s, k=kind: _build_kind(s, k)
         builders[f"peft-{kind}"] = lambda s, k=kind: _build_peft_kind(s, k)
+    builders["linear-frozen"] = _build_linear_frozen
+    for kind in LINEAR_KINDS.values():
+        builders[f"linear-peft-{kind}"] = lambda s, k=kind: _build_linear_peft(s, k)
+        builders[f"linear-ours-{kind}"] = lambda s, k=kind: _build_linear_ours(s, k)
     models, errors, trainable, losses = {}, {}, {}, {}
+    linear_inputs = None
     for name in variants:
         try:
             model, finalize = builders[name](shape)
+            if name.startswith("linear-"):
+                stack = model.base_model.model if hasattr(model, "base_model") else model
+                linear_inputs = linear_inputs or _linear_inputs(shape, stack)
+                loss_of = lambda m: m(linear_inputs)  # noqa: E731
+            else:
+                loss_of = lambda m: _loss(m, input_ids, labels)  # noqa: E731
             # One untimed step: a variant that does not run fails here, on every rank alike.
             _zero_grads(model)
-            loss = _loss(model, input_ids, labels)
+            loss = loss_of(model)
             loss.backward()
             losses[name] = loss.item()
-            models[name] = (model, finalize)
+            models[name] = (model, finalize, loss_of)
             trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         except Exception as exc:  # noqa: BLE001
             errors[name] = _error_string(exc)
@@ -284,8 +372,11 @@ def bench_job(shape: dict, warmup: int, repeats: int, variants: tuple = DEFAULT_
         for rep in range(warmup + repeats):
             k = rep % len(names)
             for name in names[k:] + names[:k]:
-                model, finalize = models[name]
-                rec = _timed_step(model, finalize, input_ids, labels)
+                model, finalize, loss_of = models[name]
+                if name.startswith("linear-"):
+                    for x in linear_inputs.values():
+                        x.grad = None
+                rec = _timed_step(model, finalize, loss_of)
                 rec["warmup"] = rep < warmup
                 records[name].append(rec)
     finally:
@@ -345,7 +436,7 @@ def _summarise(rank_results: list[dict], shape: dict, names: tuple = DEFAULT_VAR
             entry["step_plus_finalize_time_ms_median"] = statistics.median(with_fin)
             entry["finalize_grads"]["is_one_all_reduce"] = first["finalize_calls"] == {"all_reduce": 1}
         variants[name] = entry
-    return {"shape": shape, "variants": variants, "ratios": _ratios(variants)}
+    return {"shape": shape, "variants": variants, "ratios": _ratios(variants), "kind_ratios": _kind_ratios(variants)}
 
 
 def _paired(v: dict, frozen: dict, key: str) -> float:
@@ -358,7 +449,7 @@ def _ratios(variants: dict) -> dict:
     out = {}
     if not frozen.get("runs"):
         return out
-    for name in [n for n in variants if n != "frozen"]:
+    for name in [n for n in variants if n != "frozen" and not n.startswith("linear-")]:
         v = variants[name]
         if not v.get("runs"):
             out[f"{name}_vs_frozen"] = None
@@ -381,6 +472,48 @@ def _ratios(variants: dict) -> dict:
     return out
 
 
+def _time_ratios(v: dict, frozen: dict) -> dict:
+    return {"time": _paired(v, frozen, "step_times_ms"),
+            "cpu_time": v["cpu_time_ms_median"] / frozen["cpu_time_ms_median"],
+            "cpu_time_paired_median": _paired(v, frozen, "cpu_times_ms")}
+
+
+def _kind_ratios(variants: dict) -> dict:
+    """Per kind: ours (Megatron, TP=2) vs the frozen layer, and PEFT's own layer on the plain
+    nn.Linear stack vs that stack frozen, both from this run (None where a side did not run)."""
+    out = {}
+    frozen, linear_frozen = variants.get("frozen", {}), variants.get("linear-frozen", {})
+    for ours, kind in LINEAR_KINDS.items():
+        if ours not in variants and f"linear-peft-{kind}" not in variants:
+            continue
+        v, p, o = (variants.get(n, {}) for n in (ours, f"linear-peft-{kind}", f"linear-ours-{kind}"))
+        lin = linear_frozen.get("runs")
+        out[kind] = {
+            "ours_vs_frozen": _time_ratios(v, frozen) if v.get("runs") and frozen.get("runs") else None,
+            "peft_nn_linear_vs_nn_linear_frozen": _time_ratios(p, linear_frozen) if p.get("runs") and lin else None,
+            "ours_nn_linear_vs_nn_linear_frozen": _time_ratios(o, linear_frozen) if o.get("runs") and lin else None,
+        }
+    return out
+
+
+def kind_table(result: dict) -> str:
+    """shape | kind | ours vs frozen (Megatron layer, TP=2) | PEFT's layer on nn.Linear vs frozen nn.Linear,
+    each as paired wall time / CPU time ratios from the same run."""
+    rows = ["| shape | kind | ours vs frozen (Megatron layer, TP=2): time / CPU "
+            "| PEFT on nn.Linear vs frozen nn.Linear: time / CPU | ours on nn.Linear vs frozen nn.Linear: time / CPU |",
+            "|---|---|---|---|---|"]
+    for size in result["sizes"]:
+        s = size["shape"]
+        label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
+        for kind, r in size.get("kind_ratios", {}).items():
+            cells = []
+            for side in (r["ours_vs_frozen"], r["peft_nn_linear_vs_nn_linear_frozen"],
+                         r["ours_nn_linear_vs_nn_linear_frozen"]):
+                cells.append("n/a" if side is None else f"{side['time']:.3f} / {side['cpu_time']:.3f}")
+            rows.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def markdown_table(result: dict) -> str:
     """shape | variant | collectives/step | MB/step | step time ms (median wall) | time vs frozen
     (median over rounds of variant/frozen wall time within one round-robin round) | CPU time vs
@@ -392,8 +525,8 @@ def markdown_table(result: dict) -> str:
     for size in result["sizes"]:
         s = size["shape"]
         label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
-        frozen = size["variants"]["frozen"]
         for name, v in size["variants"].items():
+            frozen = size["variants"]["linear-frozen" if name.startswith("linear-") else "frozen"]
             if not v.get("runs"):
                 rows.append(f"| {label} | {name} | does not run: {v['error'][:160]} | | | | |")
                 continue
@@ -440,12 +573,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds; a further size is skipped if its estimated time would exceed it")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS[1:]),
                         help=f"comma-separated, timed against frozen (always run); of {', '.join(VARIANTS[1:])}")
+    parser.add_argument("--no-linear-reference", action="store_true",
+                        help="skip the nn.Linear timing references (linear-frozen, linear-peft-<kind>)")
     args = parser.parse_args(argv)
     picked = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(picked) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS[1:])}")
     args.variants = ("frozen",) + tuple(v for v in VARIANTS[1:] if v in picked)
+    linear = [f"linear-{side}-{kind}" for ours, kind in LINEAR_KINDS.items() if ours in args.variants
+              for side in ("peft", "ours")]
+    if linear and not args.no_linear_reference:
+        args.variants += ("linear-frozen", *linear)
     if args.repeats < 6:
         parser.error("--repeats must be >= 6")
     return args
@@ -512,8 +651,10 @@ def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> No
                      sequence_parallel=sp, vocab=VOCAB, num_layers=1, tp=TP)
         print(f"{label}: building and timing {len(args.variants)} variants ...", flush=True)
         t0 = time.monotonic()
-        size = _summarise(pool.run(bench_job, shape, args.warmup, args.repeats, args.variants, timeout=1800),
-                          shape, args.variants)
+        variants = args.variants if (hidden, sp) == configs[0] else tuple(
+            v for v in args.variants if not v.startswith("linear-"))  # the nn.Linear references: first size only
+        size = _summarise(pool.run(bench_job, shape, args.warmup, args.repeats, variants, timeout=1800),
+                          shape, variants)
         size["wall_s"] = round(time.monotonic() - t0, 1)
         if sp and "peft" in args.variants:
             size["note"] = PEFT_SP_NOTE
@@ -534,11 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         _run_all(pool, args, result, started)
     result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
     result["markdown_table"] = table = markdown_table(result)
+    result["kind_table"] = kinds = kind_table(result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     print(table)
+    print(kinds)
     for size in result["sizes"]:
         shape = size["shape"]
         print(f"hidden {shape['hidden']} sp={shape['sequence_parallel']}: ratios {json.dumps(size['ratios'])}")

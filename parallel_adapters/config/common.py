@@ -63,9 +63,8 @@ def _check_lycoris(config: Any) -> None:
     _check_positive_number("alpha", config.alpha, owner)
     for name in ("rank_dropout", "module_dropout"):
         value = getattr(config, name)
-        if value != 0:
-            raise ValueError(f"{owner}.{name}={value!r} is not supported under tensor parallelism yet "
-                             "(its random mask would have to agree across the TP ranks sharing a factor); use 0")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
     _check_targets(owner, config.target_modules)
     for key, value in config.rank_pattern.items():
         _check_positive_int(f"rank_pattern[{key!r}]", value, owner)

@@ -88,9 +88,10 @@ class LoHaConfig:
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0
-    """Only 0: a per-row mask over the whole weight would need the TP ranks' RNG agreed (refused)."""
+    """Probability that a row of dW is zeroed in a training forward; the kept rows are divided by
+    their mean (PEFT's).  Drawn once over all rows, identically on every TP rank."""
     module_dropout: float = 0.0
-    """Only 0: skipping the adapter per step needs one draw shared by every TP rank (refused)."""
+    """Probability that the adapter sits out a training forward (one draw shared by the TP ranks)."""
     target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
     exclude_modules: TargetModules = None
     layers_to_transform: Union[int, list, None] = None
@@ -133,15 +134,16 @@ class LoKrConfig:
 
     r: int = 8
     alpha: float = 8
-    rank_dropout: float = 0.0  # only 0, as LoHaConfig
-    module_dropout: float = 0.0  # only 0, as LoHaConfig
+    rank_dropout: float = 0.0  # as LoHaConfig, the kept rows divided by their mean only with rank_dropout_scale
+    module_dropout: float = 0.0  # as LoHaConfig
     use_effective_conv2d: bool = False
     """Conv2d with a kernel other than 1x1 and w2 a product: PEFT's Tucker form (lokr_t2)."""
     decompose_both: bool = False
     """Also write w1 as a rank-r product (when r is under half its larger side)."""
     decompose_factor: int = -1
     """PEFT's `factorization` divider: -1 picks factors near the square root."""
-    rank_dropout_scale: bool = False  # only False: it scales rank_dropout, which is 0
+    rank_dropout_scale: bool = False
+    """Divide rank dropout's kept rows by their mean (PEFT's LoKr: off by default)."""
     target_modules: TargetModules = MEGATRON_LINEAR_TARGETS
     exclude_modules: TargetModules = None
     layers_to_transform: Union[int, list, None] = None
@@ -168,10 +170,8 @@ class LoKrConfig:
             raise ValueError(f"LoKrConfig.decompose_both must be True or False, got {self.decompose_both!r}")
         if not isinstance(self.use_effective_conv2d, bool):
             raise ValueError(f"LoKrConfig.use_effective_conv2d must be True or False, got {self.use_effective_conv2d!r}")
-        for name in ("rank_dropout_scale",):  # would be ignored: refused
-            if getattr(self, name) is not False:
-                raise ValueError(f"LoKrConfig.{name}={getattr(self, name)!r} is not supported (linear layers, "
-                                 "rank_dropout 0); use False")
+        if not isinstance(self.rank_dropout_scale, bool):
+            raise ValueError(f"LoKrConfig.rank_dropout_scale must be True or False, got {self.rank_dropout_scale!r}")
         _check_lycoris(self)
 
     to_dict = LoHaConfig.to_dict

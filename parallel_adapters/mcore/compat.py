@@ -212,6 +212,15 @@ class TrackerDropout:
         self.p, self.name, self.seed = p, name, seed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self._fork():
+            return dropout_mask_(x, self.p, None)
+
+    def uniform(self, n: int, device: torch.device) -> torch.Tensor:
+        """n float32 draws of U[0, 1) (as torch.rand) from this stream (LyCORIS' weight dropout)."""
+        with self._fork():
+            return torch.rand(n, device=device)
+
+    def _fork(self):
         tracker = tensor_parallel.get_cuda_rng_tracker()
         if self.name not in tracker.get_states():
             if getattr(tracker, "use_cudagraphable_rng", False):
@@ -219,8 +228,7 @@ class TrackerDropout:
             else:  # the state add() would make, without its once-per-process seed registry
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 set_tracker_states({self.name: torch.Generator(device=device).manual_seed(self.seed).get_state()})
-        with tracker.fork(self.name):
-            return dropout_mask_(x, self.p, None)
+        return tracker.fork(self.name)
 
 
 def tracker_states(names: set[str] | None = None) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """What every adapter kind gets from the generic paths, for IA3, LoHa and LoKr: run_training on
-real gloo ranks (the worker pools) under TP=2 + sequence parallelism, PP=2 and ZeRO 2 / 3, resume,
-and resharding a TP=2 checkpoint to TP=1.
+real gloo ranks (the worker pools) under TP=2 + sequence parallelism, PP=2, TP=2 x PP=2, ZeRO 1 / 2 / 3,
+full activation recompute (TP=2 + SP), resume, and resharding a TP=2 checkpoint to TP=1.
 
 Oracles: each kind's own world-size-1 run (a subprocess, same global batch and init; losses and
 grad norms within 1e-5, every rank's adapter shards equal to the reference's full tensors sliced
@@ -39,8 +39,11 @@ LAYOUTS = {  # name: (pool fixture, overrides)
     "dp2_zero2": ("pool2", [f"deepspeed={ZERO[2]}"]),
     "tp2_sp_zero2": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true", f"deepspeed={ZERO[2]}"]),
     "tp2_dp2_zero3": ("pool4", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
+    "dp2_zero1": ("pool2", [f"deepspeed={ZERO[1]}"]),
+    "tp2_pp2": ("pool4", ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "tp2_sp_recompute": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.recompute=full"]),
 }
-CASES = [(k, layout) for k in KIND_OVERRIDES for layout in ("tp2_sp", "pp2")] + [
+CASES = [(k, layout) for k in KIND_OVERRIDES for layout in ("tp2_sp", "pp2", "dp2_zero1", "tp2_pp2", "tp2_sp_recompute")] + [
     ("ia3", "tp2_sp_zero2"), ("loha", "dp2_zero2"), ("lokr", "tp2_sp_zero2"), ("ia3", "tp2_dp2_zero3")]
 CLIP = {"ia3": 0.01, "loha": 0.05, "lokr": 0.5}  # optim.grad_clip (train_jobs.BASE: 0.5)
 
@@ -154,3 +157,28 @@ def test_kind_tp2_checkpoint_reshards_to_tp1(pool2, tmp_path, kind):
         torch.testing.assert_close(logits[1][name], logits[2][name], atol=1e-5, rtol=1e-5, msg=name)
     # the loaded adapter is what sets the logits: the step-1 checkpoint's differ
     assert (logits["step1"]["logits.0"] - logits[2]["logits.0"]).abs().max() > 1e-4
+
+
+DROPOUT_RUN = ["adapter.rank_dropout=0.5", "adapter.module_dropout=0.3", "parallel.tensor=2",
+               "parallel.sequence_parallel=true", "optim.steps=4"]
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_kind_dropout_resume_is_bit_exact_and_recompute_replays_it(pool2, tmp_path, references, kind):
+    """rank_dropout and module_dropout on (TP=2 + SP, 4 steps): the losses differ from the run
+    without dropout; full activation recompute replays the masks (the same losses and grad norms);
+    2 steps + checkpoint + 2 resumed are bit-exact with 4 (the streams' RNG-tracker states saved)."""
+    run = KIND_OVERRIDES[kind] + DROPOUT_RUN + (["adapter.rank_dropout_scale=true"] if kind == "lokr" else [])
+    saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=2"]
+    straight = pool2.run(train_job, run)
+    recomputed = pool2.run(train_job, run + ["model.recompute=full"])
+    first = pool2.run(train_job, run + saving, None, "auto", 2)
+    second = pool2.run(train_job, run + saving)
+    assert second[0]["start_step"] == 2
+    assert abs(straight[0]["losses"][0] - references(kind)["losses"][0]) > 1e-4  # step 1: the same weights
+    for a, r, b, c in zip(straight, recomputed, first, second):
+        assert r["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=1e-6)
+        assert r["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-6, abs=1e-6)
+        assert b["losses"] + c["losses"] == a["losses"]  # bit-exact, fp32 on the CPU
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
+        assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])

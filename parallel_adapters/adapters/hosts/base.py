@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from parallel_adapters.adapters import functional as lf
-from parallel_adapters.adapters.hosts.dropout import SeededDropout, input_dropout, tp_replicated_input
+from parallel_adapters.adapters.hosts.dropout import (
+    SeededDropout, WeightDropout, input_dropout, tp_replicated_input, weight_dropout, weight_dropped,
+)
 from parallel_adapters.adapters.kinds.protocol import (
     REDUCTION_PAYLOAD, AdapterKind, AdapterSettings, AdapterView, TensorDecl,
 )
@@ -30,6 +32,10 @@ from parallel_adapters.distributed.sharding import ShardedTensor
 from parallel_adapters.mcore.compat import (
     LinearGeometry, TrackerDropout, base_bias, set_tensor_parallel_attributes,
 )
+
+
+_WEIGHT_CALLS = "/weight-dropout"
+"""Suffix of a weight dropout's entry in `dropout_calls` (the input dropout's key is the adapter name)."""
 
 
 class _Holder(nn.Module):
@@ -62,6 +68,7 @@ class AdapterHost(nn.Module):
         self._declared: dict[str, tuple[str, ...]] = {}  # adapter -> its tensor names, in declaration order
         self._kind_attributes: set[str] = set()  # attributes made for kinds: tensor tables, hparam dicts, specs
         self._dropout: dict[str, SeededDropout | TrackerDropout | None] = {}
+        self._weight_dropout: dict[str, WeightDropout | None] = {}  # LyCORIS' module / rank dropout
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None
@@ -91,6 +98,8 @@ class AdapterHost(nn.Module):
         self._declared[name] = tuple(d.name for d in decls)
         self._dropout[name] = (input_dropout(settings.dropout, settings.seed, kind.dropout_stream, self.module_name,
                                              name, g, dp_rank, pp_rank) if settings.dropout > 0 else None)
+        self._weight_dropout[name] = weight_dropout(settings, kind.dropout_stream, self.module_name, name, g,
+                                                    dp_rank, pp_rank)
         self.refresh_initial_tensors(name)
         if not self.active_adapters:
             self.active_adapters = [name]
@@ -133,6 +142,7 @@ class AdapterHost(nn.Module):
         for hparam in kind.hyperparameters:
             self.__dict__[hparam].pop(name)
         self._dropout.pop(name)
+        self._weight_dropout.pop(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def has_adapter(self, name: str) -> bool:
@@ -163,7 +173,8 @@ class AdapterHost(nn.Module):
     def _running_views(self, weight: torch.Tensor | None = None) -> list[AdapterView]:
         if self.disabled:
             return []
-        return [self.view(n, weight) for n in self.active_adapters if n in self.kinds and n not in self.merged_adapters]
+        views = [self.view(n, weight) for n in self.active_adapters if n in self.kinds and n not in self.merged_adapters]
+        return weight_dropped(views, self._weight_dropout, self.training, self._device)
 
     def view(self, name: str, weight: torch.Tensor | None = None) -> AdapterView:
         """What the kind's slot functions see of adapter `name` on this rank (`weight`: the base
@@ -185,12 +196,18 @@ class AdapterHost(nn.Module):
     def dropout_calls(self) -> dict[str, int]:
         """Masks drawn so far per adapter on an nn.Linear (for resume; Megatron layers' streams are
         RNG-tracker states, saved with `AdapterModel.tracker_rng_states`)."""
-        return {name: d.calls for name, d in self._dropout.items() if isinstance(d, SeededDropout)}
+        calls = {name: d.calls for name, d in self._dropout.items() if isinstance(d, SeededDropout)}
+        weight = {f"{name}{_WEIGHT_CALLS}": d.source.calls for name, d in self._weight_dropout.items()
+                  if d is not None and isinstance(d.source, SeededDropout)}
+        return {**calls, **weight}
 
     def set_dropout_calls(self, calls: dict[str, int]) -> None:
         for name, count in calls.items():
             if isinstance(self._dropout.get(name), SeededDropout):
                 self._dropout[name].calls = int(count)
+            weight = self._weight_dropout.get(name.removesuffix(_WEIGHT_CALLS)) if name.endswith(_WEIGHT_CALLS) else None
+            if weight is not None and isinstance(weight.source, SeededDropout):
+                weight.source.calls = int(count)
 
     def partial_grad_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters whose gradient is a per-rank partial sum over TP: the TP-replicated

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from parallel_adapters.adapters.hosts import payload
 from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.hosts.dropout import rank_dropped
 from parallel_adapters.adapters.kinds.protocol import (
     INPUT_COLUMNS, INPUT_SCALE, LOCAL_ADDEND, OUTPUT_SCALE, PARTIAL_ADDEND, REDUCTION_PAYLOAD, WEIGHT_DELTA,
     AdapterView, ReductionPayload,
@@ -201,8 +202,10 @@ def _scaled_input(x: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
 
 
 def delta_weight(weight: torch.Tensor, views: list[AdapterView]) -> torch.Tensor:
-    """W_i + every weight_delta (in the deltas' dtype when wider, cast back to W's for the matmul)."""
-    deltas = [view.kind.weight_delta(view) for view in views if WEIGHT_DELTA in view.slots]
+    """W_i + every weight_delta (in the deltas' dtype when wider, cast back to W's for the matmul),
+    each times this rank's rows of its rank-dropout mask in training."""
+    deltas = [rank_dropped(view.kind.weight_delta(view), view.rank_mask, view.geometry)
+              for view in views if WEIGHT_DELTA in view.slots]
     if not deltas:
         return weight
     return (weight.to(deltas[0].dtype) + sum(deltas)).to(weight.dtype)

@@ -16,6 +16,7 @@ q/k/v (gate/up) parts are LoHa adapters with w1a, w2a split by rows and w1b, w2b
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -54,6 +55,7 @@ class LoHaKind(AdapterKind):
     pattern_fields = ("rank_pattern", "alpha_pattern")
     slot_table = MappingProxyType({mode: frozenset({WEIGHT_DELTA}) for mode in LINEAR_MODES})
     tensor_axes = MappingProxyType({W1A: (0, None), W1B: (None, 1), W2A: (0, None), W2B: (None, 1)})
+    dropout_stream = "loha-dropout/"  # RNG-tracker states of module / rank dropout (hosts/dropout.py)
 
     def settings(self, config: LoHaConfig, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
         if geometry.parallel_mode not in LINEAR_MODES:
@@ -61,7 +63,7 @@ class LoHaKind(AdapterKind):
                              f"(this is a {geometry.parallel_mode!r} layer); exclude it with exclude_modules")
         r = pattern_value(module_name, config.rank_pattern, config.r)
         alpha = pattern_value(module_name, config.alpha_pattern, config.alpha)
-        return AdapterSettings({"r": r, "alpha": alpha, "scaling": alpha / r}, 0.0, config.seed)
+        return _with_dropouts(AdapterSettings({"r": r, "alpha": alpha, "scaling": alpha / r}, 0.0, config.seed), config)
 
     def tensors(self, geometry: LinearGeometry, hparams: Mapping[str, Any]) -> tuple[TensorDecl, ...]:
         r, mode, out, inp = hparams["r"], geometry.parallel_mode, geometry.out_features, geometry.in_features
@@ -115,10 +117,20 @@ class LoHaKind(AdapterKind):
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
             **rank_fields(modules, "alpha"), "target_modules": target_modules,
-            "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+            **_peft_dropouts(config), "use_effective_conv2d": False, "init_weights": True,
             "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
             "modules_to_save": None, "inference_mode": True, "revision": None,
         }
+
+
+def _with_dropouts(settings: AdapterSettings, config: LoHaConfig) -> AdapterSettings:
+    """PEFT's LoHa rank dropout divides the kept rows by their mean (always); the host draws and applies it."""
+    return dataclasses.replace(settings, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
+                               rank_dropout_scale=True)
+
+
+def _peft_dropouts(config: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(config.get(name, 0.0)) for name in ("rank_dropout", "module_dropout")}
 
 
 def _check_factors(module: str, shapes: Mapping[str, tuple[int, ...]]) -> int:

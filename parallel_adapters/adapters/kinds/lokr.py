@@ -24,6 +24,7 @@ at export.  linear_proj and linear_fc2 (o_proj, down_proj) export exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -94,6 +95,7 @@ class LoKrKind(AdapterKind):
     slot_table = MappingProxyType({mode: frozenset({WEIGHT_DELTA}) for mode in LINEAR_MODES})
     tensor_axes = MappingProxyType({n: (None, None) for n in (W1, W1A, W1B, W2, W2A, W2B)})
     """No tensor runs along the base weight's rows or columns: a module exports whole (or not at all)."""
+    dropout_stream = "lokr-dropout/"  # RNG-tracker states of module / rank dropout (hosts/dropout.py)
 
     def settings(self, config: LoKrConfig, module_name: str, geometry: LinearGeometry) -> AdapterSettings:
         mode = geometry.parallel_mode
@@ -114,7 +116,8 @@ class LoKrKind(AdapterKind):
                 f"(decompose_factor={config.decompose_factor}); TP={t} must split w1's {split} {side}"
                 + (f" in each of {chunks} fused blocks" if chunks > 1 else "")
                 + f", which works for TP sizes {sizes}; choose another decompose_factor or exclude the module")
-        return AdapterSettings({"r": r, "alpha": alpha, "scaling": alpha / r, **layout}, 0.0, config.seed)
+        return _with_dropouts(AdapterSettings({"r": r, "alpha": alpha, "scaling": alpha / r, **layout}, 0.0,
+                                              config.seed), config)
 
     def tensors(self, geometry: LinearGeometry, hparams: Mapping[str, Any]) -> tuple[TensorDecl, ...]:
         r, mode = hparams["r"], geometry.parallel_mode
@@ -185,10 +188,22 @@ class LoKrKind(AdapterKind):
             **rank_fields(modules, "alpha"), "target_modules": target_modules,
             "decompose_both": bool(config.get("decompose_both", False)),
             "decompose_factor": int(config.get("decompose_factor", -1)),
-            "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
+            **_peft_dropouts(config), "use_effective_conv2d": False,
             "init_weights": True, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
             "modules_to_save": None, "inference_mode": True, "revision": None,
         }
+
+
+def _with_dropouts(settings: AdapterSettings, config: LoKrConfig) -> AdapterSettings:
+    """PEFT's LoKr rank dropout divides the kept rows by their mean only with rank_dropout_scale."""
+    return dataclasses.replace(settings, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
+                               rank_dropout_scale=config.rank_dropout_scale)
+
+
+def _peft_dropouts(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"rank_dropout": float(config.get("rank_dropout", 0.0)),
+            "module_dropout": float(config.get("module_dropout", 0.0)),
+            "rank_dropout_scale": bool(config.get("rank_dropout_scale", False))}
 
 
 def _from_shapes(module: str, shapes: Mapping[str, tuple[int, ...]], r: int, alpha: float) -> dict[str, Any]:

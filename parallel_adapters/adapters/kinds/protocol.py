@@ -88,6 +88,13 @@ class AdapterSettings:
     """Dropout probability on the adapter input (0: none); the host draws the masks."""
     seed: int = 0
     """Base seed of the full-tensor initialisation and of the dropout streams."""
+    rank_dropout: float = 0.0
+    """LyCORIS' rank dropout (weight_delta kinds): the probability that a row of dW (an output
+    feature) is zeroed in a training forward; 0: none."""
+    module_dropout: float = 0.0
+    """LyCORIS' module dropout: the probability that the adapter sits out a training forward; 0: none."""
+    rank_dropout_scale: bool = False
+    """Divide the kept rows by the mask's mean over all of dW's rows (PEFT's LoHa always does)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,9 @@ class AdapterView:
     """`payload_rows` summed over TP (set by the host at add and merge time only)."""
     bias: torch.Tensor | None = None
     """The base bias shard (column: b_i like W's rows; row, replicated: whole), or None."""
+    rank_mask: torch.Tensor | None = None
+    """This training forward's rank-dropout multiplier over ALL of dW's rows [O] (the same on every
+    TP rank; the host applies this rank's rows to weight_delta), or None."""
 
 
 @dataclass(frozen=True)

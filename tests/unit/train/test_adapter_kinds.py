@@ -28,7 +28,7 @@ def test_kind_picks_the_config(kind, cls):
     (["adapter.alpha=4"], r"\['adapter.alpha'\] are not fields of adapter kind 'lora'"),
     (["adapter.kind=dora"],
      r"adapter.kind: 'dora' is not an adapter kind; one of \['ia3', 'loha', 'lokr', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning'\]"),
-    (["adapter.kind=lokr", "adapter.rank_dropout=0.1"], r"LoKrConfig.rank_dropout"),
+    (["adapter.kind=lokr", "adapter.rank_dropout=1.0"], r"LoKrConfig.rank_dropout"),
 ])
 def test_unknown_or_bad_fields_are_refused_naming_kind_and_field(overrides, named):
     with pytest.raises(ValueError, match=named):

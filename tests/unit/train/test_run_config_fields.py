@@ -179,9 +179,7 @@ CASES: dict[str, tuple[list[str], str, str]] = {
 REFUSED = {"parallel.data"} | ({"moe.dispatcher"} if not torch.cuda.is_available() else set())
 """Keys whose changed value is observable only as a refusal (moe.dispatcher=alltoall: on the CPU)."""
 REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: another is refused, naming it
-    "adapter.rank_dropout@loha", "adapter.module_dropout@loha", "adapter.rank_dropout@lokr",
-    "adapter.module_dropout@lokr", "adapter.use_effective_conv2d@lokr", "adapter.rank_dropout_scale@lokr",
-    "adapter.use_effective_conv2d@loha", "adapter.conv_layout",  # nn.Conv2d only: a GPT run has none
+    "adapter.use_effective_conv2d@lokr", "adapter.use_effective_conv2d@loha", "adapter.conv_layout",  # nn.Conv2d only: a GPT run has none
     "adapter.fan_in_fan_out@ia3",
     # set by the model or fixed (the export writes them): a run config may not set them
     *(f"adapter.{key}@{kind}" for kind in ("prompt_tuning", "p_tuning", "prefix_tuning")

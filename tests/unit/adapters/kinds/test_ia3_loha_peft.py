@@ -104,7 +104,7 @@ def test_ia3_config_validation_names_the_field(kwargs, field):
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(r=0), "LoHaConfig.r"), (dict(alpha=-1), "LoHaConfig.alpha"),
-    (dict(rank_dropout=0.1), "LoHaConfig.rank_dropout"), (dict(module_dropout=0.5), "LoHaConfig.module_dropout"),
+    (dict(rank_dropout=1.0), "LoHaConfig.rank_dropout"), (dict(module_dropout=True), "LoHaConfig.module_dropout"),
     (dict(rank_pattern={"x": 0}), r"LoHaConfig.rank_pattern\['x'\]"),
 ])
 def test_loha_config_validation_names_the_field(kwargs, field):

@@ -102,12 +102,12 @@ def test_factorization_is_peft_s():
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(r=0), "LoKrConfig.r"), (dict(alpha=-1), "LoKrConfig.alpha"),
-    (dict(rank_dropout=0.1), "LoKrConfig.rank_dropout"), (dict(module_dropout=0.5), "LoKrConfig.module_dropout"),
+    (dict(rank_dropout=1.0), "LoKrConfig.rank_dropout"), (dict(module_dropout=-0.5), "LoKrConfig.module_dropout"),
     (dict(rank_pattern={"x": 0}), r"LoKrConfig.rank_pattern\['x'\]"),
     (dict(decompose_factor=0), "LoKrConfig.decompose_factor"), (dict(init_weights="x"), "LoKrConfig.init_weights"),
     (dict(decompose_both=1), "LoKrConfig.decompose_both"),
     (dict(use_effective_conv2d=1), "LoKrConfig.use_effective_conv2d"),
-    (dict(rank_dropout_scale=True), "LoKrConfig.rank_dropout_scale"),
+    (dict(rank_dropout_scale=1), "LoKrConfig.rank_dropout_scale"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
