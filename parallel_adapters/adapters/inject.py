@@ -23,7 +23,7 @@ from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import LINEAR_MODES, LinearGeometry, linear_geometry, parallel_mode_of
-from parallel_adapters.mcore.moe import global_expert_modules
+from parallel_adapters.mcore.moe import global_expert_modules, shared_expert_module
 
 _OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -148,8 +148,11 @@ def check_divisible(target: Target, geometry: LinearGeometry) -> None:
 def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: ParallelGroups,
                  adapter_name: str, targets: list[Target], autocast_adapter_dtype: bool = True) -> list[AdapterHost]:
     """Wrap each target in the host for its parallel mode (or reuse its host) and add adapter
-    `adapter_name` of `kind` to it."""
-    hosts = []
+    `adapter_name` of `kind` to it.  With `share_expert_adapters`, the routed experts of a layer
+    share the adapter of the first one on this rank, drawn from the shared name's seed (the same
+    on every EP rank)."""
+    hosts, owners = [], {}
+    share = bool(getattr(config, "share_expert_adapters", False))
     for target in targets:
         module = target.module
         if isinstance(module, AdapterHost):
@@ -165,9 +168,13 @@ def wrap_targets(model: nn.Module, config: Any, kind: AdapterKind, groups: Paral
             host = host_class(geometry.parallel_mode)(module, geometry, target.global_name, autocast_adapter_dtype)
             _replace_module(model, target.name, host)
         host.tied_weight = _is_tied(model, geometry, target)
-        generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
+        shared = shared_expert_module(target.global_name) if share else None
+        seed_name = shared or target.global_name
+        generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, seed_name, adapter_name))
         full = kind.full_tensors(config, geometry, settings.hparams, generator)
         host.add_adapter(adapter_name, kind, settings, full, _data_rank(groups, geometry), groups.pp_rank)
+        if shared is not None:
+            host.share_adapter_of(owners.setdefault(shared, host), adapter_name)
         hosts.append(host)
     return hosts
 

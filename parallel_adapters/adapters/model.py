@@ -177,7 +177,9 @@ class AdapterModel(nn.Module):
         """Sum the per-rank partial gradients of replicated tensors over the group that splits
         their layer: TP for dense layers, expert-TP for routed MoE experts.  One coalesced
         all-reduce per distinct group of size > 1, so one for a dense model and at most two for a
-        MoE model (one when TP and expert-TP hold the same ranks).
+        MoE model (one when TP and expert-TP hold the same ranks); adapters shared across a layer's
+        experts (share_expert_adapters) are also summed over EP: one more (merged into another
+        group's when that group holds the same ranks).
 
         With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper, each rank's loss the
         mean over its own rows), also make every trainable gradient the global mean's: sum it over
@@ -189,6 +191,9 @@ class AdapterModel(nn.Module):
         partial = [(layer.geometry.tp_group, self._grads(layer.partial_grad_parameters()))
                    for _, layer in adapted_layers(self.model)]
         partial += [(group, self._grads(params)) for group, params in prompt.partial_grad_entries(self.model)]
+        # an adapter shared by a layer's experts (share_expert_adapters) is replicated over EP
+        shared = [p for p in self.model.parameters() if p.requires_grad and getattr(p, "expert_shared", False)]
+        partial.append((self.groups.ep_group, self._grads(shared)))
         for group, grads in _by_ranks(partial):
             collectives.all_reduce_coalesced_(grads, group)
         if not data_parallel:
@@ -320,7 +325,8 @@ def _by_ranks(entries: list[tuple[object, list[torch.Tensor]]]) -> list[tuple[ob
     for group, grads in entries:
         if grads and collectives.group_size(group) > 1:
             merged.setdefault(collectives.group_ranks(group), (group, []))[1].extend(grads)
-    return list(merged.values())
+    # a tensor shared by several layers (share_expert_adapters) is listed once per layer: send it once
+    return [(group, list({id(g): g for g in grads}.values())) for group, grads in merged.values()]
 
 
 def _require_input_grads(model: nn.Module):

@@ -82,6 +82,11 @@ class LoraConfig:
     y = m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T) + b, the norm detached (as PEFT)."""
     seed: int = 0
     """Seed of the full-matrix initialisation, so every TP size starts from the same adapter."""
+    share_expert_adapters: bool = False
+    """Routed MoE experts: False, one adapter per expert (PEFT's target_parameters layout); True,
+    ONE adapter per MoE layer and targeted expert linear (linear_fc1, linear_fc2), shared by every
+    routed expert of that layer (each EP rank holds a replica; its gradient is also summed over
+    EP).  Saved and exported replicated under every expert's name."""
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -104,6 +109,13 @@ class LoraConfig:
         if self.use_dora and self.init_lora_weights == "eva":
             raise ValueError("LoraConfig.use_dora=True with init_lora_weights='eva' is not supported yet "
                              "(EVA initialises LoRA factors only)")
+        if not isinstance(self.share_expert_adapters, bool):
+            raise ValueError(f"LoraConfig.share_expert_adapters must be True or False, got {self.share_expert_adapters!r}")
+        if self.share_expert_adapters and (self.use_dora or self.init_lora_weights == "eva"
+                                           or decomposition_init(self.init_lora_weights) is not None):
+            raise ValueError("LoraConfig.share_expert_adapters=True needs an adapter independent of each expert's "
+                             f"weight: not use_dora={self.use_dora} / init_lora_weights={self.init_lora_weights!r} "
+                             "(DoRA's magnitude, EVA and PiSSA/OLoRA are drawn per expert)")
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):

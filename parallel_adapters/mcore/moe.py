@@ -110,6 +110,16 @@ def is_expert_parameter(name: str) -> bool:
     return _LOCAL_EXPERTS in name
 
 
+def shared_expert_module(global_name: str) -> str | None:
+    """`...mlp.experts.local_experts.<g>.<linear>` -> `...mlp.experts.<linear>`: the name of the
+    one adapter the routed experts of that layer share (LoraConfig.share_expert_adapters; it
+    seeds the adapter's init, so every expert and EP rank draws the same); None for any other module."""
+    head, sep, tail = global_name.partition(_LOCAL_EXPERTS)
+    if not sep or "." not in tail:
+        return None
+    return f"{head}mlp.experts.{tail.split('.', 1)[1]}"
+
+
 def global_expert_suffix(layer: torch.nn.Module, suffix: str) -> str:
     """`suffix` (a parameter name inside a transformer layer) with a local expert index replaced
     by the global one: EP rank e's local expert i is expert e * num_local + i."""
