@@ -95,6 +95,9 @@ class GPTSettings:
     moe_router_pre_softmax: bool = False
     """Softmax over all experts, then top-k (the top-k probabilities do not sum to 1: Qwen3-MoE with
     norm_topk_prob=false); False: top-k logits, then softmax over those k (= renormalised)."""
+    moe_grouped_gemm: bool = False
+    """Experts as megatron's `GroupedMLP` (fused weight1/weight2, grouped_gemm's `gmm`; needs the
+    grouped_gemm package, adapters via adapters/hosts/grouped.py) instead of `SequentialMLP`."""
     qk_layernorm: bool = False
     """RMSNorm (weight over head_dim) on every query and key head before RoPE (Qwen3)."""
 
@@ -176,8 +179,8 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
 
 def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
     """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot (and MoE MLPs
-    with SequentialMLP experts when config.num_moe_experts is set)."""
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+    with SequentialMLP, or GroupedMLP, experts when config.num_moe_experts is set)."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
                                     normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     if config.qk_layernorm:
         attention = spec.submodules.self_attention.submodules

@@ -97,7 +97,8 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
         # router drops over ITS tokens (this rank's sequence slice under SP): layout-dependent
         "moe_expert_capacity_factor": settings.moe_expert_capacity_factor,
         "moe_token_drop_policy": settings.moe_token_drop_policy,
-        "moe_grouped_gemm": False,  # SequentialMLP: one ColumnParallel/RowParallel pair per expert
+        # False: SequentialMLP, one ColumnParallel/RowParallel pair per expert; True: GroupedMLP
+        "moe_grouped_gemm": settings.moe_grouped_gemm,
         "moe_permute_fusion": False,
         "moe_router_fusion": False,
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
@@ -105,9 +106,29 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
     }
 
 
+_GROUPED = ("mlp.experts.weight1", "mlp.experts.weight2", "mlp.experts.linear_fc1.", "mlp.experts.linear_fc2.")
+
+
 def is_expert_parameter(name: str) -> bool:
-    """A routed expert's weight (split over ETP, reduced over expert-DP); shared experts are not."""
-    return _LOCAL_EXPERTS in name
+    """A routed expert's weight (split over ETP, reduced over expert-DP), SequentialMLP's or
+    GroupedMLP's (weight1/weight2 and their adapter hosts linear_fc1/2); shared experts are not."""
+    return _LOCAL_EXPERTS in name or any(part in name for part in _GROUPED)
+
+
+def grouped_gmm(x: torch.Tensor, weights: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """GroupedMLP's product: rows x [T, in] sorted by expert times weights [E, in, out], through
+    megatron's binding of grouped_gemm's `gmm` (resolved at call time, so a stand-in installed
+    into `grouped_gemm_util` is seen)."""
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return grouped_gemm_util.ops.gmm(x, weights, tokens_per_expert, trans_b=False)
+
+
+def is_grouped_experts(module: torch.nn.Module) -> bool:
+    """Megatron's GroupedMLP (fused experts run by grouped_gemm's gmm)."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    return isinstance(module, GroupedMLP)
 
 
 def shared_expert_module(global_name: str) -> str | None:
