@@ -1,7 +1,8 @@
 """Megatron's mixture-of-experts MLP in our GPT (mcore/gpt.py): config fields, layout checks,
 global expert names and which group splits an expert's weights.
 
-A MoE layer (megatron's `MoELayer`, local spec, `moe_grouped_gemm=False`) holds:
+A MoE layer (megatron's `MoELayer`, local spec, `moe_grouped_gemm=False`; with True its experts
+are one `GroupedMLP`, see adapters/hosts/grouped.py) holds:
 - `mlp.router.weight` [experts, hidden]: replicated over every group (under sequence
   parallelism its gradient is partial over TP, marked `sequence_parallel` like the norms);
 - `mlp.experts.local_experts.{i}.linear_fc1/linear_fc2`: EP rank e holds experts
@@ -74,6 +75,12 @@ def check_moe_layout(settings: "GPTSettings") -> None:
     if tp > 1 and not settings.sequence_parallel:
         # megatron's MoELayer refuses to train at TP > 1 without it (moe_layer.py)
         raise ValueError("GPTSettings.sequence_parallel must be True for a MoE model at tensor_parallel > 1")
+    if settings.moe_grouped_gemm:
+        from megatron.core.transformer.moe import grouped_gemm_util
+
+        if not grouped_gemm_util.grouped_gemm_is_available():
+            raise ValueError("GPTSettings.moe_grouped_gemm=True needs the grouped_gemm package (megatron's "
+                             "GroupedMLP runs its gmm kernels); install it or use moe_grouped_gemm=False")
     if not torch.cuda.is_available() and settings.moe_token_dispatcher_type != "allgather":
         raise ValueError(f"GPTSettings.moe_token_dispatcher_type={settings.moe_token_dispatcher_type!r} needs CUDA "
                          "(megatron creates CUDA streams for it); use 'allgather' on the CPU")

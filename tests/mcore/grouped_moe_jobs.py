@@ -79,3 +79,33 @@ def parity_job(ep: int, etp: int, directory: str | None = None) -> dict:
         out[f"{key}_merged_logits"] = gpt_logits(adapter.model, IDS)
     out["host_type"] = type(grouped.decoder.layers[0].mlp.experts).__name__
     return out
+
+
+def refusals_job() -> dict:
+    """What the GroupedMLP path refuses, by message: the model without grouped_gemm, DoRA,
+    lora_dropout, share_expert_adapters, and targets covering some experts of a fused weight."""
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.mcore.gpt import build_gpt
+    from tests.mcore import grouped_gemm_shim
+
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    groups = moe_jobs._setup(1, 1, 1, 1, 1234)
+    out = {}
+    saved = grouped_gemm_util.grouped_gemm
+    grouped_gemm_util.grouped_gemm = None  # as on a machine without the package
+    try:
+        build_gpt(moe_jobs._settings(False, moe_grouped_gemm=True))
+    except ValueError as exc:
+        out["no_package"] = str(exc)
+    grouped_gemm_util.grouped_gemm = saved
+    grouped_gemm_shim.install()
+    cases = {"dora": dict(use_dora=True), "dropout": dict(lora_dropout=0.1), "share": dict(share_expert_adapters=True),
+             "partial": dict(target_modules=r".*local_experts\.[01]\.linear_fc1")}
+    for key, kw in cases.items():
+        try:
+            get_adapter_model(build_gpt(moe_jobs._settings(False, moe_grouped_gemm=True)),
+                              LoraConfig(**{"r": 2, "target_modules": ["linear_fc1", "linear_fc2"], **kw}), groups=groups)
+        except (ValueError, NotImplementedError) as exc:
+            out[key] = str(exc)
+    return out

@@ -33,3 +33,12 @@ def test_grouped_mlp_lora_matches_sequential(pool2, tmp_path, ep, etp):
         torch.testing.assert_close(r["grp_merged_logits"], r["seq_merged_logits"], rtol=0, atol=1e-10)
         # the GroupedMLP adapter's checkpoint loads into the SequentialMLP model by name
         torch.testing.assert_close(r["cross_logits"], r["seq_logits"], rtol=0, atol=TOL)
+
+
+def test_grouped_mlp_refusals_name_the_cause(pool2):
+    r = pool2.run(jobs.refusals_job)[0]
+    assert "moe_grouped_gemm" in r["no_package"] and "grouped_gemm package" in r["no_package"]
+    assert "LoRA only" in r["dora"] and "'dora'" in r["dora"]
+    assert "lora_dropout" in r["dropout"]
+    assert "share_expert_adapters" in r["share"]
+    assert "all its experts or none" in r["partial"] and "mlp.experts.linear_fc1" in r["partial"]
