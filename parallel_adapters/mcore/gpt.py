@@ -291,7 +291,7 @@ def full_parameter_init(settings: GPTSettings, name: str, full_shape: tuple[int,
 @torch.no_grad()
 def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
     """Overwrite every parameter with this rank's slice of `full_parameter_init` (experts: of
-    the expert's full tensor, split over ETP)."""
+    the expert's full tensor, split over ETP; GroupedMLP: the same per-expert tensors, fused)."""
     groups = compat.megatron_parallel_groups()
     names = global_parameter_names(model)
     for local_name, param in model.named_parameters():
@@ -300,6 +300,13 @@ def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
             name = "embedding.word_embeddings.weight"  # the last stage's copy of the shared table
         spec = param_shard_spec(param)
         _, size, rank = moe.split_group(name, groups)
+        if moe.is_grouped_weight(name):  # GroupedMLP: the SequentialMLP experts' weights, fused
+            moe_layer = model.get_submodule(local_name.rsplit(".", 2)[0])
+            param.copy_(moe.grouped_expert_weight(
+                lambda n, shape: full_parameter_init(settings, n, shape), name, param.shape,
+                moe_layer.local_expert_indices, settings.moe_ffn_hidden_size or settings.ffn_hidden_size,
+                settings.hidden_size, rank, size).to(param.dtype))
+            continue
         full = full_parameter_init(settings, name, spec.global_shape(param.shape, size))
         param.copy_(spec.shard(full, rank, size).to(param.dtype))
 

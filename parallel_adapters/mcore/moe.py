@@ -22,12 +22,13 @@ by default no capacity factor, so no token is ever dropped and routing is the sa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from megatron.core import parallel_state
 
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardSpec
 
 if TYPE_CHECKING:
     from parallel_adapters.mcore.gpt import GPTSettings
@@ -129,6 +130,27 @@ def grouped_gmm(x: torch.Tensor, weights: torch.Tensor, tokens_per_expert: torch
     from megatron.core.transformer.moe import grouped_gemm_util
 
     return grouped_gemm_util.ops.gmm(x, weights, tokens_per_expert, trans_b=False)
+
+
+def is_grouped_weight(name: str) -> bool:
+    """GroupedMLP's fused `...mlp.experts.weight1` / `weight2`."""
+    return name.endswith(("mlp.experts.weight1", "mlp.experts.weight2"))
+
+
+def grouped_expert_weight(draw: Callable[[str, tuple[int, ...]], torch.Tensor], name: str, shape: torch.Size,
+                          local_indices: list[int], ffn: int, hidden: int, rank: int, size: int) -> torch.Tensor:
+    """GroupedMLP's weight1 / weight2 (global `name`, local `shape`) holding the weights the
+    SequentialMLP experts would: local expert e's full gated fc1 [2 ffn, H] / fc2 [H, ffn], drawn by
+    `draw` under its per-expert name, split over ETP as those layers ([gate_i; up_i] rows / columns),
+    transposed and stacked as GroupedMLP views them ([E, H, F1] / [E, F2, H])."""
+    prefix, which = name.rsplit(".", 1)
+    fc1 = which == "weight1"
+    spec = ShardSpec(dim=0, chunks=2) if fc1 else ShardSpec(dim=1)
+    full_shape = (2 * ffn, hidden) if fc1 else (hidden, ffn)
+    linear = "linear_fc1" if fc1 else "linear_fc2"
+    blocks = [spec.shard(draw(f"{prefix}.local_experts.{e}.{linear}.weight", full_shape), rank, size).t()
+              for e in local_indices]
+    return torch.stack(blocks).reshape(shape)
 
 
 def is_grouped_experts(module: torch.nn.Module) -> bool:

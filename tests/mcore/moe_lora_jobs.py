@@ -19,7 +19,7 @@ FP64 = {"params_dtype": torch.float64}
 
 
 def _adapted(tp: int, ep: int, etp: int, pp: int, sequence_parallel: bool, world_one: bool = False,
-             lora_seed: int = 0, **lora_kw):
+             lora_seed: int = 0, grouped: bool = False, **lora_kw):
     """This rank's MoE GPT stage (float64) with LoRA on attention and every MLP linear layer."""
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.distributed.groups import ParallelGroups
@@ -28,7 +28,11 @@ def _adapted(tp: int, ep: int, etp: int, pp: int, sequence_parallel: bool, world
     groups = moe_jobs._setup(tp, ep, etp, pp, 1234)
     if world_one:
         groups = ParallelGroups.single()  # every rank alone is world size 1
-    base = build_gpt(moe_jobs._settings(sequence_parallel, **FP64))
+    if grouped:  # GroupedMLP experts, grouped_gemm's CUDA gmm replaced by a torch reference (test-only)
+        from tests.mcore import grouped_gemm_shim
+
+        grouped_gemm_shim.install()
+    base = build_gpt(moe_jobs._settings(sequence_parallel, moe_grouped_gemm=grouped, **FP64))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, seed=lora_seed, **lora_kw)
     return get_adapter_model(base, config, groups=groups), groups
 
@@ -67,12 +71,13 @@ def _step(adapter, groups, input_ids, labels, num_microbatches: int) -> torch.Te
 
 def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labels: torch.Tensor,
               sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5,
-              use_dora: bool = False, share: bool = False) -> dict:
+              use_dora: bool = False, share: bool = False, grouped: bool = False) -> dict:
     """Losses over `steps` AdamW steps and the consolidated adapter after them (all sizes 1:
-    the world-1 reference on every rank); `share`: share_expert_adapters."""
-    world_one = (tp, ep, etp, pp) == (1, 1, 1, 1)
+    the world-1 reference on every rank); `share`: share_expert_adapters; `grouped`: GroupedMLP
+    experts (the same weights as the SequentialMLP ones, see init_gpt_weights)."""
+    world_one = (tp, ep, etp, pp) == (1, 1, 1, 1) and not grouped
     adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora,
-                               share_expert_adapters=share)
+                               share_expert_adapters=share, grouped=grouped)
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):

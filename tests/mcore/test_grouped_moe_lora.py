@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from tests.mcore import grouped_moe_jobs as jobs
+from tests.mcore import moe_lora_jobs
+from tests.mcore.test_moe_gpt import _batch
+from tests.mcore.test_moe_lora_gpt import _assert_matches_reference
 
 TOL = 1e-12
 
@@ -42,3 +45,12 @@ def test_grouped_mlp_refusals_name_the_cause(pool2):
     assert "lora_dropout" in r["dropout"]
     assert "share_expert_adapters" in r["share"]
     assert "all its experts or none" in r["partial"] and "mlp.experts.linear_fc1" in r["partial"]
+
+
+def test_grouped_mlp_trains_as_sequential_world_one(pool2):
+    """GroupedMLP built with the SequentialMLP experts' weights (init_gpt_weights draws each
+    expert under its SequentialMLP name): five AdamW steps at EP 2 (finalize_grads with DP
+    averaging, expert adapters over expert-DP) give the SequentialMLP world-1 losses and adapter."""
+    ref = pool2.run(moe_lora_jobs.train_job, 1, 1, 1, 1, *_batch())[0]
+    ranks = pool2.run(moe_lora_jobs.train_job, 1, 2, 1, 1, *_batch(), grouped=True)
+    _assert_matches_reference(ranks, ref)
