@@ -18,7 +18,7 @@ from torch import nn
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.hosts.embedding import Conv2dHost, EmbeddingHost, VocabParallelEmbeddingHost
-from parallel_adapters.adapters.hosts.grouped import GroupedExpertsHost, wrap_grouped_experts
+from parallel_adapters.adapters.hosts.grouped import GroupedExpertsHost, GroupedLinearHost, wrap_grouped_experts
 from parallel_adapters.adapters.hosts.linear import HOST_FOR_MODE
 from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
@@ -123,9 +123,10 @@ def _adaptable(model: nn.Module, names: dict[str, str]):
             for fc, mode in (("linear_fc1", "column"), ("linear_fc2", "row")):
                 for e in parent.local_expert_indices:
                     yield f"{name}.{fc}", module, f"{names[name]}.local_experts.{e}.{fc}", mode
+        elif isinstance(module, GroupedLinearHost):
+            continue  # its experts were listed with its GroupedExpertsHost
         elif isinstance(module, AdapterHost):
-            if not isinstance(getattr(module, "expert_names", None), tuple):  # a GroupedLinearHost: above
-                yield name, module, names[name], module.geometry.parallel_mode
+            yield name, module, names[name], module.geometry.parallel_mode
         elif parallel_mode_of(module) is not None:
             yield name, module, names[name], parallel_mode_of(module)
 
