@@ -10,9 +10,10 @@ the padding, differentiable in x, A and B.
 
 Status: megatron-core 0.16.1's `GroupedMLP` asserts the `grouped_gemm` package in `__init__`,
 supports bf16 only and calls its CUDA `gmm` kernels; `TEGroupedMLP` needs Transformer Engine.
-Neither runs on the CPU, so no host wraps them yet: this function is tested against the
-per-expert loop (tests/unit/adapters/test_grouped_experts.py), and against grouped_gemm's own
-`gmm` where that package and CUDA exist.
+`adapters/hosts/grouped.py` wraps GroupedMLP with it (tested on the CPU with a torch stand-in
+for grouped_gemm's gmm); this function is tested against the per-expert loop
+(tests/unit/adapters/test_grouped_experts.py), and against grouped_gemm's own `gmm` where that
+package and CUDA exist.
 """
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ def grouped_lora_delta(x: torch.Tensor, tokens_per_expert: torch.Tensor, lora_a:
                          f"{tuple(lora_b.shape)}")
     if tokens_per_expert.numel() != lora_a.shape[0]:
         raise ValueError(f"tokens_per_expert has {tokens_per_expert.numel()} experts, the factors {lora_a.shape[0]}")
-    num_experts, out_features = lora_a.shape[0], lora_b.shape[1]
-    if x.shape[0] == 0:
-        return x.new_zeros(0, out_features)
+    num_experts = lora_a.shape[0]
     experts, position = expert_row_index(tokens_per_expert, x.shape[0])
-    capacity = int(tokens_per_expert.max())  # one host sync, as grouped_gemm's own batch sizes
+    # one host sync, as grouped_gemm's own batch sizes; no rows: capacity 0, the factors stay in
+    # the graph (zero gradients, not None: every expert-DP rank then reduces the same tensors)
+    capacity = int(tokens_per_expert.max()) if x.shape[0] else 0
     padded = x.new_zeros(num_experts, capacity, x.shape[1]).index_put((experts, position), x)
     low = torch.bmm(padded, lora_a.transpose(1, 2))  # [E, C, r]
     out = torch.bmm(low, lora_b.transpose(1, 2))  # [E, C, out]

@@ -18,13 +18,14 @@ from torch import nn
 from parallel_adapters.adapters import functional as lf
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.hosts.embedding import Conv2dHost, EmbeddingHost, VocabParallelEmbeddingHost
+from parallel_adapters.adapters.hosts.grouped import GroupedExpertsHost, GroupedLinearHost, wrap_grouped_experts
 from parallel_adapters.adapters.hosts.linear import HOST_FOR_MODE
 from parallel_adapters.adapters.kinds import kind_for_module
 from parallel_adapters.adapters.kinds.protocol import AdapterKind
 from parallel_adapters.config import pattern_key_matches
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.mcore.compat import LINEAR_MODES, LinearGeometry, linear_geometry, parallel_mode_of
-from parallel_adapters.mcore.moe import global_expert_modules
+from parallel_adapters.mcore.moe import global_expert_modules, is_grouped_experts, shared_expert_module
 
 _OUTPUT_LAYER_NAMES = ("output_layer", "lm_head")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -93,12 +94,8 @@ def find_targets(model: nn.Module, config: Any) -> list[Target]:
     layers_to_transform, layers_pattern), in model order.  ValueError if none match."""
     names = global_module_names(model)
     candidates, targets = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, AdapterHost) and parallel_mode_of(module) is None:
-            continue
-        gname = names[name]
+    for name, module, gname, mode in _adaptable(model, names):
         candidates.append(gname)
-        mode = module.geometry.parallel_mode if isinstance(module, AdapterHost) else parallel_mode_of(module)
         is_output = gname.split(".")[-1] in _OUTPUT_LAYER_NAMES
         if not _matches(gname, config.target_modules, all_linear_ok=mode in LINEAR_MODES and not is_output):
             continue
@@ -115,6 +112,24 @@ def find_targets(model: nn.Module, config: Any) -> list[Target]:
             f"Candidates: {shown or '(none: no linear layers found)'}"
         )
     return targets
+
+
+def _adaptable(model: nn.Module, names: dict[str, str]):
+    """(local name, module, global name, parallel mode) of every adaptable layer; a GroupedMLP
+    (or its host) gives its experts' linear_fc1 / linear_fc2 under SequentialMLP's global names,
+    with the local name of the host that will hold them (`...mlp.experts.linear_fc1`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExpertsHost) or is_grouped_experts(module):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            for fc, mode in (("linear_fc1", "column"), ("linear_fc2", "row")):
+                for e in parent.local_expert_indices:
+                    yield f"{name}.{fc}", module, f"{names[name]}.local_experts.{e}.{fc}", mode
+        elif isinstance(module, GroupedLinearHost):
+            continue  # its experts were listed with its GroupedExpertsHost
+        elif isinstance(module, AdapterHost):
+            yield name, module, names[name], module.geometry.parallel_mode
+        elif parallel_mode_of(module) is not None:
+            yield name, module, names[name], parallel_mode_of(module)
 
 
 def check_patterns_match(config: Any, kind: AdapterKind, targets: Iterable[Target], *,
@@ -149,9 +164,14 @@ def check_divisible(target: Target, geometry: LinearGeometry) -> None:
 def wrap_targets(model: nn.Module, config: Any, family: AdapterKind, groups: ParallelGroups,
                  adapter_name: str, targets: list[Target], autocast_adapter_dtype: bool = True) -> list[AdapterHost]:
     """Wrap each target in the host for its parallel mode (or reuse its host) and add adapter
-    `adapter_name` of `family` (or of its variant for that module) to it."""
-    hosts = []
-    for target in targets:
+    `adapter_name` of `family` (or of its variant for that module) to it.  With `share_expert_adapters`,
+    the routed experts of a layer share the adapter of the first one on this rank, drawn from the
+    shared name's seed (the same on every EP rank)."""
+    grouped = [t for t in targets if isinstance(t.module, GroupedExpertsHost) or is_grouped_experts(t.module)]
+    hosts = _wrap_grouped(model, config, family, groups, adapter_name, grouped, autocast_adapter_dtype)
+    owners = {}
+    share = bool(getattr(config, "share_expert_adapters", False))
+    for target in [t for t in targets if not any(t is g for g in grouped)]:
         module = target.module
         if isinstance(module, AdapterHost):
             host, geometry = module, module.geometry
@@ -167,9 +187,48 @@ def wrap_targets(model: nn.Module, config: Any, family: AdapterKind, groups: Par
             host = host_class(geometry.parallel_mode)(module, geometry, target.global_name, autocast_adapter_dtype)
             _replace_module(model, target.name, host)
         host.tied_weight = _is_tied(model, geometry, target)
-        generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, target.global_name, adapter_name))
+        shared = shared_expert_module(target.global_name) if share else None
+        seed_name = shared or target.global_name
+        generator = torch.Generator().manual_seed(lf.factor_seed(settings.seed, seed_name, adapter_name))
         full = kind.full_tensors(config, geometry, settings.hparams, generator)
         host.add_adapter(adapter_name, kind, settings, full, _data_rank(groups, geometry), groups.pp_rank)
+        if shared is not None:
+            host.share_adapter_of(owners.setdefault(shared, host), adapter_name)
+        hosts.append(host)
+    return hosts
+
+
+def _wrap_grouped(model: nn.Module, config: Any, kind: AdapterKind, groups: ParallelGroups, adapter_name: str,
+                  targets: list[Target], autocast_adapter_dtype: bool) -> list[AdapterHost]:
+    """Targets on GroupedMLP experts: one GroupedLinearHost per fused weight, each expert's
+    factors drawn from its SequentialMLP name's seed (hosts/grouped.py)."""
+    if targets and (getattr(config, "share_expert_adapters", False)
+                    or getattr(config, "init_lora_weights", True) not in (True, False, "gaussian")):
+        raise NotImplementedError(f"{targets[0].name}: GroupedMLP experts take per-expert LoRA with init_lora_weights "
+                                  "True/False/'gaussian' only (not share_expert_adapters, EVA, PiSSA/OLoRA)")
+    by_weight: dict[str, list[Target]] = {}
+    for target in targets:
+        by_weight.setdefault(target.name, []).append(target)
+    names = global_module_names(model)
+    hosts = []
+    for name, matched in by_weight.items():
+        experts_path, fc = name.rsplit(".", 1)
+        wrapper = model.get_submodule(experts_path)
+        if not isinstance(wrapper, GroupedExpertsHost):
+            parent = model.get_submodule(experts_path.rpartition(".")[0])
+            wrapper = wrap_grouped_experts(wrapper, groups, names[experts_path], parent.local_expert_indices,
+                                           autocast_adapter_dtype)
+            _replace_module(model, experts_path, wrapper)
+        host = getattr(wrapper, fc)
+        by_expert = {t.global_name: t for t in matched}
+        if sorted(by_expert) != sorted(host.expert_names):
+            raise ValueError(f"{host.module_name}: the targets match experts {sorted(by_expert)} of a GroupedMLP "
+                             "weight; its adapter covers all its experts or none (adjust target_modules)")
+        settings = [kind.settings(config, e, host.geometry) for e in host.expert_names]
+        full = [kind.full_tensors(config, host.geometry, s.hparams,
+                                  torch.Generator().manual_seed(lf.factor_seed(s.seed, e, adapter_name)))
+                for s, e in zip(settings, host.expert_names)]
+        host.add_grouped_adapter(adapter_name, kind, settings, full, _data_rank(groups, host.geometry), groups.pp_rank)
         hosts.append(host)
     return hosts
 
@@ -206,5 +265,8 @@ def adapted_layers(model: nn.Module) -> list[tuple[str, AdapterHost]]:
 
 def unwrap_all(model: nn.Module) -> None:
     """Put every base layer back in place of its wrapper (weights as they are now)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GroupedExpertsHost):
+            _replace_module(model, name, module.base_layer)
     for name, layer in adapted_layers(model):
         _replace_module(model, name, layer.base_layer)

@@ -22,12 +22,10 @@ from parallel_adapters.adapters.inject import (
 from parallel_adapters.adapters.decomposition_init import initialize_from_weights
 from parallel_adapters.adapters.hosts.base import AdapterHost
 from parallel_adapters.adapters.kinds import kind_for_config
-from parallel_adapters.adapters import prefix, pretrained, prompt, weighted
+from parallel_adapters.adapters import grad_sync, prefix, pretrained, prompt, weighted
 from parallel_adapters.config import LoraConfig, decomposition_init
-from parallel_adapters.distributed import collectives
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import ShardedTensor
-from parallel_adapters.mcore.moe import is_expert_parameter
 from parallel_adapters.mcore.compat import (
     is_parallel_state_initialized, is_vocab_parallel_embedding, megatron_parallel_groups, parallel_mode_of,
     recomputes_layers, set_tracker_states, tracker_states,
@@ -196,7 +194,9 @@ class AdapterModel(nn.Module):
         """Sum the per-rank partial gradients of replicated tensors over the group that splits
         their layer: TP for dense layers, expert-TP for routed MoE experts.  One coalesced
         all-reduce per distinct group of size > 1, so one for a dense model and at most two for a
-        MoE model (one when TP and expert-TP hold the same ranks).
+        MoE model (one when TP and expert-TP hold the same ranks); adapters shared across a layer's
+        experts (share_expert_adapters) are also summed over EP: one more (merged into another
+        group's when that group holds the same ranks).
 
         With data_parallel=True (plain torch DP, no DDP/DeepSpeed wrapper, each rank's loss the
         mean over its own rows), also make every trainable gradient the global mean's: sum it over
@@ -205,33 +205,7 @@ class AdapterModel(nn.Module):
         (as Megatron's DDP scales experts: an expert's local gradient already sums the tokens of
         every rank in its expert-TP x EP group).
         """
-        partial = [(layer.geometry.tp_group, self._grads(layer.partial_grad_parameters()))
-                   for _, layer in adapted_layers(self.model)]
-        partial += [(group, self._grads(params)) for group, params in prompt.partial_grad_entries(self.model)]
-        partial += [(group, self._grads(params)) for group, params in prefix.partial_grad_entries(self.model)]
-        for group, grads in _by_ranks(partial):
-            collectives.all_reduce_coalesced_(grads, group)
-        if not data_parallel:
-            return
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        expert = self._grads(p for n, p in trainable if is_expert_parameter(n))
-        dense = self._grads(p for n, p in trainable if not is_expert_parameter(n))
-        g = self.groups
-        for group, grads in _by_ranks([(g.dp_group, dense), (g.expert_dp_group, expert)]):
-            collectives.all_reduce_coalesced_(grads, group)
-        if g.dp_size > 1:
-            for grad in dense + expert:
-                grad.div_(g.dp_size)
-
-    @staticmethod
-    def _grads(params) -> list[torch.Tensor]:
-        grads = []
-        for param in params:
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
-            if grad is not None:
-                grads.append(grad)
-        return grads
+        grad_sync.finalize_grads(self.model, self.groups, data_parallel)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, ShardedTensor]:
         """This rank's adapter shards under global Megatron names, with their ShardSpecs."""
@@ -333,16 +307,6 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"{type(config).__name__}.modules_to_save entry {suffix!r} matches no module")
             for module in matched:
                 yield from module.parameters()
-
-
-def _by_ranks(entries: list[tuple[object, list[torch.Tensor]]]) -> list[tuple[object, list[torch.Tensor]]]:
-    """(group, gradients) pairs merged by the ranks their group holds, dropping groups of one and
-    empty lists: one collective per distinct set of ranks."""
-    merged: dict[tuple[int, ...], tuple[object, list[torch.Tensor]]] = {}
-    for group, grads in entries:
-        if grads and collectives.group_size(group) > 1:
-            merged.setdefault(collectives.group_ranks(group), (group, []))[1].extend(grads)
-    return list(merged.values())
 
 
 def _require_input_grads(model: nn.Module):

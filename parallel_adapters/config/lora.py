@@ -132,6 +132,11 @@ class LoraConfig:
     """LoRA's form on nn.Conv2d: "peft" (A a conv with the base's window, B 1x1) or "alf" (ALF's
     Conv2dAdapter: the kernel read as an (O kh) x (I kw) matrix; lora_alpha is ALF's `weight`,
     s = lora_alpha / r; kinds/conv.py).  Not a PEFT field."""
+    share_expert_adapters: bool = False
+    """Routed MoE experts: False, one adapter per expert (PEFT's target_parameters layout); True,
+    ONE adapter per MoE layer and targeted expert linear (linear_fc1, linear_fc2), shared by every
+    routed expert of that layer (each EP rank holds a replica; its gradient is also summed over
+    EP).  Saved and exported replicated under every expert's name."""
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -164,6 +169,13 @@ class LoraConfig:
                              "(EVA initialises LoRA factors only)")
         if self.init_lora_weights == "corda" and self.corda_config is None:
             object.__setattr__(self, "corda_config", CordaConfig())
+        if not isinstance(self.share_expert_adapters, bool):
+            raise ValueError(f"LoraConfig.share_expert_adapters must be True or False, got {self.share_expert_adapters!r}")
+        if self.share_expert_adapters and (self.use_dora or self.init_lora_weights == "eva"
+                                           or decomposition_init(self.init_lora_weights) is not None):
+            raise ValueError("LoraConfig.share_expert_adapters=True needs an adapter independent of each expert's "
+                             f"weight: not use_dora={self.use_dora} / init_lora_weights={self.init_lora_weights!r} "
+                             "(DoRA's magnitude, EVA and PiSSA/OLoRA are drawn per expert)")
         if self.init_lora_weights == "eva" and self.eva_config is None:
             object.__setattr__(self, "eva_config", EvaConfig())
         if self.target_modules is None or (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):

@@ -95,6 +95,9 @@ class GPTSettings:
     moe_router_pre_softmax: bool = False
     """Softmax over all experts, then top-k (the top-k probabilities do not sum to 1: Qwen3-MoE with
     norm_topk_prob=false); False: top-k logits, then softmax over those k (= renormalised)."""
+    moe_grouped_gemm: bool = False
+    """Experts as megatron's `GroupedMLP` (fused weight1/weight2, grouped_gemm's `gmm`; needs the
+    grouped_gemm package, adapters via adapters/hosts/grouped.py) instead of `SequentialMLP`."""
     qk_layernorm: bool = False
     """RMSNorm (weight over head_dim) on every query and key head before RoPE (Qwen3)."""
 
@@ -176,8 +179,8 @@ def gpt_transformer_config(settings: GPTSettings) -> TransformerConfig:
 
 def _layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
     """Megatron's local (no-TE) spec with our SP-capable norm in every norm slot (and MoE MLPs
-    with SequentialMLP experts when config.num_moe_experts is set)."""
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+    with SequentialMLP, or GroupedMLP, experts when config.num_moe_experts is set)."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
                                     normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     if config.qk_layernorm:
         attention = spec.submodules.self_attention.submodules
@@ -288,7 +291,7 @@ def full_parameter_init(settings: GPTSettings, name: str, full_shape: tuple[int,
 @torch.no_grad()
 def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
     """Overwrite every parameter with this rank's slice of `full_parameter_init` (experts: of
-    the expert's full tensor, split over ETP)."""
+    the expert's full tensor, split over ETP; GroupedMLP: the same per-expert tensors, fused)."""
     groups = compat.megatron_parallel_groups()
     names = global_parameter_names(model)
     for local_name, param in model.named_parameters():
@@ -297,6 +300,13 @@ def init_gpt_weights(model: GPTModel, settings: GPTSettings) -> None:
             name = "embedding.word_embeddings.weight"  # the last stage's copy of the shared table
         spec = param_shard_spec(param)
         _, size, rank = moe.split_group(name, groups)
+        if moe.is_grouped_weight(name):  # GroupedMLP: the SequentialMLP experts' weights, fused
+            moe_layer = model.get_submodule(local_name.rsplit(".", 2)[0])
+            param.copy_(moe.grouped_expert_weight(
+                lambda n, shape: full_parameter_init(settings, n, shape), name, param.shape,
+                moe_layer.local_expert_indices, settings.moe_ffn_hidden_size or settings.ffn_hidden_size,
+                settings.hidden_size, rank, size).to(param.dtype))
+            continue
         full = full_parameter_init(settings, name, spec.global_shape(param.shape, size))
         param.copy_(spec.shard(full, rank, size).to(param.dtype))
 

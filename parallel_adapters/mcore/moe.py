@@ -1,7 +1,8 @@
 """Megatron's mixture-of-experts MLP in our GPT (mcore/gpt.py): config fields, layout checks,
 global expert names and which group splits an expert's weights.
 
-A MoE layer (megatron's `MoELayer`, local spec, `moe_grouped_gemm=False`) holds:
+A MoE layer (megatron's `MoELayer`, local spec, `moe_grouped_gemm=False`; with True its experts
+are one `GroupedMLP`, see adapters/hosts/grouped.py) holds:
 - `mlp.router.weight` [experts, hidden]: replicated over every group (under sequence
   parallelism its gradient is partial over TP, marked `sequence_parallel` like the norms);
 - `mlp.experts.local_experts.{i}.linear_fc1/linear_fc2`: EP rank e holds experts
@@ -21,12 +22,13 @@ by default no capacity factor, so no token is ever dropped and routing is the sa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from megatron.core import parallel_state
 
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.distributed.sharding import ShardSpec
 
 if TYPE_CHECKING:
     from parallel_adapters.mcore.gpt import GPTSettings
@@ -74,6 +76,12 @@ def check_moe_layout(settings: "GPTSettings") -> None:
     if tp > 1 and not settings.sequence_parallel:
         # megatron's MoELayer refuses to train at TP > 1 without it (moe_layer.py)
         raise ValueError("GPTSettings.sequence_parallel must be True for a MoE model at tensor_parallel > 1")
+    if settings.moe_grouped_gemm:
+        from megatron.core.transformer.moe import grouped_gemm_util
+
+        if not grouped_gemm_util.grouped_gemm_is_available():
+            raise ValueError("GPTSettings.moe_grouped_gemm=True needs the grouped_gemm package (megatron's "
+                             "GroupedMLP runs its gmm kernels); install it or use moe_grouped_gemm=False")
     if not torch.cuda.is_available() and settings.moe_token_dispatcher_type != "allgather":
         raise ValueError(f"GPTSettings.moe_token_dispatcher_type={settings.moe_token_dispatcher_type!r} needs CUDA "
                          "(megatron creates CUDA streams for it); use 'allgather' on the CPU")
@@ -97,7 +105,8 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
         # router drops over ITS tokens (this rank's sequence slice under SP): layout-dependent
         "moe_expert_capacity_factor": settings.moe_expert_capacity_factor,
         "moe_token_drop_policy": settings.moe_token_drop_policy,
-        "moe_grouped_gemm": False,  # SequentialMLP: one ColumnParallel/RowParallel pair per expert
+        # False: SequentialMLP, one ColumnParallel/RowParallel pair per expert; True: GroupedMLP
+        "moe_grouped_gemm": settings.moe_grouped_gemm,
         "moe_permute_fusion": False,
         "moe_router_fusion": False,
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
@@ -105,9 +114,60 @@ def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
     }
 
 
+_GROUPED = ("mlp.experts.weight1", "mlp.experts.weight2", "mlp.experts.linear_fc1.", "mlp.experts.linear_fc2.")
+
+
 def is_expert_parameter(name: str) -> bool:
-    """A routed expert's weight (split over ETP, reduced over expert-DP); shared experts are not."""
-    return _LOCAL_EXPERTS in name
+    """A routed expert's weight (split over ETP, reduced over expert-DP), SequentialMLP's or
+    GroupedMLP's (weight1/weight2 and their adapter hosts linear_fc1/2); shared experts are not."""
+    return _LOCAL_EXPERTS in name or any(part in name for part in _GROUPED)
+
+
+def grouped_gmm(x: torch.Tensor, weights: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """GroupedMLP's product: rows x [T, in] sorted by expert times weights [E, in, out], through
+    megatron's binding of grouped_gemm's `gmm` (resolved at call time, so a stand-in installed
+    into `grouped_gemm_util` is seen)."""
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return grouped_gemm_util.ops.gmm(x, weights, tokens_per_expert, trans_b=False)
+
+
+def is_grouped_weight(name: str) -> bool:
+    """GroupedMLP's fused `...mlp.experts.weight1` / `weight2`."""
+    return name.endswith(("mlp.experts.weight1", "mlp.experts.weight2"))
+
+
+def grouped_expert_weight(draw: Callable[[str, tuple[int, ...]], torch.Tensor], name: str, shape: torch.Size,
+                          local_indices: list[int], ffn: int, hidden: int, rank: int, size: int) -> torch.Tensor:
+    """GroupedMLP's weight1 / weight2 (global `name`, local `shape`) holding the weights the
+    SequentialMLP experts would: local expert e's full gated fc1 [2 ffn, H] / fc2 [H, ffn], drawn by
+    `draw` under its per-expert name, split over ETP as those layers ([gate_i; up_i] rows / columns),
+    transposed and stacked as GroupedMLP views them ([E, H, F1] / [E, F2, H])."""
+    prefix, which = name.rsplit(".", 1)
+    fc1 = which == "weight1"
+    spec = ShardSpec(dim=0, chunks=2) if fc1 else ShardSpec(dim=1)
+    full_shape = (2 * ffn, hidden) if fc1 else (hidden, ffn)
+    linear = "linear_fc1" if fc1 else "linear_fc2"
+    blocks = [spec.shard(draw(f"{prefix}.local_experts.{e}.{linear}.weight", full_shape), rank, size).t()
+              for e in local_indices]
+    return torch.stack(blocks).reshape(shape)
+
+
+def is_grouped_experts(module: torch.nn.Module) -> bool:
+    """Megatron's GroupedMLP (fused experts run by grouped_gemm's gmm)."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    return isinstance(module, GroupedMLP)
+
+
+def shared_expert_module(global_name: str) -> str | None:
+    """`...mlp.experts.local_experts.<g>.<linear>` -> `...mlp.experts.<linear>`: the name of the
+    one adapter the routed experts of that layer share (LoraConfig.share_expert_adapters; it
+    seeds the adapter's init, so every expert and EP rank draws the same); None for any other module."""
+    head, sep, tail = global_name.partition(_LOCAL_EXPERTS)
+    if not sep or "." not in tail:
+        return None
+    return f"{head}mlp.experts.{tail.split('.', 1)[1]}"
 
 
 def global_expert_suffix(layer: torch.nn.Module, suffix: str) -> str:

@@ -80,7 +80,8 @@ def grad_sumsq_contribution(model: AdapterModel) -> torch.Tensor:
             continue
         # a routed expert's tensor is replicated over expert-DP and split (or repeated) over expert-TP
         dp_rank, tp_rank = (g.expert_dp_rank, g.etp_rank) if is_expert_parameter(name) else (g.dp_rank, g.tp_rank)
-        if dp_rank == 0 and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
+        shared_copy = getattr(param, "expert_shared", False) and g.ep_rank > 0  # replicated over EP
+        if dp_rank == 0 and not shared_copy and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
             squares.append(grad.detach().double().pow(2).sum())
     return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 

@@ -19,7 +19,7 @@ FP64 = {"params_dtype": torch.float64}
 
 
 def _adapted(tp: int, ep: int, etp: int, pp: int, sequence_parallel: bool, world_one: bool = False,
-             lora_seed: int = 0, **lora_kw):
+             lora_seed: int = 0, grouped: bool = False, **lora_kw):
     """This rank's MoE GPT stage (float64) with LoRA on attention and every MLP linear layer."""
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.distributed.groups import ParallelGroups
@@ -28,7 +28,11 @@ def _adapted(tp: int, ep: int, etp: int, pp: int, sequence_parallel: bool, world
     groups = moe_jobs._setup(tp, ep, etp, pp, 1234)
     if world_one:
         groups = ParallelGroups.single()  # every rank alone is world size 1
-    base = build_gpt(moe_jobs._settings(sequence_parallel, **FP64))
+    if grouped:  # GroupedMLP experts, grouped_gemm's CUDA gmm replaced by a torch reference (test-only)
+        from tests.mcore import grouped_gemm_shim
+
+        grouped_gemm_shim.install()
+    base = build_gpt(moe_jobs._settings(sequence_parallel, moe_grouped_gemm=grouped, **FP64))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, seed=lora_seed, **lora_kw)
     return get_adapter_model(base, config, groups=groups), groups
 
@@ -67,11 +71,13 @@ def _step(adapter, groups, input_ids, labels, num_microbatches: int) -> torch.Te
 
 def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labels: torch.Tensor,
               sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5,
-              use_dora: bool = False) -> dict:
+              use_dora: bool = False, share: bool = False, grouped: bool = False) -> dict:
     """Losses over `steps` AdamW steps and the consolidated adapter after them (all sizes 1:
-    the world-1 reference on every rank)."""
-    world_one = (tp, ep, etp, pp) == (1, 1, 1, 1)
-    adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora)
+    the world-1 reference on every rank); `share`: share_expert_adapters; `grouped`: GroupedMLP
+    experts (the same weights as the SequentialMLP ones, see init_gpt_weights)."""
+    world_one = (tp, ep, etp, pp) == (1, 1, 1, 1) and not grouped
+    adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora,
+                               share_expert_adapters=share, grouped=grouped)
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -80,16 +86,22 @@ def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labe
         adapter.finalize_grads(data_parallel=True)
         optimizer.step()
         losses.append(None if loss is None else loss.item())
-    return {"losses": losses, "adapter": consolidated_adapter(adapter, groups),
+    from parallel_adapters.train.engine import grad_sumsq_contribution
+
+    sumsq = grad_sumsq_contribution(adapter)  # the last step's squared grad norm, summed over the world
+    if not world_one:
+        dist.all_reduce(sumsq)
+    return {"losses": losses, "adapter": consolidated_adapter(adapter, groups), "grad_sumsq": sumsq.item(),
             "held": sorted(adapter.adapter_state_dict()), "ep_rank": groups.ep_rank,
             "trainable": sum(p.numel() for p in adapter.parameters() if p.requires_grad)}
 
 
-def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, labels: torch.Tensor,
+                    share: bool = False) -> dict:
     """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP 1: the
     frozen base with the embedding trainable, or the model with expert LoRA; and, with LoRA, of
     finalize_grads without and with data-parallel averaging."""
-    adapter, groups = _adapted(tp, ep, 1, 1, tp > 1)
+    adapter, groups = _adapted(tp, ep, 1, 1, tp > 1, share_expert_adapters=share)
     model = adapter.model
     if variant == "frozen_base":
         model = adapter.unload()
@@ -117,7 +129,7 @@ def _logits(adapter) -> torch.Tensor:
 
 
 def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int | None = None,
-                   load_etp: int | None = None) -> dict:
+                   load_etp: int | None = None, **lora_kw) -> dict:
     """save_checkpoint of a MoE model with expert LoRA, then load_checkpoint (at EP=load_ep and
     expert-TP=load_etp, by default the same) into a model whose adapter was drawn from another
     seed: does every tensor this rank holds come back exactly (compared with the saving seed's
@@ -125,14 +137,14 @@ def checkpoint_job(directory: str, ep: int, etp: int, tp: int = 1, load_ep: int 
     layout) and of the loaded one (at the loading layout), on the same rows."""
     from parallel_adapters.checkpoint.adapter_io import load_checkpoint, save_checkpoint
 
-    saved, groups = _adapted(tp, ep, etp, 1, tp > 1)
+    saved, groups = _adapted(tp, ep, etp, 1, tp > 1, **lora_kw)
     path = save_checkpoint(saved, directory)
     saved_logits = _logits(saved)
     load_ep = ep if load_ep is None else load_ep
     load_etp = etp if load_etp is None else load_etp
     if (load_ep, load_etp) != (ep, etp):  # the same adapter drawn at the loading layout (init is layout-independent)
-        saved, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1)
-    other, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1, lora_seed=1)
+        saved, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1, **lora_kw)
+    other, _ = _adapted(tp, load_ep, load_etp, 1, tp > 1, lora_seed=1, **lora_kw)
     before = other.adapter_state_dict()
     want = saved.adapter_state_dict()
     differed = all(not torch.equal(before[n].local, want[n].local) for n in want if "lora_A" in n)
@@ -150,3 +162,28 @@ def dora_expert_etp_job() -> str:
     except NotImplementedError as exc:
         return str(exc)
     return ""
+
+
+def shared_export_job() -> dict:
+    """World size 1, share_expert_adapters: are the experts' tensors one Parameter per layer and
+    linear, does PEFT's per-expert layout hold the shared factors in every expert's slot, and
+    does merging give the unmerged logits?"""
+    from parallel_adapters.checkpoint.expert_adapter import peft_expert_tensors, unpack_expert_factors
+
+    adapter, _ = _adapted(1, 1, 1, 1, False, True, share_expert_adapters=True)
+    params = dict(adapter.model.named_parameters(remove_duplicate=False))
+    tied = all(params[n] is params[n.replace("local_experts.0.", f"local_experts.{e}.")]
+               for n in params if "local_experts.0." in n and "lora_" in n for e in range(4))
+    full = {n: t.local for n, t in adapter.adapter_state_dict().items()}
+    packed, _ = peft_expert_tensors(full, 4, 2)
+    replicated = True
+    for key in [k for k in packed if k.endswith("lora_A.weight")]:
+        experts = unpack_expert_factors(packed[key], packed[key.replace("lora_A", "lora_B")], 4)
+        replicated &= all(torch.equal(a, experts[0][0]) and torch.equal(b, experts[0][1]) for a, b in experts)
+    unmerged = _logits(adapter)
+    with adapter.disable_adapter():
+        base = _logits(adapter)
+    adapter.merge_adapter()
+    return {"tied": tied, "replicated": replicated, "packed": len(packed),
+            "merged_error": (_logits(adapter) - unmerged).abs().max().item(),
+            "adapter_effect": (unmerged - base).abs().max().item()}

@@ -145,6 +145,17 @@ class AdapterHost(nn.Module):
         self._weight_dropout.pop(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def share_adapter_of(self, owner: "AdapterHost", name: str) -> None:
+        """Make adapter `name` here use `owner`'s tensors (the same Parameters: one gradient,
+        accumulated over both layers); the owner's are marked `expert_shared` (finalize_grads
+        sums them over EP too).  ValueError when the two adapters' hyperparameters differ."""
+        if owner.hparams(name) != self.hparams(name):
+            raise ValueError(f"{self.module_name}: adapter {name!r} ({self.kinds[name].describe(self.hparams(name))}) "
+                             f"cannot share {owner.module_name}'s ({owner.kinds[name].describe(owner.hparams(name))})")
+        for tensor_name in self._declared[name]:
+            owner._table(tensor_name)[name].weight.expert_shared = True
+            self._table(tensor_name)[name] = owner._table(tensor_name)[name]
+
     def has_adapter(self, name: str) -> bool:
         return name in self.kinds
 
