@@ -102,6 +102,7 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "adapter.use_effective_conv2d@lokr": ([], "true", "lora"),
     "adapter.use_effective_conv2d@loha": ([], "true", "lora"),
     "adapter.conv_layout": ([], "alf", "lora"),
+    "adapter.share_expert_adapters": (["moe.num_experts=4"], "true", "lora"),
     "adapter.decompose_both@lokr": ([], "true", "lora"),
     "adapter.decompose_factor@lokr": ([], "4", "lora"),
     "adapter.rank_dropout_scale@lokr": ([], "true", "lora"),
