@@ -88,9 +88,10 @@ def weight_dropout(settings: AdapterSettings, stream_prefix: str, module_name: s
     per module and call (`SeededDropout.calls`, saved for resume)."""
     if not (settings.rank_dropout or settings.module_dropout):
         return None
-    if settings.rank_dropout and geometry.parallel_mode not in ("column", "row", "replicated"):
+    if settings.rank_dropout and geometry.parallel_mode not in ("column", "row", "replicated", "conv2d"):
         raise NotImplementedError(f"module {module_name}: rank_dropout on a {geometry.parallel_mode!r} layer is not "
-                                  "implemented (linear layers only); use rank_dropout 0 or exclude the module")
+                                  "implemented (linear and conv2d layers only); use rank_dropout 0 or exclude "
+                                  "the module")
     if geometry.parallel_mode in ("replicated", "conv2d"):
         source = SeededDropout(0.0, lf.factor_seed(settings.seed, module_name, adapter_name, "weight", f"dp{dp_rank}"))
     else:
@@ -120,7 +121,8 @@ def weight_dropped(views: list[AdapterView], dropouts: dict[str, WeightDropout |
 
 def rank_dropped(delta: torch.Tensor, mask: torch.Tensor | None, geometry: LinearGeometry) -> torch.Tensor:
     """dW_i times this rank's rows of the full row multiplier: a column layer holds W's rows split
-    (fused blocks included), the others every row; broadcast over dW's other dimensions."""
+    (fused blocks included), the others every row; broadcast over dW's other dimensions (a conv
+    kernel's rows are its output channels, as PEFT's Conv2d)."""
     if mask is None:
         return delta
     if geometry.parallel_mode == "column":

@@ -6,7 +6,9 @@ coin (`torch.rand(1)`) and u[1:] for its row mask (`torch.rand(O)`).  PEFT's own
 the skip (u > module_dropout), the rows and their scaling (LoHa: divided by the mask's mean;
 LoKr: only with rank_dropout_scale).  Over six forwards (some skipping an adapter): outputs and
 gradients (input and every adapter tensor; none where an adapter sat out) within 1e-6 of the
-largest entry; eval applies no dropout; the exported config carries the fields.
+largest entry; eval applies no dropout; the exported config carries the fields.  The same on
+nn.Conv2d modules (a 3x3 and a 1x1 conv; LoKr in the Tucker form), where PEFT drops dW's output
+channels.
 """
 import copy
 
@@ -26,6 +28,9 @@ KINDS = {
     "loha": (LoHaConfig, "LoHaConfig", dict(r=4, alpha=6)),
     "lokr": (LoKrConfig, "LoKrConfig", dict(r=1, alpha=3, decompose_both=True, rank_dropout_scale=True)),
     "lokr-unscaled": (LoKrConfig, "LoKrConfig", dict(r=8, alpha=6)),
+    "loha-conv": (LoHaConfig, "LoHaConfig", dict(r=2, alpha=3)),
+    "lokr-conv": (LoKrConfig, "LoKrConfig", dict(r=1, alpha=2, use_effective_conv2d=True, decompose_both=True,
+                                                 rank_dropout_scale=True)),
 }
 
 
@@ -39,10 +44,22 @@ class Two(nn.Module):
         return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
+class TwoConvs(Two):
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.q_proj = nn.Conv2d(4, 8, kernel_size=3, padding=1)  # W [8, 4, 3, 3]: 8 rows to drop
+        self.v_proj = nn.Conv2d(8, 8, kernel_size=1)             # W [8, 8, 1, 1]
+
+
+def _input(kind, *batch):
+    return torch.randn(*batch[:1], 4, 5, 5, dtype=torch.float64) if kind.endswith("conv") else \
+        torch.randn(*batch, IN_F, dtype=torch.float64)
+
+
 def _pair(kind):
     ours_cls, peft_name, kw = KINDS[kind]
     torch.manual_seed(0)
-    base = Two().double()
+    base = (TwoConvs if kind.endswith("conv") else Two)().double()
     kw = dict(target_modules=list(NAMES), **DROP, **kw)
     ours = get_adapter_model(copy.deepcopy(base), ours_cls(seed=2, **kw), groups=ParallelGroups.single())
     theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, peft_name)(**kw))
@@ -107,7 +124,7 @@ def test_training_forwards_match_peft_with_the_same_draws(kind, monkeypatch):
     theirs.train()
     skipped = 0
     for step in range(FORWARDS):
-        x = torch.randn(3, 5, IN_F, dtype=torch.float64)
+        x = _input(kind, 3, 5)
         start = len(drawn)
         y_ours, g_ours = _run(ours, x, ours_names)
         assert len(drawn) == start + len(NAMES)
@@ -121,7 +138,7 @@ def test_training_forwards_match_peft_with_the_same_draws(kind, monkeypatch):
     assert 0 < skipped < FORWARDS * len(NAMES), skipped  # both paths taken
     ours.eval()
     theirs.eval()
-    x = torch.randn(4, IN_F, dtype=torch.float64)
+    x = _input(kind, 4)
     _close(ours(x), theirs(x), "eval")
     assert len(drawn) == FORWARDS * len(NAMES)  # eval draws nothing
 
