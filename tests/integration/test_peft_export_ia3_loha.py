@@ -4,7 +4,7 @@ LoHa's update is row-wise (row j of dW needs rows j of w1a and w2a only), so lin
 and linear_fc1's gate/up parts are LoHa adapters of their own: w1a, w2a split by rows, w1b, w2b
 shared.  IA3 scales k/v (linear_qkv), up (linear_fc1) and o_proj outputs and down_proj's input:
 its vectors split into k_proj / v_proj / up_proj, q_proj and gate_proj get none; on a Qwen2 the
-k/v biases are scaled too.  Oracle: PEFT + transformers loading the export onto the HF model
+k/v biases are scaled too (LoHa leaves them as they are).  Oracle: PEFT + transformers loading the export onto the HF model
 reproduce the Megatron adapted logits (fp32, 1e-4) with no key left unloaded; the merged
 checkpoint reproduces them in plain transformers.
 """
@@ -20,7 +20,8 @@ from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, make_tiny_qwen2
 
 IDS = sample_ids()
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-CASES = {"llama_loha": make_tiny_llama, "llama_ia3": make_tiny_llama, "qwen2_ia3": make_tiny_qwen2}
+CASES = {"llama_loha": make_tiny_llama, "qwen2_loha": make_tiny_qwen2, "llama_ia3": make_tiny_llama,
+         "qwen2_ia3": make_tiny_qwen2}
 
 
 def _config(kind):

@@ -4,7 +4,8 @@ Megatron's factorisation of these modules is PEFT's, so the export is exact.  r=
 `decompose_both` (every factor a rank-2 product), layer 1's linear_fc2 r=8 (both factors whole,
 exported as a rank_pattern).  Oracle: PEFT + transformers loading the export onto the HF model
 reproduce the Megatron adapted logits (fp32, 1e-4) with no key left unloaded; the merged checkpoint
-(from ours and from the PEFT directory) reproduces them in plain transformers.  LoKr on the fused
+(from ours and from the PEFT directory) reproduces them in plain transformers.  On a Llama and on a
+Qwen2 (biases on q/k/v, which the import carries and LoKr leaves as they are).  LoKr on the fused
 linear_qkv / linear_fc1 trains but is refused at export, naming the module and the reason.
 """
 import json
@@ -15,7 +16,7 @@ import torch
 
 from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
 from parallel_adapters.checkpoint.merge import merge_into_hf
-from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, sample_ids
+from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, make_tiny_qwen2, sample_ids
 
 IDS = sample_ids()
 
@@ -48,10 +49,10 @@ def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, targets: lis
     return {"base": base, "adapted": adapted}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, pool2):
-    root = tmp_path_factory.mktemp("lokr")
-    hf_dir = make_tiny_llama(root / "hf")
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def exported(request, tmp_path_factory, pool2):
+    root = tmp_path_factory.mktemp(f"lokr_{request.param}")
+    hf_dir = {"llama": make_tiny_llama, "qwen2": make_tiny_qwen2}[request.param](root / "hf")
     result = pool2.run(export_job, str(hf_dir), str(root / "ckpt"), IDS, ["linear_proj", "linear_fc2"])[0]
     peft_dir = export_peft_from_checkpoint(root / "ckpt", root / "peft", hf_dir)
     return {"hf": hf_dir, "root": root, "peft": peft_dir, **result}
