@@ -39,12 +39,14 @@ LAYOUTS = {  # name: (pool fixture, overrides)
     "dp2_zero2": ("pool2", [f"deepspeed={ZERO[2]}"]),
     "tp2_sp_zero2": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true", f"deepspeed={ZERO[2]}"]),
     "tp2_dp2_zero3": ("pool4", ["parallel.tensor=2", f"deepspeed={ZERO[3]}"]),
+    "dp2_zero3": ("pool2", [f"deepspeed={ZERO[3]}"]),
     "dp2_zero1": ("pool2", [f"deepspeed={ZERO[1]}"]),
     "tp2_pp2": ("pool4", ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2_sp_recompute": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.recompute=full"]),
 }
 CASES = [(k, layout) for k in KIND_OVERRIDES for layout in ("tp2_sp", "pp2", "dp2_zero1", "tp2_pp2", "tp2_sp_recompute")] + [
-    ("ia3", "tp2_sp_zero2"), ("loha", "dp2_zero2"), ("lokr", "tp2_sp_zero2"), ("ia3", "tp2_dp2_zero3")]
+    ("ia3", "tp2_sp_zero2"), ("loha", "dp2_zero2"), ("lokr", "tp2_sp_zero2"), ("ia3", "tp2_dp2_zero3"),
+    ("loha", "dp2_zero3"), ("lokr", "dp2_zero3")]
 CLIP = {"ia3": 0.01, "loha": 0.05, "lokr": 0.5}  # optim.grad_clip (train_jobs.BASE: 0.5)
 
 
