@@ -240,8 +240,9 @@ class AdapterHost(nn.Module):
 
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         """W_i += each adapter's per-shard delta: each rank merges its own shard, with no
-        communication except for kinds whose delta needs summed rows (DoRA on a row host)."""
-        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        communication except for kinds whose delta needs summed rows (DoRA on a row host).
+        `names=None`: the active adapters; an empty list (none of the named ones here): nothing."""
+        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
         if not names:
             return
         self.check_mergeable(names)
