@@ -18,6 +18,7 @@ from parallel_adapters.checkpoint.layout import CheckpointError
 from parallel_adapters.checkpoint.files import read_json
 from parallel_adapters.checkpoint.reader import CheckpointReader
 from parallel_adapters.checkpoint.sharded import load_sharded, load_train_state, restore_rng_state, save_sharded
+from parallel_adapters.config import decomposition_init
 from parallel_adapters.config.lora import LoftQConfig
 
 _GROUP_KEY = "param_groups/"
@@ -52,12 +53,18 @@ def _kind_name(model: AdapterModel, adapter_name: str) -> str:
     return kinds.pop()
 
 
+def checkpoint_tensors(model: AdapterModel) -> dict:
+    """This rank's tensors of a checkpoint of the active adapter: its shards and, for a decomposition init,
+    the initial factors the residual base is rebuilt from (every engine's save writes both)."""
+    hosts = [layer for _, layer in model.adapter_layers()]
+    return {**model.adapter_state_dict(), **ds.initial_state_dict(hosts, model.active_adapter)}
+
+
 def save_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch.optim.Optimizer | None = None,
                     extra_state: dict | None = None, base: BaseModel | None = None) -> Path:
     """Save this rank's adapter shards (and optimizer/RNG/extra state) atomically; every rank calls
     it.  `base`: the base model the checkpoint records (checkpoint/base_model.py)."""
-    hosts = [layer for _, layer in model.adapter_layers()]
-    tensors = {**model.adapter_state_dict(), **ds.initial_state_dict(hosts, model.active_adapter)}
+    tensors = checkpoint_tensors(model)
     optimizer_state = _flatten_optimizer(model, optimizer) if optimizer is not None else None
     return save_sharded(directory, tensors, model.groups, checkpoint_config(model, base=base),
                         optimizer_state=optimizer_state, extra_state=extra_state, rng_state=True,
@@ -83,6 +90,9 @@ def load_checkpoint(model: AdapterModel, directory: str | Path, optimizer: torch
         stored_init = reader.config().get("init_lora_weights")
         stored_loftq = reader.config().get("loftq_config") if stored_init == "loftq" else None
     hosts = [layer for _, layer in model.adapter_layers()]
+    if not initial and decomposition_init(stored_init) is not None:
+        raise CheckpointError(f"{directory}: adapter initialised with init_lora_weights={stored_init!r} but the "
+                              "checkpoint holds no initial factors (*.initial): the residual base cannot be rebuilt")
     if initial:  # PiSSA/OLoRA: the factors were trained on the residual W - s B0 A0
         expected.update(ds.expected_initial(hosts, model.active_adapter, initial))
     loaded = load_sharded(directory, model.groups, expected, expert_names=_expert_names(model))

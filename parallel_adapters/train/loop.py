@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from parallel_adapters.adapters.model import AdapterModel
-from parallel_adapters.checkpoint.adapter_io import checkpoint_config, save_checkpoint
+from parallel_adapters.checkpoint.adapter_io import checkpoint_config, checkpoint_tensors, save_checkpoint
 from parallel_adapters.checkpoint.base_model import BaseModel
 from parallel_adapters.checkpoint.locate import CHECKPOINT_NAME
 from parallel_adapters.checkpoint.sharded import save_sharded
@@ -269,7 +269,7 @@ def save_training_checkpoint(model: AdapterModel, engine: Any, sampler: GlobalBa
     else:
         state = agreed(lambda: zero_state.capture(engine), "saving the DeepSpeed state")  # before ZeRO-3 gathers
         with engine.gathered_params():
-            path = save_sharded(parent / name, model.adapter_state_dict(), model.groups,
+            path = save_sharded(parent / name, checkpoint_tensors(model), model.groups,
                                 checkpoint_config(model, base=base), optimizer_state=state, extra_state=extra,
                                 rng_state=True, rng_extra=model.tracker_rng_states(), base=base)
     if C.group_rank(None) == 0:
