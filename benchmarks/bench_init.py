@@ -276,8 +276,8 @@ def run_peft(args: argparse.Namespace, method: str, names: list[str], tmp: str):
     from safetensors.torch import load_file
 
     out = os.path.join(tmp, f"peft_{method}.safetensors")
-    cmd = [sys.executable, os.path.abspath(__file__), "--peft-worker", method, "--peft-worker-layers", ",".join(names),
-           "--peft-worker-out", out, *_shape_flags(args)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--peft-worker", method,
+           "--peft-worker-layers", ",".join(names), "--peft-worker-out", out, *_shape_flags(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:

@@ -347,7 +347,8 @@ class AdapterHost(nn.Module):
     def _holder(self, tensor: torch.Tensor, decl: TensorDecl, trainable: bool) -> _Holder:
         # contiguous whatever the source's strides (PiSSA's factors are transposed products): DeepSpeed
         # broadcasts and flattens parameters as raw bytes
-        holder = _Holder(tensor.to(device=self._device, dtype=self.factor_dtype).clone(memory_format=torch.contiguous_format))
+        local = tensor.to(device=self._device, dtype=self.factor_dtype)
+        holder = _Holder(local.clone(memory_format=torch.contiguous_format))
         holder.weight.requires_grad_(trainable)
         holder.weight.adapter_tensor = True  # how code below adapters/ (mcore.hf_bridge) tells it from the base
         set_tensor_parallel_attributes(holder.weight, decl.spec)
