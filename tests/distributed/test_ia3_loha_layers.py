@@ -128,7 +128,7 @@ def test_parity_tp2(pool2, variant, mode, sp):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("mode,sp", [("column", True), ("row", True)])
+@pytest.mark.parametrize("mode,sp", MODES)
 def test_parity_tp4(pool4, variant, mode, sp):
     _check(pool4.run(parity_job, variant, mode, 4, sp), mode, sp, 4)
 

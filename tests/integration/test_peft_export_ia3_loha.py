@@ -1,4 +1,5 @@
-"""PEFT export and offline merge of LoHa and IA3 on the four linears of a tiny model trained at TP=2.
+"""PEFT export and offline merge of LoHa and IA3 on the four linears of a tiny model trained at TP=2
+(TRAIN_STEPS AdamW steps from random adapter tensors, then the sharded checkpoint).
 
 LoHa's update is row-wise (row j of dW needs rows j of w1a and w2a only), so linear_qkv's q/k/v
 and linear_fc1's gate/up parts are LoHa adapters of their own: w1a, w2a split by rows, w1b, w2b
@@ -34,8 +35,28 @@ def _config(kind):
                      fused_parts={"linear_qkv": ["k", "v"], "linear_fc1": ["up"]})
 
 
-def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, kind: str) -> dict:
-    """TP=2: import, the kind on the four linears (every tensor random), logits, sharded save."""
+TRAIN_STEPS = 2
+
+
+def train_steps(adapter, input_ids: torch.Tensor, steps: int) -> list[float]:
+    """`steps` AdamW steps (lr 1e-2) on next-token loss over `input_ids` (every rank the same
+    rows), finalize_grads before each step: the losses."""
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.roll(input_ids, -1, dims=1)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = adapter.model(input_ids, None, None, labels=labels).mean()
+        loss.backward()
+        adapter.finalize_grads()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, kind: str, steps: int = TRAIN_STEPS) -> dict:
+    """TP=2: import, the kind on the four linears (every tensor random), `steps` AdamW steps,
+    logits, sharded save."""
     from parallel_adapters import get_adapter_model
     from parallel_adapters.checkpoint.adapter_io import checkpoint_config
     from parallel_adapters.checkpoint.sharded import save_sharded
@@ -45,12 +66,13 @@ def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, kind: str) -
     groups = _setup(2, 1)
     model, _, _ = _imported_model(hf_dir, groups)
     adapter = get_adapter_model(model, _config(kind), groups=groups)
+    losses = train_steps(adapter, input_ids, steps)
     with torch.no_grad():
         with adapter.disable_adapter():
             base = gpt_logits(adapter.model, input_ids)
         adapted = gpt_logits(adapter.model, input_ids)
     save_sharded(ckpt_dir, adapter.adapter_state_dict(), groups, config=checkpoint_config(adapter), rng_state=False)
-    return {"base": base, "adapted": adapted}
+    return {"base": base, "adapted": adapted, "losses": losses}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -68,6 +90,8 @@ def test_peft_reproduces_the_megatron_logits(exported):
     from transformers import AutoModelForCausalLM
 
     assert (exported["adapted"] - exported["base"]).abs().max() > 1e-3, "the adapter must change the logits"
+    losses = exported["losses"]
+    assert len(losses) == TRAIN_STEPS and losses[-1] < losses[0], f"the adapter must have trained: {losses}"
     model = AutoModelForCausalLM.from_pretrained(exported["hf"], dtype=torch.float32).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

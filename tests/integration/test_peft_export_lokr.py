@@ -1,4 +1,5 @@
-"""PEFT export and offline merge of LoKr trained at TP=2 on a tiny Llama's unfused linears
+"""PEFT export and offline merge of LoKr trained at TP=2 (TRAIN_STEPS AdamW steps from random
+tensors, then the sharded checkpoint) on a tiny Llama's unfused linears
 (linear_proj -> o_proj [48, 48] = (6x8) x (6x8), linear_fc2 -> down_proj [48, 80] = (6x8) x (8x10)):
 Megatron's factorisation of these modules is PEFT's, so the export is exact.  r=2 with
 `decompose_both` (every factor a rank-2 product), layer 1's linear_fc2 r=8 (both factors whole,
@@ -17,6 +18,7 @@ import torch
 from parallel_adapters.checkpoint.export import export_peft_from_checkpoint
 from parallel_adapters.checkpoint.merge import merge_into_hf
 from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, make_tiny_qwen2, sample_ids
+from tests.integration.test_peft_export_ia3_loha import TRAIN_STEPS, train_steps
 
 IDS = sample_ids()
 
@@ -30,8 +32,8 @@ def _config(targets, decompose_factor=-1):
 
 
 def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, targets: list[str],
-               decompose_factor: int = -1) -> dict:
-    """TP=2: import, LoKr on `targets` (every tensor random), logits, sharded save."""
+               decompose_factor: int = -1, steps: int = 0) -> dict:
+    """TP=2: import, LoKr on `targets` (every tensor random), `steps` AdamW steps, logits, sharded save."""
     from parallel_adapters import get_adapter_model
     from parallel_adapters.checkpoint.adapter_io import checkpoint_config
     from parallel_adapters.checkpoint.sharded import save_sharded
@@ -41,19 +43,21 @@ def export_job(hf_dir: str, ckpt_dir: str, input_ids: torch.Tensor, targets: lis
     groups = _setup(2, 1)
     model, _, _ = _imported_model(hf_dir, groups)
     adapter = get_adapter_model(model, _config(targets, decompose_factor), groups=groups)
+    losses = train_steps(adapter, input_ids, steps)
     with torch.no_grad():
         with adapter.disable_adapter():
             base = gpt_logits(adapter.model, input_ids)
         adapted = gpt_logits(adapter.model, input_ids)
     save_sharded(ckpt_dir, adapter.adapter_state_dict(), groups, config=checkpoint_config(adapter), rng_state=False)
-    return {"base": base, "adapted": adapted}
+    return {"base": base, "adapted": adapted, "losses": losses}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def exported(request, tmp_path_factory, pool2):
     root = tmp_path_factory.mktemp(f"lokr_{request.param}")
     hf_dir = {"llama": make_tiny_llama, "qwen2": make_tiny_qwen2}[request.param](root / "hf")
-    result = pool2.run(export_job, str(hf_dir), str(root / "ckpt"), IDS, ["linear_proj", "linear_fc2"])[0]
+    result = pool2.run(export_job, str(hf_dir), str(root / "ckpt"), IDS, ["linear_proj", "linear_fc2"], -1,
+                       TRAIN_STEPS)[0]
     peft_dir = export_peft_from_checkpoint(root / "ckpt", root / "peft", hf_dir)
     return {"hf": hf_dir, "root": root, "peft": peft_dir, **result}
 
@@ -63,6 +67,8 @@ def test_peft_reproduces_the_megatron_logits(exported):
     from transformers import AutoModelForCausalLM
 
     assert (exported["adapted"] - exported["base"]).abs().max() > 1e-3, "the adapter must change the logits"
+    losses = exported["losses"]
+    assert len(losses) == TRAIN_STEPS and losses[-1] < losses[0], f"the adapter must have trained: {losses}"
     model = AutoModelForCausalLM.from_pretrained(exported["hf"], dtype=torch.float32).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,6 +1,7 @@
 """What every adapter kind gets from the generic paths, for IA3, LoHa and LoKr: run_training on
 real gloo ranks (the worker pools) under TP=2 + sequence parallelism, PP=2, TP=2 x PP=2, ZeRO 1 / 2 / 3,
-full activation recompute (TP=2 + SP), resume, and resharding a TP=2 checkpoint to TP=1.
+full activation recompute (TP=2 + SP), resume, and resharding a TP=2 checkpoint to TP=1 and that
+one back to TP=2.
 
 Oracles: each kind's own world-size-1 run (a subprocess, same global batch and init; losses and
 grad norms within 1e-5, every rank's adapter shards equal to the reference's full tensors sliced
@@ -129,12 +130,15 @@ def evaluate_job(overrides: list[str], checkpoint: str, tokens: str, out: str) -
 
 
 @pytest.mark.parametrize("kind", list(KIND_OVERRIDES))
-def test_kind_tp2_checkpoint_reshards_to_tp1(pool2, tmp_path, kind):
+def test_kind_tp2_checkpoint_reshards_to_tp1_and_back(pool2, tmp_path, kind):
     """A TP=2 checkpoint resharded to TP=1: the same full tensors as the run's (and as the TP=2
-    checkpoint consolidated); evaluated by a TP=1 model, the logits of the TP=2 model that saved it."""
+    checkpoint consolidated); evaluated by a TP=1 model, the logits of the TP=2 model that saved it.
+    That TP=1 checkpoint resharded to TP=2: every rank's stored piece equal to the saved run's, and
+    a TP=2 model loading it gives the same logits again."""
     from safetensors.torch import load_file
 
     from parallel_adapters.checkpoint.consolidate import consolidate, reshard
+    from parallel_adapters.checkpoint.reader import CheckpointReader
 
     results = pool2.run(train_job, KIND_OVERRIDES[kind] + ["parallel.tensor=2", "optim.steps=3",
                                                            f"checkpoint.directory={tmp_path}/ck",
@@ -143,20 +147,34 @@ def test_kind_tp2_checkpoint_reshards_to_tp1(pool2, tmp_path, kind):
     ck = tmp_path / "ck" / "step-000003"
     out = reshard(ck, tmp_path / "tp1", 1, progress=False)
     assert json.loads((out / "index.json").read_text())["tp_size"] == 1
-    for full in (consolidate(ck), consolidate(out)):
+    back = reshard(out, tmp_path / "tp2", 2, progress=False)
+    for full in (consolidate(ck), consolidate(out), consolidate(back)):
         assert full.keys() == trained.keys() and full
         for name, tensor in full.items():
             assert torch.equal(tensor, trained[name]), name
+    with CheckpointReader(ck) as saved, CheckpointReader(back) as resharded:
+        assert saved.tensors.keys() == resharded.tensors.keys()
+        split = 0
+        for name, info in saved.tensors.items():  # each stored piece (a replicated tensor: one rank's)
+            again = resharded.info(name)
+            assert (again.split_size, sorted(again.files)) == (info.split_size, sorted(info.files)), name
+            for rank in info.files:
+                assert torch.equal(resharded.read_piece(again, rank), saved.read_piece(info, rank)), name
+            split += info.split_size == 2
+        assert split, "some tensor must be split over the two ranks"
     tokens = torch.randint(0, 257, (3, 12), generator=torch.Generator().manual_seed(5))
     (tmp_path / "ids.txt").write_text("\n".join(" ".join(map(str, t.tolist())) for t in tokens) + "\n")
     logits = {}
-    for key, tp, directory in ((2, 2, ck), (1, 1, out), ("step1", 2, tmp_path / "ck" / "step-000001")):
+    runs = ((2, 2, ck), (1, 1, out), ("back", 2, back), ("step1", 2, tmp_path / "ck" / "step-000001"))
+    for key, tp, directory in runs:
         pool2.run(evaluate_job, KIND_OVERRIDES[kind] + [f"parallel.tensor={tp}"], str(directory),
                   str(tmp_path / "ids.txt"), str(tmp_path / f"{key}.safetensors"))
         logits[key] = load_file(str(tmp_path / f"{key}.safetensors"))
-    assert sorted(logits[1]) == sorted(logits[2]) == ["logits.0", "logits.1", "logits.2", "perplexity"]
+    assert sorted(logits[1]) == sorted(logits[2]) == sorted(logits["back"]) == ["logits.0", "logits.1", "logits.2",
+                                                                                "perplexity"]
     for name in logits[2]:
         torch.testing.assert_close(logits[1][name], logits[2][name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(logits["back"][name], logits[2][name], atol=1e-5, rtol=1e-5, msg=name)
     # the loaded adapter is what sets the logits: the step-1 checkpoint's differ
     assert (logits["step1"]["logits.0"] - logits[2]["logits.0"]).abs().max() > 1e-4
 

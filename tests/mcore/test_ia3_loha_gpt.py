@@ -5,7 +5,7 @@ IA3: output scaling on linear_qkv's k and v rows only (PEFT's Llama default), on
 rows only and on linear_proj; input scaling on linear_fc2 (feedforward).  LoHa: r=4 on all four,
 every factor random.  Oracle: the same model at TP=1 from the same seed.  TP=2 with sequence
 parallelism off and on must give the same losses over five AdamW steps and the same consolidated
-first-step gradients (fp32, 1e-5); the adapted model must issue no more collectives than the
+first-step gradients and the consolidated adapter tensors after the five steps (fp32, 1e-5); the adapted model must issue no more collectives than the
 frozen base with only the word embedding trainable, and finalize_grads at most one all-reduce.  IA3's
 untargeted q and gate rows keep scale 1: the q/gate outputs equal the base's.
 """
@@ -28,13 +28,15 @@ def _config(kind):
     return LoHaConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False, seed=3)
 
 
-def _consolidated_grads(adapter, groups):
-    """Full adapter gradients, gathered over TP and unsharded with each tensor's ShardSpec."""
+def _consolidated_grads(adapter, groups, weights=False):
+    """Full adapter gradients (or, with `weights`, the tensors themselves), gathered over TP and
+    unsharded with each tensor's ShardSpec."""
     out = {}
     for _, layer in adapter.adapter_layers():
         tensors = layer.adapter_tensors("default")
         for decl in layer.tensor_decls("default"):
-            grad = tensors[decl.name].grad.contiguous()
+            tensor = tensors[decl.name]
+            grad = (tensor.detach() if weights else tensor.grad).contiguous()
             pieces = [grad]
             if groups.tp_size > 1:
                 pieces = [torch.empty_like(grad) for _ in range(groups.tp_size)]
@@ -47,7 +49,7 @@ def training_job(kind, tp, sp):
     base, _, groups, get_adapter_model = _setup(tp, sp)
     adapter = get_adapter_model(base, _config(kind))
     losses, first_grads = adamw_steps(adapter, lambda: _consolidated_grads(adapter, groups))
-    return losses, first_grads
+    return losses, first_grads, _consolidated_grads(adapter, groups, weights=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +59,23 @@ def tp1_references(pool2):
 
 @pytest.mark.parametrize("kind", ["ia3", "loha"])
 @pytest.mark.parametrize("sp", [False, True])
-def test_tp2_matches_tp1_losses_and_gradients(pool2, tp1_references, kind, sp):
-    ref_losses, ref_grads = tp1_references[kind]
+def test_tp2_matches_tp1_losses_gradients_and_weights(pool2, tp1_references, kind, sp):
+    ref_losses, ref_grads, ref_weights = tp1_references[kind]
     assert ref_losses[-1] < ref_losses[0] - 1e-3, "the reference must actually train"
-    for losses, grads in pool2.run(training_job, kind, 2, sp):
+    for losses, grads, weights in pool2.run(training_job, kind, 2, sp):
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
         assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 4 * (1 if kind == "ia3" else 4)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
             assert grad.abs().max() > 0, f"{name}: zero gradient makes the comparison vacuous"
+        assert_weights_match(weights, ref_weights)
+
+
+def assert_weights_match(weights, ref_weights):
+    """The consolidated adapter tensors after the STEPS AdamW steps, within 1e-5 of TP=1's."""
+    assert weights.keys() == ref_weights.keys() and weights
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, ref_weights[name], atol=1e-5, rtol=0, msg=name)
 
 
 def collectives_job(sp, kind):

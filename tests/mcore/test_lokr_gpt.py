@@ -3,14 +3,15 @@ on linear_qkv, linear_proj, linear_fc1 and linear_fc2: r=2 with `decompose_both`
 rank-2 product) except linear_fc1 (rank_pattern 8: w1 and w2 whole, w1 split within each of
 [gate; up] at TP=2), every factor random.  Oracle: the same model at TP=1 from the same seed.  TP=2
 with sequence parallelism off and on must give the same losses over five AdamW steps and the same
-consolidated first-step gradients (fp32, 1e-5); the adapted model must issue no more collectives
+consolidated first-step gradients and the consolidated adapter tensors after the five steps
+(fp32, 1e-5); the adapted model must issue no more collectives
 than the frozen base with only the word embedding trainable, and finalize_grads one all-reduce.
 """
 import pytest
 import torch
 
 from tests.harness import counting
-from tests.mcore.test_ia3_loha_gpt import _consolidated_grads
+from tests.mcore.test_ia3_loha_gpt import _consolidated_grads, assert_weights_match
 from tests.mcore.test_lora_gpt import TARGETS, _batch, _loss, _setup, adamw_steps
 
 STEPS = 5
@@ -27,7 +28,7 @@ def training_job(tp, sp):
     base, _, groups, get_adapter_model = _setup(tp, sp)
     adapter = get_adapter_model(base, _config())
     losses, first_grads = adamw_steps(adapter, lambda: _consolidated_grads(adapter, groups))
-    return losses, first_grads
+    return losses, first_grads, _consolidated_grads(adapter, groups, weights=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +37,18 @@ def tp1_reference(pool2):
 
 
 @pytest.mark.parametrize("sp", [False, True])
-def test_tp2_matches_tp1_losses_and_gradients(pool2, tp1_reference, sp):
-    ref_losses, ref_grads = tp1_reference
+def test_tp2_matches_tp1_losses_gradients_and_weights(pool2, tp1_reference, sp):
+    ref_losses, ref_grads, ref_weights = tp1_reference
     assert ref_losses[-1] < ref_losses[0] - 1e-3, "the reference must actually train"
     fc1 = {n.rsplit(".", 1)[-1] for n in ref_grads if "linear_fc1" in n}
     assert fc1 == {"lokr_w1", "lokr_w2"} and len(ref_grads) == 2 * (3 * 4 + 2)
-    for losses, grads in pool2.run(training_job, 2, sp):
+    for losses, grads, weights in pool2.run(training_job, 2, sp):
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
         assert grads.keys() == ref_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
             assert grad.abs().max() > 0, f"{name}: zero gradient makes the comparison vacuous"
+        assert_weights_match(weights, ref_weights)
 
 
 def collectives_job(sp, frozen_base):
