@@ -29,7 +29,7 @@ from parallel_adapters.adapters.prefix_encoder import PrefixEncoder, layer_colum
 from parallel_adapters.config import PrefixTuningConfig
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec, ShardedTensor
-from parallel_adapters.mcore import prefix_attention
+from parallel_adapters.mcore import compat, prefix_attention
 
 KIND_NAME = "prefix_tuning"
 """A checkpoint's adapter_kind for a prefix adapter (model-level: no kinds registry entry)."""
@@ -129,8 +129,12 @@ def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str,
         prefix.tables[name] = nn.ParameterDict({str(l): nn.Parameter(full[:, c.cpu()].view(full.shape[0], 2, -1)
                                                                      .to(device))
                                                 for l, c in prefix.columns.items()})
-    for param in prefix.params(name).values():
+    for key, param in prefix.params(name).items():
         param.adapter_tensor = True  # not a base weight (mcore.hf_bridge skips it)
+        if key.startswith("layers."):  # split over TP: every TP rank's share counts in the grad norm
+            compat.set_tensor_parallel_attributes(param, ShardSpec(dim=2))
+        else:  # the same tensor on every stage: the grad norm counts it on stage 0 only
+            param.pipeline_replica = True
     prefix.configs[name] = config
     prefix.active = prefix.active or name
     return config

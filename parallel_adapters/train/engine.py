@@ -19,7 +19,8 @@ before any data-parallel reduction or norm.
   grad-norm clipping then costs one scalar all-reduce that the loop shares with the loss report:
   each rank contributes the sum of squares of its sharded factors, of its replicated factors only
   on TP rank 0, and nothing off DP rank 0 (routed experts: expert-TP and expert-DP rank 0), so the
-  world sum counts every element exactly once (over TP, PP, DP and EP).  A stage without trainable
+  world sum counts every element exactly once (over TP, PP, DP and EP; a `pipeline_replica`, the
+  prefix encoder on every stage, on stage 0 only).  A stage without trainable
   tensors (prompt learning's later stages) adds 0 and steps an empty param group (lr still saved).
 * DeepSpeed (ZeRO 1, 2, 3): `engine.coalesce_grad_reduction()` (in the pinned 0.19.8) keeps every
   micro-batch's gradient on the parameters and runs ZeRO's DP reduction (and, for stages 2/3, the
@@ -80,7 +81,8 @@ def grad_sumsq_contribution(model: AdapterModel) -> torch.Tensor:
             continue
         # a routed expert's tensor is replicated over expert-DP and split (or repeated) over expert-TP
         dp_rank, tp_rank = (g.expert_dp_rank, g.etp_rank) if is_expert_parameter(name) else (g.dp_rank, g.tp_rank)
-        if dp_rank == 0 and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
+        on_stage = g.pp_rank == 0 or not getattr(param, "pipeline_replica", False)
+        if on_stage and dp_rank == 0 and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
             squares.append(grad.detach().double().pow(2).sum())
     return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 
