@@ -94,3 +94,16 @@ def test_run_config_refusals_name_the_field(overrides, message):
     if len(overrides) > 1:  # refused by the prefix run's own check too, whichever runs first
         with pytest.raises(ValueError, match=r"deepspeed with parallel.pipeline=2: adapter.kind='prefix_tuning'"):
             validate_prefix_run(load_run_config(path, overrides))
+
+
+def test_sequence_parallel_split_is_the_base_models():
+    """Nothing is prepended: under SP data.seq_len alone must divide by parallel.tensor (an odd
+    number of virtual tokens does not matter), refused before any process group otherwise."""
+    from parallel_adapters.train.run_config import load_run_config
+    from parallel_adapters.train.validate import check_parallel_layout
+
+    path = str(REPO / "configs" / "tiny_prefix_tuning.yaml")
+    sp = ["parallel.tensor=2", "parallel.sequence_parallel=true", "adapter.num_virtual_tokens=3"]
+    assert check_parallel_layout(2, load_run_config(path, sp + ["data.seq_len=32"])).tensor == 2
+    with pytest.raises(ValueError, match=r"data.seq_len=31 must divide by parallel.tensor=2"):
+        check_parallel_layout(2, load_run_config(path, sp + ["data.seq_len=31"]))

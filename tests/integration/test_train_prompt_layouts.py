@@ -5,7 +5,7 @@ prompt tuning and for P-tuning with its LSTM encoder, plus ZeRO-3 at DP=2 (the p
 and ZeRO-1 at TP=2; and prefix tuning, the per-layer table (PP=2: each stage its layer's; ZeRO-3
 at DP=2; ZeRO-2 at TP=2 + SP: the table split over TP) and PEFT's MLP (PP=2: replicated on both
 stages, its partial gradients summed over TP x PP and counted once in the grad norm; ZeRO-2 at
-TP=2 + SP), on the tiny GPT of train_jobs.BASE.
+TP=2 + SP; ZeRO-1 at TP=2), on the tiny GPT of train_jobs.BASE.
 
 Oracles: each kind's world-size-1 run (a subprocess, same global batch and init): losses and grad
 norms (clipping active) within 1e-5, every rank's prompt tensors equal to the reference's; the
@@ -48,7 +48,7 @@ SIZES = {"pp2": (1, 2, 1), "tp2_sp_zero2": (2, 1, 1), "dp2_zero3": (1, 1, 2), "t
 CASES = [(k, layout) for k in ("prompt_tuning", "p_tuning_lstm") for layout in ("pp2", "tp2_sp_zero2")] + [
     ("prompt_tuning", "dp2_zero3"), ("p_tuning_lstm", "tp2_zero1"), ("prompt_tuning", "tp2_sp_pp2"),
     ("prefix_table", "pp2"), ("prefix_mlp", "pp2"), ("prefix_mlp", "tp2_sp_zero2"), ("prefix_table", "dp2_zero3"),
-    ("prefix_table", "tp2_sp_zero2")]
+    ("prefix_table", "tp2_sp_zero2"), ("prefix_mlp", "tp2_zero1"), ("prefix_mlp", "tp2_sp_pp2")]
 
 
 def _reference(kind: str, tmp_path_factory) -> dict:
