@@ -91,8 +91,8 @@ def test_prompt_layout_matches_world_size_one_and_resumes(request, references, t
     second = pool.run(train_job, run + saving + export, None, "auto", None, no_pickle)
 
     for res in straight:
-        assert res["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-5)
-        assert res["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5, abs=1e-5)
+        assert res["losses"] == pytest.approx(reference["losses"], rel=0, abs=1e-5)
+        assert res["grad_norms"] == pytest.approx(reference["grad_norms"], rel=0, abs=1e-5)
     assert full_tensors(straight).keys() == reference["full"].keys() and reference["full"]
     for res in straight:
         for name, (local, spec, _) in res["shards"].items():
