@@ -230,7 +230,7 @@ class AdapterModel(nn.Module):
                         autocast_adapter_dtype: bool = True, groups: ParallelGroups | None = None) -> "AdapterModel":
         """PEFT's PeftModel.from_pretrained: `model` with the adapter saved in `model_id` (by
         save_pretrained or by PEFT); frozen unless `is_trainable`."""
-        config = config or pretrained.read_config(model_id, adapter_name)
+        config = pretrained.loadable_config(config or pretrained.read_config(model_id, adapter_name), is_trainable)
         # PiSSA/OLoRA factors pair with the residual base the caller passes: keep W as given
         if decomposition_init(getattr(config, "init_lora_weights", None)) is not None:  # LoRA's field only
             config = config.replace(init_lora_weights=True)

@@ -25,11 +25,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from parallel_adapters.adapters.prefix_encoder import PrefixEncoder, layer_columns
+from parallel_adapters.adapters.prefix_encoder import PrefixEncoder, encoded_table, layer_columns, peft_table
 from parallel_adapters.config import PrefixTuningConfig
 from parallel_adapters.distributed.groups import ParallelGroups
 from parallel_adapters.distributed.sharding import REPLICATED, ShardSpec, ShardedTensor
-from parallel_adapters.mcore import prefix_attention
+from parallel_adapters.mcore import compat, prefix_attention
 
 KIND_NAME = "prefix_tuning"
 """A checkpoint's adapter_kind for a prefix adapter (model-level: no kinds registry entry)."""
@@ -129,8 +129,12 @@ def add_prefix_adapter(model: nn.Module, config: PrefixTuningConfig, name: str,
         prefix.tables[name] = nn.ParameterDict({str(l): nn.Parameter(full[:, c.cpu()].view(full.shape[0], 2, -1)
                                                                      .to(device))
                                                 for l, c in prefix.columns.items()})
-    for param in prefix.params(name).values():
+    for key, param in prefix.params(name).items():
         param.adapter_tensor = True  # not a base weight (mcore.hf_bridge skips it)
+        if key.startswith("layers."):  # split over TP: every TP rank's share counts in the grad norm
+            compat.set_tensor_parallel_attributes(param, ShardSpec(dim=2))
+        else:  # the same tensor on every stage: the grad norm counts it on stage 0 only
+            param.pipeline_replica = True
     prefix.configs[name] = config
     prefix.active = prefix.active or name
     return config
@@ -234,6 +238,35 @@ def replica_tensors(model: nn.Module, name: str) -> dict[str, ShardedTensor]:
         return {}
     return {f"{TENSOR_PREFIX}{name}.{k}": ShardedTensor(t.detach(), REPLICATED, tuple(t.shape))
             for k, t in prefix.params(name).items()}
+
+
+def peft_prompt_embeddings(model: nn.Module, name: str) -> torch.Tensor:
+    """PEFT's saved [n, 2 L D] of adapter `name` (one process holding every layer whole): the
+    tables in PEFT's layout, or the MLP's output computed in float64 (what PEFT's save writes)."""
+    prefix = prefix_module(model)
+    if name in prefix.encoders:
+        encoder = prefix.encoders[name]
+        state = {k: t.detach().cpu() for k, t in encoder.state_dict().items()}
+        return encoded_table(state, prefix.num_layers).to(encoder.embedding.weight.dtype)
+    return peft_table({int(l): t.detach().cpu() for l, t in prefix.tables[name].items()}).contiguous()
+
+
+@torch.no_grad()
+def load_peft_prompt_embeddings(model: nn.Module, name: str, table: torch.Tensor, source: str) -> None:
+    """Copy PEFT's [n, 2 L D] into adapter `name`'s tables: each rank its layers' columns of its KV
+    groups (any TP / PP).  An MLP cannot be recovered from its output (PEFT refuses it too)."""
+    prefix = prefix_module(model)
+    if name in prefix.encoders:
+        raise ValueError(f"{source}: a prefix_projection adapter's file holds the MLP's output, not the MLP; load it "
+                         "frozen (is_trainable=False: the table, as PEFT's inference mode) or resume a checkpoint")
+    config = prefix.configs[name]
+    shape = (config.num_virtual_tokens, 2 * prefix.num_layers * prefix.token_dim)
+    if tuple(table.shape) != shape:
+        raise ValueError(f"{source}: prompt_embeddings has shape {tuple(table.shape)}, the model needs {shape} "
+                         "(num_virtual_tokens, 2 x layers x KV heads x head_dim)")
+    for layer, param in prefix.tables[name].items():
+        columns = prefix.columns[int(layer)].to(table.device)
+        param.copy_(table[:, columns].view(shape[0], 2, -1))
 
 
 def check_not_merging(names: Iterator[str] | list[str], configs: dict) -> None:

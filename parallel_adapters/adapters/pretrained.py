@@ -3,7 +3,8 @@
 The directory is the one PEFT writes and reads: `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` (the adapter name left out, as PEFT saves it) and
 `adapter_config.json` (PEFT's LoraConfig fields, `peft_type` "LORA"; a prompt adapter: PEFT's
-`prompt_embeddings` and PROMPT_TUNING fields); adapters other than
+`prompt_embeddings` and PROMPT_TUNING fields; a prefix adapter: PEFT's `prompt_embeddings`
+[n, 2 L D] and PREFIX_TUNING fields, loaded at any TP / PP); adapters other than
 "default" go to a sub-directory of their name.  Only the factors travel (no trained biases or
 modules_to_save).  Sharded (TP/PP) models use the sharded checkpoints (`save_checkpoint`) and
 `export_peft` instead.
@@ -18,9 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.adapters import prompt
+from parallel_adapters.adapters import prefix, prompt
+from parallel_adapters.adapters.prefix_encoder import peft_config_fields as prefix_config_fields
 from parallel_adapters.config import (
-    EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+    EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
     PromptTuningConfig,
 )
 
@@ -61,6 +63,9 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     if peft_type == "PROMPT_TUNING":
         known = {f.name for f in dataclasses.fields(PromptTuningConfig)}
         return PromptTuningConfig.from_dict({k: v for k, v in data.items() if k in known})
+    if peft_type == "PREFIX_TUNING":  # the model-decided fields are checked against the model
+        known = {f.name for f in dataclasses.fields(PrefixTuningConfig)} - {"inference_mode"}
+        return PrefixTuningConfig.from_dict({k: v for k, v in data.items() if k in known})
     if peft_type in _OTHER_KINDS:
         cls = _OTHER_KINDS[peft_type]
         bad = {k: data[k] for k, default in _OTHER_UNSUPPORTED[peft_type].items() if data.get(k, default) != default}
@@ -70,7 +75,8 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
         kept = {k: v for k, v in data.items() if k in known}
         return cls.from_dict({**kept, "fused_parts": {}} if cls is IA3Config else kept)
     if peft_type != "LORA":
-        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA, LOKR and PROMPT_TUNING adapters load")
+        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA, LOKR, PROMPT_TUNING and PREFIX_TUNING "
+                         "adapters load")
     bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
     if bad:
         raise ValueError(f"{source}: unsupported LoRA settings {bad}")
@@ -96,10 +102,26 @@ def save_pretrained(model: Any, directory: str | Path, selected_adapters: list[s
             data = prompt.peft_config_fields(config.to_dict(), tuple(tensors[prompt.PEFT_KEY].shape),
                                              getattr(base, "num_attention_heads", None),
                                              getattr(base, "num_layers", None), None)
+        elif prefix.is_prefix_config(config):  # with the model-decided fields filled in
+            resolved = prefix.prefix_module(model.model).configs[name]
+            data = prefix_config_fields(resolved.to_dict(), tuple(tensors[prompt.PEFT_KEY].shape),
+                                        resolved.num_attention_heads, resolved.num_layers, None)
         else:
             data = peft_config_dict(config)
         save_file(tensors, str(out / WEIGHTS_FILE))
         (out / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def loadable_config(config: Any, is_trainable: bool) -> Any:
+    """What from_pretrained builds for `config`: a prefix_projection adapter loads frozen as the
+    table PEFT saved (the MLP's output), as PEFT's inference mode; trainable, it is refused."""
+    if not (prefix.is_prefix_config(config) and config.prefix_projection):
+        return config
+    if is_trainable:
+        raise ValueError("from_pretrained(is_trainable=True) of a prefix adapter with prefix_projection: PEFT's file "
+                         "holds the MLP's output, the MLP cannot be recovered from it (PEFT refuses it too); load it "
+                         "frozen, or resume the run's checkpoint")
+    return config.replace(prefix_projection=False)
 
 
 def read_config(directory: str | Path, adapter_name: str) -> LoraConfig:
@@ -114,6 +136,11 @@ def load_adapter_weights(model: Any, directory: str | Path, adapter_name: str) -
     """Copy the saved tensors of `adapter_name` into `model`; every expected key must be there."""
     path = adapter_directory(directory, adapter_name) / WEIGHTS_FILE
     saved = load_file(str(path))
+    if prefix.is_prefix_config(model.peft_config[adapter_name]):
+        if prompt.PEFT_KEY not in saved:
+            raise ValueError(f"{path}: missing tensors {[prompt.PEFT_KEY]}")
+        prefix.load_peft_prompt_embeddings(model.model, adapter_name, saved[prompt.PEFT_KEY], str(path))
+        return
     targets = _peft_tensors(model, adapter_name, live=True)
     missing = sorted(set(targets) - set(saved))
     if missing:
@@ -131,6 +158,8 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     if isinstance(config, PromptEncoderConfig):
         raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained of a P-tuning adapter is not "
                          "supported; use save_checkpoint / load_checkpoint")
+    if prefix.is_prefix_config(config):  # saving only: loading slices the table per rank
+        return {prompt.PEFT_KEY: prefix.peft_prompt_embeddings(model.model, adapter_name)}
     if prompt.is_prompt_config(config):
         tensor = prompt.prompt_module(model.model).tensor(adapter_name)
         return {prompt.PEFT_KEY: tensor if live else tensor.detach().contiguous().clone()}

@@ -19,7 +19,8 @@ before any data-parallel reduction or norm.
   grad-norm clipping then costs one scalar all-reduce that the loop shares with the loss report:
   each rank contributes the sum of squares of its sharded factors, of its replicated factors only
   on TP rank 0, and nothing off DP rank 0 (routed experts: expert-TP and expert-DP rank 0), so the
-  world sum counts every element exactly once (over TP, PP, DP and EP).  A stage without trainable
+  world sum counts every element exactly once (over TP, PP, DP and EP; a `pipeline_replica`, the
+  prefix encoder on every stage, on stage 0 only).  A stage without trainable
   tensors (prompt learning's later stages) adds 0 and steps an empty param group (lr still saved).
 * DeepSpeed (ZeRO 1, 2, 3): `engine.coalesce_grad_reduction()` (in the pinned 0.19.8) keeps every
   micro-batch's gradient on the parameters and runs ZeRO's DP reduction (and, for stages 2/3, the
@@ -56,6 +57,7 @@ import torch.distributed as dist
 
 from parallel_adapters.distributed import collectives as C
 from parallel_adapters.distributed.groups import ParallelGroups
+from parallel_adapters.train.grad_norm import grad_sumsq_contribution
 from parallel_adapters.train.lr import set_lr
 
 if TYPE_CHECKING:  # importing the adapters imports megatron: not needed to validate a config
@@ -64,26 +66,6 @@ if TYPE_CHECKING:  # importing the adapters imports megatron: not needed to vali
 
 def trainable_parameters(model: AdapterModel) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def grad_sumsq_contribution(model: AdapterModel) -> torch.Tensor:
-    """This rank's share of the global squared grad norm (see the module docstring): the world
-    sum of these shares is the squared norm of the full, unsharded gradient.  float64, on the
-    gradients' device (0-dim)."""
-    from parallel_adapters.mcore.moe import is_expert_parameter  # imports megatron (as the model did)
-
-    g = model.groups
-    squares = []
-    for name, param in model.named_parameters():
-        grad = param.grad
-        if grad is None or not param.requires_grad:
-            continue
-        # a routed expert's tensor is replicated over expert-DP and split (or repeated) over expert-TP
-        dp_rank, tp_rank = (g.expert_dp_rank, g.etp_rank) if is_expert_parameter(name) else (g.dp_rank, g.tp_rank)
-        shared_copy = getattr(param, "expert_shared", False) and g.ep_rank > 0  # replicated over EP
-        if dp_rank == 0 and not shared_copy and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
-            squares.append(grad.detach().double().pow(2).sum())
-    return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 
 
 class TorchEngine:

@@ -36,14 +36,10 @@ def validate_prefix_run(config: Any) -> None:
     """The checks of a prefix-tuning run that need no process group."""
     if not isinstance(config.adapter, PrefixTuningConfig):
         return
-    if config.deepspeed is not None:
-        raise ValueError("deepspeed: adapter.kind='prefix_tuning' trains with the torch engine only (deepspeed: null): "
-                         "finalize_grads sums the prefix encoder's per-rank partial gradients, which DeepSpeed's "
-                         "TP handling does not know")
-    if config.parallel.pipeline > 1:
-        raise ValueError(f"parallel.pipeline={config.parallel.pipeline}: a prefix-tuning run trains at "
-                         "parallel.pipeline=1 for now (get_adapter_model itself supports PP: each stage holds its "
-                         "layers' prefixes)")
+    if config.deepspeed is not None and config.parallel.pipeline > 1:
+        raise ValueError(f"deepspeed with parallel.pipeline={config.parallel.pipeline}: adapter.kind='prefix_tuning' "
+                         "trains under PP with the torch engine only (deepspeed: null): the DeepSpeed engine cannot "
+                         "drive Megatron's pipeline schedule")
     m, n = config.model, config.adapter.num_virtual_tokens
     if m.hf_checkpoint is None and n + config.data.seq_len > m.max_position_embeddings:
         raise ValueError(f"adapter.num_virtual_tokens={n} + data.seq_len={config.data.seq_len} exceeds "

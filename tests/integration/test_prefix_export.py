@@ -6,6 +6,7 @@ at TP=1 (resharded 2 -> 1) and PP=2; PEFT's prefix_projection encoder saved at P
 it, stage 1 loads its replica) and reloaded at TP=2.  export_peft_from_checkpoint writes PEFT's
 files, and PEFT's own PeftModel.from_pretrained on the transformers model reproduces the Megatron
 logits (fp32, 1e-4).  Merging refuses a prefix adapter (model, checkpoint, export), saying why.
+save_pretrained / from_pretrained exchange directories with PEFT's own, both ways.
 """
 import json
 
@@ -79,3 +80,45 @@ def test_checkpoint_reshards_and_peft_loads_the_export(pool2, hf_dir, tmp_path, 
         with pytest.raises(CheckpointError, match="cannot merge a prefix-tuning adapter.*changes no weight"):
             merge_into_hf(source, hf_dir, tmp_path / "merged", progress=False)
         assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("variant", ["table", "projection"])
+def test_save_pretrained_and_from_pretrained_speak_peft(pool2, hf_dir, tmp_path, variant):
+    """PEFT's own save_pretrained directory loads into Megatron (TP=1, and TP=2 + SP: each rank
+    slices its layers' KV groups) with PEFT's logits; ours (TP=1) loads into PEFT with ours.  A
+    prefix_projection file holds the MLP's output: it loads frozen, as PEFT's inference mode, and
+    is refused trainable, naming why."""
+    from peft import PeftModel
+    from peft import PrefixTuningConfig as PeftPrefixTuningConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fields, state = ({}, {"prompt_embeddings": TABLE}) if variant == "table" else (PROJECTION, _encoder_state())
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    written = get_peft_model(hf, PeftPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_PREFIX, **fields))
+    encoder = written.prompt_encoder["default"]
+    with torch.no_grad():
+        if variant == "table":
+            encoder.embedding.weight.copy_(TABLE.flip(0) * 0.7)
+        else:
+            encoder.load_state_dict({k: v.flip(0) * 0.7 for k, v in state.items()})
+        expected = written(input_ids=IDS).logits.float()
+    written.save_pretrained(tmp_path / "by_peft")
+    for tp, sp, out in ((1, False, str(tmp_path / "ours")), (2, True, None)):
+        for r in pool2.run(prefix_jobs.pretrained_job, str(hf_dir), tp, sp, out, str(tmp_path / "by_peft"), IDS,
+                           fields, state):
+            torch.testing.assert_close(r["loaded"], expected, atol=1e-5, rtol=0)  # PEFT's files into Megatron
+            assert r["trainable"] == 0
+            if variant == "projection":
+                assert "holds the MLP's output" in r["trainable_load"]
+            else:
+                assert r["trainable_load"] == ""
+            if out is None:
+                continue
+            assert json.loads((tmp_path / "ours" / "rank0" / "adapter_config.json").read_text())["token_dim"] == 24
+            fresh = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            peft_model = PeftModel.from_pretrained(fresh, r["dir"]).eval()  # ours into PEFT
+            with torch.no_grad():
+                ours = peft_model(input_ids=IDS).logits.float()
+            assert (ours - expected).abs().max() > 1e-2  # the two directories hold different prefixes
+            torch.testing.assert_close(ours, r["saved"], atol=1e-5, rtol=0)

@@ -18,7 +18,7 @@ import torch
 
 from tests.helpers.tiny_llama import make_tiny_llama
 from tests.integration.test_train_prompt import SEQUENCES, _global_batch, _peft, evaluate_job
-from tests.integration.train_jobs import REPO, train_job
+from tests.integration.train_jobs import REPO, ZERO, train_job
 
 RUN = ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.steps=4", "data.tokenizer=byte",
        "optim.lr=0.05", "adapter.kind=prefix_tuning", "adapter.num_virtual_tokens=3"]
@@ -79,13 +79,31 @@ def test_prefix_train_resume_loss_and_evaluate_match_peft(pool2, tmp_path):
         torch.testing.assert_close(written[f"logits.{i}"], expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("adapter.token_dim=24", "adapter.token_dim is not a run-config key of adapter kind 'prefix_tuning'"),
-    ("parallel.pipeline=2", "parallel.pipeline=2: a prefix-tuning run trains at parallel.pipeline=1"),
+@pytest.mark.parametrize("overrides,message", [
+    (["adapter.token_dim=24"], "adapter.token_dim is not a run-config key of adapter kind 'prefix_tuning'"),
+    (["parallel.pipeline=2", f"deepspeed={ZERO[1]}"], "deepspeed.*parallel.pipeline=2"),
 ])
-def test_run_config_refusals_name_the_field(override, message):
+def test_run_config_refusals_name_the_field(overrides, message):
+    from parallel_adapters.train.prefix_run import validate_prefix_run
     from parallel_adapters.train.run_config import load_run_config
     from parallel_adapters.train.validate import validate_run_config
 
+    path = str(REPO / "configs" / "tiny_prefix_tuning.yaml")
     with pytest.raises(ValueError, match=message):
-        validate_run_config(load_run_config(str(REPO / "configs" / "tiny_prefix_tuning.yaml"), [override]))
+        validate_run_config(load_run_config(path, overrides))
+    if len(overrides) > 1:  # refused by the prefix run's own check too, whichever runs first
+        with pytest.raises(ValueError, match=r"deepspeed with parallel.pipeline=2: adapter.kind='prefix_tuning'"):
+            validate_prefix_run(load_run_config(path, overrides))
+
+
+def test_sequence_parallel_split_is_the_base_models():
+    """Nothing is prepended: under SP data.seq_len alone must divide by parallel.tensor (an odd
+    number of virtual tokens does not matter), refused before any process group otherwise."""
+    from parallel_adapters.train.run_config import load_run_config
+    from parallel_adapters.train.validate import check_parallel_layout
+
+    path = str(REPO / "configs" / "tiny_prefix_tuning.yaml")
+    sp = ["parallel.tensor=2", "parallel.sequence_parallel=true", "adapter.num_virtual_tokens=3"]
+    assert check_parallel_layout(2, load_run_config(path, sp + ["data.seq_len=32"])).tensor == 2
+    with pytest.raises(ValueError, match=r"data.seq_len=31 must divide by parallel.tensor=2"):
+        check_parallel_layout(2, load_run_config(path, sp + ["data.seq_len=31"]))

@@ -86,7 +86,7 @@ def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labe
         adapter.finalize_grads(data_parallel=True)
         optimizer.step()
         losses.append(None if loss is None else loss.item())
-    from parallel_adapters.train.engine import grad_sumsq_contribution
+    from parallel_adapters.train.grad_norm import grad_sumsq_contribution
 
     sumsq = grad_sumsq_contribution(adapter)  # the last step's squared grad norm, summed over the world
     if not world_one:

@@ -87,13 +87,19 @@ def training_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torc
     return {"losses": losses, "prompt": _prompt(adapter).detach().clone(), "trainable": len(params)}
 
 
-def collectives_job(hf_dir: str, sp: bool, variant: str, ids: torch.Tensor, labels: torch.Tensor):
+def collectives_job(hf_dir: str, sp: bool, variant: str, ids: torch.Tensor, labels: torch.Tensor,
+                    encoder: dict | None = None):
     """Collectives of one forward+backward at TP=2: the frozen base with only the word embedding
-    trainable, or the prompt adapter; and of finalize_grads."""
+    trainable, or the prompt adapter (P-tuning's with PromptEncoderConfig(**encoder)); and of
+    finalize_grads."""
+    from parallel_adapters import PromptEncoderConfig
     from parallel_adapters.adapters.prompt import causal_lm_loss
     from parallel_adapters.mcore.gpt import gpt_logits
 
-    adapter, _, _ = _prompted(hf_dir, 2, 1, sp, values=torch.ones(N_VIRTUAL, 48))
+    if encoder is None:
+        adapter, _, _ = _prompted(hf_dir, 2, 1, sp, values=torch.ones(N_VIRTUAL, 48))
+    else:
+        adapter, _, _ = _prompted(hf_dir, 2, 1, sp, config=PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **encoder))
     n = N_VIRTUAL
     if variant == "frozen_base":
         adapter.disable_adapter_layers()
@@ -175,23 +181,38 @@ def pretrained_job(hf_dir: str, out_dir: str, peft_dir: str, ids: torch.Tensor, 
 
 
 def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor, fields: dict,
-                 state: dict) -> dict:
-    """P-tuning (PromptEncoderConfig(**fields), the encoder's tensors set to `state`): logits,
-    PEFT's loss, the encoder's finalized gradients by name, and the checkpoint names."""
+                 state: dict, pp: int = 1) -> dict:
+    """P-tuning (PromptEncoderConfig(**fields), the encoder's tensors set to `state`): logits and
+    PEFT's loss (last stage), the encoder's finalized gradients by name (first stage; none on the
+    others), and the checkpoint names."""
     from parallel_adapters import PromptEncoderConfig
     from parallel_adapters.adapters.prompt import causal_lm_loss
     from parallel_adapters.mcore.gpt import gpt_logits
+    from parallel_adapters.mcore.schedule import pipeline_forward_backward
 
     config = PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields)
-    adapter, _, _ = _prompted(hf_dir, tp, 1, sp, config=config)
-    encoder = adapter.model.prompt_tuning.prompt_embeddings["default"]
-    encoder.load_state_dict(state)
-    logits = gpt_logits(adapter.model, ids)
-    loss = causal_lm_loss(logits, labels, N_VIRTUAL)
-    loss.backward()
+    adapter, groups, settings = _prompted(hf_dir, tp, pp, sp, config=config)
+    holder = adapter.model.prompt_tuning.prompt_embeddings
+    encoder = holder["default"] if "default" in holder else None
+    if encoder is not None:
+        encoder.load_state_dict(state)
+    if pp == 1:
+        logits = gpt_logits(adapter.model, ids)
+        loss = causal_lm_loss(logits, labels, N_VIRTUAL)
+        loss.backward()
+        logits, loss = logits.detach(), loss.detach()
+    else:
+        with torch.no_grad():
+            logits = gpt_logits(adapter.model, ids)
+
+        def loss_fn(batch, output):
+            value = causal_lm_loss(output[..., :settings.vocab_size], batch["labels"], N_VIRTUAL)
+            return value, {"loss": value.detach().clone()}
+        reports = pipeline_forward_backward(adapter.model, [{"input_ids": ids, "labels": labels}], loss_fn)
+        loss = reports[0]["loss"] if reports else None
     adapter.finalize_grads()
-    return {"logits": logits.detach(), "loss": loss.detach(),
-            "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
+    return {"logits": logits, "loss": loss, "pp_rank": groups.pp_rank,
+            "grads": {} if encoder is None else {n: p.grad.clone() for n, p in encoder.named_parameters()},
             "trainable": sorted(n for n, p in adapter.named_parameters() if p.requires_grad),
             "state": sorted(adapter.adapter_state_dict())}
 
