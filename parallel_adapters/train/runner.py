@@ -295,7 +295,8 @@ def loop_settings(config: RunConfig, layout: Layout, vocab_size: int, engine_nam
         log_every=log.every, metrics_path=Path(log.metrics_jsonl) if log.metrics_jsonl else None,
         checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
         keep_last=c.keep_last, show_progress=show_progress, extra_state={
-            "engine": engine_name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
+            "engine": engine_name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len,
+            "parallel.expert": layout.expert, "parallel.expert_tensor": layout.expert_tensor or layout.tensor},
         stop_step=stop_at, nonfinite=o.nonfinite, hf_checkpoint=config.model.hf_checkpoint)
 
 
