@@ -123,7 +123,7 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
                        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
                        rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
                        num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
-                       moe_ffn_hidden_size=moe.ffn_hidden_size, **common)
+                       moe_ffn_hidden_size=moe.ffn_hidden_size, moe_grouped_gemm=moe.grouped_gemm, **common)
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
