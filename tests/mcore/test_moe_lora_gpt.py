@@ -208,3 +208,34 @@ def test_dora_on_experts_matches_world_one(request, pool_name, tp, ep):
 def test_dora_on_expert_row_layers_is_refused_at_expert_tp2(pool2):
     for message in pool2.run(jobs.dora_expert_etp_job):
         assert "local_experts" in message and "linear_fc2" in message and "reduction_payload" in message
+
+
+ROUTER_LAYOUTS = {"ep2": ("pool2", (1, 2, 1, 1, False, 1)), "tp2-sp-ep2": ("pool4", (2, 2, 1, 1, True, 1))}
+
+
+@pytest.fixture(scope="module")
+def router_reference(pool2):
+    return pool2.run(jobs.train_job, 1, 1, 1, 1, *_batch(), steps=3, modules_to_save=["router"])[0]
+
+
+@pytest.mark.parametrize("layout", ROUTER_LAYOUTS)
+def test_router_trained_through_modules_to_save_matches_world_one(request, router_reference, layout):
+    """The router is not adapted by default (test_reference_adapts_every_expert_and_attention);
+    modules_to_save=["router"] trains it.  It is replicated over every group; under sequence
+    parallelism each TP rank routes its own slice of the tokens, so its gradient is partial over TP
+    (Megatron marks it `sequence_parallel`) and finalize_grads sums it there, then averages it
+    over DP as a dense tensor.  Losses, routers, adapters and the grad norm after three AdamW
+    steps match world size 1."""
+    pool_name, (tp, ep, etp, pp, sp, micro) = ROUTER_LAYOUTS[layout]
+    ref = router_reference
+    assert sorted(ref["saved"]) == [f"decoder.layers.{i}.mlp.router.weight" for i in range(2)]
+    ranks = request.getfixturevalue(pool_name).run(jobs.train_job, tp, ep, etp, pp, *_batch(), sequence_parallel=sp,
+                                                   num_microbatches=micro, steps=3, modules_to_save=["router"])
+    for r in ranks:
+        assert r["losses"] == pytest.approx(ref["losses"], rel=0, abs=TOL)
+        assert r["grad_sumsq"] == pytest.approx(ref["grad_sumsq"], rel=1e-9)
+        for name, full in ref["saved"].items():
+            torch.testing.assert_close(r["saved"][name], full, rtol=0, atol=TOL, msg=name)
+    adapter = _merged_adapter(ranks)
+    for name, full in ref["adapter"].items():
+        torch.testing.assert_close(adapter[name], full, rtol=0, atol=TOL, msg=name)
