@@ -101,11 +101,11 @@ def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labe
 
 
 def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, labels: torch.Tensor,
-                    share: bool = False) -> dict:
-    """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP 1: the
+                    share: bool = False, etp: int = 1) -> dict:
+    """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP etp: the
     frozen base with the embedding trainable, or the model with expert LoRA; and, with LoRA, of
     finalize_grads without and with data-parallel averaging."""
-    adapter, groups = _adapted(tp, ep, 1, 1, tp > 1, share_expert_adapters=share)
+    adapter, groups = _adapted(tp, ep, etp, 1, tp > 1, share_expert_adapters=share)
     model = adapter.model
     if variant == "frozen_base":
         model = adapter.unload()

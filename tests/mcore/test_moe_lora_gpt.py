@@ -93,23 +93,27 @@ def test_four_rank_layouts_match_world_one(pool4, reference, layout):
     _assert_matches_reference(ranks, reference)
 
 
-FINALIZE_CALLS = {  # pool, tp, ep -> all-reduces of finalize_grads(data_parallel=False), (=True)
+FINALIZE_CALLS = {  # pool, tp, ep, etp -> all-reduces of finalize_grads(data_parallel=False), (=True)
     # TP partials: one all-reduce over TP for the attention adapters (experts are not split at
     # expert-TP 1); DP averaging: dense over DP, experts over expert-DP, one call per distinct set
     # of ranks: EP 2 alone has DP {0,1} and expert-DP groups of one; TP 2 x EP 2 has DP = expert-DP
     # = {0,2},{1,3} (one call); EP 2 on 4 ranks has DP {0,1,2,3} and expert-DP {0,2},{1,3} (two).
-    ("pool2", 1, 2): (0, 1),
-    ("pool4", 2, 2): (1, 2),
-    ("pool4", 1, 2): (0, 2),
+    # Expert-TP 2 at TP 1 on 2 ranks: the expert row layers' replicated lora_A sums over expert-TP
+    # {0,1} (one call; no dense partials at TP 1), then dense over DP {0,1}, the same ranks as
+    # expert-TP but a second call (expert-DP is one rank: nothing).
+    ("pool2", 1, 2, 1): (0, 1),
+    ("pool4", 2, 2, 1): (1, 2),
+    ("pool4", 1, 2, 1): (0, 2),
+    ("pool2", 1, 1, 2): (1, 2),
 }
 
 
-@pytest.mark.parametrize("pool_name, tp, ep", FINALIZE_CALLS)
-def test_expert_lora_adds_no_collective(request, pool_name, tp, ep):
+@pytest.mark.parametrize("pool_name, tp, ep, etp", FINALIZE_CALLS)
+def test_expert_lora_adds_no_collective(request, pool_name, tp, ep, etp):
     pool = request.getfixturevalue(pool_name)
-    base = pool.run(jobs.collectives_job, tp, ep, "frozen_base", *_batch())
-    ours = pool.run(jobs.collectives_job, tp, ep, "lora", *_batch())
-    plain, averaged = FINALIZE_CALLS[(pool_name, tp, ep)]
+    base = pool.run(jobs.collectives_job, tp, ep, "frozen_base", *_batch(), etp=etp)
+    ours = pool.run(jobs.collectives_job, tp, ep, "lora", *_batch(), etp=etp)
+    plain, averaged = FINALIZE_CALLS[(pool_name, tp, ep, etp)]
     for b, o in zip(base, ours):
         assert sum(b["step"].values()) > 0
         for op, n in o["step"].items():
