@@ -37,6 +37,12 @@ Variants (every one keeps the word embedding trainable, so backward runs through
            Timed at the first size only (they do not depend on sequence parallelism); off with
            --no-linear-reference.
 
+8. the MoE layer row (`--moe`, or `--moe-only` without the dense sizes): one MoE layer (GQA
+           attention, a top-2 router over 8 SwiGLU experts, the allgather dispatcher) at expert
+           parallelism 2 on the same two ranks, frozen vs ours (LoRA on linear_qkv, linear_proj and
+           every expert's linear_fc1 / linear_fc2), with the collectives and bytes per step and of one
+           optimizer step's gradient reduction; benchmarks/bench_moe.py's job and summary.
+
 The variants are built side by side in the same two processes and timed round-robin (the start
 variant rotates every repeat), so machine noise hits all of them alike.  Sizes: hidden 1024, then
 hidden 1024 with sequence parallelism, then hidden 2048 (skipped if the --time-budget would be
@@ -496,6 +502,14 @@ def _kind_ratios(variants: dict) -> dict:
     return out
 
 
+def _label(s: dict) -> str:
+    if s.get("moe"):  # the MoE layer row (bench_moe.py's measurement)
+        from benchmarks import bench_moe
+
+        return bench_moe.label(s)
+    return f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
+
+
 def kind_table(result: dict) -> str:
     """shape | kind | ours vs frozen (Megatron layer, TP=2) | PEFT's layer on nn.Linear vs frozen nn.Linear,
     each as paired wall time / CPU time ratios from the same run."""
@@ -504,7 +518,9 @@ def kind_table(result: dict) -> str:
             "|---|---|---|---|---|"]
     for size in result["sizes"]:
         s = size["shape"]
-        label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
+        if s.get("moe"):  # its own table (bench_moe.markdown_table: the gradient reduction's bytes too)
+            continue
+        label = _label(s)
         for kind, r in size.get("kind_ratios", {}).items():
             cells = []
             for side in (r["ours_vs_frozen"], r["peft_nn_linear_vs_nn_linear_frozen"],
@@ -524,7 +540,7 @@ def markdown_table(result: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for size in result["sizes"]:
         s = size["shape"]
-        label = f"h{s['hidden']} ffn{s['ffn']} s{s['seq']} b{s['batch']} r{s['r']}" + (" SP" if s["sequence_parallel"] else "")
+        label = _label(s)
         for name, v in size["variants"].items():
             frozen = size["variants"]["linear-frozen" if name.startswith("linear-") else "frozen"]
             if not v.get("runs"):
@@ -556,7 +572,7 @@ def _versions() -> dict:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "layers.json"))
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048],
+    parser.add_argument("--hidden", type=int, nargs="*", default=[1024, 2048],
                         help="hidden sizes, run in order; a later size is skipped when the time budget would be exceeded")
     parser.add_argument("--ffn", type=int, default=None, help="FFN size (default 2.75 x hidden, 2816 at 1024)")
     parser.add_argument("--heads", type=int, default=16)
@@ -573,6 +589,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds; a further size is skipped if its estimated time would exceed it")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS[1:]),
                         help=f"comma-separated, timed against frozen (always run); of {', '.join(VARIANTS[1:])}")
+    parser.add_argument("--moe", action="store_true",
+                        help="also the MoE layer row, after the dense sizes: a top-2 router over 8 experts at EP=2, "
+                             "frozen vs ours (LoRA on attention and every expert; benchmarks/bench_moe.py's job)")
+    parser.add_argument("--moe-only", action="store_true", help="only the MoE layer row (no dense sizes)")
     parser.add_argument("--no-linear-reference", action="store_true",
                         help="skip the nn.Linear timing references (linear-frozen, linear-peft-<kind>)")
     args = parser.parse_args(argv)
@@ -587,6 +607,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants += ("linear-frozen", *linear)
     if args.repeats < 6:
         parser.error("--repeats must be >= 6")
+    if args.moe_only:
+        args.moe, args.hidden, args.sp_hidden = True, [], []
     return args
 
 
@@ -602,6 +624,7 @@ def _new_result(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
+            "load_average_1_5_15_start": [round(x, 2) for x in os.getloadavg()],
             "ranks": TP, "tensor_parallel": TP, "backend": "gloo", "threads_per_rank": 1,
             "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
             "timing": "step time = per repeat the slower rank's forward+backward wall time (barrier "
@@ -630,7 +653,7 @@ def _configs(args: argparse.Namespace) -> list[tuple[int, bool]]:
 
 
 def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> None:
-    if "peft" in args.variants:  # what each LoraParallelLinear fix is for
+    if "peft" in args.variants and _configs(args):  # what each LoraParallelLinear fix is for
         result["peft_unpatched_errors"] = pool.run(peft_probe_job, timeout=300)[0]["steps"]
     configs = _configs(args)
     steps = len(args.variants) * (args.warmup + args.repeats + 1)
@@ -661,6 +684,19 @@ def _run_all(pool, args: argparse.Namespace, result: dict, started: float) -> No
         result["sizes"].append(size)
         if per_step_s is None:
             per_step_s = size["wall_s"] / steps
+    if args.moe:
+        from benchmarks import bench_moe
+
+        shape = bench_moe.moe_shape(seq=args.seq, batch=args.batch, r=args.r)
+        print(f"{bench_moe.label(shape)}: building and timing frozen, ours ...", flush=True)
+        t0 = time.monotonic()
+        size = bench_moe.measure(pool, shape, args.warmup, args.repeats)
+        size["wall_s"] = round(time.monotonic() - t0, 1)
+        size["note"] = ("MoE layer at EP=2 (TP=1, DP=2, expert-DP=1); finalize_grads: ours "
+                        "finalize_grads(data_parallel=True), frozen the one DP all-reduce of the embedding "
+                        "gradient a plain-DP trainer needs (bench_moe.py)")
+        result["sizes"].append(size)
+        result["moe_table"] = bench_moe.markdown_table(size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
     result["markdown_table"] = table = markdown_table(result)
     result["kind_table"] = kinds = kind_table(result)
+    result["metadata"]["load_average_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -683,8 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(kinds)
     for size in result["sizes"]:
-        shape = size["shape"]
-        print(f"hidden {shape['hidden']} sp={shape['sequence_parallel']}: ratios {json.dumps(size['ratios'])}")
+        print(f"{_label(size['shape'])}: ratios {json.dumps(size['ratios'])}")
     print(f"wrote {args.out} in {result['metadata']['runtime_s']} s")
     return 0
 

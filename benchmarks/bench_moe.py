@@ -22,6 +22,8 @@ grads over expert-DP); for frozen the one DP all-reduce of the embedding gradien
 trainer needs (done here with the library's coalesced all-reduce, for comparison).
 
     python benchmarks/bench_moe.py --out benchmarks/results/moe.json
+
+bench_layers.py runs the same measurement as its MoE row (`--moe`, `--moe-only`).
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
             k = rep % len(VARIANTS)
             for name in VARIANTS[k:] + VARIANTS[:k]:
                 model, finalize = models[name]
-                rec = bl._timed_step(model, finalize, input_ids, labels)
+                rec = bl._timed_step(model, finalize, lambda m: bl._loss(m, input_ids, labels))
                 rec["warmup"] = rep < warmup
                 records[name].append(rec)
     finally:
@@ -156,10 +158,34 @@ def bench_job(shape: dict, warmup: int, repeats: int) -> dict:
 # Driver side
 # ------------------------------------------------------------------------------------------------
 
+DEFAULT_SHAPE = dict(hidden=512, experts=8, topk=2, expert_ffn=1024, heads=8, query_groups=4, seq=256, batch=2, r=16)
+
+
+def moe_shape(**kw) -> dict:
+    """The MoE layer's shape record (DEFAULT_SHAPE updated with `kw`)."""
+    shape = dict(DEFAULT_SHAPE, **kw)
+    if shape["experts"] % EP:
+        raise ValueError(f"experts={shape['experts']} must divide by EP={EP}")
+    return dict(shape, vocab=VOCAB, num_layers=1, ep=EP, tp=1, dp=2, expert_dp=1, moe=True)
+
+
+def measure(pool, shape: dict, warmup: int, repeats: int) -> dict:
+    """Both variants timed on the pool's 2 ranks; the size record of bench_layers.py's JSON (its
+    `_summarise`) plus the expert adapter parameters per rank."""
+    rank_results = pool.run(bench_job, shape, warmup, repeats, timeout=900)
+    size = bl._summarise(rank_results, shape, VARIANTS)
+    for name in VARIANTS:
+        size["variants"][name]["expert_trainable_params_per_rank"] = rank_results[0]["expert_trainable_params"][name]
+    return size
+
+
+def label(s: dict) -> str:
+    return (f"MoE h{s['hidden']} {s['experts']}e top{s['topk']} effn{s['expert_ffn']} s{s['seq']} "
+            f"b{s['batch']} r{s['r']} EP{EP}")
+
+
 def markdown_table(size: dict) -> str:
-    s = size["shape"]
-    label = (f"h{s['hidden']} {s['experts']}e top{s['topk']} effn{s['expert_ffn']} s{s['seq']} "
-             f"b{s['batch']} r{s['r']} EP{EP}")
+    label_ = label(size["shape"])
     rows = ["| shape | variant | collectives/step | MB/step | grad reduction per optimizer step "
             "| step time ms | time vs frozen | CPU time vs frozen |",
             "|---|---|---|---|---|---|---|---|"]
@@ -169,7 +195,7 @@ def markdown_table(size: dict) -> str:
         fin_txt = ", ".join(f"{c['calls']} {op} ({c['bytes'] / 2**20:.3f} MB)" for op, c in fin.items()) or "none"
         paired = bl._paired(v, frozen, "step_times_ms")
         cpu = v["cpu_time_ms_median"] / frozen["cpu_time_ms_median"]
-        rows.append(f"| {label} | {name} | {v['total_calls']} | {v['total_bytes'] / 2**20:.3f} | {fin_txt} | "
+        rows.append(f"| {label_} | {name} | {v['total_calls']} | {v['total_bytes'] / 2**20:.3f} | {fin_txt} | "
                     f"{v['step_time_ms_median']:.1f} | {paired:.3f} | {cpu:.3f} |")
     return "\n".join(rows)
 
@@ -203,14 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore:Transformer Engine and Apex are not installed")
     started = time.monotonic()
     load_start = os.getloadavg()
-    shape = dict(hidden=args.hidden, experts=args.experts, topk=args.topk, expert_ffn=args.expert_ffn,
-                 heads=args.heads, query_groups=args.query_groups, seq=args.seq, batch=args.batch,
-                 r=args.r, vocab=VOCAB, num_layers=1, ep=EP, tp=1, dp=2, expert_dp=1)
+    shape = moe_shape(hidden=args.hidden, experts=args.experts, topk=args.topk, expert_ffn=args.expert_ffn,
+                      heads=args.heads, query_groups=args.query_groups, seq=args.seq, batch=args.batch, r=args.r)
     with WorkerPool(2) as pool:
-        rank_results = pool.run(bench_job, shape, args.warmup, args.repeats, timeout=900)
-    size = bl._summarise(rank_results, shape, VARIANTS)
-    for name in VARIANTS:
-        size["variants"][name]["expert_trainable_params_per_rank"] = rank_results[0]["expert_trainable_params"][name]
+        size = measure(pool, shape, args.warmup, args.repeats)
     result = {
         "benchmark": "MoE layer: frozen base vs parallel_adapters expert LoRA, EP=2 on gloo",
         "metadata": {

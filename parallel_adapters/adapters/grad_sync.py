@@ -22,6 +22,10 @@ def finalize_grads(model: nn.Module, groups: ParallelGroups, data_parallel: bool
     # an adapter shared by a layer's experts (share_expert_adapters) is replicated over EP
     shared = [p for p in model.parameters() if p.requires_grad and getattr(p, "expert_shared", False)]
     partial.append((groups.ep_group, _grads(shared)))
+    # a trained base tensor (modules_to_save: a router, a norm) that Megatron marks `sequence_parallel`
+    # saw only this TP rank's slice of the sequence: summed over TP, as Megatron's finalize_model_grads does
+    sliced = [p for p in model.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
+    partial.append((groups.tp_group, _grads(sliced)))
     for group, grads in _by_ranks(partial):
         collectives.all_reduce_coalesced_(grads, group)
     if not data_parallel:

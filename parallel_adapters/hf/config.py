@@ -18,6 +18,15 @@ from typing import Any, Mapping
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 MOE_TYPES = ("qwen3_moe", "mixtral")
+UNCOVERED_MOE_TYPES = {  # model_type -> what the Qwen3-MoE / Mixtral code path lacks for it
+    "olmoe": "its q_norm / k_norm are RMSNorms over the whole query and key projections (hidden_size and "
+             "num_key_value_heads x head_dim wide), where Megatron's qk_layernorm normalises each head; and "
+             "clip_qkv clamps q/k/v, which has no Megatron counterpart",
+    "gpt_oss": "attention sinks (a learned logit per head), alternating sliding-window layers, biases on "
+               "q/k/v/o, the router and the experts, the clamped SwiGLU ((up + 1) * gate * sigmoid(alpha gate), "
+               "swiglu_limit) on interleaved gate/up columns, and YaRN RoPE have no counterpart in the Megatron "
+               "GPT built here (and the published weights are MXFP4-quantised)",
+}
 
 
 
@@ -154,6 +163,9 @@ def _rope_theta(cfg: Mapping[str, Any], where: str) -> float:
 def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
     """What GPTSettings cannot express is refused, not silently approximated."""
     model_type = cfg.get("model_type")
+    if model_type in UNCOVERED_MOE_TYPES:
+        raise ValueError(f"{where}: field 'model_type'={model_type!r} is not supported (the Qwen3-MoE / Mixtral "
+                         f"code does not cover it): {UNCOVERED_MOE_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: field 'model_type'={model_type!r} is not supported; "
                          f"supported: {list(SUPPORTED_MODEL_TYPES)}")

@@ -34,6 +34,7 @@ def engine_and_state(config: RunConfig, model: Any, layout: Layout, resume_from:
     if config.deepspeed is None:
         extra = load_checkpoint(model, resume_from, engine.checkpoint_optimizer()) or {}
     _check_same_engine(extra, engine.name, config, resume_from)
+    _check_same_experts(extra, layout, resume_from)
     if config.deepspeed is not None:
         def restore() -> Any:
             optim_state, rng, _ = load_train_state(resume_from, model.groups)
@@ -68,3 +69,17 @@ def _check_same_data(extra: dict, layout: Layout, config: RunConfig, resume_from
         if saved is not None and saved != now:
             raise ValueError(f"resume: {resume_from} was trained with {key}={saved}, this run has {key}={now}; "
                              "the data position would not continue the same sample order")
+
+
+def _check_same_experts(extra: dict, layout: Layout, resume_from: Path) -> None:
+    """The per-rank optimizer state holds each EP rank's own experts, split over expert-TP: it
+    does not carry over to another EP / ETP size (the TP/PP/DP check cannot see it)."""
+    keys = ("parallel.expert", "parallel.expert_tensor")
+    saved = tuple(extra.get(k) for k in keys)
+    now = (layout.expert, layout.expert_tensor or layout.tensor)
+    if None not in saved and saved != now:
+        raise ValueError(
+            f"resume: {resume_from} was trained with parallel.expert={saved[0]}, parallel.expert_tensor={saved[1]}; "
+            f"this run has parallel.expert={now[0]}, parallel.expert_tensor={now[1]}: each rank's optimizer state "
+            "holds its own experts' slices and cannot be resharded; resume at the saved layout (the adapter "
+            "weights alone reshard: consolidate --expert-tp, or load_checkpoint without an optimizer)")

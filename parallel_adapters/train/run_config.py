@@ -89,6 +89,10 @@ class MoeSection:
     drop_policy: str = "probs"
     """Which tokens over capacity are dropped (needs capacity_factor): "probs" (lowest routing
     probability) or "position" (latest)."""
+    grouped_gemm: bool = False
+    """Experts as Megatron's GroupedMLP (fused weights, grouped_gemm's kernels; per-expert LoRA
+    through the batched addend) instead of SequentialMLP.  Needs CUDA and the grouped_gemm
+    package; a model built here only (the HF import fills SequentialMLP experts)."""
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def gpt_settings(config: RunConfig, tp: int) -> Any:
                        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
                        rotary_base=m.rotary_base, tie_embeddings=m.tie_embeddings, seed=m.init_seed,
                        num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
-                       moe_ffn_hidden_size=moe.ffn_hidden_size, **common)
+                       moe_ffn_hidden_size=moe.ffn_hidden_size, moe_grouped_gemm=moe.grouped_gemm, **common)
 
 
 def adapter_config(config: RunConfig, resume_from: Path | None) -> Any:
@@ -295,7 +295,8 @@ def loop_settings(config: RunConfig, layout: Layout, vocab_size: int, engine_nam
         log_every=log.every, metrics_path=Path(log.metrics_jsonl) if log.metrics_jsonl else None,
         checkpoint_dir=Path(c.directory) if c.directory else None, save_every=c.save_every,
         keep_last=c.keep_last, show_progress=show_progress, extra_state={
-            "engine": engine_name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len},
+            "engine": engine_name, "optim.global_batch": layout.global_batch, "data.seq_len": config.data.seq_len,
+            "parallel.expert": layout.expert, "parallel.expert_tensor": layout.expert_tensor or layout.tensor},
         stop_step=stop_at, nonfinite=o.nonfinite, hf_checkpoint=config.model.hf_checkpoint)
 
 

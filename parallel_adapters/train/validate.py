@@ -7,6 +7,7 @@ dotted key's name, instead of after a model load or inside a collective.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -224,6 +225,9 @@ def _no_ignored_keys(config: RunConfig) -> None:
         if getattr(moe, key) != getattr(moe_defaults, key):
             raise ValueError(f"moe.{key}={getattr(moe, key)!r} is ignored with model.hf_checkpoint (its config.json "
                              f"decides it); remove moe.{key}")
+    if moe.grouped_gemm and m.hf_checkpoint is not None:
+        raise ValueError("moe.grouped_gemm=true with model.hf_checkpoint: the import fills SequentialMLP experts "
+                         "(one module per expert); remove moe.grouped_gemm")
     if num_experts(config) is None:
         for f in dataclasses.fields(MoeSection):
             if f.name != "num_experts" and getattr(moe, f.name) != getattr(moe_defaults, f.name):
@@ -260,6 +264,9 @@ def _check_moe_values(moe: MoeSection) -> None:
     if moe.dispatcher != "allgather" and not _cuda_available():
         raise ValueError(f"moe.dispatcher={moe.dispatcher!r} needs CUDA (Megatron creates CUDA streams for it); "
                          "this machine has no GPU: use moe.dispatcher=allgather")
+    if moe.grouped_gemm and not (_cuda_available() and importlib.util.find_spec("grouped_gemm") is not None):
+        raise ValueError("moe.grouped_gemm=true needs CUDA and the grouped_gemm package (Megatron's GroupedMLP runs "
+                         "its gmm kernels); this machine lacks one: remove moe.grouped_gemm (SequentialMLP experts)")
     if moe.capacity_factor is not None and not moe.capacity_factor > 0:
         raise ValueError(f"moe.capacity_factor must be > 0 or null, got {moe.capacity_factor}")
     if moe.drop_policy not in MOE_DROP_POLICIES:

@@ -1,6 +1,6 @@
 """PEFT export and offline merge of LoRA on the routed experts (and attention) of a tiny Qwen3-MoE
 imported at EP 2 and at TP 2 x EP 2 (SP on), of a tiny Mixtral at TP 2 x EP 2 and of the MLP of a
-tiny dense Qwen3 at TP 2, the last two after two AdamW steps.
+tiny dense Qwen3 at TP 2, all but the first after two AdamW steps.
 
 Oracle: PEFT + transformers 5 (the experts as fused 3-D parameters adapted through PEFT's
 `target_parameters`) reproduce the Megatron adapted logits within 1e-4, and the merged checkpoint
@@ -23,7 +23,7 @@ TARGETS = ["linear_qkv", "linear_fc1", "linear_fc2"]  # fc1/fc2 match the routed
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 CASES = {  # model, pool, tp, ep, AdamW steps before the export
     "qwen3_moe-ep2": (make_tiny_qwen3_moe, "pool2", 1, 2, 0),
-    "qwen3_moe-tp2-ep2": (make_tiny_qwen3_moe, "pool4", 2, 2, 0),
+    "qwen3_moe-tp2-ep2": (make_tiny_qwen3_moe, "pool4", 2, 2, 2),
     "mixtral-tp2-ep2": (make_tiny_mixtral, "pool4", 2, 2, 2),
     "qwen3-tp2": (make_tiny_qwen3, "pool2", 2, 1, 2),  # dense: gate/up/down_proj, no target_parameters
 }

@@ -72,3 +72,28 @@ def _saved_names(checkpoint) -> set[str]:
         with safe_open(str(path), "pt") as f:
             names |= set(f.keys())
     return names
+
+
+def test_moe_resume_is_bit_exact_and_another_expert_layout_is_refused(pool2, tmp_path):
+    """4 steps at EP 2 in one go == 2 steps + checkpoint + a run resuming from `latest` + 2 more
+    (every rank's expert adapter shards too).  Resuming that checkpoint at EP 1 or expert-TP 2 keeps
+    TP/PP/DP (1, 1, 2), so the train-state check alone would pass and each rank would restore an
+    optimizer state of other experts (or other slices): refused, naming both layouts."""
+    from tests.harness.pool import JobFailed
+
+    run = MOE + ["optim.steps=4"]
+    saving = [f"checkpoint.directory={tmp_path}/ck", "checkpoint.save_every=2"]
+    straight = pool2.run(train_job, run + ["parallel.expert=2"])
+    first = pool2.run(train_job, run + ["parallel.expert=2"] + saving, None, "auto", 2)
+    second = pool2.run(train_job, run + ["parallel.expert=2"] + saving)
+    assert second[0]["start_step"] == 2
+    for a, b, c in zip(straight, first, second):
+        assert b["losses"] + c["losses"] == a["losses"]
+        assert b["grad_norms"] + c["grad_norms"] == a["grad_norms"]
+        assert a["shards"].keys() == c["shards"].keys()
+        assert all(torch.equal(a["shards"][n][0], c["shards"][n][0]) for n in a["shards"])
+    for other, now in ((["parallel.expert=1"], "parallel.expert=1, parallel.expert_tensor=1"),
+                       (["parallel.expert=1", "parallel.expert_tensor=2"], "parallel.expert=1, parallel.expert_tensor=2")):
+        with pytest.raises(JobFailed, match=rf"trained with parallel\.expert=2, parallel\.expert_tensor=1; "
+                                             rf"this run has {now}"):
+            pool2.run(train_job, run + other + saving)

@@ -71,13 +71,15 @@ def _step(adapter, groups, input_ids, labels, num_microbatches: int) -> torch.Te
 
 def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labels: torch.Tensor,
               sequence_parallel: bool = False, num_microbatches: int = 1, steps: int = 5,
-              use_dora: bool = False, share: bool = False, grouped: bool = False) -> dict:
+              use_dora: bool = False, share: bool = False, grouped: bool = False,
+              modules_to_save: list | None = None) -> dict:
     """Losses over `steps` AdamW steps and the consolidated adapter after them (all sizes 1:
     the world-1 reference on every rank); `share`: share_expert_adapters; `grouped`: GroupedMLP
-    experts (the same weights as the SequentialMLP ones, see init_gpt_weights)."""
+    experts (the same weights as the SequentialMLP ones, see init_gpt_weights); `modules_to_save`:
+    also trained, returned whole under "saved" (e.g. the routers, replicated on every rank)."""
     world_one = (tp, ep, etp, pp) == (1, 1, 1, 1) and not grouped
     adapter, groups = _adapted(tp, ep, etp, pp, sequence_parallel, world_one, use_dora=use_dora,
-                               share_expert_adapters=share, grouped=grouped)
+                               share_expert_adapters=share, grouped=grouped, modules_to_save=modules_to_save)
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -93,15 +95,17 @@ def train_job(tp: int, ep: int, etp: int, pp: int, input_ids: torch.Tensor, labe
         dist.all_reduce(sumsq)
     return {"losses": losses, "adapter": consolidated_adapter(adapter, groups), "grad_sumsq": sumsq.item(),
             "held": sorted(adapter.adapter_state_dict()), "ep_rank": groups.ep_rank,
-            "trainable": sum(p.numel() for p in adapter.parameters() if p.requires_grad)}
+            "trainable": sum(p.numel() for p in adapter.parameters() if p.requires_grad),
+            "saved": {n: p.detach().clone() for n, p in adapter.model.named_parameters()
+                      if any(f".{m}." in f".{n}" for m in modules_to_save or ())}}
 
 
 def collectives_job(tp: int, ep: int, variant: str, input_ids: torch.Tensor, labels: torch.Tensor,
-                    share: bool = False) -> dict:
-    """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP 1: the
+                    share: bool = False, etp: int = 1) -> dict:
+    """Collectives of one forward+backward at TP=tp (SP on when tp > 1), EP=ep, expert-TP etp: the
     frozen base with the embedding trainable, or the model with expert LoRA; and, with LoRA, of
     finalize_grads without and with data-parallel averaging."""
-    adapter, groups = _adapted(tp, ep, 1, 1, tp > 1, share_expert_adapters=share)
+    adapter, groups = _adapted(tp, ep, etp, 1, tp > 1, share_expert_adapters=share)
     model = adapter.model
     if variant == "frozen_base":
         model = adapter.unload()

@@ -118,6 +118,21 @@ def test_unsupported_configs_are_refused_by_name(request, fixture, change, field
         LlamaShape.from_config(cfg)
 
 
+@pytest.mark.parametrize("config_class, missing", [
+    ("OlmoeConfig", r"'olmoe' is not supported .*q_norm / k_norm are RMSNorms over the whole query"),
+    ("GptOssConfig", r"'gpt_oss' is not supported .*attention sinks"),
+])
+def test_olmoe_and_gpt_oss_are_refused_naming_what_is_missing(tmp_path, config_class, missing):
+    """The two other MoE families transformers 5 ships: their config.json (tiny, as transformers
+    saves it) is refused by model_type, with what the Qwen3-MoE / Mixtral code lacks for them."""
+    import transformers
+
+    getattr(transformers, config_class)(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=missing):
+        LlamaShape.from_config(read_hf_config(tmp_path))
+
+
 def test_expert_adapters_map_to_the_saved_per_expert_modules(qwen3_moe):
     """The offline merge's targets; the PEFT export packs them into the fused parameters instead
     (tests/integration/test_peft_export_experts.py)."""

@@ -93,23 +93,27 @@ def test_four_rank_layouts_match_world_one(pool4, reference, layout):
     _assert_matches_reference(ranks, reference)
 
 
-FINALIZE_CALLS = {  # pool, tp, ep -> all-reduces of finalize_grads(data_parallel=False), (=True)
+FINALIZE_CALLS = {  # pool, tp, ep, etp -> all-reduces of finalize_grads(data_parallel=False), (=True)
     # TP partials: one all-reduce over TP for the attention adapters (experts are not split at
     # expert-TP 1); DP averaging: dense over DP, experts over expert-DP, one call per distinct set
     # of ranks: EP 2 alone has DP {0,1} and expert-DP groups of one; TP 2 x EP 2 has DP = expert-DP
     # = {0,2},{1,3} (one call); EP 2 on 4 ranks has DP {0,1,2,3} and expert-DP {0,2},{1,3} (two).
-    ("pool2", 1, 2): (0, 1),
-    ("pool4", 2, 2): (1, 2),
-    ("pool4", 1, 2): (0, 2),
+    # Expert-TP 2 at TP 1 on 2 ranks: the expert row layers' replicated lora_A sums over expert-TP
+    # {0,1} (one call; no dense partials at TP 1), then dense over DP {0,1}, the same ranks as
+    # expert-TP but a second call (expert-DP is one rank: nothing).
+    ("pool2", 1, 2, 1): (0, 1),
+    ("pool4", 2, 2, 1): (1, 2),
+    ("pool4", 1, 2, 1): (0, 2),
+    ("pool2", 1, 1, 2): (1, 2),
 }
 
 
-@pytest.mark.parametrize("pool_name, tp, ep", FINALIZE_CALLS)
-def test_expert_lora_adds_no_collective(request, pool_name, tp, ep):
+@pytest.mark.parametrize("pool_name, tp, ep, etp", FINALIZE_CALLS)
+def test_expert_lora_adds_no_collective(request, pool_name, tp, ep, etp):
     pool = request.getfixturevalue(pool_name)
-    base = pool.run(jobs.collectives_job, tp, ep, "frozen_base", *_batch())
-    ours = pool.run(jobs.collectives_job, tp, ep, "lora", *_batch())
-    plain, averaged = FINALIZE_CALLS[(pool_name, tp, ep)]
+    base = pool.run(jobs.collectives_job, tp, ep, "frozen_base", *_batch(), etp=etp)
+    ours = pool.run(jobs.collectives_job, tp, ep, "lora", *_batch(), etp=etp)
+    plain, averaged = FINALIZE_CALLS[(pool_name, tp, ep, etp)]
     for b, o in zip(base, ours):
         assert sum(b["step"].values()) > 0
         for op, n in o["step"].items():
@@ -208,3 +212,34 @@ def test_dora_on_experts_matches_world_one(request, pool_name, tp, ep):
 def test_dora_on_expert_row_layers_is_refused_at_expert_tp2(pool2):
     for message in pool2.run(jobs.dora_expert_etp_job):
         assert "local_experts" in message and "linear_fc2" in message and "reduction_payload" in message
+
+
+ROUTER_LAYOUTS = {"ep2": ("pool2", (1, 2, 1, 1, False, 1)), "tp2-sp-ep2": ("pool4", (2, 2, 1, 1, True, 1))}
+
+
+@pytest.fixture(scope="module")
+def router_reference(pool2):
+    return pool2.run(jobs.train_job, 1, 1, 1, 1, *_batch(), steps=3, modules_to_save=["router"])[0]
+
+
+@pytest.mark.parametrize("layout", ROUTER_LAYOUTS)
+def test_router_trained_through_modules_to_save_matches_world_one(request, router_reference, layout):
+    """The router is not adapted by default (test_reference_adapts_every_expert_and_attention);
+    modules_to_save=["router"] trains it.  It is replicated over every group; under sequence
+    parallelism each TP rank routes its own slice of the tokens, so its gradient is partial over TP
+    (Megatron marks it `sequence_parallel`) and finalize_grads sums it there, then averages it
+    over DP as a dense tensor.  Losses, routers, adapters and the grad norm after three AdamW
+    steps match world size 1."""
+    pool_name, (tp, ep, etp, pp, sp, micro) = ROUTER_LAYOUTS[layout]
+    ref = router_reference
+    assert sorted(ref["saved"]) == [f"decoder.layers.{i}.mlp.router.weight" for i in range(2)]
+    ranks = request.getfixturevalue(pool_name).run(jobs.train_job, tp, ep, etp, pp, *_batch(), sequence_parallel=sp,
+                                                   num_microbatches=micro, steps=3, modules_to_save=["router"])
+    for r in ranks:
+        assert r["losses"] == pytest.approx(ref["losses"], rel=0, abs=TOL)
+        assert r["grad_sumsq"] == pytest.approx(ref["grad_sumsq"], rel=1e-9)
+        for name, full in ref["saved"].items():
+            torch.testing.assert_close(r["saved"][name], full, rtol=0, atol=TOL, msg=name)
+    adapter = _merged_adapter(ranks)
+    for name, full in ref["adapter"].items():
+        torch.testing.assert_close(adapter[name], full, rtol=0, atol=TOL, msg=name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import typing
 from pathlib import Path
@@ -61,6 +62,7 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "moe.dispatcher": (["moe.num_experts=4"], "alltoall", "gpt"),  # refused without CUDA
     "moe.capacity_factor": (["moe.num_experts=4"], "1.5", "gpt"),
     "moe.drop_policy": (["moe.num_experts=4", "moe.capacity_factor=1.0"], "position", "gpt"),
+    "moe.grouped_gemm": (["moe.num_experts=4"], "true", "gpt"),  # refused without CUDA and grouped_gemm
     "adapter.r": ([], "16", "lora"),
     "adapter.lora_alpha": ([], "32", "lora"),
     "adapter.lora_dropout": ([], "0.1", "lora"),
@@ -177,8 +179,10 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "logging.every": (["logging.metrics_jsonl={tmp}/m.jsonl"], "5", "loop"),
     "logging.metrics_jsonl": ([], "{tmp}/m.jsonl", "loop"),
 }
-REFUSED = {"parallel.data"} | ({"moe.dispatcher"} if not torch.cuda.is_available() else set())
-"""Keys whose changed value is observable only as a refusal (moe.dispatcher=alltoall: on the CPU)."""
+REFUSED = {"parallel.data"} | ({"moe.dispatcher"} if not torch.cuda.is_available() else set()) | (
+    {"moe.grouped_gemm"} if not (torch.cuda.is_available() and importlib.util.find_spec("grouped_gemm")) else set())
+"""Keys whose changed value is observable only as a refusal (moe.dispatcher=alltoall, moe.grouped_gemm:
+on the CPU)."""
 REFUSED_AT_LOAD = {  # PEFT fields whose only supported value is the default: another is refused, naming it
     "adapter.use_effective_conv2d@lokr", "adapter.use_effective_conv2d@loha", "adapter.conv_layout",  # nn.Conv2d only: a GPT run has none
     "adapter.fan_in_fan_out@ia3",

@@ -124,3 +124,34 @@ def test_capacity_factor_and_drop_policy_reach_megatron_settings():
     validate_run_config(config)
     settings = runner.gpt_settings(config, 1)
     assert (settings.moe_expert_capacity_factor, settings.moe_token_drop_policy) == (1.25, "position")
+
+
+def test_grouped_gemm_is_refused_without_cuda_or_the_package_and_reaches_megatron_settings(monkeypatch, hf_moe):
+    """moe.grouped_gemm (Megatron's GroupedMLP) is checked before any process group: refused by
+    name without CUDA or without grouped_gemm, with an HF checkpoint (its import fills SequentialMLP
+    experts) and on a dense model; otherwise it reaches GPTSettings.moe_grouped_gemm."""
+    import importlib.util
+
+    import torch
+
+    from parallel_adapters.train import validate
+
+    grouped = MOE + ["moe.grouped_gemm=true"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"moe\.grouped_gemm=true needs CUDA and the grouped_gemm package"):
+        _check(grouped, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(validate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "grouped_gemm" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"moe\.grouped_gemm=true needs CUDA and the grouped_gemm package"):
+        _check(grouped, 1)
+    monkeypatch.setattr(validate.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "grouped_gemm" else real_find_spec(name, *a))
+    _check(grouped + ["parallel.expert=2"], 2)
+    assert runner.gpt_settings(load_run_config(None, grouped), 1).moe_grouped_gemm is True
+    assert runner.gpt_settings(load_run_config(None, MOE), 1).moe_grouped_gemm is False
+    with pytest.raises(ValueError, match=r"moe\.grouped_gemm=true with model\.hf_checkpoint"):
+        _check(["model.hf_checkpoint={hf}", "moe.grouped_gemm=true"], 1, hf_moe)
+    with pytest.raises(ValueError, match=r"moe\.grouped_gemm needs a MoE model"):
+        _check(["moe.grouped_gemm=true"], 1)
