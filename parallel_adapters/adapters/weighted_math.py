@@ -76,7 +76,7 @@ def global_kth_largest(tensors: Sequence[torch.Tensor], ks: Sequence[int], group
     hi = torch.tensor([int(b.max()) + 1 if b.numel() else 1 for b in bits], dtype=torch.int64)
     hi = collectives.all_reduce_max_(hi, group)  # count(|x| >= hi) = 0 < k
     while bool((hi - lo > 1).any()):
-        mid = (lo + hi) // 2
+        mid = lo + (hi - lo) // 2  # (lo + hi) overflows int64 for float64 magnitudes >= 2
         counts = torch.stack([(b >= m).sum() for b, m in zip(bits, mid)]).to(torch.int64)
         collectives.all_reduce_(counts, group)
         ok = counts >= need
