@@ -165,3 +165,74 @@ def test_no_collective_carries_a_block_of_w(pool2, mode, sp):
         forward = NSEQ * SEQ * (in_f if mode == "column" else out_f)  # Megatron's own SP gather / row reduce
         per_iteration = n * b + t * b * b + 1 + (2 * in_f * b if mode == "row" else 0)
         assert total <= forward + calibration + row_extra + per_iteration * passes + 3 * t * R, (rank, total)
+
+
+@pytest.mark.parametrize("mode,sp,method", [("column", True, "kpm"), ("row", False, "ipm")])
+def test_tp4_gives_the_dense_tp1_adapter(pool4, mode, sp, method):
+    for rank, errors in enumerate(pool4.run(corda_job, mode, sp, method)):
+        assert max(errors.values()) < TOL, f"rank {rank}: {errors}"
+
+
+def corda_files_job(directory):
+    """TP=2 row host: a CorDA run writing cache_file and covariance_file (prune_temporary_fields=False
+    keeps C on the host), then two fresh models reading them back (the cache; then, with the caches
+    removed, the covariance): the same adapter, bit for bit; the file names carry the layout."""
+    import os
+
+    from megatron.core.tensor_parallel import RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.config import CordaConfig
+    from parallel_adapters.distributed.sharding import ShardSpec
+    from parallel_adapters.eva.corda import collect_covariances, initialize_corda_weights
+    from parallel_adapters.mcore.compat import initialize_model_parallel
+    from tests.distributed.test_lora_layers import _Host
+
+    tp = dist.get_world_size()
+    groups = initialize_model_parallel(tp, 1)
+    out_f, in_f = SHAPES["row"]
+    config = TransformerConfig(num_layers=1, hidden_size=in_f, num_attention_heads=4, use_cpu_initialization=True,
+                               params_dtype=torch.float64, gradient_accumulation_fusion=False,
+                               tensor_model_parallel_size=tp)
+    w, x = planted(out_f, in_f), calibration(in_f)
+    files = dict(cache_file=f"{directory}/cache.safetensors", covariance_file=f"{directory}/cov.safetensors")
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights="corda", seed=4,
+                      corda_config=CordaConfig(prune_temporary_fields=False, **files))
+    forward = lambda m, batch: m(ShardSpec(dim=2).shard(batch.transpose(0, 1), groups.tp_rank, tp))  # noqa: E731
+
+    def adapted(loader):
+        base = RowParallelLinear(in_f, out_f, config=config, init_method=torch.nn.init.zeros_, bias=False,
+                                 input_is_parallel=True, skip_bias_add=False)
+        with torch.no_grad():
+            base.weight.copy_(ShardSpec(dim=1).shard(w, groups.tp_rank, tp))
+        model = get_adapter_model(_Host(base), lora, groups=groups)
+        initialize_corda_weights(model, loader, forward_fn=forward, show_progress_bar=False)
+        layer = model.model.proj
+        return model, [layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(),
+                       layer.weight.detach()]
+
+    first, tensors = adapted([x[:3], x[3:]])
+    kept = first.model.proj.__dict__.get("corda_covariance")
+    cov_local = collect_covariances(first, [x[:3], x[3:]], forward_fn=forward)["proj"]
+    suffix = f".tp{groups.tp_rank}of{tp}.pp0of1.safetensors"
+    names = sorted(os.listdir(directory))
+    _, from_cache = adapted(None)
+    dist.barrier()
+    os.remove(f"{directory}/cache{suffix}")
+    dist.barrier()
+    _, from_covariance = adapted(None)
+    return {
+        "names": names, "suffix": suffix,
+        "kept": kept is not None and torch.equal(kept, cov_local),
+        "cache": all(torch.equal(a, b) for a, b in zip(tensors, from_cache)),
+        "covariance": all(torch.equal(a, b) for a, b in zip(tensors, from_covariance)),
+    }
+
+
+def test_tp2_cache_and_covariance_files_reproduce_the_adapter(pool2, tmp_path):
+    results = pool2.run(corda_files_job, str(tmp_path))
+    for rank, res in enumerate(results):
+        assert f"cache{res['suffix']}" in res["names"] and f"cov{res['suffix']}" in res["names"], res["names"]
+        assert res["kept"] and res["cache"] and res["covariance"], (rank, res)
+    assert len(results[0]["names"]) == 4

@@ -134,3 +134,29 @@ def test_config_errors():
                              groups=ParallelGroups.single())
     with pytest.raises(ValueError, match="dataloader"):
         initialize_corda_weights(ours, None)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_covariance_dtype_and_kept_fields_match_peft(half):
+    """use_float16_for_covariance on a bfloat16 model (C accumulated in the input's dtype, else
+    float32) and prune_temporary_fields=False (C kept on the layer): PEFT's covariance, its dtype."""
+    from peft.tuners.lora.config import CordaConfig as PeftCorda
+
+    _pair("ipm")  # installs the attrs shim PEFT's corda.py needs
+    from peft.tuners.lora.corda import preprocess_corda
+
+    torch.manual_seed(0)
+    base, data = Stack().to(torch.bfloat16), calibration().to(torch.bfloat16)
+    kw = dict(r=R, lora_alpha=ALPHA, target_modules=["up", "down"], init_lora_weights="corda")
+    options = dict(use_float16_for_covariance=half, prune_temporary_fields=False)
+    theirs = copy.deepcopy(base)
+    preprocess_corda(theirs, peft.LoraConfig(**kw, corda_config=PeftCorda(**options)),
+                     run_model=lambda: [theirs(x[None]) for x in data])
+    ours = get_adapter_model(copy.deepcopy(base), LoraConfig(**kw, corda_config=CordaConfig(**options)),
+                             groups=ParallelGroups.single())
+    initialize_corda_weights(ours, [data[:4], data[4:]], show_progress_bar=False)
+    for name in ("up", "down"):
+        got, want = getattr(ours.model, name).__dict__["corda_covariance"], getattr(theirs, name).covariance_matrix
+        assert got.dtype == want.dtype == (torch.bfloat16 if half else torch.float32), (name, got.dtype, want.dtype)
+        tol = 0.03 if half else TOL  # bfloat16 sums in another order
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol, name
