@@ -10,7 +10,8 @@ TP size; the "_svd" variants' iterative SVD converges to within that), and the n
 during `add_weighted_adapter` carries an [O, I]-sized tensor; none carries as many elements as a
 weight shard, except the "_svd" variants' sketches (n b and t b^2, split_svd's bound), and
 nothing but all-reduce and all-gather is issued; linear, cat, dare_linear and dare_ties issue
-nothing at all.
+nothing at all; the exact "svd" route receives at most t R^2 + 3 t k elements per rank (plus the
+split new factor with svd_clamp), decompose/lowrank.py's bound.
 """
 import pytest
 import torch
@@ -127,6 +128,11 @@ def _check(results, mode, combination_type, kw):
             assert not received, f"rank {rank}: {combination_type} communicated {received}"
         biggest = max(received, default=0)
         assert biggest < SHAPES[mode][0] * SHAPES[mode][1], f"rank {rank}: an [O, I]-sized collective"
+        if combination_type == "svd" and len(results) > 1:  # exact: the TSQR triangles and the signs (R = 7)
+            k, (out_f, in_f) = kw.get("svd_rank", 4), SHAPES[mode]
+            clamp = (out_f * k if mode == "column" else k * in_f) if "svd_clamp" in kw else 0  # the split new factor
+            t = len(results)
+            assert sum(received) <= t * 7 * 7 + 3 * t * k + clamp, f"rank {rank}: {received}"
         if combination_type.endswith("_svd"):  # split_svd's sketches: n b, or t b^2 for the TSQR triangles
             n, b = 32, 12  # M's unsplit dimension; the converging mode's block size for r = 4
             assert biggest <= max(n * b, len(results) * b * b), f"rank {rank}: {biggest} elements"

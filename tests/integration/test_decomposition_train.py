@@ -1,6 +1,6 @@
-"""PiSSA / OLoRA / CorDA through `train`: the checkpoint carries the initial factors A0, B0, resume
-rebuilds the residual base W - s B0 A0 from them, and the export converts the adapter to a
-rank-2r LoRA on the ORIGINAL base (PEFT's path_initial_model_for_weight_conversion).
+"""PiSSA / OLoRA / CorDA through `train` (TP=2 + SP, 5 steps): the checkpoint carries the initial
+factors A0, B0, resume rebuilds the residual base W - s B0 A0 from them, and the export converts the
+adapter to a rank-2r LoRA on the ORIGINAL base (PEFT's path_initial_model_for_weight_conversion).
 
 Oracles: the uninterrupted run (losses and every rank's shards, bit-exact; a resume onto the
 original base would change the losses); PEFT + transformers on the original HF base reproduce the
@@ -20,7 +20,7 @@ from tests.helpers.tiny_llama import hf_logits, make_tiny_llama, sample_ids
 from tests.integration.test_cli_offline import _cli
 from tests.integration.train_jobs import train_job
 
-RUN = ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.steps=4", "data.tokenizer=byte",
+RUN = ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.steps=5", "data.tokenizer=byte",
        "adapter.r=4", "adapter.lora_alpha=8"]
 
 
