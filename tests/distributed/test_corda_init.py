@@ -7,6 +7,9 @@ inverse, SVD of W C, IPM top r / KPM last r, A = sqrt(S/s) (F^-1 Vh^T)^T, B = U 
 our sign convention, which is also what TP=1 computes.  Checked on every rank: A and B shards,
 the residual base shard, the covariance part each rank holds, and that the output is unchanged.
 
+Also: real TP=4 ranks; the cache / covariance files at TP=2 read back into the same adapter;
+PP=2 through Megatron's forward-only schedule (EVA's capture) against the world-1 adapter.
+
 "No block of W": every collective's received tensor is recorded: none has a weight-shaped pair
 of dims ([O, I], [O, I/t], [O/t, I] or transposed), only all-reduce / all-gather are issued, and
 the total stays under the bound decompose/corda.py and eva/corda_stats.py state.
@@ -236,3 +239,46 @@ def test_tp2_cache_and_covariance_files_reproduce_the_adapter(pool2, tmp_path):
         assert f"cache{res['suffix']}" in res["names"] and f"cov{res['suffix']}" in res["names"], res["names"]
         assert res["kept"] and res["cache"] and res["covariance"], (rank, res)
     assert len(results[0]["names"]) == 4
+
+
+def corda_gpt_job(pp, batches, targets):
+    """CorDA on eva_jobs' GPT through Megatron's own forward (forward_fn=None: PP through the
+    forward-only schedule): {module: (A, B, base weight)} on the stage that owns it."""
+    from parallel_adapters import LoraConfig, ParallelGroups, get_adapter_model
+    from parallel_adapters.eva.corda import initialize_corda_weights
+    from parallel_adapters.eva.state import eva_layers
+    from tests.distributed.eva_jobs import _gpt
+
+    model, groups = _gpt(1, pp, False)
+    if pp == 1:  # the world-1 reference inside the pool (see eva_jobs.gpt_eva)
+        groups = ParallelGroups(tp_group=groups.tp_group, pp_group=groups.tp_group, dp_group=groups.tp_group)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(targets), init_lora_weights="corda", seed=4)
+    adapted = get_adapter_model(model, config, groups=groups)
+    initialize_corda_weights(adapted, batches, show_progress_bar=False)  # every PP rank: the same batches
+    return {n: (h.adapter_tensors("default")["lora_A"].detach().clone(),
+                h.adapter_tensors("default")["lora_B"].detach().clone(), h.weight.detach().clone())
+            for _, h in eva_layers(adapted, "default") for n in [h.module_name]}  # global names
+
+
+def corda_pp_job(batches, targets):
+    from parallel_adapters.mcore import compat
+
+    reference = corda_gpt_job(1, batches, targets)  # every rank (building the model parallel state is collective)
+    compat.destroy_model_parallel()
+    dist.barrier()
+    return reference, corda_gpt_job(2, batches, targets)
+
+
+def test_pp2_collects_through_the_pipeline_and_gives_the_pp1_adapter(pool2):
+    """PP=2 (EVA's forward-only pipeline capture): each stage's targets get the world-1 adapter."""
+    from tests.distributed.eva_jobs import token_batches
+
+    targets = ("decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc2")
+    results = pool2.run(corda_pp_job, token_batches(2, batch=2, seq=8), targets)
+    reference = results[0][0]
+    owned = [set(stage) for _, stage in results]
+    assert owned[0] == {targets[0]} and owned[1] == {targets[1]}, owned
+    for _, stage in results:
+        for name, tensors in stage.items():
+            for what, got, want in zip(("A", "B", "W"), tensors, reference[name]):
+                assert (got - want).abs().max().item() < TOL, (name, what)
