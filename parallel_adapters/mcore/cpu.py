@@ -30,7 +30,8 @@ What it patches (each a small named function below, applied once):
    stage's copy of the table with `weight.data.cuda()` before all-reducing it).
 8. `transformer.moe.moe_utils.te_general_gemm` -> None when Transformer Engine is absent: the
    router's gating linear tests `te_general_gemm is not None` first, yet without TE the name is
-   never bound, so every MoE forward raised NameError.  None selects its torch.mm path.
+   never bound, so every MoE forward raised NameError.  None selects its torch.mm path.  (Not
+   CPU-only: build_gpt binds it for every MoE model, on a GPU too: mcore/moe.py bind_router_gemm.)
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ from megatron.core.parallel_state import (
 from megatron.core.pipeline_parallel import p2p_communication, schedules
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer import utils as transformer_utils
-from megatron.core.transformer.moe import moe_utils
+
+from parallel_adapters.mcore.moe import bind_router_gemm
 
 _ENABLED = False
 _CPU = torch.device("cpu")
@@ -288,6 +290,4 @@ def _patch_shared_embedding_setup() -> None:
 
 
 def _patch_moe_router_gemm() -> None:
-    # RouterGatingLinearFunction reads te_general_gemm, bound only by its TE import.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    bind_router_gemm()

@@ -210,6 +210,8 @@ def build_gpt(
     if not torch.cuda.is_available() and not cpu.cpu_mode_enabled():
         raise RuntimeError("build_gpt without CUDA: call parallel_adapters.mcore.cpu.enable_cpu_mode() first")
     moe.check_moe_layout(settings)
+    if settings.num_moe_experts is not None:
+        moe.bind_router_gemm()  # megatron's MoE router without Transformer Engine, on any device
     config = gpt_transformer_config(settings)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(

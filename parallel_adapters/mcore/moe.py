@@ -87,6 +87,16 @@ def check_moe_layout(settings: "GPTSettings") -> None:
                          "(megatron creates CUDA streams for it); use 'allgather' on the CPU")
 
 
+def bind_router_gemm() -> None:
+    """megatron-core 0.16.1's router gating linear tests `te_general_gemm is not None`, a name its
+    moe_utils binds only when Transformer Engine imports: without TE every MoE forward raises
+    NameError, on a GPU as on the CPU.  Bind it to None (the torch.mm path it means); with TE, a no-op."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def moe_config_fields(settings: "GPTSettings") -> dict[str, Any]:
     """The TransformerConfig fields of the MoE layers ({} for a dense model), with the EP/ETP
     sizes of the initialised parallel state and every fusion off (TE-only or torch.compile)."""

@@ -193,6 +193,8 @@ def _defaults() -> dict:
     from parallel_adapters.mcore.gpt import build_gpt
 
     _setup(1, 2, 1, 1, 1234)
+    if hasattr(moe_utils, "te_general_gemm"):  # bound by CPU mode: build_gpt must bind it itself (GPU path)
+        del moe_utils.te_general_gemm
     mlp = build_gpt(_settings(False)).decoder.layers[0].mlp
     return {"te_general_gemm": moe_utils.te_general_gemm, "aux_loss": mlp.router.is_aux_loss_enabled(),
             "dispatcher": type(mlp.token_dispatcher).__name__, "experts": type(mlp.experts).__name__}
