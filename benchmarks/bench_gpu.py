@@ -4,9 +4,12 @@
     python3 benchmarks/bench_gpu.py --out gpu.json                     # GPU box (scripts/gpu_check.sh)
     python benchmarks/bench_gpu.py --smoke --out /tmp/gpu_smoke.json   # tiny timing shapes, any box
 
-Sections (setup, layers_float64/32, gpt_float32, timing_bf16: see each function's docstring) catch
+Sections (setup, layers_float64/32, gpt_float32, moe, timing_bf16: see each function's docstring) catch
 their own exceptions (traceback into the JSON); the JSON is rewritten after each, so a killed run
 still leaves what it measured.  Without CUDA (smoke only) megatron needs mcore/cpu.py and gloo.
+moe's two CUDA-only parts (the alltoall dispatcher; GroupedMLP with the grouped_gemm package) say
+"skipped: <why>" in the JSON where they cannot run (on the CPU: both) and that is no failure; a part
+that crashes is a failed check (`<part>.crashed`), its traceback in its entry.
 Exit code: 0 all checks pass; 1 a check failed or a correctness section crashed; 2 only timing crashed.
 """
 from __future__ import annotations
@@ -298,6 +301,160 @@ def check_gpt(rep: Report, entry: dict) -> None:
     rep.check(entry, "no_wrappers_left", float(any(isinstance(m, AdapterHost) for m in plain.modules())), 0.0, "==")
 
 
+MOE_ALLTOALL_SKIP = ("skipped: no CUDA (megatron's alltoall dispatcher creates CUDA streams; build_gpt refuses it "
+                     "on the CPU, mcore/moe.py check_moe_layout)")
+MOE_BF16_NOTE = ("GroupedMLP needs bf16 (grouped_gemm's kernel): both models bf16, one layer (the router sees the "
+                 "same bf16 input in both, so routing is the same); errors relative to the largest |value| of the "
+                 "SequentialMLP run (per gradient tensor). Tolerances 5e-2 / 1e-1: 4-6x what the CPU gives with a torch "
+                 "stand-in for gmm (1.3e-2 / 1.7e-2); the experts' adapters swapped give 1.0 / 19")
+
+
+def moe_settings(dtype: torch.dtype, dispatcher: str = "allgather", num_layers: int = 2, grouped: bool = False) -> Any:
+    """The tiny MoE GPT: 4 experts (ffn 32), top-2, GQA, EP 1 (world size 1)."""
+    from parallel_adapters.mcore.gpt import GPTSettings
+
+    return GPTSettings(num_layers=num_layers, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, vocab_size=100, max_position_embeddings=64, num_moe_experts=4,
+                       moe_router_topk=2, moe_ffn_hidden_size=32, moe_token_dispatcher_type=dispatcher,
+                       moe_grouped_gemm=grouped, params_dtype=dtype)
+
+
+def adapter_grads(adapter: Any) -> dict[str, torch.Tensor]:
+    """Every adapter tensor's gradient under its global name, one entry per expert (a GroupedMLP
+    host stacks its experts' factors: split by `expert_names`), so both expert kinds compare by name."""
+    out = {}
+    for _, host in adapter.adapter_layers():
+        tensors, experts = host.adapter_tensors("default"), getattr(host, "expert_names", None)
+        for decl in host.tensor_decls("default"):
+            grad = tensors[decl.name].grad
+            if grad is None:
+                raise RuntimeError(f"{host.module_name}.{decl.name}: no gradient after backward")
+            if isinstance(experts, tuple):
+                out.update({f"{e}.{decl.name}": grad[i] for i, e in enumerate(experts)})
+            else:
+                out[f"{host.module_name}.{decl.name}"] = grad
+    return out
+
+
+def moe_lora_step(base: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[Any, dict]:
+    """Expert + attention LoRA (non-zero B), one forward and backward: (adapter, logits and adapter grads)."""
+    from parallel_adapters import LoraConfig, get_adapter_model
+    from parallel_adapters.mcore.gpt import gpt_logits
+
+    adapter = get_adapter_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    logits = gpt_logits(adapter.model, inputs)
+    F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
+    return adapter, {"logits": logits.detach().float(), "grads": adapter_grads(adapter)}
+
+
+def copy_sequential_to_grouped(grouped: torch.nn.Module, sequential: torch.nn.Module) -> float:
+    """Every parameter by name, and each GroupedMLP's weight1 / weight2 from its SequentialMLP experts
+    (weight1 viewed [E, H, F1] holds fc1's W_e^T, weight2 viewed [E, F2, H] fc2's).  Returns the
+    largest change made: 0 when build_gpt's init already gave both the same weights."""
+    seq, change = dict(sequential.named_parameters()), 0.0
+    with torch.no_grad():
+        pairs = [(p, seq[n]) for n, p in grouped.named_parameters() if n in seq]
+        for g_layer, s_layer in zip(grouped.decoder.layers, sequential.decoder.layers):
+            experts, hidden = s_layer.mlp.experts.local_experts, g_layer.config.hidden_size
+            w1 = g_layer.mlp.experts.weight1.view(len(experts), hidden, -1)
+            w2 = g_layer.mlp.experts.weight2.view(len(experts), -1, hidden)
+            for e, expert in enumerate(experts):
+                pairs += [(w1[e], expert.linear_fc1.weight.t()), (w2[e], expert.linear_fc2.weight.t())]
+        for dst, src in pairs:
+            change = max(change, max_err(dst, src))
+            dst.copy_(src)
+    return change
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return max_err(a, ref) / max(float(ref.detach().abs().max()), 1e-30)
+
+
+def check_alltoall(rep: Report, entry: dict, inputs: torch.Tensor, labels: torch.Tensor, ref: dict) -> None:
+    """(a) megatron's alltoall dispatcher (CUDA only) gives the allgather run's logits and adapter grads."""
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    reseed()
+    adapter, out = moe_lora_step(build_gpt(moe_settings(torch.float32, "alltoall")), inputs, labels)
+    dispatcher = type(adapter.model.decoder.layers[0].mlp.token_dispatcher).__name__
+    entry["alltoall_vs_allgather"] = {"dispatcher": dispatcher}
+    rep.check(entry, "alltoall.dispatcher_built", float(dispatcher == "MoEAlltoAllTokenDispatcher"), 1.0, "==")
+    rep.check(entry, "alltoall.grad_names_match", float(out["grads"].keys() == ref["grads"].keys()), 1.0, "==")
+    rep.check(entry, "alltoall_vs_allgather.logits", max_err(out["logits"], ref["logits"]), 1e-5)
+    rep.check(entry, "alltoall_vs_allgather.adapter_grads",
+              max(max_err(g, ref["grads"][n]) for n, g in out["grads"].items()), 1e-5)
+
+
+def check_grouped(rep: Report, entry: dict, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """(b) GroupedMLP experts (the real grouped_gemm) with LoRA vs SequentialMLP with the same
+    weights and adapters, bf16 (see MOE_BF16_NOTE)."""
+    import dataclasses
+
+    from parallel_adapters.mcore.gpt import build_gpt
+
+    sub = entry["grouped_vs_sequential_bf16"] = {"note": MOE_BF16_NOTE}
+    settings = moe_settings(torch.bfloat16, num_layers=1)
+    reseed()
+    sequential = build_gpt(settings)
+    reseed()
+    grouped = build_gpt(dataclasses.replace(settings, moe_grouped_gemm=True))
+    sub["experts"] = type(grouped.decoder.layers[0].mlp.experts).__name__
+    rep.check(entry, "grouped.experts_are_grouped_mlp", float(sub["experts"] == "GroupedMLP"), 1.0, "==")
+    rep.check(entry, "grouped.init_equals_sequential", copy_sequential_to_grouped(grouped, sequential), 0.0, "==")
+    seq, seq_out = moe_lora_step(sequential, inputs, labels)
+    grp, grp_out = moe_lora_step(grouped, inputs, labels)
+    sub["host"] = type(grp.model.decoder.layers[0].mlp.experts).__name__
+    seq_state, grp_state = seq.adapter_state_dict(), grp.adapter_state_dict()
+    same = seq_state.keys() == grp_state.keys() and all(torch.equal(grp_state[n].local, t.local)
+                                                          for n, t in seq_state.items())
+    rep.check(entry, "grouped.adapter_init_equals_sequential", float(same), 1.0, "==")
+    rep.check(entry, "grouped.grad_names_match", float(grp_out["grads"].keys() == seq_out["grads"].keys()), 1.0, "==")
+    rep.check(entry, "grouped_vs_sequential_bf16.logits_rel", rel_err(grp_out["logits"], seq_out["logits"]), 5e-2)
+    rep.check(entry, "grouped_vs_sequential_bf16.adapter_grads_rel",
+              max(rel_err(g, seq_out["grads"][n]) for n, g in grp_out["grads"].items()), 1e-1)
+
+
+def check_moe(rep: Report, entry: dict) -> None:
+    """1c. A MoE GPT (4 experts, top-2, EP 1) with LoRA on attention and every expert, float32,
+    allgather dispatcher: the expert adapters are built, change the logits, get gradients and merge.
+    Then (a) the alltoall dispatcher against it (CUDA only) and (b) GroupedMLP against SequentialMLP
+    (grouped_gemm and CUDA only); each records why it was skipped, and a crash in one is recorded
+    (traceback in its entry, a correctness failure) without hiding the other."""
+    from parallel_adapters.adapters.grouped_experts import grouped_gemm_unavailable_reason
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(11)).to(device())
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    reseed()
+    adapter, ref = moe_lora_step(build_gpt(moe_settings(torch.float32)), inputs, labels)
+    entry.update(settings=str(moe_settings(torch.float32)), logits_device=str(ref["logits"].device))
+    experts = [n for n, _ in adapter.adapter_layers() if ".local_experts." in n]
+    rep.check(entry, "expert_lora_layers", len(experts), 2 * 4 * 2, "==")  # layers x experts x (fc1, fc2)
+    with torch.no_grad(), adapter.disable_adapter():
+        base = gpt_logits(adapter.model, inputs)
+    rep.check(entry, "adapter_changes_logits", max_err(ref["logits"], base), 1e-3, ">=")  # non-vacuous
+    grads = [float(g.abs().max()) for n, g in ref["grads"].items() if ".local_experts." in n]
+    rep.check(entry, "expert_lora_grads_nonzero", min(grads), 1e-8, ">=")  # top-2 of 4 over 32 tokens: all hit
+    adapter.merge_adapter()
+    with torch.no_grad():
+        rep.check(entry, "merged_vs_adapted", max_err(gpt_logits(adapter.model, inputs), ref["logits"]), 1e-4)
+    parts = {"alltoall_vs_allgather": (None if torch.cuda.is_available() else MOE_ALLTOALL_SKIP,
+                                       lambda: check_alltoall(rep, entry, inputs, labels, ref)),
+             "grouped_vs_sequential_bf16": (grouped_gemm_unavailable_reason(),
+                                            lambda: check_grouped(rep, entry, inputs, labels))}
+    for name, (skip, run) in parts.items():
+        if skip is not None:
+            entry[name] = {"skipped": skip if skip.startswith("skipped") else f"skipped: {skip}"}
+            log(f"  {name}: {entry[name]['skipped']}")
+            continue
+        try:
+            run()
+        except Exception:  # noqa: BLE001  - one never-run CUDA path must not hide the other
+            entry.setdefault(name, {})["traceback"] = traceback.format_exc()
+            log(f"  {name} CRASHED:\n{entry[name]['traceback']}")
+            rep.check(entry, f"{name}.crashed", 1.0, 0.0, "==")  # a failed check: in the table and the exit code
+
+
 def softmax_in_fp32(model: torch.nn.Module) -> bool:
     """Whether megatron's attention softmax upcasts bf16 scores to fp32 (gpt_transformer_config
     sets bf16=True from params_dtype; HF eager runs its softmax in fp32 too)."""
@@ -528,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
             check_layers(rep, entry, torch.float32)
         with rep.section("gpt_float32") as entry:
             check_gpt(rep, entry)
+        with rep.section("moe") as entry:
+            check_moe(rep, entry)
         with rep.section("timing_bf16", correctness=False) as entry:
             timing(rep, entry, SMOKE if args.smoke else FULL, args)
     rep.data["metadata"]["runtime_s"] = round(time.monotonic() - _T0, 1)
