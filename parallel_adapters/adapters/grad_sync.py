@@ -22,10 +22,7 @@ def finalize_grads(model: nn.Module, groups: ParallelGroups, data_parallel: bool
     # an adapter shared by a layer's experts (share_expert_adapters) is replicated over EP
     shared = [p for p in model.parameters() if p.requires_grad and getattr(p, "expert_shared", False)]
     partial.append((groups.ep_group, _grads(shared)))
-    # a trained base tensor (modules_to_save: a router, a norm) that Megatron marks `sequence_parallel`
-    # saw only this TP rank's slice of the sequence: summed over TP, as Megatron's finalize_model_grads does
-    sliced = [p for p in model.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
-    partial.append((groups.tp_group, _grads(sliced)))
+    partial.append((groups.tp_group, _grads(sequence_sliced_parameters(model))))
     for group, grads in _by_ranks(partial):
         collectives.all_reduce_coalesced_(grads, group)
     if not data_parallel:
@@ -38,6 +35,13 @@ def finalize_grads(model: nn.Module, groups: ParallelGroups, data_parallel: bool
     if groups.dp_size > 1:
         for grad in dense + expert:
             grad.div_(groups.dp_size)
+
+
+def sequence_sliced_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trained base tensors (modules_to_save: a router, a norm) that Megatron marks `sequence_parallel`:
+    each TP rank saw only its slice of the sequence, so their gradients are partial over TP (summed
+    over TP, as Megatron's finalize_model_grads does)."""
+    return [p for p in model.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
 
 
 def _grads(params) -> list[torch.Tensor]:

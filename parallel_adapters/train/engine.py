@@ -32,10 +32,10 @@ before any data-parallel reduction or norm.
   are unchanged.  ZeRO stage 0 uses `no_sync()` + `finalize_grads()` + `allreduce_gradients()`
   (correct, but its first run JIT-builds DeepSpeed's flatten op: ~3.5 min on a 2-core CPU box).
   Older DeepSpeed without `coalesce_grad_reduction` falls back to per-parameter gradient hooks on
-  the replicated factors (`register_hook`, which runs before the gradient is accumulated and so
-  before any DeepSpeed hook): that costs ONE ALL-REDUCE PER REPLICATED FACTOR PER MICRO-BATCH
-  (e.g. 8 for 2 layers x 4 adapted linears) instead of one per step.  `tp_sum="hooks"` forces it
-  (tested with ZeRO-2 at TP=2 x DP=2).
+  the tensors finalize_grads sums over TP (`register_hook`, which runs before the gradient is
+  accumulated and so before any DeepSpeed hook): that costs ONE ALL-REDUCE PER REPLICATED FACTOR PER
+  MICRO-BATCH (e.g. 8 for 2 layers x 4 adapted linears) instead of one per step.  `tp_sum="hooks"`
+  forces it (tested with ZeRO-2 at TP=2 x DP=2, and at TP=2 + SP with a norm in modules_to_save).
 * The Megatron groups go to DeepSpeed as `mpu` through `MegatronMpu` (megatron-core dropped the
   `get_model_parallel_*` names DeepSpeed calls).  Without an mpu DeepSpeed would treat every rank
   as data parallel and SILENTLY overwrite every TP shard with rank 0's at initialisation.
@@ -287,17 +287,20 @@ class DeepSpeedEngine:
 
     def _register_tp_sum_hooks(self) -> None:
         """Fallback: sum each replicated factor's gradient over TP as it is produced (before
-        accumulation, hence before any DeepSpeed hook): one all-reduce per factor per micro-batch."""
-        from parallel_adapters.adapters.prompt import check_hooked_tp_sum  # imports megatron (as the model did)
+        accumulation, hence before any DeepSpeed hook): one all-reduce per factor per micro-batch.
+        The same tensors as finalize_grads' TP sum: with them the sequence-parallel base tensors
+        trained through modules_to_save (a router, a norm), each counted once."""
+        from parallel_adapters.adapters.grad_sync import sequence_sliced_parameters  # imports megatron
+        from parallel_adapters.adapters.prompt import check_hooked_tp_sum
         check_hooked_tp_sum(self.model.model)
         tp_group = self.model.groups.tp_group
 
         def tp_sum(grad: torch.Tensor) -> torch.Tensor:
             return C.all_reduce_(grad.clone(), tp_group)
 
-        for _, layer in self.model.adapter_layers():
-            for param in layer.partial_grad_parameters():
-                self._hooks.append(param.register_hook(tp_sum))
+        params = [p for _, layer in self.model.adapter_layers() for p in layer.partial_grad_parameters()]
+        for param in {id(p): p for p in params + sequence_sliced_parameters(self.model.model)}.values():
+            self._hooks.append(param.register_hook(tp_sum))
 
     @property
     def forward_module(self) -> Any:

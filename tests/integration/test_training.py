@@ -49,15 +49,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("reference") / "reference.pt"
+def _reference_run(out: Path, overrides: list[str]) -> dict:
+    """The world-size-1 run of BASE + overrides, in a subprocess."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", "[]", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", json.dumps(overrides),
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ref = torch.load(out, weights_only=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    ref = _reference_run(tmp_path_factory.mktemp("reference") / "reference.pt", [])
     assert ref["losses"][-1] < ref["losses"][0] - 1e-2, "the reference must actually train"
     assert ref["grad_norms"][0] > CLIP, "grad-norm clipping must be active for the comparison to cover it"
     return ref
@@ -77,6 +81,26 @@ def test_layout_matches_world_size_one(request, reference, name):
             want = spec.shard(reference["full"][tensor_name], res["ranks"]["tp"], res["tp_size"])
             torch.testing.assert_close(local, want, atol=1e-5, rtol=1e-4,
                                        msg=f"{name}: rank {res['ranks']} {tensor_name}")
+
+
+def test_hook_fallback_sums_sequence_parallel_modules_to_save(pool2, tmp_path):
+    """tp_sum='hooks' (ZeRO-2) at TP=2 + SP with final_layernorm trained through modules_to_save:
+    each TP rank's norm gradient covers only its slice of the sequence, so the hooks sum it over TP
+    as finalize_grads does; the run matches world size 1 (unsummed, the ranks' norms drift apart)."""
+    trained = ["adapter.modules_to_save=[final_layernorm]"]
+    ref = _reference_run(tmp_path / "reference.pt", trained)
+    # one micro-batch per step: with several, this fallback loses all but the last under ZeRO-2
+    # (DeepSpeed sees gradient_accumulation_steps 1), whatever the TP sum
+    overrides = trained + ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.micro_batch=4",
+                           f"deepspeed={ZERO[2]}"]
+    results = pool2.run(train_job, overrides, None, "hooks")
+    for res in results:
+        assert res["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-5)
+        assert res["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+    full = full_tensors(results)
+    assert full.keys() == ref["full"].keys()
+    for name, tensor in full.items():
+        torch.testing.assert_close(tensor, ref["full"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_bfloat16_base_at_tp2_trains_float32_adapters_close_to_the_float32_reference(pool2, reference):
