@@ -70,3 +70,16 @@ def encoded_rows(config: PromptEncoderConfig, tensors: Mapping[str, torch.Tensor
     if missing or unexpected:
         raise ValueError(f"P-tuning encoder tensors: missing {missing}, unexpected {unexpected}")
     return encoder()
+
+
+PEFT_FIELDS = ("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout")
+"""PromptEncoderConfig's own fields in PEFT's adapter_config.json (the rest are prompt learning's)."""
+
+
+def peft_config_fields(config: Mapping, prompt_fields: dict) -> dict:
+    """adapter_config.json of a P-tuning adapter: the prompt-learning fields (prompt.peft_config_fields)
+    without prompt tuning's init ones, with PEFT's PromptEncoderConfig fields from `config`."""
+    data = {k: v for k, v in prompt_fields.items() if not k.startswith(("prompt_tuning_init", "tokenizer_"))}
+    data.update({k: config[k] for k in PEFT_FIELDS}, peft_type="P_TUNING")
+    return data
+

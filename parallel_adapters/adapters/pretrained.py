@@ -3,8 +3,9 @@
 The directory is the one PEFT writes and reads: `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` (the adapter name left out, as PEFT saves it) and
 `adapter_config.json` (PEFT's LoraConfig fields, `peft_type` "LORA"; a prompt adapter: PEFT's
-`prompt_embeddings` and PROMPT_TUNING fields; a prefix adapter: PEFT's `prompt_embeddings`
-[n, 2 L D] and PREFIX_TUNING fields, loaded at any TP / PP); adapters other than
+`prompt_embeddings` and PROMPT_TUNING fields; a P-tuning adapter: the encoder's output as
+`prompt_embeddings` and P_TUNING fields; a prefix adapter: PEFT's `prompt_embeddings`
+[n, 2 L D] and PREFIX_TUNING fields; prompt and prefix adapters load at any TP / PP); adapters other than
 "default" go to a sub-directory of their name.  Only the factors travel (no trained biases or
 modules_to_save).  Sharded (TP/PP) models use the sharded checkpoints (`save_checkpoint`) and
 `export_peft` instead.
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_adapters.adapters import prefix, prompt
+from parallel_adapters.adapters import p_tuning, prefix, prompt
 from parallel_adapters.adapters.prefix_encoder import peft_config_fields as prefix_config_fields
 from parallel_adapters.config import (
     EvaConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
@@ -63,6 +64,9 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     if peft_type == "PROMPT_TUNING":
         known = {f.name for f in dataclasses.fields(PromptTuningConfig)}
         return PromptTuningConfig.from_dict({k: v for k, v in data.items() if k in known})
+    if peft_type == "P_TUNING":
+        known = {f.name for f in dataclasses.fields(PromptEncoderConfig)} - {"inference_mode"}
+        return PromptEncoderConfig.from_dict({k: v for k, v in data.items() if k in known})
     if peft_type == "PREFIX_TUNING":  # the model-decided fields are checked against the model
         known = {f.name for f in dataclasses.fields(PrefixTuningConfig)} - {"inference_mode"}
         return PrefixTuningConfig.from_dict({k: v for k, v in data.items() if k in known})
@@ -75,8 +79,8 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
         kept = {k: v for k, v in data.items() if k in known}
         return cls.from_dict({**kept, "fused_parts": {}} if cls is IA3Config else kept)
     if peft_type != "LORA":
-        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA, LOKR, PROMPT_TUNING and PREFIX_TUNING "
-                         "adapters load")
+        raise ValueError(f"{source}: peft_type {peft_type!r}; LORA, IA3, LOHA, LOKR, PROMPT_TUNING, P_TUNING and "
+                         "PREFIX_TUNING adapters load")
     bad = {k: data[k] for k, default in _UNSUPPORTED.items() if data.get(k, default) not in (default, None)}
     if bad:
         raise ValueError(f"{source}: unsupported LoRA settings {bad}")
@@ -102,6 +106,8 @@ def save_pretrained(model: Any, directory: str | Path, selected_adapters: list[s
             data = prompt.peft_config_fields(config.to_dict(), tuple(tensors[prompt.PEFT_KEY].shape),
                                              getattr(base, "num_attention_heads", None),
                                              getattr(base, "num_layers", None), None)
+            if isinstance(config, PromptEncoderConfig):
+                data = p_tuning.peft_config_fields(config.to_dict(), data)
         elif prefix.is_prefix_config(config):  # with the model-decided fields filled in
             resolved = prefix.prefix_module(model.model).configs[name]
             data = prefix_config_fields(resolved.to_dict(), tuple(tensors[prompt.PEFT_KEY].shape),
@@ -114,7 +120,17 @@ def save_pretrained(model: Any, directory: str | Path, selected_adapters: list[s
 
 def loadable_config(config: Any, is_trainable: bool) -> Any:
     """What from_pretrained builds for `config`: a prefix_projection adapter loads frozen as the
-    table PEFT saved (the MLP's output), as PEFT's inference mode; trainable, it is refused."""
+    table PEFT saved (the MLP's output), as PEFT's inference mode; trainable, it is refused.  So
+    does a P-tuning adapter: its file holds the encoder's output, which PEFT's inference mode
+    prepends as it is; here a frozen PromptTuningConfig table of those rows."""
+    if isinstance(config, PromptEncoderConfig):
+        if is_trainable:
+            raise ValueError("from_pretrained(is_trainable=True) of a P-tuning adapter: PEFT's file holds the "
+                             "encoder's output, the encoder cannot be recovered from it (PEFT refuses it too); load "
+                             "it frozen, or resume the run's checkpoint")
+        return PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, token_dim=config.token_dim,
+                                  num_attention_heads=config.num_attention_heads, num_layers=config.num_layers,
+                                  seed=config.seed)
     if not (prefix.is_prefix_config(config) and config.prefix_projection):
         return config
     if is_trainable:
@@ -155,9 +171,14 @@ def _peft_tensors(model: Any, adapter_name: str, live: bool = False) -> dict[str
     """PEFT's keys -> this adapter's tensors (the parameters themselves when `live`, else
     contiguous detached copies for the file)."""
     config = model.peft_config[adapter_name]
-    if isinstance(config, PromptEncoderConfig):
-        raise ValueError(f"adapter {adapter_name!r}: save_pretrained / from_pretrained of a P-tuning adapter is not "
-                         "supported; use save_checkpoint / load_checkpoint")
+    if isinstance(config, PromptEncoderConfig):  # saving only: from_pretrained loads the rows as a table
+        if live:
+            raise ValueError(f"adapter {adapter_name!r}: a P-tuning encoder cannot be loaded from PEFT's file (it "
+                             "holds the encoder's output); from_pretrained loads it as a frozen table")
+        encoder = prompt.prompt_module(model.model).params(adapter_name)
+        dtype = encoder["embedding.weight"].dtype
+        return {prompt.PEFT_KEY: p_tuning.encoded_rows(config, {k: v.detach().cpu() for k, v in encoder.items()})
+                .to(dtype).contiguous()}
     if prefix.is_prefix_config(config):  # saving only: loading slices the table per rank
         return {prompt.PEFT_KEY: prefix.peft_prompt_embeddings(model.model, adapter_name)}
     if prompt.is_prompt_config(config):

@@ -217,6 +217,39 @@ def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torc
             "state": sorted(adapter.adapter_state_dict())}
 
 
+def p_tuning_pretrained_job(hf_dir: str, tp: int, sp: bool, out_dir: str | None, peft_dir: str, ids: torch.Tensor,
+                            fields: dict, state: dict) -> dict:
+    """At TP=1 save_pretrained of the P-tuning model with its encoder set to `state` (one directory
+    per rank); at any TP a fresh model from_pretrained from a directory PEFT itself wrote: logits of
+    both, the loaded adapter's config and trainable count, and what is_trainable=True says."""
+    import torch.distributed as dist
+
+    from parallel_adapters import AdapterModel, PromptEncoderConfig
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+
+    adapter, groups, settings = _prompted(hf_dir, tp, 1, sp, config=PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL,
+                                                                                         **fields))
+    adapter.model.prompt_tuning.prompt_embeddings["default"].load_state_dict(state)
+    mine = None
+    if out_dir is not None:
+        mine = f"{out_dir}/rank{dist.get_rank()}"
+        adapter.save_pretrained(mine)
+    model = build_gpt(settings, init_weights=False)
+    import_hf_checkpoint(model, hf_dir, groups)
+    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
+    try:
+        AdapterModel.from_pretrained(build_gpt(settings, init_weights=False), peft_dir, groups=groups,
+                                     is_trainable=True)
+        trainable_load = ""
+    except ValueError as exc:
+        trainable_load = str(exc)
+    with torch.no_grad():
+        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
+                "config": type(loaded.peft_config["default"]).__name__, "trainable_load": trainable_load,
+                "trainable": sum(p.requires_grad for p in loaded.parameters())}
+
+
 def p_tuning_save_job(hf_dir: str, ckpt_dir: str, ids: torch.Tensor, fields: dict, state: dict) -> torch.Tensor:
     """TP=2 + SP P-tuning with the encoder set to `state`: logits, then save_checkpoint."""
     from parallel_adapters import PromptEncoderConfig

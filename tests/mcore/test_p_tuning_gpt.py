@@ -6,6 +6,7 @@ values: logits over all n + T positions, the loss (labels extended with -100) an
 tensor's gradient, fp32 within 1e-5 (absolute), at TP=1, TP=2 without and with sequence parallelism
 (where each rank uses only its chunk's rows and finalize_grads sums the encoder's partial
 gradients) and PP=2 (the encoder on the first stage, the logits and loss on the last).
+save_pretrained / from_pretrained exchange directories with PEFT's own, both ways (logits, 1e-5).
 """
 import pytest
 import torch
@@ -115,3 +116,42 @@ def test_peft_loads_the_export_and_reproduces_the_megatron_logits(pool2, tiny, p
     peft_model = PeftModel.from_pretrained(model, out).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=IDS).logits.float(), logits, atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_and_from_pretrained_speak_peft(pool2, tiny, peft_reference, tmp_path):
+    """PEFT's save_pretrained directory (the encoder's output as `prompt_embeddings`) loads into
+    Megatron at TP=1 and TP=2 + SP with PEFT's logits: frozen, as the table PEFT's inference mode
+    prepends (a trainable load is refused, naming why, as PEFT refuses it).  Ours (TP=1, the rows
+    our encoder computes) loads into PEFT's from_pretrained with our logits."""
+    import json
+
+    from peft import PeftModel
+    from peft import PromptEncoderConfig as PeftPromptEncoderConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fields, state = peft_reference["fields"], peft_reference["state"]
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    written = get_peft_model(hf, PeftPromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, **fields))
+    with torch.no_grad():
+        written.prompt_encoder["default"].load_state_dict({k: v.flip(0) * 0.7 for k, v in state.items()})
+        expected = written(input_ids=IDS).logits.float()
+    written.save_pretrained(tmp_path / "by_peft")
+    for tp, sp, out in ((1, False, str(tmp_path / "ours")), (2, True, None)):
+        for r in pool2.run(prompt_jobs.p_tuning_pretrained_job, str(tiny), tp, sp, out, str(tmp_path / "by_peft"),
+                           IDS, fields, state):
+            torch.testing.assert_close(r["loaded"], expected, atol=1e-5, rtol=0)  # PEFT's files into Megatron
+            assert r["trainable"] == 0 and r["config"] == "PromptTuningConfig"
+            assert "holds the encoder's output" in r["trainable_load"]
+            if out is None:
+                continue
+            torch.testing.assert_close(r["saved"], peft_reference["runs"][12]["logits"], atol=1e-5, rtol=0)
+            config = json.loads((tmp_path / "ours" / "rank0" / "adapter_config.json").read_text())
+            assert config["peft_type"] == "P_TUNING" and {k: config[k] for k in fields} == fields
+            fresh = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+            peft_model = PeftModel.from_pretrained(fresh, r["dir"]).eval()  # ours into PEFT
+            assert not hasattr(peft_model.prompt_encoder["default"], "mlp_head")  # inference mode: the table
+            with torch.no_grad():
+                ours = peft_model(input_ids=IDS).logits.float()
+            assert (ours - expected).abs().max() > 1e-2  # the two directories hold different prompts
+            torch.testing.assert_close(ours, r["saved"], atol=1e-5, rtol=0)
