@@ -36,6 +36,8 @@ before any data-parallel reduction or norm.
   accumulated and so before any DeepSpeed hook): that costs ONE ALL-REDUCE PER REPLICATED FACTOR PER
   MICRO-BATCH (e.g. 8 for 2 layers x 4 adapted linears) instead of one per step.  `tp_sum="hooks"`
   forces it (tested with ZeRO-2 at TP=2 x DP=2, and at TP=2 + SP with a norm in modules_to_save).
+  It needs one micro-batch per rank per step (each backward is a DeepSpeed step boundary there, so
+  several would not add up); more are refused.
 * The Megatron groups go to DeepSpeed as `mpu` through `MegatronMpu` (megatron-core dropped the
   `get_model_parallel_*` names DeepSpeed calls).  Without an mpu DeepSpeed would treat every rank
   as data parallel and SILENTLY overwrite every TP shard with rank 0's at initialisation.
@@ -262,7 +264,7 @@ class DeepSpeedEngine:
     computes_grad_norm = False
 
     def __init__(self, model: AdapterModel, lr: float, weight_decay: float, ds_config: dict,
-                 tp_sum: str = "auto"):
+                 tp_sum: str = "auto", micro_batches: int = 1):
         if tp_sum not in TP_SUM_MODES:
             raise ValueError(f"tp_sum must be one of {TP_SUM_MODES}, got {tp_sum!r}")
         deepspeed = _prepare_deepspeed_import(on_cpu=not torch.cuda.is_available())
@@ -282,6 +284,10 @@ class DeepSpeedEngine:
         auto = "coalesce" if coalesce else "stage0" if self.stage == 0 else "hooks"
         self.tp_sum = auto if tp_sum == "auto" else tp_sum
         if self.tp_sum == "hooks":
+            if micro_batches > 1:  # each backward is a DeepSpeed step boundary here: micro-batches would not add up
+                raise ValueError(f"tp_sum='hooks' (DeepSpeed without coalesce_grad_reduction) needs one micro-batch "
+                                 f"per rank per step, this run has {micro_batches}: raise optim.micro_batch or "
+                                 "lower optim.global_batch")
             self._register_tp_sum_hooks()
         self._deepspeed = deepspeed
 
@@ -374,11 +380,13 @@ def deepspeed_classes() -> tuple[dict[str, type], tuple[type, ...]]:
 
 
 def build_engine(model: AdapterModel, lr: float, weight_decay: float, grad_clip: float,
-                 deepspeed_json: str | None, micro_batch: int, tp_sum: str = "auto") -> TorchEngine | DeepSpeedEngine:
-    """The torch engine, or DeepSpeed from `deepspeed_json` (see `deepspeed_config`)."""
+                 deepspeed_json: str | None, micro_batch: int, tp_sum: str = "auto",
+                 micro_batches: int = 1) -> TorchEngine | DeepSpeedEngine:
+    """The torch engine, or DeepSpeed from `deepspeed_json` (see `deepspeed_config`); `micro_batch`
+    samples per rank per step, in `micro_batches` backward passes."""
     if deepspeed_json is None:
         return TorchEngine(model, lr, weight_decay, grad_clip)
     check_deepspeed_layout(model.groups.pp_size)
     data = load_deepspeed_json(deepspeed_json)
     config = deepspeed_config(data, micro_batch, model.groups.dp_size, grad_clip, deepspeed_json)
-    return DeepSpeedEngine(model, lr, weight_decay, config, tp_sum=tp_sum)
+    return DeepSpeedEngine(model, lr, weight_decay, config, tp_sum=tp_sum, micro_batches=micro_batches)

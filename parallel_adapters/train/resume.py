@@ -53,7 +53,7 @@ def engine_arguments(config: RunConfig, layout: Layout) -> dict[str, Any]:
     """train.engine.build_engine's keyword arguments from the run config (pure)."""
     o = config.optim
     return dict(lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip, deepspeed_json=config.deepspeed,
-                micro_batch=layout.micro_batch * layout.accumulation)
+                micro_batch=layout.micro_batch * layout.accumulation, micro_batches=layout.accumulation)
 
 
 def _check_same_engine(extra: dict, engine: str, config: RunConfig, resume_from: Path) -> None:

@@ -103,6 +103,14 @@ def test_hook_fallback_sums_sequence_parallel_modules_to_save(pool2, tmp_path):
         torch.testing.assert_close(tensor, ref["full"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_hook_fallback_refuses_several_micro_batches_per_step(pool2):
+    """Under tp_sum='hooks' every backward is a DeepSpeed step boundary (gradient_accumulation_steps
+    1), so a rank's micro-batches would not add up under ZeRO-2: refused, naming the numbers.
+    DP 2 with global batch 4 and micro batch 1: two micro-batches per rank per step."""
+    with pytest.raises(JobFailed, match=r"tp_sum='hooks'.*one micro-batch per rank per step, this run has 2"):
+        pool2.run(train_job, [f"deepspeed={ZERO[2]}", "optim.micro_batch=1"], None, "hooks")
+
+
 def test_bfloat16_base_at_tp2_trains_float32_adapters_close_to_the_float32_reference(pool2, reference):
     """model.dtype=bfloat16: the base and activations in bf16 (TP=2, sequence parallel), the
     adapters float32.  Same data and init as the fp32 world-1 reference: the losses agree to bf16
