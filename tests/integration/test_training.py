@@ -14,10 +14,6 @@ DeepSpeed pickles: torch.save/torch.load raise during those runs).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ import torch
 
 from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
 from tests.harness.pool import JobFailed
-from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
+from tests.integration.train_jobs import ZERO, full_tensors, train_job, world_size_one_reference
 
 VARIANTS = {  # name: (pool fixture, overrides, DeepSpeed TP-sum mechanism)
     "tp2_sequence_parallel": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true"], "auto"),
@@ -43,24 +39,9 @@ VARIANTS = {  # name: (pool fixture, overrides, DeepSpeed TP-sum mechanism)
 CLIP = 0.5  # optim.grad_clip in train_jobs.BASE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("reference") / "reference.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", "[]", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ref = torch.load(out, weights_only=True)
-    assert ref["losses"][-1] < ref["losses"][0] - 1e-2, "the reference must actually train"
-    assert ref["grad_norms"][0] > CLIP, "grad-norm clipping must be active for the comparison to cover it"
-    return ref
+    return world_size_one_reference([], tmp_path_factory.mktemp("reference") / "reference.pt", CLIP, min_drop=1e-2)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
