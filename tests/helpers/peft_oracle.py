@@ -7,6 +7,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
+
+
+class Two(nn.Module):
+    """The kind tests' base: q_proj (in_f -> out_f), tanh, v_proj (out_f -> in_f), PEFT's target names."""
+
+    def __init__(self, in_f: int = 16, out_f: int = 12, v_bias: bool = True):
+        super().__init__()
+        self.q_proj = nn.Linear(in_f, out_f)
+        self.v_proj = nn.Linear(out_f, in_f, bias=v_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, name: str, tol: float = 1e-6) -> None:

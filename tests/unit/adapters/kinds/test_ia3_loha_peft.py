@@ -9,25 +9,14 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
+from tests.helpers.peft_oracle import Two, check_outputs_and_gradients, close, copy_into_peft
 from parallel_adapters import IA3Config, LoHaConfig, ParallelGroups, get_adapter_model
 
 peft = pytest.importorskip("peft")
 
 IN_F, OUT_F, R = 16, 12, 4
 NAMES = ("q_proj", "v_proj")
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(IN_F, OUT_F)
-        self.v_proj = nn.Linear(OUT_F, IN_F)
-
-    def forward(self, x):
-        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 def _configs(kind):
