@@ -34,10 +34,8 @@ aligned per singular pair: PEFT keeps LAPACK's signs).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -364,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     from benchmarks import bench_layers as bl
 
-    started, load_start = time.monotonic(), os.getloadavg()
+    started, load_start = time.monotonic(), bl.load_average()
     shapes = layer_shapes(args.hidden, args.ffn, args.heads, args.kv_heads)
     dims = dict(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads)
     methods = {}
@@ -389,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "PiSSA init: parallel_adapters at TP=2 on gloo vs PEFT on the full matrices (one process)",
         "metadata": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
-            "versions": bl._versions(), "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1_5_15_start": [round(x, 2) for x in load_start],
-            "load_average_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
+            **bl.run_metadata(load_start), "load_average_1_5_15_end": bl.load_average(),
             "shapes": {n: list(s) for n, s in shapes.items()}, "r": args.r, "lora_alpha": args.alpha,
             "dtype": "float32", "tensor_parallel": TP, "backend": "gloo", "threads_per_rank": 1,
             "peft_threads": args.peft_threads,
@@ -418,10 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
     result["markdown_table"] = table = markdown_table(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    bl.write_result(args.out, result)
     print(table)
     print(f"load average start {result['metadata']['load_average_1_5_15_start']} "
           f"end {result['metadata']['load_average_1_5_15_end']}")

@@ -569,6 +569,32 @@ def _versions() -> dict:
     return out
 
 
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_metadata(load_start: list[float]) -> dict:
+    """What every benchmark result's metadata opens with: when, the command, the versions, the
+    machine and its load average when the run started (`load_average()` then)."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
+        "versions": _versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_start": load_start,
+    }
+
+
+def write_result(path: str, result: dict) -> None:
+    """The result as indented JSON at `path` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "layers.json"))
@@ -618,13 +644,7 @@ def _new_result(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "adapter layers: frozen base vs parallel_adapters LoRA and DoRA vs PEFT LoraParallelLinear",
         "metadata": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
-            "versions": _versions(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1_5_15_start": [round(x, 2) for x in os.getloadavg()],
+            **run_metadata(load_average()),
             "ranks": TP, "tensor_parallel": TP, "backend": "gloo", "threads_per_rank": 1,
             "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
             "timing": "step time = per repeat the slower rank's forward+backward wall time (barrier "
@@ -712,11 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
     result["markdown_table"] = table = markdown_table(result)
     result["kind_table"] = kinds = kind_table(result)
-    result["metadata"]["load_average_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    result["metadata"]["load_average_1_5_15_end"] = load_average()
+    write_result(args.out, result)
     print(table)
     print(kinds)
     for size in result["sizes"]:

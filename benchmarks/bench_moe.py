@@ -28,11 +28,9 @@ bench_layers.py runs the same measurement as its MoE row (`--moe`, `--moe-only`)
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PYTHONWARNINGS", "ignore:Transformer Engine and Apex are not installed")
     started = time.monotonic()
-    load_start = os.getloadavg()
+    load_start = bl.load_average()
     shape = moe_shape(hidden=args.hidden, experts=args.experts, topk=args.topk, expert_ffn=args.expert_ffn,
                       heads=args.heads, query_groups=args.query_groups, seq=args.seq, batch=args.batch, r=args.r)
     with WorkerPool(2) as pool:
@@ -236,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "MoE layer: frozen base vs parallel_adapters expert LoRA, EP=2 on gloo",
         "metadata": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
-            "versions": bl._versions(), "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "load_average_1_5_15_start": [round(x, 2) for x in load_start],
-            "load_average_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
+            **bl.run_metadata(load_start), "load_average_1_5_15_end": bl.load_average(),
             "ranks": 2, "tensor_parallel": 1, "expert_parallel": EP, "data_parallel": 2,
             "expert_data_parallel": 1, "token_dispatcher": "allgather", "backend": "gloo",
             "threads_per_rank": 1, "dtype": "float32", "warmup": args.warmup, "repeats": args.repeats,
@@ -260,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["metadata"]["runtime_s"] = round(time.monotonic() - started, 1)
     result["markdown_table"] = table = markdown_table(size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    bl.write_result(args.out, result)
     print(table)
     print(f"ratios {json.dumps(size['ratios'])}")
     print(f"load average start {result['metadata']['load_average_1_5_15_start']} "

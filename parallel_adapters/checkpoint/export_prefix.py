@@ -18,8 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from parallel_adapters.adapters.prefix_encoder import PEFT_KEY, encoded_table, peft_config_fields, peft_table
-from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
-from parallel_adapters.checkpoint.finite import check_tensor
+from parallel_adapters.checkpoint.export_prompt_learning import adapter_keys, read_checked, write_peft_files
 from parallel_adapters.hf.config import LlamaShape
 
 KIND_NAME = "prefix_tuning"
@@ -45,29 +44,13 @@ def refuse_merge(config: Mapping[str, Any] | None, source: object) -> None:
 
 def prefix_keys(names: list[str], adapter_name: str | None) -> dict[str, str]:
     """{tensor name under the adapter: checkpoint key} of the prefix adapter to export."""
-    found: dict[str, dict[str, str]] = {}
-    for key in names:
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"cannot export {key!r}: not a prefix-tuning tensor "
-                             "(prefix_tuning.<adapter>.layers.<l>.weight or .encoder.<tensor>)")
-        found.setdefault(m.group("adapter"), {})[m.group("tensor")] = key
-    if adapter_name is not None:
-        if adapter_name not in found:
-            raise ValueError(f"no prefix of adapter {adapter_name!r} (have {sorted(found)})")
-        return found[adapter_name]
-    if len(found) != 1:
-        raise ValueError(f"the tensors hold prefixes {sorted(found)}: pass adapter_name" if found
-                         else "no prefix-tuning tensor to export")
-    return next(iter(found.values()))
+    return adapter_keys(names, adapter_name, _KEY, "prefix-tuning",
+                        "prefix_tuning.<adapter>.layers.<l>.weight or .encoder.<tensor>", "prefix", "prefixes")
 
 
 def _table(keys: Mapping[str, str], read: Callable[[str], torch.Tensor], shape: LlamaShape,
            options: Any) -> torch.Tensor:
-    tensors = {name: read(key).detach() for name, key in keys.items()}
-    if not options.allow_nonfinite:
-        for name, tensor in tensors.items():
-            check_tensor(keys[name], tensor, "export")
+    tensors = read_checked(keys, read, options.allow_nonfinite)
     if all(name.startswith("encoder.") for name in tensors):
         encoder = {name[len("encoder."):]: t for name, t in tensors.items()}
         return encoded_table(encoder, shape.num_layers).to(encoder["embedding.weight"].dtype)
@@ -91,12 +74,4 @@ def write_prefix_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], 
     config = peft_config_fields(adapter_config, tuple(table.shape), shape.num_kv_heads, shape.num_layers,
                                 options.base_model_name_or_path)
     tensor = table.to(options.dtype or table.dtype).contiguous()
-    writer = SafetensorsWriter(tmp / weights_file, [(PEFT_KEY, tensor.dtype, tuple(tensor.shape))],
-                               metadata={"format": "pt"}, checksum=False)
-    try:
-        writer.write(PEFT_KEY, tensor)
-        writer.close()
-    except BaseException:
-        writer.discard()
-        raise
-    write_json(tmp / config_file, config)
+    write_peft_files(tmp, weights_file, config_file, PEFT_KEY, tensor, config)

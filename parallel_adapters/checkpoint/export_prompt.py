@@ -20,8 +20,7 @@ import torch
 
 from parallel_adapters.adapters.prompt import KIND_NAME, PEFT_KEY as PEFT_PROMPT_KEY, TENSOR_PREFIX, peft_config_fields
 from parallel_adapters.adapters.p_tuning import encoded_rows
-from parallel_adapters.checkpoint.files import SafetensorsWriter, write_json
-from parallel_adapters.checkpoint.finite import check_tensor
+from parallel_adapters.checkpoint.export_prompt_learning import adapter_keys, read_checked, write_peft_files
 from parallel_adapters.config import PromptEncoderConfig
 from parallel_adapters.hf.config import LlamaShape
 
@@ -51,20 +50,8 @@ def refuse_merge(config: Mapping[str, Any] | None, source: object) -> None:
 def prompt_keys(names: list[str], adapter_name: str | None) -> dict[str, str]:
     """{tensor name under the adapter ("weight", or P-tuning's encoder tensors): checkpoint key} of
     the prompt adapter to export; ValueError naming what is there otherwise."""
-    found: dict[str, dict[str, str]] = {}
-    for key in names:
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"cannot export {key!r}: not a prompt-tuning tensor ({TENSOR_PREFIX}<adapter>.<tensor>)")
-        found.setdefault(m.group("adapter"), {})[m.group("tensor")] = key
-    if adapter_name is not None:
-        if adapter_name not in found:
-            raise ValueError(f"no prompt of adapter {adapter_name!r} (have {sorted(found)})")
-        return found[adapter_name]
-    if len(found) != 1:
-        raise ValueError(f"the tensors hold prompts {sorted(found)}: pass adapter_name" if found
-                         else "no prompt-tuning tensor to export")
-    return next(iter(found.values()))
+    return adapter_keys(names, adapter_name, _KEY, "prompt-tuning", f"{TENSOR_PREFIX}<adapter>.<tensor>",
+                        "prompt", "prompts")
 
 
 def peft_prompt_config(adapter_config: Mapping[str, Any], hf_config: Mapping[str, Any], prompt_shape: tuple,
@@ -81,10 +68,7 @@ def _rows(keys: Mapping[str, str], read: Callable[[str], torch.Tensor], adapter_
           options: Any) -> torch.Tensor:
     """The n rows PEFT saves: the trained table, or P-tuning's encoder output (in float64, cast to
     the encoder's dtype), after the finite check of what the checkpoint holds."""
-    tensors = {name: read(key).detach() for name, key in keys.items()}
-    if not options.allow_nonfinite:
-        for name, tensor in tensors.items():
-            check_tensor(keys[name], tensor, "export")
+    tensors = read_checked(keys, read, options.allow_nonfinite)
     if adapter_config.get("peft_type") != "P_TUNING":
         if set(tensors) != {"weight"}:
             raise ValueError(f"a prompt-tuning adapter holds one table, got {sorted(keys.values())}")
@@ -113,13 +97,4 @@ def write_prompt_export(meta: Mapping[str, torch.Tensor], read: Callable[[str], 
     config = peft_prompt_config(adapter_config, hf_cfg, tuple(rows.shape), options.base_model_name_or_path)
     if adapter_config.get("peft_type") == "P_TUNING":
         config = _p_tuning_fields(adapter_config, config)
-    tensor = rows.to(options.dtype or rows.dtype)
-    writer = SafetensorsWriter(tmp / weights_file, [(PEFT_PROMPT_KEY, tensor.dtype, tuple(tensor.shape))],
-                               metadata={"format": "pt"}, checksum=False)
-    try:
-        writer.write(PEFT_PROMPT_KEY, tensor)
-        writer.close()
-    except BaseException:
-        writer.discard()
-        raise
-    write_json(tmp / config_file, config)
+    write_peft_files(tmp, weights_file, config_file, PEFT_PROMPT_KEY, rows.to(options.dtype or rows.dtype), config)

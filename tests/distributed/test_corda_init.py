@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.test_decomposition_init import planted
+from tests.distributed.test_decomposition_init import planted, planted_tp_linear
 
 TOL = 1e-6
 R, ALPHA, SEQ, NSEQ = 3, 6, 8, 5
@@ -50,9 +50,6 @@ def dense_corda(w, x, r, method, s):
 
 
 def corda_job(mode, sp, method, record=False, dp=False):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.config import CordaConfig, lora_scaling
     from parallel_adapters.distributed.sharding import ShardSpec
@@ -64,19 +61,7 @@ def corda_job(mode, sp, method, record=False, dp=False):
     groups = initialize_model_parallel(tp, 1)
     rank = groups.tp_rank
     out_f, in_f = SHAPES[mode]
-    config = TransformerConfig(num_layers=1, hidden_size=in_f, num_attention_heads=4, use_cpu_initialization=True,
-                               params_dtype=torch.float64, sequence_parallel=sp, gradient_accumulation_fusion=False,
-                               tensor_model_parallel_size=tp)
-    w = planted(out_f, in_f)
-    zeros = torch.nn.init.zeros_
-    w_spec = ShardSpec(dim=0 if mode == "column" else 1)
-    if mode == "column":
-        base = ColumnParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, gather_output=False)
-    else:
-        base = RowParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, input_is_parallel=True,
-                                 skip_bias_add=False)
-    with torch.no_grad():
-        base.weight.copy_(w_spec.shard(w, rank, tp))
+    base, w, w_spec = planted_tp_linear(mode, out_f, in_f, tp, sp, rank)
     x = calibration(in_f)
 
     def local(batch):  # [b, S, I] -> this rank's Megatron input [S(/t), b, I(/t)]
@@ -111,25 +96,10 @@ def corda_job(mode, sp, method, record=False, dp=False):
 
 
 def _recorded(fn):
-    received = []
-    originals = dist.all_reduce, dist.all_gather_into_tensor
+    from tests.harness import counting
 
-    def all_reduce(tensor, *args, **kwargs):
-        received.append(("all_reduce", tuple(tensor.shape)))
-        return originals[0](tensor, *args, **kwargs)
-
-    def all_gather(output, tensor, *args, **kwargs):
-        received.append(("all_gather", tuple(output.shape)))
-        return originals[1](output, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
-    try:
-        from tests.harness import counting
-
-        with counting.counted() as calls:
-            fn()
-    finally:
-        dist.all_reduce, dist.all_gather_into_tensor = originals
+    with counting.received() as received, counting.counted() as calls:
+        fn()
     return received, dict(calls.calls)
 
 

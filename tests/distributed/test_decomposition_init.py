@@ -48,10 +48,35 @@ def dense_olora(w, r):
     return (rr * d[:, None])[:r], (q * d)[:, :r]
 
 
-def init_job(mode, tp, sp, init):
+def tp_linear(mode, out_f, in_f, tp, sp=False):
+    """Megatron's ColumnParallelLinear ("column") or RowParallelLinear ("row") of W [out_f, in_f] at
+    TP `tp`: float64, no bias, the weight zero (a job copies its shard in)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
+    config = TransformerConfig(num_layers=1, hidden_size=in_f, num_attention_heads=4, use_cpu_initialization=True,
+                               params_dtype=torch.float64, sequence_parallel=sp, gradient_accumulation_fusion=False,
+                               tensor_model_parallel_size=tp)
+    zeros = torch.nn.init.zeros_
+    if mode == "column":
+        return ColumnParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, gather_output=False)
+    return RowParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, input_is_parallel=True,
+                             skip_bias_add=False)
+
+
+def planted_tp_linear(mode, out_f, in_f, tp, sp, rank):
+    """(tp_linear holding this rank's shard of planted(out_f, in_f), that W, its ShardSpec)."""
+    from parallel_adapters.distributed.sharding import ShardSpec
+
+    w = planted(out_f, in_f)
+    base = tp_linear(mode, out_f, in_f, tp, sp)
+    w_spec = ShardSpec(dim=0 if mode == "column" else 1)
+    with torch.no_grad():
+        base.weight.copy_(w_spec.shard(w, rank, tp))
+    return base, w, w_spec
+
+
+def init_job(mode, tp, sp, init):
     from parallel_adapters import LoraConfig, get_adapter_model
     from parallel_adapters.adapters import functional as lf
     from parallel_adapters.config import decomposition_init, lora_scaling
@@ -64,19 +89,7 @@ def init_job(mode, tp, sp, init):
     groups = initialize_model_parallel(tp, 1)
     rank = groups.tp_rank
     out_f, in_f = SHAPES[mode]
-    config = TransformerConfig(num_layers=1, hidden_size=in_f, num_attention_heads=4, use_cpu_initialization=True,
-                               params_dtype=torch.float64, sequence_parallel=sp, gradient_accumulation_fusion=False,
-                               tensor_model_parallel_size=tp)
-    w = planted(out_f, in_f)
-    zeros = torch.nn.init.zeros_
-    w_spec = ShardSpec(dim=0 if mode == "column" else 1)
-    if mode == "column":
-        base = ColumnParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, gather_output=False)
-    else:
-        base = RowParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, input_is_parallel=True,
-                                 skip_bias_add=False)
-    with torch.no_grad():
-        base.weight.copy_(w_spec.shard(w, rank, tp))
+    base, w, w_spec = planted_tp_linear(mode, out_f, in_f, tp, sp, rank)
     x = torch.randn(SEQ, BATCH, in_f, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     x_in = (ShardSpec(dim=0).shard(x, rank, tp) if sp else x) if mode == "column" else ShardSpec(dim=2).shard(x, rank, tp)
     y_full = x @ w.T  # the base's output before init
@@ -148,31 +161,17 @@ def traffic_job(mode, init):
     spec = ShardSpec(dim=0 if mode == "column" else 1)
     w_local = spec.shard(w, rank, t).clone()
     in_index = (ShardSpec(dim=0) if mode == "row" else ShardSpec()).shard(torch.arange(in_f), rank, t)
-    received = []
-    all_reduce, all_gather = dist.all_reduce, dist.all_gather_into_tensor
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        received.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    def recording_all_gather(output, tensor, *args, **kwargs):
-        received.append(output.numel())
-        return all_gather(output, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather_into_tensor = recording_all_reduce, recording_all_gather
-    try:
-        with counting.counted() as calls:
-            name, niter = decomposition_init(init)
-            if name == "olora":
-                olora.olora_factors(w_local, mode, R, in_index, None)
-                iterations, b = 0, R
-            else:
-                generator = torch.Generator().manual_seed(lf.factor_seed(0, "x"))
-                _, _, report = pissa.pissa_factors(w_local, mode, R, 2.0, niter, generator, in_index, None)
-                iterations, b = report.iterations, svd.block_size(R, in_f if mode == "row" else out_f,
-                                                                   out_f if mode == "row" else in_f, niter)
-    finally:
-        dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
+    with counting.received() as records, counting.counted() as calls:
+        name, niter = decomposition_init(init)
+        if name == "olora":
+            olora.olora_factors(w_local, mode, R, in_index, None)
+            iterations, b = 0, R
+        else:
+            generator = torch.Generator().manual_seed(lf.factor_seed(0, "x"))
+            _, _, report = pissa.pissa_factors(w_local, mode, R, 2.0, niter, generator, in_index, None)
+            iterations, b = report.iterations, svd.block_size(R, in_f if mode == "row" else out_f,
+                                                               out_f if mode == "row" else in_f, niter)
+    received = counting.numels(records)
     return received, dict(calls.calls), iterations, b, w_local.numel()
 
 

@@ -145,23 +145,9 @@ def traffic_job(mode, iters):
     w = _weight(out_f, in_f)
     w_local = ShardSpec(dim=0 if mode == "column" else 1).shard(w, rank, t).clone()
     in_index = (ShardSpec(dim=0) if mode == "row" else ShardSpec()).shard(torch.arange(in_f), rank, t)
-    received = []
-    all_reduce, all_gather = dist.all_reduce, dist.all_gather_into_tensor
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        received.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    def recording_all_gather(output, tensor, *args, **kwargs):
-        received.append(output.numel())
-        return all_gather(output, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather_into_tensor = recording_all_reduce, recording_all_gather
-    try:
-        with counting.counted() as calls:
-            result = loftq.loftq_factors(w_local, mode, R, 4, iters, torch.Generator().manual_seed(0), in_index, None)
-    finally:
-        dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
+    with counting.received() as records, counting.counted() as calls:
+        result = loftq.loftq_factors(w_local, mode, R, 4, iters, torch.Generator().manual_seed(0), in_index, None)
+    received = counting.numels(records)
     n, m = (in_f, out_f) if mode == "column" else (out_f, in_f)
     return received, dict(calls.calls), result.iterations, svd.block_size(R, m, n, None), n, w_local.numel()
 

@@ -15,8 +15,8 @@ split new factor with svd_clamp), decompose/lowrank.py's bound.
 """
 import pytest
 import torch
-import torch.distributed as dist
 
+from tests.distributed.test_decomposition_init import tp_linear
 from tests.harness import counting
 
 TOL = 1e-6
@@ -40,45 +40,20 @@ def _configs(combination_type):
 
 
 def weighted_job(mode, tp, combination_type, kw):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-
     from parallel_adapters import get_adapter_model
     from parallel_adapters.mcore.compat import initialize_model_parallel
     from tests.distributed.test_lora_layers import _Host
 
     groups = initialize_model_parallel(tp, 1)
     out_f, in_f = SHAPES[mode]
-    config = TransformerConfig(num_layers=1, hidden_size=in_f, num_attention_heads=4, use_cpu_initialization=True,
-                               params_dtype=torch.float64, gradient_accumulation_fusion=False,
-                               tensor_model_parallel_size=tp)
-    zeros = torch.nn.init.zeros_
-    if mode == "column":
-        base = ColumnParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, gather_output=False)
-    else:
-        base = RowParallelLinear(in_f, out_f, config=config, init_method=zeros, bias=False, input_is_parallel=True,
-                                 skip_bias_add=False)
+    base = tp_linear(mode, out_f, in_f, tp)
     one, two = _configs(combination_type)
     model = get_adapter_model(_Host(base), one, "one", groups=groups)
     model.add_adapter("two", two)
     layer = model.model.proj
-    received = []
-    all_reduce, all_gather = dist.all_reduce, dist.all_gather_into_tensor
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        received.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    def recording_all_gather(output, tensor, *args, **kwargs):
-        received.append(output.numel())
-        return all_gather(output, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather_into_tensor = recording_all_reduce, recording_all_gather
-    try:
-        with counting.counted() as calls:
-            model.add_weighted_adapter(["one", "two"], WEIGHTS, "mix", combination_type=combination_type, **kw)
-    finally:
-        dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
+    with counting.received() as records, counting.counted() as calls:
+        model.add_weighted_adapter(["one", "two"], WEIGHTS, "mix", combination_type=combination_type, **kw)
+    received = counting.numels(records)
     shards = {f"{t}.{n}": getattr(layer, t)[n].weight.detach().clone()
               for t in ("lora_A", "lora_B") for n in ("one", "two", "mix")}
     return shards, layer.scaling["mix"], received, dict(calls.calls), layer.weight.numel()

@@ -54,12 +54,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import sys
 import threading
 import warnings
 from typing import Any, Callable, Iterator
 
-__all__ = ["COUNTED_NAMES", "install", "installed", "reset", "snapshot", "counted", "Counted"]
+__all__ = ["COUNTED_NAMES", "install", "installed", "reset", "snapshot", "counted", "Counted", "received", "numels"]
 
 
 def _nbytes(t: Any) -> int:
@@ -279,3 +280,34 @@ def counted() -> Iterator[Counted]:
             d = v - before_b.get(n, 0)
             if d:
                 out.bytes[n] = d
+
+
+@contextlib.contextmanager
+def received() -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+    """("all_reduce" | "all_gather", shape) of the tensor this rank receives from every
+    `dist.all_reduce` / `dist.all_gather_into_tensor` called inside the block, in call order (for
+    the "no full matrix on the wire" checks).  Patches the `torch.distributed` attributes only,
+    so it sees the calls made through them; enter `counted()` inside it to count the same calls."""
+    import torch.distributed as dist
+
+    out: list[tuple[str, tuple[int, ...]]] = []
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather_into_tensor
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        out.append(("all_reduce", tuple(tensor.shape)))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def recording_all_gather(output, tensor, *args, **kwargs):
+        out.append(("all_gather", tuple(output.shape)))
+        return all_gather(output, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather_into_tensor = recording_all_reduce, recording_all_gather
+    try:
+        yield out
+    finally:
+        dist.all_reduce, dist.all_gather_into_tensor = all_reduce, all_gather
+
+
+def numels(records: list[tuple[str, tuple[int, ...]]]) -> list[int]:
+    """The element counts of `received()`'s records."""
+    return [math.prod(shape) for _, shape in records]

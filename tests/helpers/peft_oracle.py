@@ -7,6 +7,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
+
+
+class Two(nn.Module):
+    """The kind tests' base: q_proj (in_f -> out_f), tanh, v_proj (out_f -> in_f), PEFT's target names."""
+
+    def __init__(self, in_f: int = 16, out_f: int = 12, v_bias: bool = True):
+        super().__init__()
+        self.q_proj = nn.Linear(in_f, out_f)
+        self.v_proj = nn.Linear(out_f, in_f, bias=v_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, name: str, tol: float = 1e-6) -> None:
@@ -53,3 +66,22 @@ def check_outputs_and_gradients(ours, theirs, x: torch.Tensor) -> None:
     close(g_ours[0], g_theirs[0], "dx")
     for name, grad in zip(ours_names, g_ours[1:]):
         close(grad, theirs_by_name[name], name)
+
+
+def check_merge_and_unmerge(ours, theirs, x: torch.Tensor, names) -> tuple[dict, torch.nn.Module]:
+    """merge_adapter keeps the output, unmerge_adapter restores every base weight and bias exactly,
+    and merge_and_unload gives PEFT's merged weights and biases.  Returns ({name: (weight, bias)
+    before}, our merged plain model) for the kind's own checks."""
+    before = ours(x).detach()
+    w0 = {n: (getattr(ours.model, n).weight.clone(), getattr(ours.model, n).bias.clone()) for n in names}
+    ours.merge_adapter()
+    close(ours(x), before, "merged output")
+    ours.unmerge_adapter()
+    for n in names:
+        layer = getattr(ours.model, n)
+        assert torch.equal(layer.weight, w0[n][0]) and torch.equal(layer.bias, w0[n][1]), n
+    plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
+    for n in names:
+        close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
+        close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
+    return w0, plain

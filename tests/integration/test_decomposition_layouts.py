@@ -9,17 +9,11 @@ initial factors resharded (a model on the original base gives other logits).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.integration.test_training import _free_port
 from tests.integration.test_training_kinds import evaluate_job
-from tests.integration.train_jobs import REPO, ZERO, train_job
+from tests.integration.train_jobs import ZERO, train_job, world_size_one_reference
 
 CLIP = 0.1  # PiSSA's first grad norm is ~0.2: clipping must still be active
 PISSA = ["adapter.init_lora_weights=pissa_niter_4", f"optim.grad_clip={CLIP}"]
@@ -27,16 +21,7 @@ PISSA = ["adapter.init_lora_weights=pissa_niter_4", f"optim.grad_clip={CLIP}"]
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("reference_pissa") / "reference.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", json.dumps(PISSA),
-                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ref = torch.load(out, weights_only=True)
-    assert ref["losses"][-1] < ref["losses"][0] - 1e-3, "the reference must actually train"
-    assert ref["grad_norms"][0] > CLIP, "grad-norm clipping must be active"
-    return ref
+    return world_size_one_reference(PISSA, tmp_path_factory.mktemp("reference_pissa") / "reference.pt", CLIP)
 
 
 def _assert_matches(results: list[dict], reference: dict, layout: str, atol: float = 1e-5) -> None:

@@ -15,16 +15,12 @@ uninterrupted run (2 steps + checkpoint + a resumed run for 3 more, bit-exact); 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.harness.pool import JobFailed
-from tests.integration.test_training import _free_port
-from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
+from tests.integration.train_jobs import ZERO, full_tensors, kind_references, train_job
 
 KINDS = {
     "prompt_tuning": ["adapter.kind=prompt_tuning", "adapter.num_virtual_tokens=4", "optim.lr=0.05",
@@ -51,29 +47,9 @@ CASES = [(k, layout) for k in ("prompt_tuning", "p_tuning_lstm") for layout in (
     ("prefix_table", "tp2_sp_zero2"), ("prefix_mlp", "tp2_zero1"), ("prefix_mlp", "tp2_sp_pp2")]
 
 
-def _reference(kind: str, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp(f"reference_{kind}") / "reference.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference",
-                           json.dumps(KINDS[kind]), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ref = torch.load(out, weights_only=True)
-    assert ref["losses"][-1] < ref["losses"][0] - 1e-3, f"{kind}: the reference must actually train"
-    assert ref["grad_norms"][0] > CLIP[kind], f"{kind}: grad-norm clipping must be active"
-    return ref
-
-
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict:
-    cache: dict = {}
-
-    def get(kind: str) -> dict:
-        if kind not in cache:
-            cache[kind] = _reference(kind, tmp_path_factory)
-        return cache[kind]
-    return get
+def references(tmp_path_factory):
+    return kind_references(tmp_path_factory, KINDS, CLIP)
 
 
 @pytest.mark.parametrize("kind, layout", CASES)

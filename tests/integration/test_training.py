@@ -14,10 +14,6 @@ DeepSpeed pickles: torch.save/torch.load raise during those runs).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ import torch
 
 from parallel_adapters.checkpoint.outputs import OUTPUT_MARKER
 from tests.harness.pool import JobFailed
-from tests.integration.train_jobs import REPO, ZERO, full_tensors, train_job
+from tests.integration.train_jobs import ZERO, full_tensors, train_job, world_size_one_reference
 
 VARIANTS = {  # name: (pool fixture, overrides, DeepSpeed TP-sum mechanism)
     "tp2_sequence_parallel": ("pool2", ["parallel.tensor=2", "parallel.sequence_parallel=true"], "auto"),
@@ -43,28 +39,9 @@ VARIANTS = {  # name: (pool fixture, overrides, DeepSpeed TP-sum mechanism)
 CLIP = 0.5  # optim.grad_clip in train_jobs.BASE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _reference_run(out: Path, overrides: list[str]) -> dict:
-    """The world-size-1 run of BASE + overrides, in a subprocess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", json.dumps(overrides),
-                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out, weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    ref = _reference_run(tmp_path_factory.mktemp("reference") / "reference.pt", [])
-    assert ref["losses"][-1] < ref["losses"][0] - 1e-2, "the reference must actually train"
-    assert ref["grad_norms"][0] > CLIP, "grad-norm clipping must be active for the comparison to cover it"
-    return ref
+    return world_size_one_reference([], tmp_path_factory.mktemp("reference") / "reference.pt", CLIP, min_drop=1e-2)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -88,7 +65,7 @@ def test_hook_fallback_sums_sequence_parallel_modules_to_save(pool2, tmp_path):
     each TP rank's norm gradient covers only its slice of the sequence, so the hooks sum it over TP
     as finalize_grads does; the run matches world size 1 (unsummed, the ranks' norms drift apart)."""
     trained = ["adapter.modules_to_save=[final_layernorm]"]
-    ref = _reference_run(tmp_path / "reference.pt", trained)
+    ref = world_size_one_reference(trained, tmp_path / "reference.pt", CLIP)
     # one micro-batch per step: with several, this fallback loses all but the last under ZeRO-2
     # (DeepSpeed sees gradient_accumulation_steps 1), whatever the TP sum
     overrides = trained + ["parallel.tensor=2", "parallel.sequence_parallel=true", "optim.micro_batch=4",

@@ -14,15 +14,12 @@ gate/up: both chunks) and a row-sharded input vector (linear_fc2, feedforward) a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.integration.test_training import _assert_only_safetensors_and_json, _free_port
-from tests.integration.train_jobs import BASE, REPO, ZERO, _quiet, full_tensors, train_job
+from tests.integration.test_training import _assert_only_safetensors_and_json
+from tests.integration.train_jobs import BASE, ZERO, _quiet, full_tensors, kind_references, train_job
 
 TARGETS = "[linear_qkv,linear_proj,linear_fc1,linear_fc2]"
 KIND_OVERRIDES = {
@@ -51,29 +48,9 @@ CASES = [(k, layout) for k in KIND_OVERRIDES for layout in ("tp2_sp", "pp2", "dp
 CLIP = {"ia3": 0.01, "loha": 0.05, "lokr": 0.5}  # optim.grad_clip (train_jobs.BASE: 0.5)
 
 
-def _reference(kind: str, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp(f"reference_{kind}") / "reference.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference",
-                           json.dumps(KIND_OVERRIDES[kind]), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ref = torch.load(out, weights_only=True)
-    assert ref["losses"][-1] < ref["losses"][0] - 1e-3, f"{kind}: the reference must actually train"
-    assert ref["grad_norms"][0] > CLIP[kind], f"{kind}: grad-norm clipping must be active"
-    return ref
-
-
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict:
-    cache: dict = {}
-
-    def get(kind: str) -> dict:
-        if kind not in cache:
-            cache[kind] = _reference(kind, tmp_path_factory)
-        return cache[kind]
-    return get
+def references(tmp_path_factory):
+    return kind_references(tmp_path_factory, KIND_OVERRIDES, CLIP)
 
 
 @pytest.mark.parametrize("kind, layout", CASES)

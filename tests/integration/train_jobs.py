@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -111,6 +113,41 @@ def full_tensors(rank_results: list[dict]) -> dict[str, torch.Tensor]:
             pieces.setdefault(name, {})[res["ranks"]["tp"]] = local
             specs[name] = spec
     return {n: specs[n].unshard([p[i] for i in sorted(p)]) for n, p in pieces.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_one_reference(overrides: list[str], out: Path, clip: float, min_drop: float = 1e-3,
+                             label: str | None = None) -> dict:
+    """The oracle run (`reference_main` in a subprocess, world size 1) of `overrides`, loaded from
+    `out`; it must train (last loss below the first by `min_drop`) with grad-norm clipping active
+    (first grad norm above `clip`), or the comparison would not cover them."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.train_jobs", "reference", json.dumps(overrides),
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ref = torch.load(out, weights_only=True)
+    who = f"{label}: " if label else ""
+    assert ref["losses"][-1] < ref["losses"][0] - min_drop, f"{who}the reference must actually train"
+    assert ref["grad_norms"][0] > clip, f"{who}grad-norm clipping must be active"
+    return ref
+
+
+def kind_references(tmp_path_factory, overrides: dict[str, list[str]], clip: dict[str, float]):
+    """get(kind): the kind's world-size-1 reference, run once per module (a module-scoped fixture's value)."""
+    cache: dict = {}
+
+    def get(kind: str) -> dict:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"reference_{kind}") / "reference.pt"
+            cache[kind] = world_size_one_reference(overrides[kind], out, clip[kind], label=kind)
+        return cache[kind]
+    return get
 
 
 def reference_main(overrides_json: str, out: str) -> None:

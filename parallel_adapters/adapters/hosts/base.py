@@ -46,7 +46,28 @@ class _Holder(nn.Module):
         self.weight = nn.Parameter(tensor)
 
 
-class AdapterHost(nn.Module):
+class WrapsBase(nn.Module):
+    """Megatron / state-dict compatibility of a module standing in for `_base` (kept outside the
+    module tree, set by the subclass): the base's attributes and distributed-checkpoint entries."""
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self._base
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Megatron distributed checkpointing: the base's own entries (adapters use our format)."""
+        return self._base.sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_base" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_base"], name)
+
+
+class AdapterHost(WrapsBase):
     """Bookkeeping shared by all hosts: named adapters, their tensors and hyperparameters, merge state."""
 
     SLOTS: frozenset[str] = frozenset()
@@ -286,24 +307,6 @@ class AdapterHost(nn.Module):
     def forget_unmerge(self) -> None:
         """Drop the pre-merge copy (the merge becomes permanent)."""
         self._unmerged_weight = self._unmerged_bias = None
-
-    # -- Megatron / state-dict compatibility ----------------------------------------------------
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self._base
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Megatron distributed checkpointing: the base's own entries (adapters use our format)."""
-        return self._base.sharded_state_dict(prefix, sharded_offsets, metadata)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "_base" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_base"], name)
 
     def extra_repr(self) -> str:
         g = self.geometry

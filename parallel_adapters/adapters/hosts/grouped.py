@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from parallel_adapters.adapters.grouped_experts import grouped_lora_delta
-from parallel_adapters.adapters.hosts.base import AdapterHost
+from parallel_adapters.adapters.hosts.base import AdapterHost, WrapsBase
 from parallel_adapters.adapters.kinds.protocol import (
     INPUT_COLUMNS, LOCAL_ADDEND, PARTIAL_ADDEND, AdapterKind, AdapterSettings,
 )
@@ -147,7 +147,7 @@ class GroupedLinearHost(AdapterHost):
         return {}  # the fused base weight's entries come from GroupedExpertsHost
 
 
-class GroupedExpertsHost(nn.Module):
+class GroupedExpertsHost(WrapsBase):
     """Stands in for a GroupedMLP: its weights, the two adapter hosts, and its forward (see top)."""
 
     def __init__(self, base: nn.Module, fc1: GroupedLinearHost, fc2: GroupedLinearHost):
@@ -155,10 +155,6 @@ class GroupedExpertsHost(nn.Module):
         self.weight1, self.weight2 = base.weight1, base.weight2
         object.__setattr__(self, "_base", base)  # outside the module tree, as AdapterHost's base
         self.linear_fc1, self.linear_fc2 = fc1, fc2
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self._base
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         base = self._base
@@ -185,19 +181,6 @@ class GroupedExpertsHost(nn.Module):
             y = grouped_gmm(x, host.expert_view(), tokens_per_expert)
         delta = host.delta(x, tokens_per_expert)
         return y if delta is None else y + delta
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        return self._base.sharded_state_dict(prefix, sharded_offsets, metadata)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "_base" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_base"], name)
-
-
 
 
 def grouped_geometries(base: nn.Module, groups) -> tuple[LinearGeometry, LinearGeometry]:

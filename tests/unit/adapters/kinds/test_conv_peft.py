@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
+from tests.helpers.peft_oracle import (
+    check_merge_and_unmerge, check_outputs_and_gradients, close, copy_into_peft,
+)
 from parallel_adapters import IA3Config, LoHaConfig, LoKrConfig, ParallelGroups, get_adapter_model
 from parallel_adapters.adapters.hosts.embedding import Conv2dHost
 
@@ -100,20 +102,9 @@ def test_outputs_and_gradients_match_peft(case, monkeypatch):
 @pytest.mark.parametrize("case", CASES)
 def test_merge_matches_peft_and_unmerge_is_exact(case):
     ours, theirs = _pair(case)
-    x = _x()
-    before = ours(x).detach()
-    w0 = {n: (getattr(ours.model, n).weight.clone(), getattr(ours.model, n).bias.clone()) for n in NAMES}
-    ours.merge_adapter()
-    close(ours(x), before, "merged output")
-    ours.unmerge_adapter()
-    for n in NAMES:
-        layer = getattr(ours.model, n)
-        assert torch.equal(layer.weight, w0[n][0]) and torch.equal(layer.bias, w0[n][1]), n
-    plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
+    w0, plain = check_merge_and_unmerge(ours, theirs, _x(), NAMES)
     for n in NAMES:
         assert not torch.equal(getattr(plain, n).weight, w0[n][0]), n
-        close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
-        close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -15,6 +15,7 @@ from parallel_adapters import LoraConfig, ParallelGroups, get_adapter_model
 from parallel_adapters.adapters.hosts.dropout import SeededDropout
 from parallel_adapters.adapters.kinds.dora import MAGNITUDE
 from parallel_adapters.distributed.sharding import REPLICATED
+from tests.helpers import peft_oracle
 
 peft = pytest.importorskip("peft")
 
@@ -22,14 +23,9 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 IN_F, OUT_F, R = 16, 12, 4
 
 
-class Two(nn.Module):
+class Two(peft_oracle.Two):
     def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(IN_F, OUT_F)
-        self.v_proj = nn.Linear(OUT_F, IN_F, bias=False)
-
-    def forward(self, x):
-        return self.v_proj(torch.tanh(self.q_proj(x)))
+        super().__init__(IN_F, OUT_F, v_bias=False)
 
 
 class _SameMasks(nn.Module):

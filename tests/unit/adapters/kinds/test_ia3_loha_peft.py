@@ -9,25 +9,14 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
+from tests.helpers.peft_oracle import Two, check_merge_and_unmerge, check_outputs_and_gradients, close, copy_into_peft
 from parallel_adapters import IA3Config, LoHaConfig, ParallelGroups, get_adapter_model
 
 peft = pytest.importorskip("peft")
 
 IN_F, OUT_F, R = 16, 12, 4
 NAMES = ("q_proj", "v_proj")
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(IN_F, OUT_F)
-        self.v_proj = nn.Linear(OUT_F, IN_F)
-
-    def forward(self, x):
-        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 def _configs(kind):
@@ -58,19 +47,7 @@ def test_outputs_and_gradients_match_peft(kind):
 @pytest.mark.parametrize("kind", ["ia3", "loha"])
 def test_merge_matches_peft_and_unmerge_is_exact(kind):
     ours, theirs = _pair(kind)
-    x = torch.randn(4, IN_F)
-    before = ours(x).detach()
-    w0 = {n: (getattr(ours.model, n).weight.clone(), getattr(ours.model, n).bias.clone()) for n in NAMES}
-    ours.merge_adapter()
-    close(ours(x), before, "merged output")
-    ours.unmerge_adapter()
-    for n in NAMES:
-        layer = getattr(ours.model, n)
-        assert torch.equal(layer.weight, w0[n][0]) and torch.equal(layer.bias, w0[n][1]), n
-    plain, peft_plain = ours.merge_and_unload(), theirs.merge_and_unload()
-    for n in NAMES:
-        close(getattr(plain, n).weight, getattr(peft_plain, n).weight, f"{n}.weight")
-        close(getattr(plain, n).bias, getattr(peft_plain, n).bias, f"{n}.bias")
+    w0, plain = check_merge_and_unmerge(ours, theirs, torch.randn(4, IN_F), NAMES)
     if kind == "ia3":  # the output-scaled layer's bias is scaled, the input-scaled one's is not
         assert not torch.equal(plain.q_proj.bias, w0["q_proj"][1]) and torch.equal(plain.v_proj.bias, w0["v_proj"][1])
 

@@ -10,9 +10,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers.peft_oracle import check_outputs_and_gradients, close, copy_into_peft
+from tests.helpers.peft_oracle import Two, check_outputs_and_gradients, close, copy_into_peft
 from parallel_adapters import LoKrConfig, ParallelGroups, get_adapter_model
 from parallel_adapters.adapters.kinds.lokr import factorization
 
@@ -28,16 +27,6 @@ LAYOUTS = {
 }
 EXPECTED = {"whole": {"lokr_w1", "lokr_w2"}, "w2-product": {"lokr_w1", "lokr_w2_a", "lokr_w2_b"},
             "both-products": {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}}
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(IN_F, OUT_F)
-        self.v_proj = nn.Linear(OUT_F, IN_F)
-
-    def forward(self, x):
-        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 def _pair(layout):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from parallel_adapters import LoHaConfig, LoKrConfig, ParallelGroups, get_adapter_model
+from tests.helpers.peft_oracle import Two
 
 peft = pytest.importorskip("peft")
 
@@ -32,16 +33,6 @@ KINDS = {
     "lokr-conv": (LoKrConfig, "LoKrConfig", dict(r=1, alpha=2, use_effective_conv2d=True, decompose_both=True,
                                                  rank_dropout_scale=True)),
 }
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(IN_F, OUT_F)
-        self.v_proj = nn.Linear(OUT_F, IN_F)
-
-    def forward(self, x):
-        return self.v_proj(torch.tanh(self.q_proj(x)))
 
 
 class TwoConvs(Two):
