@@ -107,7 +107,8 @@ def test_prompt_layout_matches_world_size_one_and_resumes(request, references, t
 def test_deepspeed_tp_sum_hooks_refuse_a_prompt_under_sequence_parallelism(pool2):
     """The hooks fallback sums a gradient as it is produced; an SP rank whose chunk holds no
     virtual position produces none for the prompt, and the others' all-reduce would wait."""
-    run = KINDS["prompt_tuning"] + LAYOUTS["tp2_sp_zero2"] + ["optim.steps=1"]
+    # one micro-batch per step: the fallback refuses several first (test_training.py)
+    run = KINDS["prompt_tuning"] + LAYOUTS["tp2_sp_zero2"] + ["optim.steps=1", "optim.micro_batch=4"]
     with pytest.raises(JobFailed, match=r"tp_sum='hooks'.*prompt"):
         pool2.run(train_job, run, None, "hooks")
 
