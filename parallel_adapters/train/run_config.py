@@ -264,7 +264,15 @@ def _build_adapter(data: Any, path: str) -> Any:
         raise ValueError(f"{path}.{conv_only[0]} shapes adapters on nn.Conv2d, and a run's Megatron GPT has none; "
                          f"remove {path}.{conv_only[0]}")
     refuse_prefix_keys(kind, data, path)
+    for key, init in _INIT_SETTINGS.items():  # PEFT ignores them under another init: a run refuses instead
+        if key in data and data.get("init_lora_weights") != init:
+            raise ValueError(f"{path}.{key} configures init_lora_weights={init!r}, but {path}.init_lora_weights is "
+                             f"{data.get('init_lora_weights', True)!r}: set it to {init!r} or remove {path}.{key}")
     return build(cls, data, path)
+
+
+_INIT_SETTINGS = {"corda_config": "corda", "loftq_config": "loftq"}
+"""LoraConfig fields that only one init_lora_weights reads."""
 
 
 _CONV_ONLY = {"conv_layout": "peft", "use_effective_conv2d": False}

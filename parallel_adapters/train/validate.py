@@ -120,6 +120,9 @@ def _check_expert_layout(world_size: int, config: RunConfig) -> tuple[int, int]:
         if expert > 1 or p.expert_tensor is not None:
             raise ValueError("parallel.expert and parallel.expert_tensor split the routed experts of MoE layers; "
                              "this model is dense: set moe.num_experts (or use an HF MoE checkpoint), or remove them")
+        if getattr(config.adapter, "share_expert_adapters", False):
+            raise ValueError("adapter.share_expert_adapters=true shares one adapter among a MoE layer's routed experts; "
+                             "this model is dense: remove it (or set moe.num_experts / use an HF MoE checkpoint)")
         return expert, expert_tensor
     expert_model_parallel = expert_tensor * expert * p.pipeline
     if world_size % expert_model_parallel:

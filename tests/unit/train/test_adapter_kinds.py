@@ -29,6 +29,10 @@ def test_kind_picks_the_config(kind, cls):
     (["adapter.kind=dora"],
      r"adapter.kind: 'dora' is not an adapter kind; one of \['ia3', 'loha', 'lokr', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning'\]"),
     (["adapter.kind=lokr", "adapter.rank_dropout=1.0"], r"LoKrConfig.rank_dropout"),
+    # accepted by the Python API (PEFT ignores them under another init), refused in a run
+    (["adapter.corda_config={corda_method: kpm}"], r"adapter.corda_config configures init_lora_weights='corda'"),
+    (["adapter.init_lora_weights=pissa", "adapter.loftq_config={loftq_bits: 2}"],
+     r"adapter.loftq_config configures init_lora_weights='loftq', but adapter.init_lora_weights is 'pissa'"),
 ])
 def test_unknown_or_bad_fields_are_refused_naming_kind_and_field(overrides, named):
     with pytest.raises(ValueError, match=named):

@@ -54,6 +54,7 @@ def _check(overrides: list[str], world: int = 4, hf: str = "") -> None:
     (MOE + ["moe.capacity_factor=1.0", "moe.drop_policy=fifo"], 1, r"moe\.drop_policy must be one of"),
     (MOE + ["moe.drop_policy=position"], 1, r"moe\.drop_policy='position' needs moe\.capacity_factor"),
     (["moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor needs a MoE model"),
+    (["adapter.share_expert_adapters=true"], 1, r"adapter\.share_expert_adapters=true .* this model is dense"),
     (["moe.num_experts=0"], 1, r"moe\.num_experts must be >= 1"),
     (["moe.topk=1"], 1, r"moe\.topk needs a MoE model"),
     (["moe.aux_loss_coeff=0.01"], 1, r"moe\.aux_loss_coeff needs a MoE model"),
