@@ -15,6 +15,7 @@ mask (set on the layer), so the reference sees one dropped input.
 import pytest
 import torch
 
+from tests.distributed.layer_parity import local_input, sharded_step
 from tests.distributed.test_lora_layers import R, _base_collectives, _build
 from tests.harness import counting
 
@@ -44,7 +45,6 @@ def dora_parity_job(mode, tp, sp, dropout=False):
     model, layer, groups, (w, bias, x, dy) = _build(mode, tp, sp, False, False, dropout=P_DROP if dropout else 0.0,
                                                     use_dora=True)
     rank, s = groups.tp_rank, lora_scaling(8, R, False)
-    seq, in_split = ShardSpec(dim=0), ShardSpec(dim=2)
     generator = torch.Generator().manual_seed(lf.factor_seed(3, "proj", "default"))
     a, b = lf.init_lora_factors(w.shape[0], w.shape[1], R, False, generator, torch.float64)
     m_spec = layer.tensor_decls("default")[2].spec
@@ -57,7 +57,7 @@ def dora_parity_job(mode, tp, sp, dropout=False):
 
     mask = _full_mask(x.shape) if dropout else None
     if dropout:  # this rank's slice of the one mask: its input's sequence (column SP) or feature (row) slice
-        local_mask = mask if mode == "column" and not sp else (seq if mode == "column" else in_split).shard(mask, rank, tp)
+        local_mask = local_input(mask, mode, rank, tp, sp)
         layer._dropout["default"] = lambda t: t * local_mask
         model.train()
     else:
@@ -67,33 +67,18 @@ def dora_parity_job(mode, tp, sp, dropout=False):
     y_ref = dora_reference(xr, w, biasr, ar, br, s, mr, xr * mask if dropout else None)
     y_ref.backward(dy)
 
-    if mode == "column":
-        x_in = seq.shard(x, rank, tp) if sp else x
-        local_out = lambda t: ShardSpec(dim=2).shard(t, rank, tp)  # noqa: E731
-        dx_expect = seq.shard(xr.grad, rank, tp) if sp else xr.grad
-    else:
-        x_in = in_split.shard(x, rank, tp)
-        local_out = (lambda t: seq.shard(t, rank, tp)) if sp else (lambda t: t)  # noqa: E731
-        dx_expect = in_split.shard(xr.grad, rank, tp)
-    x_in = x_in.clone().requires_grad_()
-    with counting.counted() as fwd_bwd:
-        y, _ = model(x_in)
-        y.backward(local_out(dy))
-    with counting.counted() as finalize:
-        model.finalize_grads()
+    errors, calls, finalize = sharded_step(model, x, dy, y_ref, xr.grad, mode, rank, tp, sp)
 
     bias_spec = ShardSpec(dim=0) if mode == "column" else ShardSpec()
     tensors = layer.adapter_tensors("default")
-    errors = {
+    errors |= {
         "m_init": init_error.item(),
-        "y": (y.detach() - local_out(y_ref.detach())).abs().max().item(),
-        "dx": (x_in.grad - dx_expect).abs().max().item(),
         "dA": (tensors["lora_A"].grad - layer.spec_a.shard(ar.grad, rank, tp)).abs().max().item(),
         "dB": (tensors["lora_B"].grad - layer.spec_b.shard(br.grad, rank, tp)).abs().max().item(),
         "dm": (tensors[MAGNITUDE].grad - m_spec.shard(mr.grad, rank, tp)).abs().max().item(),
         "dbias": (layer.bias.grad - bias_spec.shard(biasr.grad, rank, tp)).abs().max().item(),
     }
-    return errors, dict(fwd_bwd.calls), dict(finalize.calls)
+    return errors, calls, finalize
 
 
 def _check(results, mode, sp, tp):

@@ -14,6 +14,7 @@ refused, naming the sizes that do.
 import pytest
 import torch
 
+from tests.distributed.layer_parity import kind_parity, local_input
 from tests.distributed.test_ia3_loha_layers import _build
 from tests.distributed.test_lora_layers import _base_collectives
 from tests.harness import counting
@@ -38,40 +39,12 @@ def reference(layout, x, w, bias, t):
 
 
 def parity_job(layout, mode, tp, sp):
-    from parallel_adapters.distributed.sharding import ShardSpec
-
     model, layer, groups, (w, bias, x, dy), full = _build(mode, tp, sp, _config(layout))
     assert set(full) == EXPECTED[layout], sorted(full)
-    model.eval()
-    rank = groups.tp_rank
-    leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
-    xr = x.clone().requires_grad_()
-    y_ref = reference(layout, xr, w, bias, leaves)
-    y_ref.backward(dy)
-
-    seq, in_split = ShardSpec(dim=0), ShardSpec(dim=2)
-    if mode == "column":
-        x_in = seq.shard(x, rank, tp) if sp else x
-        local_out = lambda t: ShardSpec(dim=2).shard(t, rank, tp)  # noqa: E731
-        dx_expect = seq.shard(xr.grad, rank, tp) if sp else xr.grad
-    else:
-        x_in = in_split.shard(x, rank, tp)
-        local_out = (lambda t: seq.shard(t, rank, tp)) if sp else (lambda t: t)  # noqa: E731
-        dx_expect = in_split.shard(xr.grad, rank, tp)
-    x_in = x_in.clone().requires_grad_()
-    with counting.counted() as fwd_bwd:
-        y, _ = model(x_in)
-        y.backward(local_out(dy))
-    with counting.counted() as finalize:
-        model.finalize_grads()
-    tensors = layer.adapter_tensors("default")
-    errors = {"y": (y.detach() - local_out(y_ref.detach())).abs().max().item(),
-              "dx": (x_in.grad - dx_expect).abs().max().item()}
-    for decl in layer.tensor_decls("default"):
-        errors["d" + decl.name] = (tensors[decl.name].grad - decl.spec.shard(leaves[decl.name].grad, rank, tp)
-                                   ).abs().max().item()
+    errors, calls, finalize = kind_parity(model, layer, x, dy, full, lambda xr, t: reference(layout, xr, w, bias, t),
+                                          mode, groups.tp_rank, tp, sp)
     split = {decl.name for decl in layer.tensor_decls("default") if not decl.spec.replicated}
-    return errors, dict(fwd_bwd.calls), dict(finalize.calls), split
+    return errors, calls, finalize, split
 
 
 def _check(results, layout, mode, sp, tp):
@@ -117,8 +90,7 @@ def merge_job(layout, mode, tp, sp):
     model.eval()
     rank = groups.tp_rank
     w_exp = reference(layout, torch.eye(w.shape[1], dtype=w.dtype), w, torch.zeros(()), full).T
-    seq = ShardSpec(dim=0)
-    x_in = (seq.shard(x, rank, tp) if sp else x) if mode == "column" else ShardSpec(dim=2).shard(x, rank, tp)
+    x_in = local_input(x, mode, rank, tp, sp)
     before = model(x_in)[0].detach()
     w0 = layer.weight.detach().clone()
     with counting.counted() as merge_calls:
