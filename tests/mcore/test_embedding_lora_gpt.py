@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import counting
-from tests.mcore.test_lora_gpt import STEPS, _batch, _loss, adamw_steps
+from tests.mcore.test_lora_gpt import STEPS, _batch, adamw_steps, counted_step
 
 TARGETS = ["linear_qkv", "word_embeddings", "output_layer"]
 DORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "word_embeddings", "output_layer"]
@@ -80,20 +79,10 @@ def test_tp2_matches_tp1(pool2, tp1_reference, sp):
 def collectives_job(sp, variant):
     adapter, _ = _adapted(2, sp, False, use_dora=variant == "dora")
     input_ids, labels = _batch()
-    model, finalize = adapter.model, adapter.finalize_grads
     if variant == "frozen_base":
-        model = adapter.unload()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.embedding.word_embeddings.weight.requires_grad_(True)
-        finalize = None
-    with counting.counted() as step:
-        _loss(model, input_ids, labels).backward()
-    finalize_calls = {}
-    if finalize is not None:
-        with counting.counted() as fin:
-            finalize()
-        finalize_calls = dict(fin.calls)
+        step, finalize_calls = counted_step(adapter.unload(), None, input_ids, labels, frozen_base=True)
+    else:
+        step, finalize_calls = counted_step(adapter.model, adapter.finalize_grads, input_ids, labels)
     return dict(step.calls), finalize_calls
 
 

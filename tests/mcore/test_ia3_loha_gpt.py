@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import counting
-from tests.mcore.test_lora_gpt import TARGETS, _batch, _loss, _setup, adamw_steps
+from tests.mcore.test_lora_gpt import TARGETS, _batch, _setup, adamw_steps, counted_step
 
 STEPS = 5
 
@@ -82,20 +81,10 @@ def collectives_job(sp, kind):
     base, _, _, get_adapter_model = _setup(2, sp)
     input_ids, labels = _batch()
     if kind == "frozen_base":
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.embedding.word_embeddings.weight.requires_grad_(True)
-        model, finalize = base, None
+        step, finalize_calls = counted_step(base, None, input_ids, labels, frozen_base=True)
     else:
         adapter = get_adapter_model(base, _config(kind))
-        model, finalize = adapter.model, adapter.finalize_grads
-    with counting.counted() as step:
-        _loss(model, input_ids, labels).backward()
-    finalize_calls = {}
-    if finalize is not None:
-        with counting.counted() as fin:
-            finalize()
-        finalize_calls = dict(fin.calls)
+        step, finalize_calls = counted_step(adapter.model, adapter.finalize_grads, input_ids, labels)
     return dict(step.calls), finalize_calls
 
 

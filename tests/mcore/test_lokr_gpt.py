@@ -10,9 +10,8 @@ than the frozen base with only the word embedding trainable, and finalize_grads 
 import pytest
 import torch
 
-from tests.harness import counting
 from tests.mcore.test_ia3_loha_gpt import _consolidated_grads, assert_weights_match
-from tests.mcore.test_lora_gpt import TARGETS, _batch, _loss, _setup, adamw_steps
+from tests.mcore.test_lora_gpt import TARGETS, _batch, _setup, adamw_steps, counted_step
 
 STEPS = 5
 
@@ -55,20 +54,10 @@ def collectives_job(sp, frozen_base):
     base, _, _, get_adapter_model = _setup(2, sp)
     input_ids, labels = _batch()
     if frozen_base:
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.embedding.word_embeddings.weight.requires_grad_(True)
-        model, finalize = base, None
+        step, finalize_calls = counted_step(base, None, input_ids, labels, frozen_base=True)
     else:
         adapter = get_adapter_model(base, _config())
-        model, finalize = adapter.model, adapter.finalize_grads
-    with counting.counted() as step:
-        _loss(model, input_ids, labels).backward()
-    finalize_calls = {}
-    if finalize is not None:
-        with counting.counted() as fin:
-            finalize()
-        finalize_calls = dict(fin.calls)
+        step, finalize_calls = counted_step(adapter.model, adapter.finalize_grads, input_ids, labels)
     return dict(step.calls), finalize_calls
 
 

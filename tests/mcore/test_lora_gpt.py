@@ -138,24 +138,31 @@ def test_merge_unmerge_and_unload_at_tp2(pool2):
         assert result["restored_exactly"] and result["no_wrappers"]
 
 
+def counted_step(model, finalize, input_ids, labels, frozen_base: bool = False):
+    """One counted forward + backward of `model`, then `finalize` (finalize_grads) counted on its own;
+    frozen_base: `model` is the base, frozen but for the word embedding (the comparison point).
+    Returns the step's counter and finalize's calls ({} without one)."""
+    if frozen_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.embedding.word_embeddings.weight.requires_grad_(True)
+    with counting.counted() as step:
+        _loss(model, input_ids, labels).backward()
+    if finalize is None:
+        return step, {}
+    with counting.counted() as fin:
+        finalize()
+    return step, dict(fin.calls)
+
+
 def collectives_job(sp, variant):
     base, config, groups, get_adapter_model = _setup(2, sp)
     input_ids, labels = _batch()
     if variant == "frozen_base":
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.embedding.word_embeddings.weight.requires_grad_(True)
-        model, finalize = base, None
+        step, finalize_calls = counted_step(base, None, input_ids, labels, frozen_base=True)
     else:
         adapter = get_adapter_model(base, config.replace(use_dora=variant == "dora"))
-        model, finalize = adapter.model, adapter.finalize_grads
-    with counting.counted() as step:
-        _loss(model, input_ids, labels).backward()
-    finalize_calls = {}
-    if finalize is not None:
-        with counting.counted() as fin:
-            finalize()
-        finalize_calls = dict(fin.calls)
+        step, finalize_calls = counted_step(adapter.model, adapter.finalize_grads, input_ids, labels)
     return dict(step.calls), dict(step.bytes), finalize_calls
 
 
