@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tests.harness import counting
-from tests.mcore.prompt_jobs import _prompted
+from tests.mcore.prompt_jobs import _prompted, pretrained_round_trip
 
 N_PREFIX = 5
 
@@ -138,26 +138,5 @@ def pretrained_job(hf_dir: str, tp: int, sp: bool, out_dir: str | None, peft_dir
     """At TP=1 save_pretrained of the prefixed model set to `state` (one directory per rank); at
     any TP a fresh model from_pretrained from a directory PEFT itself wrote: logits of both (last
     stage), and what from_pretrained(is_trainable=True) says."""
-    import torch.distributed as dist
-
-    from parallel_adapters import AdapterModel
-    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
-    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
-
     adapter, groups, settings = _prefixed(hf_dir, tp, 1, sp, fields, state)
-    mine = None
-    if out_dir is not None:
-        mine = f"{out_dir}/rank{dist.get_rank()}"
-        adapter.save_pretrained(mine)
-    model = build_gpt(settings, init_weights=False)
-    import_hf_checkpoint(model, hf_dir, groups)
-    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
-    try:
-        AdapterModel.from_pretrained(build_gpt(settings, init_weights=False), peft_dir, groups=groups,
-                                     is_trainable=True)
-        trainable_load = ""
-    except ValueError as exc:
-        trainable_load = str(exc)
-    with torch.no_grad():
-        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
-                "trainable": sum(p.requires_grad for p in loaded.parameters()), "trainable_load": trainable_load}
+    return pretrained_round_trip(adapter, groups, settings, hf_dir, out_dir, peft_dir, ids)

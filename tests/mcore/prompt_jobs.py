@@ -39,29 +39,63 @@ def _prompt(adapter):
     return holder["default"].weight if "default" in holder else None
 
 
-def parity_job(hf_dir: str, tp: int, pp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor,
-               values: torch.Tensor) -> dict:
-    """Logits (last stage), PEFT's loss and the prompt's finalized gradient (first stage)."""
+def _logits_and_loss(adapter, ids: torch.Tensor, labels: torch.Tensor, pp: int, vocab: int):
+    """Logits and PEFT's causal-LM loss over n + T positions (last stage; None elsewhere), with the
+    backward run: directly at PP=1, through the pipeline schedule otherwise (logits then no-grad)."""
     from parallel_adapters.adapters.prompt import causal_lm_loss
     from parallel_adapters.mcore.gpt import gpt_logits
     from parallel_adapters.mcore.schedule import pipeline_forward_backward
 
-    adapter, groups, settings = _prompted(hf_dir, tp, pp, sp, values=values)
-    vocab = settings.vocab_size
     if pp == 1:
         logits = gpt_logits(adapter.model, ids)
         loss = causal_lm_loss(logits, labels, N_VIRTUAL)
         loss.backward()
-        logits, loss = logits.detach(), loss.detach()
-    else:
-        with torch.no_grad():
-            logits = gpt_logits(adapter.model, ids)
+        return logits.detach(), loss.detach()
+    with torch.no_grad():
+        logits = gpt_logits(adapter.model, ids)
 
-        def loss_fn(batch, output):
-            value = causal_lm_loss(output[..., :vocab], batch["labels"], N_VIRTUAL)
-            return value, {"loss": value.detach().clone()}
-        reports = pipeline_forward_backward(adapter.model, [{"input_ids": ids, "labels": labels}], loss_fn)
-        loss = reports[0]["loss"] if reports else None
+    def loss_fn(batch, output):
+        value = causal_lm_loss(output[..., :vocab], batch["labels"], N_VIRTUAL)
+        return value, {"loss": value.detach().clone()}
+    reports = pipeline_forward_backward(adapter.model, [{"input_ids": ids, "labels": labels}], loss_fn)
+    return logits, reports[0]["loss"] if reports else None
+
+
+def pretrained_round_trip(adapter, groups, settings, hf_dir: str, out_dir: str | None, peft_dir: str,
+                          ids: torch.Tensor) -> dict:
+    """save_pretrained of `adapter` into out_dir/rank<r> (when given); a fresh model's
+    from_pretrained of PEFT's own `peft_dir`: both logits, the loaded model's trainable count and
+    config type, and what from_pretrained(is_trainable=True) says."""
+    import torch.distributed as dist
+
+    from parallel_adapters import AdapterModel
+    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
+    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+
+    mine = None
+    if out_dir is not None:
+        mine = f"{out_dir}/rank{dist.get_rank()}"
+        adapter.save_pretrained(mine)
+    model = build_gpt(settings, init_weights=False)
+    import_hf_checkpoint(model, hf_dir, groups)
+    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
+    try:
+        AdapterModel.from_pretrained(build_gpt(settings, init_weights=False), peft_dir, groups=groups,
+                                     is_trainable=True)
+        trainable_load = ""
+    except ValueError as exc:
+        trainable_load = str(exc)
+    with torch.no_grad():
+        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
+                "config": type(loaded.peft_config["default"]).__name__, "trainable_load": trainable_load,
+                "trainable": sum(p.requires_grad for p in loaded.parameters())}
+
+
+def parity_job(hf_dir: str, tp: int, pp: int, sp: bool, ids: torch.Tensor, labels: torch.Tensor,
+               values: torch.Tensor) -> dict:
+    """Logits (last stage), PEFT's loss and the prompt's finalized gradient (first stage)."""
+    adapter, groups, settings = _prompted(hf_dir, tp, pp, sp, values=values)
+    logits, loss = _logits_and_loss(adapter, ids, labels, pp, settings.vocab_size)
     adapter.finalize_grads()
     prompt = _prompt(adapter)
     return {"logits": logits, "loss": loss, "grad": None if prompt is None else prompt.grad.clone(),
@@ -186,9 +220,6 @@ def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torc
     PEFT's loss (last stage), the encoder's finalized gradients by name (first stage; none on the
     others), and the checkpoint names."""
     from parallel_adapters import PromptEncoderConfig
-    from parallel_adapters.adapters.prompt import causal_lm_loss
-    from parallel_adapters.mcore.gpt import gpt_logits
-    from parallel_adapters.mcore.schedule import pipeline_forward_backward
 
     config = PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, **fields)
     adapter, groups, settings = _prompted(hf_dir, tp, pp, sp, config=config)
@@ -196,20 +227,7 @@ def p_tuning_job(hf_dir: str, tp: int, sp: bool, ids: torch.Tensor, labels: torc
     encoder = holder["default"] if "default" in holder else None
     if encoder is not None:
         encoder.load_state_dict(state)
-    if pp == 1:
-        logits = gpt_logits(adapter.model, ids)
-        loss = causal_lm_loss(logits, labels, N_VIRTUAL)
-        loss.backward()
-        logits, loss = logits.detach(), loss.detach()
-    else:
-        with torch.no_grad():
-            logits = gpt_logits(adapter.model, ids)
-
-        def loss_fn(batch, output):
-            value = causal_lm_loss(output[..., :settings.vocab_size], batch["labels"], N_VIRTUAL)
-            return value, {"loss": value.detach().clone()}
-        reports = pipeline_forward_backward(adapter.model, [{"input_ids": ids, "labels": labels}], loss_fn)
-        loss = reports[0]["loss"] if reports else None
+    logits, loss = _logits_and_loss(adapter, ids, labels, pp, settings.vocab_size)
     adapter.finalize_grads()
     return {"logits": logits, "loss": loss, "pp_rank": groups.pp_rank,
             "grads": {} if encoder is None else {n: p.grad.clone() for n, p in encoder.named_parameters()},
@@ -222,32 +240,12 @@ def p_tuning_pretrained_job(hf_dir: str, tp: int, sp: bool, out_dir: str | None,
     """At TP=1 save_pretrained of the P-tuning model with its encoder set to `state` (one directory
     per rank); at any TP a fresh model from_pretrained from a directory PEFT itself wrote: logits of
     both, the loaded adapter's config and trainable count, and what is_trainable=True says."""
-    import torch.distributed as dist
-
-    from parallel_adapters import AdapterModel, PromptEncoderConfig
-    from parallel_adapters.mcore.gpt import build_gpt, gpt_logits
-    from parallel_adapters.mcore.hf_bridge import import_hf_checkpoint
+    from parallel_adapters import PromptEncoderConfig
 
     adapter, groups, settings = _prompted(hf_dir, tp, 1, sp, config=PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL,
                                                                                          **fields))
     adapter.model.prompt_tuning.prompt_embeddings["default"].load_state_dict(state)
-    mine = None
-    if out_dir is not None:
-        mine = f"{out_dir}/rank{dist.get_rank()}"
-        adapter.save_pretrained(mine)
-    model = build_gpt(settings, init_weights=False)
-    import_hf_checkpoint(model, hf_dir, groups)
-    loaded = AdapterModel.from_pretrained(model.eval(), peft_dir, groups=groups)
-    try:
-        AdapterModel.from_pretrained(build_gpt(settings, init_weights=False), peft_dir, groups=groups,
-                                     is_trainable=True)
-        trainable_load = ""
-    except ValueError as exc:
-        trainable_load = str(exc)
-    with torch.no_grad():
-        return {"dir": mine, "saved": gpt_logits(adapter.model, ids), "loaded": gpt_logits(loaded.model, ids),
-                "config": type(loaded.peft_config["default"]).__name__, "trainable_load": trainable_load,
-                "trainable": sum(p.requires_grad for p in loaded.parameters())}
+    return pretrained_round_trip(adapter, groups, settings, hf_dir, out_dir, peft_dir, ids)
 
 
 def p_tuning_save_job(hf_dir: str, ckpt_dir: str, ids: torch.Tensor, fields: dict, state: dict) -> torch.Tensor:
