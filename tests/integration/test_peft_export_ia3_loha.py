@@ -85,7 +85,9 @@ def exported(request, tmp_path_factory, pool2):
     return {"name": request.param, "kind": kind, "hf": hf_dir, "root": root, "peft": peft_dir, **result}
 
 
-def test_peft_reproduces_the_megatron_logits(exported):
+def load_trained_export(exported: dict):
+    """PEFT's model of the trained export on the HF base (no adapter key left unloaded) and its
+    adapter_config.json; the adapter must have trained and changed the logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -98,6 +100,11 @@ def test_peft_reproduces_the_megatron_logits(exported):
         peft_model = PeftModel.from_pretrained(model, exported["peft"]).eval()
     assert not [w for w in caught if "adapter keys" in str(w.message)], [str(w.message) for w in caught]
     config = json.loads((exported["peft"] / "adapter_config.json").read_text())
+    return peft_model, config
+
+
+def test_peft_reproduces_the_megatron_logits(exported):
+    peft_model, config = load_trained_export(exported)
     state = peft_model.state_dict()
     if exported["kind"] == "loha":
         assert config["peft_type"] == "LOHA" and config["r"] == 4 and config["alpha"] == 8
